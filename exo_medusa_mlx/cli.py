@@ -1,0 +1,27 @@
+"""``mlx_medusa <command>``: one dispatcher, one module with ``main()`` per command."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": "exo_medusa_mlx.generate",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: mlx_medusa {" + ",".join(COMMANDS) + "} [options]")
+        print("Run 'mlx_medusa <command> --help' for a command's options.")
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        sys.exit(f"error: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}")
+    module = importlib.import_module(COMMANDS[name])
+    module.main(rest)
+
+
+if __name__ == "__main__":
+    main()

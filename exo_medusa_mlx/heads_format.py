@@ -1,0 +1,175 @@
+"""Medusa head checkpoints: config and key layout, framework-neutral.
+
+The reference layout (``medusa_lm_head.safetensors`` / ``.pt``) names head i's
+block j ``{i}.{j}.linear.weight`` / ``.bias`` and its own vocabulary projection
+``{i}.{n}.weight`` (n = layers per head). Heads that reuse the base lm_head
+(the later, smaller layout) simply have no ``{i}.{n}.weight``. This project
+writes the same keys, so its heads load in the reference code and vice versa.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HEADS_FILE = "medusa_lm_head.safetensors"
+HEADS_PT_FILE = "medusa_lm_head.pt"
+CONFIG_FILE = "config.json"
+
+_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+@dataclass
+class MedusaConfig:
+    num_heads: int
+    hidden_size: int
+    vocab_size: int
+    num_layers: int = 1
+    own_lm_head: bool = False  # v1 layout: each head has its own vocab projection
+    base_model: str | None = None
+    info: dict = field(default_factory=dict)  # training facts, accuracies
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MedusaConfig":
+        names = {f.name for f in fields(cls)}
+        d = dict(d)
+        # Reference names.
+        d.setdefault("num_heads", d.get("medusa_num_heads"))
+        d.setdefault("num_layers", d.get("medusa_num_layers", 1))
+        d.setdefault("base_model", d.get("base_model_name_or_path"))
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        # Reference names too, so the reference code can read our config.
+        d.update(
+            medusa_num_heads=self.num_heads,
+            medusa_num_layers=self.num_layers,
+            base_model_name_or_path=self.base_model,
+        )
+        return d
+
+
+def layout_from_keys(weights: dict[str, Any], source: str) -> tuple[int, int, bool]:
+    """(num_heads, num_layers, own_lm_head) counted from the keys, not the config."""
+    blocks: dict[int, set[int]] = {}
+    heads_with_proj = set()
+    for k in weights:
+        m = _KEY.match(k)
+        if m is None:
+            raise ValueError(f"{source}: unexpected tensor '{k}'; expected Medusa keys like '0.0.linear.weight'")
+        i, j, kind = int(m[1]), int(m[2]), m[3]
+        if kind == "weight":
+            heads_with_proj.add((i, j))
+        else:
+            blocks.setdefault(i, set()).add(j)
+    if not blocks:
+        raise ValueError(f"{source}: holds no Medusa blocks ('{{i}}.{{j}}.linear.weight')")
+    num_heads = max(blocks) + 1
+    num_layers = max(max(js) for js in blocks.values()) + 1
+    for i in range(num_heads):
+        for j in range(num_layers):
+            for part in ("weight", "bias"):
+                if f"{i}.{j}.linear.{part}" not in weights:
+                    raise ValueError(f"{source}: missing tensor '{i}.{j}.linear.{part}'")
+    for i, j in heads_with_proj:
+        if j != num_layers:
+            raise ValueError(f"{source}: tensor '{i}.{j}.weight' does not follow the {num_layers} blocks of head {i}")
+    own = bool(heads_with_proj)
+    if own and len(heads_with_proj) != num_heads:
+        missing = sorted(set(range(num_heads)) - {i for i, _ in heads_with_proj})
+        raise ValueError(f"{source}: missing tensor '{missing[0]}.{num_layers}.weight' (some heads have their own lm_head, this one has none)")
+    return num_heads, num_layers, own
+
+
+def check_shapes(weights: dict[str, Any], cfg: MedusaConfig, source: str) -> None:
+    H, V = cfg.hidden_size, cfg.vocab_size
+    for k, w in weights.items():
+        m = _KEY.match(k)
+        shape = tuple(w.shape)
+        if m[3] == "linear.weight":
+            want = (H, H)
+        elif m[3] == "linear.bias":
+            want = (H,)
+        else:
+            want = (V, H)
+        if shape != want:
+            raise ValueError(
+                f"{source}: tensor '{k}' has shape {shape}, the base model needs {want} "
+                f"(hidden size {H}, vocab {V}); these heads were trained for another model"
+            )
+
+
+def read_heads(path: str | Path) -> tuple[dict[str, np.ndarray], dict, Path]:
+    """Read head weights (numpy, float32) and the raw config dict from a file or folder."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (HEADS_FILE, HEADS_PT_FILE):
+            if (path / name).is_file():
+                folder, file = path, path / name
+                break
+        else:
+            raise FileNotFoundError(f"no {HEADS_FILE} or {HEADS_PT_FILE} in {path}")
+    elif path.is_file():
+        folder, file = path.parent, path
+    else:
+        raise FileNotFoundError(f"Medusa heads {path} not found; pass --heads PATH to a heads folder or file")
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            weights = load_file(str(file))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    elif file.suffix in (".pt", ".bin"):
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"{file}: reading .pt heads needs torch (pip install 'exo-medusa-mlx[torch]')") from None
+        try:
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError) as e:
+            raise ValueError(f"{file}: not a readable torch state dict ({e})") from None
+        weights = {k: v.float().numpy() for k, v in state.items()}
+    else:
+        raise ValueError(f"{file}: unknown heads format; expected .safetensors or .pt")
+    weights = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+    cfg_path = folder / CONFIG_FILE
+    raw = {}
+    if cfg_path.is_file():
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    return weights, raw, file
+
+
+def resolve_config(weights: dict, raw: dict, source: str, hidden_size: int, vocab_size: int) -> MedusaConfig:
+    num_heads, num_layers, own = layout_from_keys(weights, source)
+    cfg = MedusaConfig.from_dict({**raw, "hidden_size": hidden_size, "vocab_size": vocab_size})
+    # Published configs lie about the head count: the keys decide.
+    cfg.num_heads, cfg.num_layers, cfg.own_lm_head = num_heads, num_layers, own
+    check_shapes(weights, cfg, source)
+    return cfg
+
+
+def write_heads(folder: str | Path, weights: dict[str, np.ndarray], cfg: MedusaConfig) -> Path:
+    """Write heads (reference keys) and config atomically into ``folder``."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (HEADS_FILE + ".tmp")
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}, str(tmp),
+              metadata={"format": "medusa", "num_heads": str(cfg.num_heads)})
+    ctmp = folder / (CONFIG_FILE + ".tmp")
+    ctmp.write_text(json.dumps(cfg.to_dict(), indent=1))
+    tmp.replace(folder / HEADS_FILE)
+    ctmp.replace(folder / CONFIG_FILE)
+    return folder

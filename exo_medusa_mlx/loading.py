@@ -1,0 +1,67 @@
+"""``load``: base model (mlx-lm's own classes), heads and tree, in one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from .heads import load_heads
+from .model import MedusaModel
+from .tree import DEFAULT_TREE, load_tree
+
+SHIPPED_HEADS = Path(__file__).parent / "shipped" / "smollm2-135m-instruct"
+
+
+def _on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def default_heads_for(model: str | None) -> Path | None:
+    """Heads shipped in the package for the default model, if any."""
+    if model is None and (SHIPPED_HEADS / "medusa_lm_head.safetensors").is_file():
+        return SHIPPED_HEADS
+    return None
+
+
+def default_tree_for(heads_path: Path | None) -> str | Path:
+    """The tree tuned with the heads (``tree.json`` beside them), else the CPU default."""
+    if heads_path is not None:
+        folder = heads_path if heads_path.is_dir() else heads_path.parent
+        if (folder / "tree.json").is_file():
+            return folder / "tree.json"
+    return DEFAULT_TREE
+
+
+def load(model: str | None = None, heads: str | Path | None = None, tree=None, dtype=None):
+    """Load a model for Medusa decoding.
+
+    Args:
+        model: local Hugging Face folder or repo id; None for the embedded default model.
+        heads: Medusa heads folder or file; None for the heads shipped with the default
+            model (if any). Without heads, decoding is plain.
+        tree: preset name, JSON file or choices; None for the heads' tuned tree or
+            the CPU default.
+        dtype: weights' dtype; default float32 on CPU (bf16/fp16 skip BLAS there).
+
+    Returns:
+        (MedusaModel, tokenizer)
+    """
+    from mlx_lm.utils import load as mlx_load
+
+    from .default_model import resolve_model_path
+
+    path = resolve_model_path(model)
+    base, tokenizer = mlx_load(str(path))
+    if dtype is None and _on_cpu():
+        dtype = mx.float32
+    if dtype is not None:
+        base.set_dtype(dtype)
+    heads_path = Path(heads) if heads is not None else default_heads_for(model)
+    medusa_heads = None
+    if heads_path is not None:
+        medusa_heads = load_heads(heads_path, base.args.hidden_size, base.args.vocab_size,
+                                  dtype=dtype or mx.float32)
+    tree_spec = tree if tree is not None else default_tree_for(heads_path)
+    buffers = load_tree(tree_spec, medusa_heads.num_heads if medusa_heads else None) if medusa_heads else load_tree([])
+    return MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None), tokenizer

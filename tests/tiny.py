@@ -1,0 +1,91 @@
+"""Tiny random models from configs, float32, for fast exact tests."""
+
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+import numpy as np
+
+from exo_medusa_mlx.heads import MedusaHeads
+from exo_medusa_mlx.heads_format import MedusaConfig
+from exo_medusa_mlx.model import MedusaModel
+from exo_medusa_mlx.tree import build_tree
+
+VOCAB = 96
+
+_COMMON = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
+               num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=VOCAB, max_position_embeddings=512)
+
+CONFIGS = {
+    "llama": dict(_COMMON, model_type="llama", rope_theta=10000.0, tie_word_embeddings=False),
+    "mistral": dict(_COMMON, model_type="mistral", rope_theta=100000.0, tie_word_embeddings=True),
+    "qwen2": dict(_COMMON, model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen3": dict(_COMMON, model_type="qwen3", rope_theta=1000000.0, tie_word_embeddings=False, head_dim=16),
+}
+_MODULE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def tiny_base(family: str = "llama", seed: int = 0):
+    mod = importlib.import_module(f"mlx_lm.models.{_MODULE[family]}")
+    mx.random.seed(seed)
+    model = mod.Model(mod.ModelArgs.from_dict(CONFIGS[family]))
+    # Larger weights than the default init: sharper, less tied logits.
+    model.update(__import__("mlx.utils", fromlist=["tree_map"]).tree_map(lambda w: w * 2.0, model.parameters()))
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+def random_heads(num_heads: int = 3, seed: int = 1, own_lm_head: bool = False, num_layers: int = 1) -> MedusaHeads:
+    cfg = MedusaConfig(num_heads=num_heads, hidden_size=_COMMON["hidden_size"], vocab_size=VOCAB,
+                       num_layers=num_layers, own_lm_head=own_lm_head)
+    heads = MedusaHeads(cfg)
+    mx.random.seed(seed)
+    heads.update(__import__("mlx.utils", fromlist=["tree_map"]).tree_map(
+        lambda w: mx.random.normal(w.shape) * 0.3, heads.parameters()))
+    mx.eval(heads.parameters())
+    return heads
+
+
+def tiny_medusa(family="llama", tree=None, heads=None, seed=0) -> MedusaModel:
+    heads = heads if heads is not None else random_heads()
+    return MedusaModel(tiny_base(family, seed), heads, build_tree(tree if tree is not None else [[0], [1], [0, 0]]))
+
+
+class OracleMedusa(MedusaModel):
+    """Heads that know the plain greedy continuation ``future`` (absolute positions).
+
+    Head i's guesses for position p put the true token at a rank drawn from
+    ``ranks`` (0 = top-1), so branching trees see non-first children accepted and
+    commits gather nodes that are not contiguous.
+    """
+
+    def __init__(self, base, heads, tree, future: np.ndarray, ranks=(0,), seed=0):
+        super().__init__(base, heads, tree)
+        self.future = future
+        self.ranks = ranks
+        self.rng = np.random.default_rng(seed)
+        self.ctx = None
+
+    def make_cache(self, max_kv_size=None, keep=4):
+        self.ctx, caches = super().make_cache(max_kv_size, keep)
+        return self.ctx, caches
+
+    def project(self, h):
+        rows = super().project(h)
+        K = rows.shape[0] - 1
+        out = [rows[0]]
+        pos = self.ctx.committed  # the bonus/root sits here; head i guesses pos + 1 + i
+        for i in range(K):
+            p = pos + 1 + i
+            row = np.array(rows[1 + i]).copy()
+            if p < len(self.future):
+                true = int(self.future[p])
+                order = np.argsort(-row)
+                order = order[order != true]
+                r = int(self.rng.choice(self.ranks))
+                ranked = np.concatenate([order[:r], [true], order[r:]])
+                row[ranked] = np.linspace(10.0, 0.0, len(ranked))
+            out.append(mx.array(row))
+        return mx.stack(out)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up, then run the whole test suite.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh test || exit 1
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pytest -q "$@"
+rc=$?
+if [ $rc -eq 5 ]; then
+  echo "pytest collected no tests: the suite is missing, which is a failure here" >&2
+  exit 1
+fi
+exit $rc

@@ -104,7 +104,7 @@ def stream_generate(
     mx.reset_peak_memory()
     tic = time.perf_counter()
     steps = generate_step(ids, model, policy, medusa=medusa, max_kv_size=max_kv_size, keep=keep)
-    n, n_steps, prompt_tps, gen_start = 0, 0, 0.0, tic
+    n, n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0, 0.0, tic
     for step in steps:
         if step.tree_size == 0:
             prompt_time = time.perf_counter() - tic
@@ -112,6 +112,7 @@ def stream_generate(
             gen_start = time.perf_counter()
         else:
             n_steps += 1
+            n_verified += len(step.tokens)
         for tok in step.tokens:
             finish = None
             if tok in eos:
@@ -130,7 +131,7 @@ def stream_generate(
                 # The first token comes from the prefill, as in mlx-lm's count.
                 generation_tps=(n - 1) / elapsed if n > 1 else 0.0,
                 peak_memory=_peak_memory_gb(), steps=n_steps,
-                mean_accepted=(n - 1) / n_steps if n_steps else 0.0,
+                mean_accepted=n_verified / n_steps if n_steps else 0.0,
             )
             if finish:
                 return

@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from .heads import load_heads
 from .model import MedusaModel
-from .tree import DEFAULT_TREE, load_tree
+from .tree import DEFAULT_TREE, load_tree, tree_choices
 
 SHIPPED_HEADS = Path(__file__).parent / "shipped" / "smollm2-135m-instruct"
 
@@ -51,17 +51,18 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
 
     from .default_model import resolve_model_path
 
+    heads_path = Path(heads) if heads is not None else default_heads_for(model)
+    # Resolved first (even without heads), so a bad --tree fails before the model loads.
+    choices = tree_choices(tree if tree is not None else default_tree_for(heads_path))
     path = resolve_model_path(model)
     base, tokenizer = mlx_load(str(path))
     if dtype is None and _on_cpu():
         dtype = mx.float32
     if dtype is not None:
         base.set_dtype(dtype)
-    heads_path = Path(heads) if heads is not None else default_heads_for(model)
     medusa_heads = None
     if heads_path is not None:
         medusa_heads = load_heads(heads_path, base.args.hidden_size, base.args.vocab_size,
                                   dtype=dtype or mx.float32)
-    tree_spec = tree if tree is not None else default_tree_for(heads_path)
-    buffers = load_tree(tree_spec, medusa_heads.num_heads if medusa_heads else None) if medusa_heads else load_tree([])
+    buffers = load_tree(choices, medusa_heads.num_heads if medusa_heads else None)
     return MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None), tokenizer

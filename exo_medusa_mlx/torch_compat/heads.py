@@ -1,0 +1,110 @@
+"""Medusa heads as torch modules (the twin of ``exo_medusa_mlx.heads``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..heads_format import MedusaConfig, read_heads, resolve_config, write_heads
+
+
+class ResBlock(nn.Module):
+    """``x + SiLU(W x + b)``; W starts at zero so a fresh block is the identity."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class MedusaHead(nn.Module):
+    def __init__(self, cfg: MedusaConfig):
+        super().__init__()
+        # Distinct blocks (the reference's ``[ResBlock(h)] * n`` shares one).
+        self.blocks = nn.ModuleList([ResBlock(cfg.hidden_size) for _ in range(cfg.num_layers)])
+        if cfg.own_lm_head:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class MedusaHeads(nn.Module):
+    """K heads over the base model's last (normed) hidden state.
+
+    Head i guesses the token at t+2+i; the base lm_head gives t+1.
+    """
+
+    def __init__(self, cfg: MedusaConfig):
+        super().__init__()
+        self.config = cfg
+        self.heads = nn.ModuleList([MedusaHead(cfg) for _ in range(cfg.num_heads)])
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    def project(self, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """Logits of the base head and every Medusa head at ``h``.
+
+        h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's.
+        With the shared layout, all 1+K hidden states go through ``lm_head`` in one matmul.
+        """
+        hs = [h] + [head(h) for head in self.heads]
+        if not self.config.own_lm_head:
+            return lm_head(torch.stack(hs))  # (1+K, ..., H) @ (H, V)
+        return torch.stack([lm_head(h)] + [head.lm_head(x) for head, x in zip(self.heads, hs[1:])])
+
+    # --- checkpoints -----------------------------------------------------
+
+    def reference_weights(self) -> dict[str, np.ndarray]:
+        """Weights under the reference key layout (float32 numpy)."""
+        out = {}
+        n = self.config.num_layers
+
+        def arr(p: torch.Tensor) -> np.ndarray:
+            return p.detach().to("cpu", torch.float32).numpy()
+
+        for i, head in enumerate(self.heads):
+            for j, b in enumerate(head.blocks):
+                out[f"{i}.{j}.linear.weight"] = arr(b.linear.weight)
+                out[f"{i}.{j}.linear.bias"] = arr(b.linear.bias)
+            if self.config.own_lm_head:
+                out[f"{i}.{n}.weight"] = arr(head.lm_head.weight)
+        return out
+
+    @torch.no_grad()
+    def load_reference_weights(self, weights: dict[str, np.ndarray]) -> None:
+        n = self.config.num_layers
+        for i, head in enumerate(self.heads):
+            for j, b in enumerate(head.blocks):
+                b.linear.weight.copy_(torch.from_numpy(weights[f"{i}.{j}.linear.weight"]))
+                b.linear.bias.copy_(torch.from_numpy(weights[f"{i}.{j}.linear.bias"]))
+            if self.config.own_lm_head:
+                head.lm_head.weight.copy_(torch.from_numpy(weights[f"{i}.{n}.weight"]))
+
+    def save(self, folder: str | Path) -> Path:
+        return write_heads(folder, self.reference_weights(), self.config)
+
+
+def load_heads(path: str | Path, hidden_size: int, vocab_size: int, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> MedusaHeads:
+    """Load heads from a folder or a ``medusa_lm_head.{safetensors,pt}`` file.
+
+    The head count and layout come from the keys; shapes are checked against the
+    base model's hidden size and vocabulary.
+    """
+    weights, raw, file = read_heads(path)
+    cfg = resolve_config(weights, raw, str(file), hidden_size, vocab_size)
+    heads = MedusaHeads(cfg)
+    heads.load_reference_weights(weights)
+    return heads.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,135 @@
+"""Medusa on a transformers causal LM: heads beside the model, no copied model files.
+
+Twin of ``exo_medusa_mlx.model``. Tree tokens reach the model through the 4D
+mask and ``position_ids`` the transformers forward accepts (RoPE is computed from
+the per-token positions), and the K/V through ``MedusaCache``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..tree import TreeBuffers, build_tree, load_tree
+from .cache import DEFAULT_KEEP, CacheContext, MedusaCache, make_cache
+from .heads import MedusaHeads
+
+# Families whose attention takes the 4D mask and position_ids as given and whose
+# ``model.model`` returns normed hidden states: checked by tests.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Attention implementations that honour a custom 4D float mask.
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def check_supported(base: nn.Module) -> None:
+    """Raise at load time for a model the tree cache can't drive exactly."""
+    cfg = base.config
+    mtype = getattr(cfg, "model_type", "?")
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type '{mtype}' is not supported by Medusa yet (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
+            "run it with --no-medusa or use transformers' generate"
+        )
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+        raise ValueError(f"model type '{mtype}' with sliding-window layers is not supported by Medusa")
+    attn = cfg._attn_implementation
+    if attn not in SUPPORTED_ATTENTION:
+        raise ValueError(f"attention implementation '{attn}' does not take a tree mask; "
+                         f"load the model with attn_implementation='sdpa' or 'eager'")
+
+
+@dataclass
+class MedusaModel:
+    """A transformers causal LM with Medusa heads and a tree attached.
+
+    ``heads`` may be None: plain decoding through the same code.
+    """
+
+    base: nn.Module
+    heads: MedusaHeads | None = None
+    tree: TreeBuffers = field(default_factory=lambda: build_tree([]))
+    model_id: str | None = None
+
+    def __post_init__(self):
+        check_supported(self.base)
+        # Tied embeddings: transformers ties lm_head.weight to the embedding.
+        self.lm_head = self.base.get_output_embeddings()
+        if self.heads is not None and self.tree.depth > self.heads.num_heads:
+            raise ValueError(
+                f"tree is {self.tree.depth} deep but the heads give {self.heads.num_heads} guesses; use a shallower tree"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return self.base.config.num_hidden_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End tokens from the model's generation config (may list several)."""
+        gen = getattr(self.base, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if eos is None:
+            eos = self.base.config.eos_token_id
+        return [] if eos is None else [int(e) for e in np.atleast_1d(eos)]
+
+    def make_cache(self, max_kv_size: int | None = None, keep: int = DEFAULT_KEEP,
+                   static_len: int | None = None) -> tuple[CacheContext, MedusaCache]:
+        return make_cache(self.num_layers, max_kv_size, keep, device=self.device, dtype=self.dtype,
+                          implicit_causal=self.base.config._attn_implementation == "sdpa",
+                          static_len=static_len)
+
+    def hidden(self, tokens: torch.Tensor, caches: MedusaCache) -> torch.Tensor:
+        """Normed last hidden states, (1, T, H), for the forward ``caches.ctx`` began."""
+        ctx = caches.ctx
+        out = self.base.model(input_ids=tokens, attention_mask=ctx.mask, position_ids=ctx.positions,
+                              cache=caches, use_cache=True)
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h)
+
+    @torch.inference_mode()
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """(1+K, ..., V): base logits then each head's, in one matmul (shared layout)."""
+        if self.heads is None:
+            return self.lm_head(h)[None]
+        return self.heads.project(h, self.lm_head)
+
+    def with_tree(self, tree) -> "MedusaModel":
+        return MedusaModel(self.base, self.heads, load_tree(tree, self.heads.num_heads if self.heads else None),
+                           self.model_id)
+
+    @torch.inference_mode()
+    def forward(self, ctx: CacheContext, caches: MedusaCache, tokens, tree: TreeBuffers | None = None) -> torch.Tensor:
+        """Run ``tokens`` laid out as ``tree`` (contiguous if None) over the cache.
+
+        tokens: (T,) ids. Returns the normed hidden states, (T, H). The caller
+        commits the kept tokens with ``ctx.commit``.
+        """
+        tokens = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens,
+                                 dtype=torch.long).to(self.device)
+        if tree is None or tree.is_chain:
+            ctx.begin(n=tokens.shape[0])
+        else:
+            ctx.begin(tree.depths, tree.mask)
+        return self.hidden(tokens.view(1, -1), caches)[0]

@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "generate": "exo_medusa_mlx.generate",
+    "bench": "exo_medusa_mlx.bench",
 }
 
 

@@ -1,0 +1,345 @@
+"""``mlx_medusa bench``: Medusa against the decoders users already have, in one run.
+
+Per prompt, the methods run back to back (alternating), greedy, same model:
+  a  mlx-lm's own stream_generate          (the Mac user's baseline)
+  b  ours, --no-medusa                     (our plumbing alone)
+  c  ours, Medusa                          (heads + tree)
+  d  transformers generate, greedy         (the NVIDIA user's baseline)
+  e  transformers prompt-lookup decoding
+  f  ours on torch, Medusa
+Speed-ups are ratios within this run: b, c against a; e, f against d.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+MLX_METHODS = {"a": "mlx-lm stream_generate", "b": "ours --no-medusa (MLX)", "c": "ours Medusa (MLX)"}
+TORCH_METHODS = {"d": "transformers generate", "e": "transformers prompt lookup", "f": "ours Medusa (torch)"}
+
+
+def bench_prompts() -> list[dict]:
+    text = resources.files("exo_medusa_mlx").joinpath("data/bench_prompts.json").read_text()
+    return json.loads(text)["prompts"]
+
+
+def machine() -> dict:
+    import mlx.core as mx
+
+    from ._blas import blas_info
+
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "mlx": mx.__version__,
+            "mlx_device": str(mx.default_device()), "blas": blas_info(), "python": platform.python_version()}
+    try:
+        import torch
+
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    return info
+
+
+# --- one run of each method: returns tokens and stats --------------------------
+
+def _ours(model, tokenizer, ids, max_tokens, medusa, stream):
+    toks, last = [], None
+    for last in stream(model, tokenizer, ids, max_tokens=max_tokens, medusa=medusa):
+        if last.finish_reason != "stop":
+            toks.append(last.token)
+    return {"tokens": toks, "generation_tps": last.generation_tps, "prompt_tps": last.prompt_tps,
+            "mean_accepted": last.mean_accepted, "steps": last.steps, "peak_memory_gb": last.peak_memory}
+
+
+def _mlx_lm(base, tokenizer, ids, max_tokens):
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    toks, last = [], None
+    for last in stream_generate(base, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=make_sampler(0.0)):
+        if last.finish_reason != "stop":
+            toks.append(last.token)
+    return {"tokens": toks, "generation_tps": last.generation_tps, "prompt_tps": last.prompt_tps,
+            "mean_accepted": 1.0, "steps": len(toks), "peak_memory_gb": last.peak_memory}
+
+
+def _hf(model, ids, max_tokens, eos, lookup: int | None):
+    import resource
+
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    clock = Clock()
+    x = torch.tensor([ids])
+    kw = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=eos[0], streamer=clock, **kw)
+    t1 = time.perf_counter()
+    toks = [t for t in out[0, len(ids):].tolist()]
+    while toks and toks[-1] in eos:
+        toks.pop()
+    first = clock.times[1] if len(clock.times) > 1 else t1
+    n = len(out[0]) - len(ids)
+    return {"tokens": toks, "generation_tps": (n - 1) / max(t1 - first, 1e-9) if n > 1 else 0.0,
+            "prompt_tps": len(ids) / max(first - t0, 1e-9), "mean_accepted": None, "steps": None,
+            "peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+
+
+# --- the run --------------------------------------------------------------------
+
+def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, torch_side=True,
+              methods="abcdef") -> dict:
+    from tqdm import tqdm
+
+    from .generate import apply_template, stream_generate
+    from .loading import load
+
+    med, tokenizer = load(model, heads=heads, tree=tree)
+    if med.heads is None:
+        raise ValueError("bench needs Medusa heads: pass --heads (the default model's shipped heads are used when present)")
+    from mlx_lm import load as mlx_lm_load
+
+    from .default_model import resolve_model_path
+
+    path = resolve_model_path(model)
+    pristine, _ = mlx_lm_load(str(path))  # mlx-lm's model untouched by our RoPE wrapper
+    pristine.set_dtype(med.base.model.embed_tokens.weight.dtype)
+    runners = {
+        "a": lambda ids: _mlx_lm(pristine, tokenizer, ids, max_tokens),
+        "b": lambda ids: _ours(med, tokenizer, ids, max_tokens, False, stream_generate),
+        "c": lambda ids: _ours(med, tokenizer, ids, max_tokens, True, stream_generate),
+    }
+    notes = []
+    if torch_side and set(methods) & set("def"):
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+            eos = list(set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]))
+            runners["d"] = lambda ids: _hf(hf, ids, max_tokens, eos, None)
+            runners["e"] = lambda ids: _hf(hf, ids, max_tokens, eos, 10)
+            try:
+                from .torch_compat import load as torch_load
+                from .torch_compat import stream_generate as torch_stream
+
+                tmodel, ttok = torch_load(model, heads=heads, tree=tree)
+                runners["f"] = lambda ids: _ours(tmodel, ttok, ids, max_tokens, True, torch_stream)
+            except ImportError as e:
+                notes.append(f"f skipped: torch Medusa unavailable ({e})")
+        except ImportError as e:
+            notes.append(f"torch side skipped: {e}")
+    order = [m for m in methods if m in runners]
+    prompts = bench_prompts()[:limit]
+    rows = []
+    # Warm-up: one short run of each method, not timed.
+    warm = apply_template(tokenizer, "Hi", None, True)
+    for m in order:
+        runners[m](warm)
+    bar = tqdm(total=len(prompts) * len(order), desc="bench", unit="run")
+    for p in prompts:
+        ids = list(apply_template(tokenizer, p["prompt"], None, True))
+        row = {"category": p["category"], "prompt": p["prompt"], "prompt_tokens": len(ids), "runs": {}}
+        for m in order:
+            r = runners[m](ids)
+            row["runs"][m] = r
+            bar.update(1)
+            bar.set_postfix_str(f"{m}: {r['generation_tps']:.1f} tok/s")
+        for m, r in row["runs"].items():
+            base = "a" if m in MLX_METHODS else "d"
+            if base in row["runs"]:
+                ref = row["runs"][base]
+                r["speedup"] = r["generation_tps"] / ref["generation_tps"] if ref["generation_tps"] else None
+                r["same_tokens"] = r["tokens"] == ref["tokens"]
+        rows.append(row)
+    bar.close()
+    return {"machine": machine(), "model": str(path), "heads": str(heads or "shipped"),
+            "tree": {"size": med.tree.size, "choices": [list(c) for c in med.tree.choices]},
+            "max_tokens": max_tokens, "methods": {**MLX_METHODS, **TORCH_METHODS}, "order": order,
+            "notes": notes, "prompts": rows, "overall": summarize(rows, order)}
+
+
+def summarize(rows: list[dict], order: list[str]) -> dict:
+    out = {}
+    for m in order:
+        runs = [r["runs"][m] for r in rows if m in r["runs"]]
+        toks = sum(len(r["tokens"]) for r in runs)
+        # Overall tokens/s: total tokens over total generation time.
+        secs = sum(len(r["tokens"]) / r["generation_tps"] for r in runs if r["generation_tps"])
+        acc = [r["mean_accepted"] for r in runs if r.get("mean_accepted")]
+        out[m] = {
+            "generation_tps": toks / secs if secs else 0.0,
+            "prompt_tps": float(np.mean([r["prompt_tps"] for r in runs])),
+            "mean_accepted": float(np.mean(acc)) if acc else None,
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in runs),
+            "all_same_tokens": all(r.get("same_tokens", True) for r in runs),
+        }
+    for m in order:
+        base = "a" if m in MLX_METHODS else "d"
+        if base in out and out[base]["generation_tps"]:
+            out[m]["speedup"] = out[m]["generation_tps"] / out[base]["generation_tps"]
+    return out
+
+
+def markdown(result: dict) -> str:
+    names = result["methods"]
+    lines = ["| method | gen tok/s | prompt tok/s | mean accepted | speed-up | same tokens as baseline |",
+             "|---|---|---|---|---|---|"]
+    for m, s in result["overall"].items():
+        acc = f"{s['mean_accepted']:.2f}" if s["mean_accepted"] else "-"
+        sp = f"{s.get('speedup', 0):.2f}x" if s.get("speedup") else "-"
+        lines.append(f"| ({m}) {names[m]} | {s['generation_tps']:.2f} | {s['prompt_tps']:.1f} | {acc} | {sp} | "
+                     f"{'yes' if s['all_same_tokens'] else 'NO'} |")
+    lines.append("")
+    lines.append("| prompt | category | " + " | ".join(f"({m}) tok/s" for m in result["order"]) + " | (c) accepted |")
+    lines.append("|---|---|" + "---|" * (len(result["order"]) + 1))
+    for r in result["prompts"]:
+        cells = [f"{r['runs'][m]['generation_tps']:.1f}" for m in result["order"]]
+        acc = r["runs"].get("c", {}).get("mean_accepted")
+        lines.append(f"| {r['prompt'][:40]} | {r['category']} | " + " | ".join(cells) + f" | {acc:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ov = result["overall"]
+    ms = list(ov)
+    ax1.bar([f"({m})" for m in ms], [ov[m]["generation_tps"] for m in ms], color="tab:blue")
+    ax1.set_ylabel("generation tokens/s")
+    ax1.set_title("Greedy decoding, same model, one run")
+    acc = [r["runs"]["c"]["mean_accepted"] for r in result["prompts"] if "c" in r["runs"]]
+    ax2.hist(acc, bins=12, color="tab:green")
+    ax2.set_xlabel("mean accepted tokens per step (per prompt)")
+    ax2.set_title("Medusa (MLX) accepted length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def latency_curve(model=None, ns=(1, 2, 4, 8, 16, 32, 64, 128), cache_len=256, repeats=5, torch_side=True) -> dict:
+    """Time one forward of N new tokens over a cache of ``cache_len`` tokens."""
+    import mlx.core as mx
+
+    from .decode import prefill
+    from .loading import load
+
+    med, _ = load(model, heads=None, tree=[])
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, med.vocab_size, cache_len)
+    out = {"cache_len": cache_len, "mlx": {}, "torch": {}}
+    for n in ns:
+        times = []
+        for _ in range(repeats + 1):
+            ctx, caches = med.make_cache()
+            prefill(med, ctx, caches, prompt)
+            toks = mx.array(rng.integers(0, med.vocab_size, n))
+            t = time.perf_counter()
+            mx.eval(med.logits(med.forward(ctx, caches, toks)))
+            times.append(time.perf_counter() - t)
+        out["mlx"][n] = float(np.median(times[1:]))
+    if torch_side:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            from .default_model import resolve_model_path
+
+            hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_path(model)), dtype=torch.float32).eval()
+            for n in ns:
+                times = []
+                for _ in range(repeats + 1):
+                    with torch.inference_mode():
+                        o = hf(torch.tensor([prompt.tolist()]), use_cache=True)
+                        toks = torch.tensor([rng.integers(0, med.vocab_size, n).tolist()])
+                        t = time.perf_counter()
+                        hf(toks, past_key_values=o.past_key_values, use_cache=True)
+                        times.append(time.perf_counter() - t)
+                out["torch"][n] = float(np.median(times[1:]))
+        except ImportError as e:
+            out["torch_skipped"] = str(e)
+    for side in ("mlx", "torch"):
+        if out[side]:
+            one = out[side][ns[0]]
+            out[side + "_relative"] = {n: t / one for n, t in out[side].items()}
+    return out
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx_medusa bench", description="Medusa vs the decoders users have, one run.")
+    p.add_argument("--model", default=None)
+    p.add_argument("--heads", default=None)
+    p.add_argument("--tree", default=None)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--limit", type=int, default=None, help="Only the first N prompts")
+    p.add_argument("--methods", default="abcdef", help="Subset of a-f")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--latency", action="store_true", help="Latency-curve mode: one forward of N tokens over a cache")
+    p.add_argument("--cache-len", type=int, default=256)
+    p.add_argument("--out", default="runs/bench", help="Folder for bench.json, bench.md, bench.png")
+    return p
+
+
+def main(argv=None) -> None:
+    args = setup_arg_parser().parse_args(argv)
+    if not set(args.methods) <= set("abcdef"):
+        sys.exit(f"error: --methods '{args.methods}' must be letters among a-f")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.latency:
+            res = latency_curve(args.model, cache_len=args.cache_len, torch_side=not args.no_torch)
+            (out / "latency.json").write_text(json.dumps(res, indent=1))
+            print(f"one forward of N tokens over {args.cache_len} cached, relative to N=1:")
+            for side in ("mlx", "torch"):
+                rel = res.get(side + "_relative")
+                if rel:
+                    print(f"  {side:5s} " + "  ".join(f"{n}:{r:.2f}x" for n, r in rel.items())
+                          + f"   (N=1: {res[side][1] * 1e3:.1f} ms)")
+            return
+        res = run_bench(args.model, args.heads, args.tree, args.max_tokens, args.limit, not args.no_torch,
+                        args.methods)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    (out / "bench.json").write_text(json.dumps(res, indent=1))
+    md = markdown(res)
+    (out / "bench.md").write_text(md + "\n")
+    plot(res, out / "bench.png")
+    print(md)
+    for n in res["notes"]:
+        print("note:", n)
+    print(f"wrote {out}/bench.json, bench.md, bench.png")
+
+
+if __name__ == "__main__":
+    main()

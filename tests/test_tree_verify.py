@@ -43,3 +43,27 @@ def test_tree_logits_match_sequential(family, tree, window):
         want = sequential_logits(base, list(PROMPT) + path[::-1], window)
         diff = float(mx.abs(logits[node] - want).max())
         assert diff < 1e-4, (node, diff)
+
+
+@pytest.mark.parametrize("chunk", [7, 2048])
+def test_prompt_longer_than_window(chunk):
+    """Prefill of a prompt longer than the window (in chunks or at once) then a tree:
+    each query sees exactly what token-by-token decoding through mlx-lm's
+    RotatingKVCache would."""
+    base = tiny_base("qwen2")
+    model = MedusaModel(base, None, build_tree([]))
+    buf = build_tree(tree_choices("cpu-8"))
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, VOCAB, size=40)
+    tree_tokens = rng.integers(0, VOCAB, size=buf.size)
+    ctx, caches = model.make_cache(16)
+    prefill(model, ctx, caches, prompt, step=chunk)
+    assert ctx.used == 15
+    logits = model.logits(model.forward(ctx, caches, tree_tokens, buf))
+    for node in range(buf.size):
+        path, j = [], node
+        while j >= 0:
+            path.append(tree_tokens[j])
+            j = buf.parents[j]
+        want = sequential_logits(base, list(prompt) + path[::-1], 16)
+        assert float(mx.abs(logits[node] - want).max()) < 1e-4

@@ -27,26 +27,33 @@ class Acceptance:
     tokens: list[int]  # emitted: a accepted candidates, then the bonus token
 
 
-def target_probs(logits: np.ndarray, temp: float, top_p: float = 1.0) -> np.ndarray:
-    """The distribution plain sampling draws from: softmax(logits / temp), then top-p.
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
 
-    logits: (..., V). Top-p keeps the smallest set of most likely tokens whose mass
-    reaches ``top_p`` (ties at the boundary kept), renormalised.
+
+def target_probs(logits: np.ndarray, temp: float, top_p: float = 1.0) -> np.ndarray:
+    """The distribution plain sampling draws from, the same as mlx-lm's ``make_sampler(temp, top_p)``.
+
+    logits: (..., V). Top-p keeps every token whose strictly more likely tokens
+    hold less than ``top_p`` of the mass (ties at the boundary are all kept),
+    measured, as mlx-lm's ``apply_top_p`` does, on softmax(logits) before the
+    temperature; the kept tokens are then drawn from softmax(logits / temp).
+    HF transformers and the Medusa reference apply the temperature first, so
+    their top-p set differs whenever temp != 1. Ours is computed in float64,
+    mlx-lm's in float32: they differ only for a token within rounding of the
+    boundary.
     """
-    z = logits.astype(np.float64) / temp
-    z -= z.max(axis=-1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
+    z = logits.astype(np.float64)
     if top_p < 1.0:
-        order = np.argsort(-p, axis=-1, kind="stable")
-        sorted_p = np.take_along_axis(p, order, axis=-1)
-        before = np.cumsum(sorted_p, axis=-1) - sorted_p  # mass strictly above each token
-        keep_sorted = before < top_p
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=-1)
-        p = np.where(keep, p, 0.0)
-        p /= p.sum(axis=-1, keepdims=True)
-    return p
+        desc = -np.sort(-z, axis=-1)
+        p = _softmax(desc)
+        before = np.cumsum(p, axis=-1) - p  # mass of the tokens sorted before each one
+        n_keep = (before < top_p).sum(axis=-1, keepdims=True)  # >= 1: the first has none before
+        # Comparing logits (not probabilities, which may underflow) keeps ties as mlx-lm does.
+        z = np.where(z >= np.take_along_axis(desc, n_keep - 1, axis=-1), z, -np.inf)
+    return _softmax(z / temp)
 
 
 def _paths(tree: TreeBuffers, tree_tokens: np.ndarray):
@@ -104,37 +111,40 @@ def make_typical_acceptor(temp: float, top_p: float, rng: np.random.Generator,
 def make_exact_acceptor(temp: float, top_p: float, rng: np.random.Generator):
     """Exact speculative sampling over a tree of deterministic top-k children.
 
-    Each child token x is a point-mass draft (q = delta_x). Walking down from the
-    root with the residual target r (initially p, the base model's distribution at
-    the node, with temperature and top-p applied exactly as plain sampling does):
-    accept child x with probability r(x) = min(1, r(x)/q(x)); if accepted, move to
-    that child with r = its p; if rejected, set r(x) = 0 and renormalise, then try
-    the next child. When no child is accepted (or the node is a leaf), sample the
-    bonus token from r.
+    Each child token x is a point-mass draft (q = delta_x), so the usual
+    acceptance min(1, r(x)/q(x)) is just r(x). At a node, r starts as p, the base
+    model's distribution there (``target_probs``, as plain sampling). The children
+    are tried in rank order: accept x with probability r(x); on rejection set
+    r(x) = 0 and renormalise (r becomes r conditioned on "not x"), then try the
+    next child. If no child is accepted, or the node is a leaf, the bonus token
+    is drawn from r and the walk ends; an accepted child becomes the next node.
 
-    Why it is exact: at a node the emitted token is x with probability
-    sum over the children tried of P(reach x's turn) * r_i(x) plus the mass of x in
-    the final residual; by induction over the children this equals p(x), the same
-    recursion as SpecInfer's multi-draft rejection sampling with point-mass drafts.
-    Each emitted token therefore has the base model's conditional distribution
-    given the tokens before it, so the sequence is distributed as plain sampling.
+    Why it is exact: trying x_1, x_2, ... in turn and finally drawing from the
+    residual is drawing from p by asking "is it x_i?" one token at a time, so
+    P(emit x_i) = (1 - p(x_1) - ... - p(x_{i-1})) * p(x_i) / (1 - p(x_1) - ... - p(x_{i-1}))
+    = p(x_i), and any token that is not a child keeps its share p(y). (A repeated
+    child has r = 0 by its second turn and is never accepted.) After an accepted
+    x the walk continues with p(. | prefix, x), from the tree forward. So every
+    emitted token is drawn from the base model's distribution given the tokens
+    before it: the sequence is distributed as plain sampling. This needs the
+    candidates to be chosen without looking at this step's random draws: the
+    heads' top-k is a function of the prefix. It is SpecInfer's multi-draft
+    rejection sampling with point-mass drafts.
     """
 
     def accept(tree: TreeBuffers, tree_tokens: np.ndarray, logits: np.ndarray) -> Acceptance:
         node, nodes, out = 0, [0], []
         while True:
-            r = target_probs(logits[node], temp, top_p)
+            r = target_probs(logits[node], temp, top_p)  # (V,) residual target at this node
             nxt = None
             for child in tree.children[node]:
                 x = int(tree_tokens[child])
                 if rng.random() < r[x]:
                     nxt = child
                     break
+                # Rejected, so r(x) < 1 and some mass is left elsewhere.
                 r[x] = 0.0
-                s = r.sum()
-                if s <= 0.0:  # all mass was on rejected drafts: cannot happen with r(x) < 1
-                    break
-                r /= s
+                r /= r.sum()
             if nxt is None:
                 out.append(int(rng.choice(len(r), p=r)))
                 return Acceptance(np.array(nodes), out)

@@ -23,7 +23,7 @@ class Step:
     tree_size: int  # tokens verified in this step's forward (0 for the prefill)
 
 
-def _topk(logits: mx.array, k: int) -> mx.array:
+def topk_ids(logits: mx.array, k: int) -> mx.array:
     """Indices of the k largest logits, best first. logits: (K, V) -> (K, k)."""
     idx = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
     vals = mx.take_along_axis(logits, idx, axis=-1)
@@ -77,7 +77,7 @@ def generate_step(
     for_guesses = tree.size > 1
     while True:
         if for_guesses:
-            guesses = _topk(rows[1 : 1 + tree.depth], tree.topk).reshape(-1)
+            guesses = topk_ids(rows[1 : 1 + tree.depth], tree.topk).reshape(-1)
             flat = mx.concatenate([mx.array([root]), guesses.astype(mx.int32)])
             tree_tokens = flat[tree_idx]
         else:

@@ -1,0 +1,164 @@
+"""``MedusaMLXInferenceEngine``: one shard of an mlx-lm model, Medusa across the ring.
+
+Composes mlx-lm's own modules: the first shard calls ``model.embed_tokens``, every
+shard runs its ``layers[start:end+1]`` as ``layer(h, mask, cache=c)`` over our
+``MedusaKVCache``s (one ``CacheContext`` per request), the last applies
+``model.norm``, the lm_head and the Medusa heads. Weights load lazily and only
+the shard's are evaluated, so a shard holds its own layers in memory, not the model's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..cache import make_cache
+from ..decode import PREFILL_STEP, topk_ids
+from ..heads import load_heads
+from ..loading import default_tree_for
+from ..model import MedusaModel
+from ..tree import TreeBuffers, build_tree, load_tree
+from . import state as st
+from .medusa_engine import Loaded, MedusaShardEngine, Session
+from .shard import Shard
+
+# numpy has no bfloat16: such hidden states travel as float32 (lossless) and are cast back.
+_WIRE_DTYPE = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.float32}
+
+
+def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None):
+    """(MedusaModel, tokenizer) with only ``shard``'s weights evaluated."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    base, config = load_model(Path(path), lazy=True)
+    n = len(base.model.layers)
+    if n != shard.n_layers:
+        raise ValueError(f"shard of '{shard.model_id}' says {shard.n_layers} layers but {path} has {n}; "
+                         f"use n_layers={n}")
+    tokenizer = load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
+    if dtype is None and mx.default_device() == mx.cpu:
+        dtype = mx.float32  # as loading.load: bf16/fp16 skip BLAS on CPU
+    if dtype is not None:
+        base.set_dtype(dtype)
+    medusa_heads = None
+    if heads is not None:
+        medusa_heads = load_heads(heads, base.args.hidden_size, base.args.vocab_size, dtype=dtype or mx.float32)
+    if medusa_heads is not None:
+        buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads)), medusa_heads.num_heads)
+    else:
+        buffers = build_tree([])
+    model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id)
+    inner = base.model
+    params = [inner.layers[i].parameters() for i in range(shard.start_layer, shard.end_layer + 1)]
+    if shard.is_first_layer():
+        params.append(inner.embed_tokens.parameters())
+    if shard.is_last_layer():
+        params.append(inner.norm.parameters())
+        head = getattr(model.lm_head, "__self__", model.lm_head)  # tied: the embedding's as_linear
+        params.append(head.parameters())
+    mx.eval(params)
+    return model, tokenizer
+
+
+class MedusaMLXInferenceEngine(MedusaShardEngine):
+    """exo's engine contract on MLX, with Medusa speculative decoding across shards.
+
+    Constructed like exo's engines, ``MedusaMLXInferenceEngine(shard_downloader)``;
+    keyword options are in ``MedusaShardEngine``.
+    """
+
+    _worker_exit = staticmethod(mx.clear_streams)  # MLX asks each thread to free its streams before it ends
+
+    def _load_backend(self, shard: Shard, path: Path, heads, tree) -> Loaded:
+        model, tokenizer = load_shard_model(shard, path, heads, tree, self.dtype)
+        self._dtype = model.base.model.norm.weight.dtype  # what hidden states are computed in
+        return Loaded(shard, tokenizer, model.hidden_size, model.vocab_size, model.tree,
+                      model.heads is not None, model)
+
+    def _new_cache(self):
+        return make_cache(self.shard.get_layer_count(), self.max_kv_size, self.keep)
+
+    def _layers(self, h: mx.array, sess: Session) -> mx.array:
+        inner = self._loaded.model.base.model
+        mask = sess.caches[0].make_mask(h.shape[1])
+        for layer, c in zip(inner.layers[self.shard.start_layer : self.shard.end_layer + 1], sess.caches):
+            h = layer(h, mask, cache=c)
+        return h
+
+    def _forward(self, sess: Session, x: np.ndarray, req: st.StepRequest) -> mx.array:
+        inner = self._loaded.model.base.model
+        first, last = self.shard.is_first_layer(), self.shard.is_last_layer()
+        if first:
+            h = inner.embed_tokens(mx.array(x.astype(np.int32)))  # (1, T, H)
+        else:
+            h = mx.array(x).astype(self._dtype)
+        T = h.shape[1]
+        ctx = sess.ctx
+        if req.is_tree:
+            # A chain runs as contiguous tokens, as MedusaModel.forward does.
+            if np.array_equal(req.depths, np.arange(T)):
+                ctx.begin(n=T)
+            else:
+                ctx.begin(req.depths, req.tree_mask)
+            out = self._layers(h, sess)
+        else:  # plain: committed at once, in chunks as decode.prefill
+            outs = []
+            for s in range(0, T, PREFILL_STEP):
+                chunk = h[:, s : s + PREFILL_STEP]
+                ctx.begin(n=chunk.shape[1])
+                outs.append(self._layers(chunk, sess))
+                ctx.commit(sess.caches, np.arange(chunk.shape[1]))
+                mx.eval(outs[-1], [c.state for c in sess.caches])
+            out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+        if last:
+            out = inner.norm(out)
+        return out[0]  # (T, H)
+
+    def _logits(self, h: mx.array) -> mx.array:
+        return self._loaded.model.logits(h)
+
+    def _project(self, h_row: mx.array, position: int) -> mx.array:
+        return self._loaded.model.project(h_row)
+
+    def _propose(self, rows: mx.array, root: int, tree: TreeBuffers) -> np.ndarray:
+        if tree.size == 1:
+            return np.array([root], dtype=np.int64)
+        guesses = topk_ids(rows[1 : 1 + tree.depth], tree.topk).reshape(-1)
+        flat = mx.concatenate([mx.array([root]), guesses.astype(mx.int32)])
+        return np.array(flat[mx.array(tree.tree_indices)]).astype(np.int64)
+
+    def _argmax(self, a: mx.array) -> mx.array:
+        return mx.argmax(a, axis=-1)
+
+    def _numpy(self, a: mx.array) -> np.ndarray:
+        if a.dtype == mx.bfloat16:
+            a = a.astype(mx.float32)
+        return np.array(a)
+
+    def _hidden_numpy(self, h: mx.array) -> np.ndarray:
+        return np.array(h.astype(mx.float32) if h.dtype == mx.bfloat16 else h)[None]
+
+    async def load_checkpoint(self, shard: Shard, path: str | Path) -> None:
+        """Load weights (safetensors, mlx-lm names) over the shard's model; missing names are kept."""
+        await self.ensure_shard(shard)
+        await self._run(self._loaded.model.base.load_weights, str(path), False)
+
+    async def save_checkpoint(self, shard: Shard, path: str | Path) -> None:
+        """Write this shard's weights (its layers, and the embedding / norm / lm_head it holds)."""
+        await self.ensure_shard(shard)
+
+        def save():
+            from mlx.utils import tree_flatten
+
+            s = self.shard
+            keep = tuple(f"model.layers.{i}." for i in range(s.start_layer, s.end_layer + 1))
+            if s.is_first_layer():
+                keep += ("model.embed_tokens.",)
+            if s.is_last_layer():
+                keep += ("model.norm.", "lm_head.")
+            weights = {k: v for k, v in tree_flatten(self._loaded.model.base.parameters()) if k.startswith(keep)}
+            mx.save_safetensors(str(path), weights)
+
+        await self._run(save)

@@ -1,0 +1,91 @@
+"""What exo's node does with the last shard's output, when a pass may emit several tokens.
+
+exo 0.0.x's node assumes one token per ring pass: on the node holding the last
+layer it calls ``engine.sample(result)``, takes ``.item()``, checks EOS, sends the
+token as a (1, 1) tensor to the first shard and broadcasts it. With Medusa the
+last shard has already verified the tree and proposed the next one, so the node
+must instead:
+
+1. take the pass's tokens from ``inference_state['medusa_emitted']`` (one or
+   more), not from ``sample``;
+2. stop at the first EOS among them and at ``max_tokens``, dropping the rest;
+3. send the first shard the next pass's whole input, (1, T') token ids, with the
+   next pass's ``inference_state`` (the accepted nodes to commit, the next tree,
+   its positions, the sampling settings) rather than a (1, 1) token;
+4. broadcast every emitted token (``SendResult`` carries a list already);
+5. pass ``inference_state`` through every hop (exo's ``InferenceState`` message);
+6. on ``is_finished``, let each node's engine free the request's caches;
+7. put the sampling settings in the first pass's state (``state.initial_state``):
+   sampling happens inside the last shard, where the acceptors need them.
+
+``process_result`` does 1-3 (and falls back to exo's one-token rule for an
+engine that emits nothing); ``on_request_finished`` does 6. ``NODE_HOOK.md``
+shows where they go in the node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from . import state as st
+
+
+@dataclass
+class RingStep:
+    """The outcome of one ring pass, as the node holding the last layer sees it."""
+
+    tokens: list[int]  # emitted by this pass, cut at EOS and max_tokens
+    finished: bool
+    next_input: np.ndarray | None  # (1, T') token ids for the first shard; None when finished
+    next_state: dict | None  # inference_state for that pass
+
+
+def eos_ids(tokenizer) -> set[int]:
+    """The EOS ids of an mlx-lm / Hugging Face tokenizer (empty if it has none)."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids is None:
+        one = getattr(tokenizer, "eos_token_id", None)
+        ids = [] if one is None else [one]
+    return {int(i) for i in ids}
+
+
+async def process_result(engine, result: np.ndarray, inference_state: dict | None, *,
+                         n_generated: int, max_tokens: int, eos_token_id: int | Iterable[int] | None = None,
+                         temp: float = 0.0, top_p: float = 1.0) -> RingStep:
+    """Turn the last shard's ``(result, inference_state)`` into tokens and the next pass.
+
+    Args:
+        engine: the last shard's engine (its ``sample`` serves one-token engines).
+        n_generated: tokens already generated for this request.
+        eos_token_id: one id or several; None never stops early.
+    """
+    emitted = st.emitted_tokens(inference_state)
+    if emitted is None:  # an engine that emits nothing: exo's one-token rule
+        token = int(np.asarray(await engine.sample(result, temp=temp, top_p=top_p)).reshape(-1)[0])
+        tokens, next_input, next_state = [token], np.array([[token]], dtype=np.int64), inference_state
+    else:
+        tokens = emitted.tolist()
+        next_input, next_state = st.next_request(inference_state)
+    eos = set() if eos_token_id is None else (
+        {int(eos_token_id)} if isinstance(eos_token_id, (int, np.integer)) else {int(i) for i in eos_token_id})
+    finished = False
+    for i, t in enumerate(tokens):
+        if t in eos:
+            tokens, finished = tokens[: i + 1], True
+            break
+    room = max_tokens - n_generated
+    if len(tokens) >= room:
+        tokens, finished = tokens[:room], True
+    if finished:
+        return RingStep(tokens, True, None, None)
+    return RingStep(tokens, False, next_input, next_state)
+
+
+async def on_request_finished(engine, request_id: str) -> None:
+    """Free the request's caches on this node's engine (exo's engines keep them until evicted)."""
+    finish = getattr(engine, "finish_request", None)
+    if finish is not None:
+        await finish(request_id)

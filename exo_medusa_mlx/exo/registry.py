@@ -1,0 +1,188 @@
+"""Make exo 0.0.x build our engines: ``register_with_exo()``.
+
+exo chooses engines by name from a hard-coded table, so registering means
+patching that table at runtime, once, before the node starts:
+
+- ``inference_engine_classes`` gains our names ("medusa-mlx", "medusa-torch", and
+  any engine a package lists under the ``exo.inference_engines`` entry point group);
+- ``get_inference_engine`` is wrapped to build ours (and is replaced in the exo
+  modules that imported it by name);
+- every model card gains repo entries under our class names (exo looks a repo up
+  by the engine's class name), copied from the MLX and torch/tinygrad entries,
+  plus a card for the default model;
+- ``select_best_inference_engine`` on exo's node classes is guarded: exo rebuilds
+  the engine from class-name-derived names on every topology change and would
+  silently replace ours.
+
+Without exo installed it does nothing and returns a falsy ``Registration`` saying so.
+The node must also handle several tokens per ring pass: see ``node_hook`` and
+``NODE_HOOK.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+ENTRY_POINT_GROUP = "exo.inference_engines"
+ENGINES = {  # name -> "module:Class"; the package resolves the torch engine lazily, with a clear error
+    "medusa-mlx": "exo_medusa_mlx.exo:MedusaMLXInferenceEngine",
+    "medusa-torch": "exo_medusa_mlx.exo:MedusaTorchInferenceEngine",
+}
+DEFAULT_CARD = "smollm2-135m"
+# exo's own engine class names, whose card repos ours reuse.
+_MLX_REPO_FROM = ("MLXDynamicShardInferenceEngine",)
+_TORCH_REPO_FROM = ("TorchDynamicShardInferenceEngine", "TinygradDynamicShardInferenceEngine")
+_NODE_MODULES = ("exo.orchestration.node", "exo.orchestration.standard_node")
+_MARK = "__exo_medusa_wrapped__"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What ``register_with_exo`` did; falsy when nothing was registered."""
+
+    registered: bool
+    detail: str
+    engines: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.registered
+
+
+def engine_table() -> dict[str, str]:
+    """Engine name -> "module:Class": ours, then the ``exo.inference_engines`` entry points."""
+    table = dict(ENGINES)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        table.setdefault(ep.name, ep.value)
+    return table
+
+
+def build_engine(name: str, shard_downloader, table: dict[str, str] | None = None):
+    """Construct the engine registered as ``name``."""
+    table = table if table is not None else engine_table()
+    if name not in table:
+        raise ValueError(f"unknown inference engine '{name}': known {', '.join(sorted(table))}")
+    module, _, cls = table[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(shard_downloader)
+
+
+def _exo_engine_module():
+    try:
+        return importlib.import_module("exo.inference.inference_engine"), None
+    except ModuleNotFoundError as e:
+        if e.name == "exo":
+            return None, "exo is not installed (install exo 0.0.x from its repository; PyPI's 'exo' is another project)"
+        if e.name in ("exo.inference", "exo.inference.inference_engine"):
+            return None, "the installed 'exo' is not exo 0.0.x (no exo.inference.inference_engine)"
+        raise
+
+
+def _wrap_get_engine(ie, table: dict[str, str]) -> None:
+    orig = ie.get_inference_engine
+    if getattr(orig, _MARK, False):
+        return
+
+    @functools.wraps(orig)
+    def get_inference_engine(inference_engine_name, shard_downloader, *args, **kwargs):
+        if inference_engine_name in table:
+            return build_engine(inference_engine_name, shard_downloader, table)
+        return orig(inference_engine_name, shard_downloader, *args, **kwargs)
+
+    setattr(get_inference_engine, _MARK, True)
+    for name, module in list(sys.modules.items()):
+        if (name == "exo" or name.startswith("exo.")) and getattr(module, "get_inference_engine", None) is orig:
+            module.get_inference_engine = get_inference_engine
+
+
+def _add_model_cards(table: dict[str, str]) -> int:
+    try:
+        models = importlib.import_module("exo.models")
+    except ImportError:
+        return 0
+    cards = getattr(models, "model_cards", None)
+    if not isinstance(cards, dict):
+        return 0
+    from ..default_model import DEFAULT_MODEL_ID
+
+    ours = {name: value.partition(":")[2] for name, value in table.items()}
+    cards.setdefault(DEFAULT_CARD, {"layers": 30, "repo": {}})
+    cards[DEFAULT_CARD]["repo"].update({cls: DEFAULT_MODEL_ID for cls in ours.values()})
+    added = 0
+    for card in cards.values():
+        repo = card.get("repo") if isinstance(card, dict) else None
+        if not isinstance(repo, dict):
+            continue
+        mlx_repo = next((repo[k] for k in _MLX_REPO_FROM if k in repo), None)
+        torch_repo = next((repo[k] for k in _TORCH_REPO_FROM if k in repo), None)
+        for name, cls in ours.items():
+            src = mlx_repo if "mlx" in name else torch_repo or mlx_repo
+            if src is not None and cls not in repo:
+                repo[cls] = src
+                added += 1
+    return added
+
+
+def _is_ours(engine) -> bool:
+    from .medusa_engine import MedusaShardEngine
+
+    return isinstance(engine, MedusaShardEngine)
+
+
+def _guard_node_class(cls) -> bool:
+    orig = cls.__dict__.get("select_best_inference_engine")
+    if orig is None or getattr(orig, _MARK, False):
+        return False
+
+    def holds_ours(node) -> bool:
+        return any(_is_ours(v) for v in vars(node).values())
+
+    if inspect.iscoroutinefunction(orig):
+        @functools.wraps(orig)
+        async def guarded(self, *args, **kwargs):
+            if holds_ours(self):
+                return None  # keep our engine: exo would rebuild one from class-name-derived names
+            return await orig(self, *args, **kwargs)
+    else:
+        @functools.wraps(orig)
+        def guarded(self, *args, **kwargs):
+            if holds_ours(self):
+                return None
+            return orig(self, *args, **kwargs)
+
+    setattr(guarded, _MARK, True)
+    cls.select_best_inference_engine = guarded
+    return True
+
+
+def _guard_nodes() -> int:
+    for name in _NODE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+    guarded = 0
+    for name, module in list(sys.modules.items()):
+        if not (name == "exo" or name.startswith("exo.")) or module is None:
+            continue
+        for obj in list(vars(module).values()):
+            if inspect.isclass(obj) and obj.__module__ == name:
+                guarded += _guard_node_class(obj)
+    return guarded
+
+
+def register_with_exo() -> Registration:
+    """Register our engines with exo 0.0.x if it is importable; safe to call twice."""
+    ie, why = _exo_engine_module()
+    if ie is None:
+        return Registration(False, why)
+    table = engine_table()
+    ie.inference_engine_classes.update({name: value.partition(":")[2] for name, value in table.items()})
+    _wrap_get_engine(ie, table)
+    cards = _add_model_cards(table)
+    nodes = _guard_nodes()
+    return Registration(True, f"registered {', '.join(table)} with exo ({cards} model card repos added, "
+                              f"{nodes} node classes guarded)", tuple(table))

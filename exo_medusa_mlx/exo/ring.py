@@ -1,0 +1,90 @@
+"""An in-process ring: drives shard engines as exo's node would, several tokens per pass.
+
+Used by the tests, and the loop a gRPC node runs across machines: prompt to the
+first shard, each shard's output (and ``inference_state``) to the next, the last
+shard's result through ``node_hook.process_result``, its next pass back to the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Sequence
+
+import numpy as np
+
+from . import state as st
+from .node_hook import eos_ids, on_request_finished, process_result
+from .shard import as_shard
+
+
+def check_ring(shards) -> None:
+    """The shards cover one model's layers in order, each layer once."""
+    if not shards:
+        raise ValueError("the ring has no shards")
+    first = shards[0]
+    expect = 0
+    for s in shards:
+        if s.model_id != first.model_id or s.n_layers != first.n_layers:
+            raise ValueError(f"ring mixes models: '{s.model_id}' ({s.n_layers} layers) and "
+                             f"'{first.model_id}' ({first.n_layers} layers)")
+        if s.start_layer != expect:
+            raise ValueError(f"ring shards must cover layers in order: expected a shard starting at {expect}, "
+                             f"got {s.start_layer}-{s.end_layer}")
+        expect = s.end_layer + 1
+    if expect != first.n_layers:
+        raise ValueError(f"ring shards end at layer {expect - 1}, the model has {first.n_layers} layers")
+
+
+def _over_wire(x: np.ndarray, state: dict | None):
+    """What exo's gRPC hop does to a tensor and its state: bytes and JSON, and back."""
+    return st.decode_tensor(st.encode_tensor(np.asarray(x))), st.decode_state(st.encode_state(state))
+
+
+async def run_ring_async(engines_and_shards: Sequence, prompt, max_tokens: int, medusa: bool = True, *,
+                         temp: float = 0.0, top_p: float = 1.0, acceptance: str = "auto", seed: int | None = None,
+                         request_id: str | None = None, stop_on_eos: bool = True, wire: bool = True) -> list[int]:
+    """Generate up to ``max_tokens`` tokens for ``prompt`` (text or token ids) through the ring.
+
+    Args:
+        engines_and_shards: (engine, shard) pairs in layer order; an engine may appear once per shard.
+        medusa: propose Medusa trees (when the last shard has heads); False: one token per pass.
+        stop_on_eos: stop at the last shard's tokenizer's EOS.
+        wire: pass every tensor and state through exo's wire encoding, as between machines.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens {max_tokens} must be at least 1")
+    pairs = [(engine, as_shard(shard)) for engine, shard in engines_and_shards]
+    check_ring([s for _, s in pairs])
+    first_engine, first_shard = pairs[0]
+    last_engine, last_shard = pairs[-1]
+    rid = request_id or uuid.uuid4().hex
+    if isinstance(prompt, str):
+        x = np.asarray(await first_engine.encode(first_shard, prompt)).reshape(1, -1)
+    else:
+        x = np.asarray(prompt, dtype=np.int64).reshape(1, -1)
+    state = st.initial_state(temp, top_p, acceptance, seed, medusa)
+    out: list[int] = []
+    try:
+        while True:
+            for engine, shard in pairs:
+                if wire:
+                    x, state = _over_wire(x, state)
+                x, state = await engine.infer_tensor(rid, shard, x, state)
+            if stop_on_eos:
+                await last_engine.ensure_shard(last_shard)
+            eos = eos_ids(last_engine.tokenizer) if stop_on_eos else None
+            step = await process_result(last_engine, x, state, n_generated=len(out), max_tokens=max_tokens,
+                                        eos_token_id=eos, temp=temp, top_p=top_p)
+            out += step.tokens
+            if step.finished:
+                return out
+            x, state = step.next_input, step.next_state
+    finally:
+        for engine, _ in pairs:
+            await on_request_finished(engine, rid)
+
+
+def run_ring(engines_and_shards: Sequence, prompt, max_tokens: int, medusa: bool = True, **kw) -> list[int]:
+    """``run_ring_async`` for synchronous callers (starts its own event loop)."""
+    return asyncio.run(run_ring_async(engines_and_shards, prompt, max_tokens, medusa, **kw))

@@ -9,10 +9,11 @@ transformers ``Cache`` whose layers write the T new keys/values into a scratch
 region right after the used slots; ``commit`` gathers the accepted nodes' K/V
 into their slots in every layer.
 
-Static mode (``static_len=S``, for CUDA graphs): buffers hold S slots from the
-start, writes go through an index tensor and attention always sees all S slots
-(the mask hides the unused ones), so a forward of T tokens has one fixed shape
-and fixed tensor addresses.
+Static mode (``static_len=S``, for CUDA graphs; it may be switched on after the
+prefill): buffers hold exactly S slots, writes go
+through an index tensor and attention always sees all S slots (the mask hides the
+unused ones), so a forward of T tokens has one fixed shape and fixed tensor
+addresses until S must grow (it doubles).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..slots import DEFAULT_KEEP, CommitPlan, SlotMap
+
+STATIC_STEP = 256  # static caches grow to a multiple of this
 
 __all__ = ["DEFAULT_KEEP", "CacheContext", "MedusaCache", "MedusaKVLayer", "make_cache"]
 
@@ -52,7 +55,7 @@ class CacheContext(SlotMap):
             self._begin_static(plan.positions, plan.mask, T)
             return
         self.positions = torch.from_numpy(plan.positions).to(self.device).view(1, T)
-        if plan.mask is None or (plan.mask == "causal" and self.used == 0 and self.implicit_causal):
+        if plan.mask is None or (isinstance(plan.mask, str) and self.used == 0 and self.implicit_causal):
             self.mask = None
         else:
             self.mask = self._additive(self._dense(plan.mask, T)).to(self.device)
@@ -61,7 +64,7 @@ class CacheContext(SlotMap):
         """(T, used+T) bool from a plan's mask (an array, "causal" or None)."""
         if isinstance(mask, np.ndarray):
             return mask
-        new = np.tri(T, dtype=bool) if mask == "causal" else np.ones((T, T), dtype=bool)
+        new = np.tri(T, dtype=bool)  # "causal", or None when T == 1
         return np.concatenate([np.ones((T, self.used), dtype=bool), new], axis=1)
 
     def _additive(self, seen: np.ndarray) -> torch.Tensor:
@@ -72,13 +75,12 @@ class CacheContext(SlotMap):
         return out[None, None]  # (1, 1, T, K)
 
     def _begin_static(self, positions: np.ndarray, mask, T: int) -> None:
+        if self.used + T > self.static_len:  # grow by doubling: few re-allocations (and graph captures)
+            self.static_len = max(2 * self.static_len, -(-(self.used + T) // STATIC_STEP) * STATIC_STEP)
         S = self.static_len
-        if self.used + T > S:
-            raise ValueError(f"static cache of {S} slots cannot take {T} tokens after {self.used}; "
-                             "raise static_len or pass max_kv_size")
         seen = np.zeros((T, S), dtype=bool)
         seen[:, : self.used + T] = self._dense(mask, T)
-        if T not in self._inputs:  # fixed addresses per T: a captured graph reads these
+        if T not in self._inputs or self._inputs[T][1].shape[-1] != S:  # fixed addresses: graphs read these
             self._inputs[T] = (torch.zeros(1, T, dtype=torch.long, device=self.device),
                                torch.zeros(1, 1, T, S, dtype=self.dtype, device=self.device),
                                torch.zeros(T, dtype=torch.long, device=self.device))
@@ -110,7 +112,7 @@ class MedusaKVLayer(CacheLayerMixin):
         self.device = key_states.device
         self.is_initialized = True
 
-    def _grow(self, keys: torch.Tensor, values: torch.Tensor, end: int) -> None:
+    def _resize(self, keys: torch.Tensor, values: torch.Tensor, end: int) -> None:
         B, H, T, Dk = keys.shape
         if self.ctx.static_len is not None:
             size = self.ctx.static_len
@@ -132,9 +134,10 @@ class MedusaKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         base = self.ctx.used
         end = base + key_states.shape[2]
-        if self.keys is None or end > self.keys.shape[2]:
-            self._grow(key_states, value_states, end)
-        if self.ctx.static_len is not None:
+        S = self.ctx.static_len
+        if self.keys is None or (self.keys.shape[2] < end if S is None else self.keys.shape[2] != S):
+            self._resize(key_states, value_states, end)
+        if S is not None:
             self.keys.index_copy_(2, self.ctx.write, key_states)
             self.values.index_copy_(2, self.ctx.write, value_states)
             return self.keys, self.values  # (B, Hkv, S, D)

@@ -13,7 +13,8 @@ from ..heads_format import MedusaConfig, read_heads, resolve_config, write_heads
 
 
 class ResBlock(nn.Module):
-    """``x + SiLU(W x + b)``; W starts at zero so a fresh block is the identity."""
+    """``x + SiLU(W x + b)``; W starts at zero (as the reference), so a fresh block
+    only adds the constant SiLU(b): training starts from the base model's features."""
 
     def __init__(self, hidden_size: int):
         super().__init__()

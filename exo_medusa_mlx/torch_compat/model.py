@@ -7,6 +7,7 @@ the per-token positions), and the K/V through ``MedusaCache``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +58,9 @@ class MedusaModel:
         check_supported(self.base)
         # Tied embeddings: transformers ties lm_head.weight to the embedding.
         self.lm_head = self.base.get_output_embeddings()
+        # transformers 5.2x renamed ``past_key_values`` to ``cache``; earlier 5.x take the old name.
+        params = inspect.signature(self.base.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         if self.heads is not None and self.tree.depth > self.heads.num_heads:
             raise ValueError(
                 f"tree is {self.tree.depth} deep but the heads give {self.heads.num_heads} guesses; use a shallower tree"
@@ -101,7 +105,7 @@ class MedusaModel:
         """Normed last hidden states, (1, T, H), for the forward ``caches.ctx`` began."""
         ctx = caches.ctx
         out = self.base.model(input_ids=tokens, attention_mask=ctx.mask, position_ids=ctx.positions,
-                              cache=caches, use_cache=True)
+                              use_cache=True, **{self._cache_arg: caches})
         return out.last_hidden_state
 
     @torch.inference_mode()

@@ -1,0 +1,98 @@
+"""The Medusa step generator on torch: prefill, then propose, verify, accept, commit.
+
+Twin of ``exo_medusa_mlx.decode``; the acceptors are the shared numpy ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..accept import Policy, make_policy
+from ..tree import TreeBuffers, build_tree
+from .cache import DEFAULT_KEEP
+from .graphs import GraphedVerify, static_len_for, use_graphs
+from .model import MedusaModel
+
+PREFILL_STEP = 2048  # as mlx-lm: bounded memory for long prompts
+ROOT_ONLY = build_tree([])
+
+
+@dataclass
+class Step:
+    tokens: list[int]  # emitted by this verification step (first step: the token after the prompt)
+    tree_size: int  # tokens verified in this step's forward (0 for the prefill)
+
+
+def _topk(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest logits, best first. logits: (K, V) -> (K, k)."""
+    return torch.topk(logits, k, dim=-1, sorted=True).indices
+
+
+def prefill(model: MedusaModel, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP) -> torch.Tensor:
+    """Commit the prompt; returns the last position's hidden state, (H,)."""
+    for s in range(0, len(prompt), step):
+        chunk = prompt[s : s + step]
+        h = model.forward(ctx, caches, chunk)
+        ctx.commit(caches, np.arange(len(chunk)))
+    return h[-1]
+
+
+@torch.inference_mode()
+def generate_step(
+    prompt: np.ndarray,
+    model: MedusaModel,
+    policy: Policy | None = None,
+    *,
+    medusa: bool = True,
+    max_kv_size: int | None = None,
+    keep: int = DEFAULT_KEEP,
+    tree: TreeBuffers | None = None,
+    graphs: bool | None = None,
+) -> Iterator[Step]:
+    """Yield the tokens each step emits, forever; the caller stops it.
+
+    With ``medusa=False`` or no heads, every step verifies the root alone: plain
+    decoding through the same cache and code. ``graphs``: replay the verify
+    forward from a CUDA graph (None: on CUDA devices only).
+    """
+    policy = policy or make_policy()
+    prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
+    ctx, caches = model.make_cache(max_kv_size, keep)
+    use_heads = medusa and model.heads is not None
+    tree = (tree or model.tree) if use_heads else ROOT_ONLY
+    if use_heads and tree.depth > model.heads.num_heads:
+        raise ValueError(f"tree is {tree.depth} deep but the heads give {model.heads.num_heads} guesses")
+
+    h = prefill(model, ctx, caches, prompt)
+    rows = model.project(h) if use_heads else model.logits(h)[None]  # (1+K, V)
+    root = policy.first(rows[0].float().cpu().numpy())
+    yield Step([root], 0)
+
+    verify = None
+    if use_graphs(model, graphs):
+        ctx.static_len = static_len_for(ctx, tree.size)  # the prefill ran dynamic; verify steps are static
+        verify = GraphedVerify(model, ctx, caches, tree)
+    tree_idx = torch.from_numpy(tree.tree_indices).to(model.device)
+    while True:
+        if tree.size > 1:
+            guesses = _topk(rows[1 : 1 + tree.depth], tree.topk).reshape(-1)  # (D*k,)
+            flat = torch.cat([guesses.new_tensor([root]), guesses])
+            tree_tokens = flat[tree_idx]  # (T,)
+        else:
+            tree_tokens = torch.tensor([root], device=model.device)
+        if verify is not None:
+            h, logits = verify(tree_tokens)
+        else:
+            h = model.forward(ctx, caches, tree_tokens, tree)  # (T, H)
+            logits = model.logits(h)  # (T, V)
+        verdict = logits.float() if policy.needs_logits else logits.argmax(dim=-1)
+        acc = policy.accept(tree, tree_tokens.cpu().numpy(), verdict.cpu().numpy())
+        ctx.commit(caches, acc.nodes)
+        root = acc.tokens[-1]
+        if use_heads:
+            rows = model.project(h[int(acc.nodes[-1])])  # next guesses from the last kept node
+        yield Step(acc.tokens, tree.size)

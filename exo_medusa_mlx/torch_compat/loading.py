@@ -1,0 +1,86 @@
+"""``load`` on torch: base model (transformers' own classes), heads and tree, in one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..tree import DEFAULT_TREE, load_tree
+from .heads import load_heads
+from .model import MedusaModel
+
+# Same place as exo_medusa_mlx.loading.SHIPPED_HEADS (that module imports mlx).
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "shipped" / "smollm2-135m-instruct"
+
+
+def default_heads_for(model: str | None) -> Path | None:
+    """Heads shipped in the package for the default model, if any."""
+    if model is None and (SHIPPED_HEADS / "medusa_lm_head.safetensors").is_file():
+        return SHIPPED_HEADS
+    return None
+
+
+def default_tree_for(heads_path: Path | None) -> str | Path:
+    """The tree tuned with the heads (``tree.json`` beside them), else the CPU default."""
+    if heads_path is not None:
+        folder = heads_path if heads_path.is_dir() else heads_path.parent
+        if (folder / "tree.json").is_file():
+            return folder / "tree.json"
+    return DEFAULT_TREE
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU (exact, and fast BLAS); bfloat16 on CUDA where supported."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"dtype '{dtype}' is not supported: use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def load(model: str | None = None, heads: str | Path | None = None, tree=None,
+         dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
+    """Load a model for Medusa decoding on torch.
+
+    Args:
+        model: local Hugging Face folder or repo id; None for the embedded default model.
+        heads: Medusa heads folder or file; None for the heads shipped with the default
+            model (if any). Without heads, decoding is plain.
+        tree: preset name, JSON file or choices; None for the heads' tuned tree or
+            the CPU default.
+        dtype: weights' dtype (or its name); default float32 on CPU, bfloat16 on CUDA.
+        device: default CUDA when available, else CPU.
+
+    Returns:
+        (MedusaModel, tokenizer): the tokenizer is transformers' own.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..default_model import resolve_model_path
+
+    path = resolve_model_path(model)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    base = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    base = base.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    heads_path = Path(heads) if heads is not None else default_heads_for(model)
+    medusa_heads = None
+    if heads_path is not None:
+        medusa_heads = load_heads(heads_path, base.config.hidden_size, base.config.vocab_size,
+                                  dtype=dtype, device=device)
+    tree_spec = tree if tree is not None else default_tree_for(heads_path)
+    buffers = load_tree(tree_spec, medusa_heads.num_heads) if medusa_heads else load_tree([])
+    return MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None), tokenizer

@@ -1,0 +1,129 @@
+"""The torch twin == the MLX path: same weights, same heads, same logits and tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from exo_medusa_mlx.accept import greedy_accept  # noqa: E402
+from exo_medusa_mlx.decode import generate_step as mlx_generate_step  # noqa: E402
+from exo_medusa_mlx.decode import prefill as mlx_prefill  # noqa: E402
+from exo_medusa_mlx.heads import load_heads as mlx_load_heads  # noqa: E402
+from exo_medusa_mlx.model import MedusaModel as MlxMedusa  # noqa: E402
+from exo_medusa_mlx.torch_compat.decode import generate_step, prefill  # noqa: E402
+from exo_medusa_mlx.torch_compat.heads import load_heads  # noqa: E402
+from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
+from exo_medusa_mlx.tree import build_tree, tree_choices  # noqa: E402
+from test_decode import mlx_lm_greedy  # noqa: E402
+from test_torch_tiny import HIDDEN, TorchOracleMedusa, tiny_pair  # noqa: E402
+from tiny import CONFIGS, VOCAB  # noqa: E402
+
+PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
+TOL = 1e-4
+
+
+def take(gen, n):
+    out = []
+    for s in gen:
+        out += s.tokens
+        if len(out) >= n:
+            return out[:n]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, tmp_path_factory):
+    """(family, MLX model, torch model) over the same weights and heads, tree cpu-8."""
+    base, tb, heads_dir = tiny_pair(request.param, tmp_path_factory.mktemp(request.param))
+    tree = build_tree(tree_choices("cpu-8"))
+    return (request.param,
+            MlxMedusa(base, mlx_load_heads(heads_dir, HIDDEN, VOCAB), tree),
+            MedusaModel(tb, load_heads(heads_dir, HIDDEN, VOCAB), tree))
+
+
+def test_prompt_logits_and_heads_match(pair):
+    _, mm, tm = pair
+    mctx, mcaches = mm.make_cache()
+    h_mlx = mm.forward(mctx, mcaches, PROMPT)
+    ctx, caches = tm.make_cache()
+    h = tm.forward(ctx, caches, PROMPT)
+    assert np.abs(h.numpy() - np.array(h_mlx)).max() < TOL
+    assert np.abs(tm.logits(h).numpy() - np.array(mm.logits(h_mlx))).max() < TOL
+    assert np.abs(tm.project(h[-1]).numpy() - np.array(mm.project(h_mlx[-1]))).max() < TOL
+
+
+@pytest.mark.parametrize("tree,window", [("cpu-16", None), ("mc_sim_7b_63", None), ("cpu-16", 14)])
+def test_tree_verify_logits_match(pair, tree, window):
+    _, mm, tm = pair
+    buf = build_tree(tree_choices(tree))
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=buf.size)
+    prompt = np.concatenate([PROMPT, PROMPT[::-1]])  # 18 tokens: past a 14-token window
+    mctx, mcaches = mm.make_cache(window)
+    mlx_prefill(mm, mctx, mcaches, prompt)
+    want = np.array(mm.logits(mm.forward(mctx, mcaches, tokens, buf)))
+    ctx, caches = tm.make_cache(window)
+    prefill(tm, ctx, caches, prompt)
+    got = tm.logits(tm.forward(ctx, caches, tokens, buf)).numpy()
+    assert np.array_equal(ctx.slot_pos, mctx.slot_pos)  # the shared slot map, same state
+    assert np.abs(got - want).max() < TOL
+
+
+@pytest.mark.parametrize("medusa,window", [(True, None), (False, None), (True, 16), (False, 16)])
+def test_greedy_tokens_match_mlx(pair, medusa, window):
+    _, mm, tm = pair
+    n = 48  # prompt 9 + 48 through a 16-token window: several wrap-arounds
+    want = take(mlx_generate_step(PROMPT, mm, medusa=medusa, max_kv_size=window), n)
+    assert take(generate_step(PROMPT, tm, medusa=medusa, max_kv_size=window), n) == want
+
+
+@pytest.mark.parametrize("medusa", [False, True])
+def test_window_equals_mlx_lm_rotating(pair, medusa):
+    """Cross-backend oracle: mlx-lm's own RotatingKVCache decoding."""
+    _, mm, tm = pair
+    W, n = 16, 64
+    ref = mlx_lm_greedy(mm.base, n, PROMPT, max_kv_size=W)
+    model = tm
+    if medusa:  # heads that guess right at ranks 0-2: deep, branching, non-contiguous commits
+        model = TorchOracleMedusa(tm.base, tm.heads, tm.tree, np.concatenate([PROMPT, ref]), ranks=(0, 1, 2))
+    steps = 0
+    out = []
+    for s in generate_step(PROMPT, model, medusa=medusa, max_kv_size=W):
+        out += s.tokens
+        steps += 1
+        if len(out) >= n:
+            break
+    assert out[:n] == ref
+    if medusa:
+        assert n / steps > 1.8, "oracle heads should be accepted deep into the tree"
+        assert model.ctx.used == W - 1 and model.ctx.committed > 4 * W
+
+
+def test_static_cache_matches_dynamic(pair):
+    """The CUDA-graph cache layout (static slots, index writes, full-width mask), run eagerly."""
+    _, _, tm = pair
+    buf = tm.tree
+    for window in (None, 16):
+        results = []
+        for static in (False, True):
+            ctx, caches = tm.make_cache(window)
+            h = prefill(tm, ctx, caches, PROMPT)
+            if static:
+                ctx.static_len = ctx.used + buf.size  # tight: the unbounded cache must grow on the way
+            root, out = int(tm.logits(h).argmax()), []
+            for _ in range(20):
+                rows = tm.project(h)
+                guesses = torch.topk(rows[1:], buf.topk, dim=-1).indices.reshape(-1)
+                tokens = torch.cat([torch.tensor([root]), guesses])[torch.from_numpy(buf.tree_indices)]
+                hs = tm.forward(ctx, caches, tokens, buf)
+                acc = greedy_accept(buf, tokens.numpy(), tm.logits(hs).argmax(-1).numpy())
+                ctx.commit(caches, acc.nodes)
+                root, h = acc.tokens[-1], hs[int(acc.nodes[-1])]
+                out += acc.tokens
+            results.append((out, caches.layers[0].keys.shape[2]))
+        assert results[1][0] == results[0][0], window
+        if window is None:
+            assert results[1][1] > len(PROMPT) + buf.size  # grew past the tight start
+        else:
+            assert results[1][1] == ctx.static_len

@@ -1,0 +1,178 @@
+"""Tiny models shared by both backends: the MLX tiny models saved as HF folders.
+
+Helpers for the other ``test_torch_*`` files, and the tests that the saved
+folders and heads load with identical weights in transformers and MLX.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from exo_medusa_mlx.torch_compat.heads import MedusaHeads, load_heads  # noqa: E402
+from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
+
+# Tiny models gain nothing from threads, and on shared cores OpenMP's spin-waiting
+# makes a second torch thread ~10x slower: every torch test module imports this one.
+torch.set_num_threads(1)
+
+# tests/tiny.py's sizes; mlx is imported only where needed, so the CUDA tests
+# (on machines without mlx) can share the helpers below.
+HIDDEN, VOCAB = 64, 96
+ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM"}
+
+
+def save_hf_folder(base, family: str, folder: Path) -> Path:
+    """Write an mlx-lm tiny model as a Hugging Face folder (config.json + float32 safetensors)."""
+    from mlx.utils import tree_flatten
+    from safetensors.numpy import save_file
+
+    from tiny import CONFIGS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: np.array(v, dtype=np.float32) for k, v in tree_flatten(base.parameters())}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = dict(CONFIGS[family], architectures=[ARCH[family]], torch_dtype="float32",
+               bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no EOS: generate runs to the end
+    if family == "mistral":
+        cfg["sliding_window"] = None  # mlx-lm's llama class (which runs mistral) has none
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def torch_base(folder: Path, attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation=attn).eval()
+
+
+def tiny_pair(family: str, root: Path, num_heads: int = 4, seed: int = 0):
+    """(mlx base, torch base, heads folder): the same weights, the same random heads."""
+    from tiny import random_heads, tiny_base
+
+    base = tiny_base(family, seed)
+    folder = save_hf_folder(base, family, root / family)
+    heads_dir = random_heads(num_heads).save(root / f"{family}-heads")
+    return base, torch_base(folder), heads_dir
+
+
+class TorchOracleMedusa(MedusaModel):
+    """Heads that know the plain greedy continuation ``future`` (as tests/tiny.py's OracleMedusa).
+
+    Head i's guesses for position p put the true token at a rank drawn from ``ranks``.
+    """
+
+    def __init__(self, base, heads, tree, future: np.ndarray, ranks=(0,), seed=0):
+        super().__init__(base, heads, tree)
+        self.future, self.ranks = future, ranks
+        self.rng = np.random.default_rng(seed)
+        self.ctx = None
+
+    def make_cache(self, max_kv_size=None, keep=4, static_len=None):
+        self.ctx, caches = super().make_cache(max_kv_size, keep, static_len)
+        return self.ctx, caches
+
+    def project(self, h):
+        rows = super().project(h).clone()
+        pos = self.ctx.committed  # the bonus/root sits here; head i guesses pos + 1 + i
+        for i in range(rows.shape[0] - 1):
+            p = pos + 1 + i
+            if p < len(self.future):
+                row = rows[1 + i].cpu().numpy()
+                true = int(self.future[p])
+                order = np.argsort(-row)
+                order = order[order != true]
+                r = int(self.rng.choice(self.ranks))
+                ranked = np.concatenate([order[:r], [true], order[r:]])
+                new = np.empty_like(row)
+                new[ranked] = np.linspace(10.0, 0.0, len(ranked))
+                rows[1 + i] = torch.from_numpy(new).to(rows)
+        return rows
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_sizes_are_tinys():
+    import tiny
+
+    assert (HIDDEN, VOCAB) == (tiny.CONFIGS["llama"]["hidden_size"], tiny.VOCAB)
+
+
+@pytest.mark.parametrize("family", list(ARCH))
+def test_hf_folder_has_the_mlx_weights(family, tmp_path):
+    from mlx.utils import tree_flatten
+
+    from tiny import CONFIGS
+
+    base, tb, _ = tiny_pair(family, tmp_path)
+    ours = {k: np.array(v) for k, v in tree_flatten(base.parameters())}
+    theirs = {k: v.numpy() for k, v in tb.state_dict().items()}
+    if CONFIGS[family]["tie_word_embeddings"]:
+        assert "lm_head.weight" not in ours
+        np.testing.assert_array_equal(theirs.pop("lm_head.weight"), ours["model.embed_tokens.weight"])
+    assert sorted(theirs) == sorted(ours)
+    for k in ours:
+        np.testing.assert_array_equal(theirs[k], ours[k], err_msg=k)
+
+
+@pytest.mark.parametrize("own_lm_head", [False, True])
+def test_heads_roundtrip_and_project_match_mlx(own_lm_head, tmp_path):
+    import mlx.core as mx
+
+    from exo_medusa_mlx.heads import load_heads as mlx_load_heads
+    from tiny import random_heads, tiny_base
+
+    mlx_heads = random_heads(3, own_lm_head=own_lm_head, num_layers=2)
+    folder = mlx_heads.save(tmp_path / "mlx")
+    heads = load_heads(folder, HIDDEN, VOCAB)
+    assert heads.num_heads == 3 and heads.config.own_lm_head == own_lm_head
+    # torch -> file -> MLX: the same weights back.
+    again = mlx_load_heads(heads.save(tmp_path / "torch"), HIDDEN, VOCAB)
+    for k, v in mlx_heads.reference_weights().items():
+        np.testing.assert_array_equal(again.reference_weights()[k], v, err_msg=k)
+
+    base = tiny_base("llama")
+    tb = torch_base(save_hf_folder(base, "llama", tmp_path / "base"))
+    h = np.random.default_rng(0).normal(size=(5, HIDDEN)).astype(np.float32)
+    want = np.array(mlx_heads.project(mx.array(h), base.lm_head))  # (1+K, 5, V)
+    got = heads.project(torch.from_numpy(h), tb.lm_head).detach().numpy()
+    assert got.shape == want.shape == (4, 5, VOCAB)
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_fresh_resblock_ignores_its_input():
+    from exo_medusa_mlx.heads_format import MedusaConfig
+
+    heads = MedusaHeads(MedusaConfig(num_heads=2, hidden_size=HIDDEN, vocab_size=VOCAB))
+    x = torch.randn(3, HIDDEN)
+    for head in heads.heads:
+        block = head.blocks[0]
+        assert not block.linear.weight.any()
+        # Zero W: the block adds SiLU(b) whatever x is (the reference's init; b is not zero).
+        torch.testing.assert_close(head(x) - x, torch.nn.functional.silu(block.linear.bias).expand(3, -1))
+
+
+def test_torch_compat_never_imports_mlx():
+    # The torch twin must run where mlx is absent (NVIDIA nodes).
+    folder = Path(__file__).resolve().parent.parent / "exo_medusa_mlx" / "torch_compat"
+    for file in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            else:
+                continue
+            for name in names:
+                bad = name.split(".")[0] in ("mlx", "mlx_lm") or name.lstrip(".") in (
+                    "cache", "model", "heads", "decode", "generate", "loading") and name.startswith("..")
+                assert not bad, f"{file.name} imports {name}"

@@ -158,8 +158,26 @@ def preload_blas() -> str:
         )
         _INFO = "reference (mlx.core imported before preload)"
     else:
+        _torch_first()
         _INFO = _load_openblas()
     return _INFO
+
+
+def _torch_first() -> None:
+    """Import torch (when installed) before OpenBLAS goes global.
+
+    libtorch_cpu exports ``sgemm_`` and calls it through its PLT: with OpenBLAS
+    loaded first with RTLD_GLOBAL, torch's own GEMMs would bind to OpenBLAS and
+    fight torch's threads (transformers' generate measured 10x slower). Loaded
+    first, torch keeps its BLAS, and MLX still binds ``cblas_sgemm`` to OpenBLAS.
+    Costs torch's import time; ``EXO_MEDUSA_TORCH_FIRST=0`` skips it.
+    """
+    if "torch" in sys.modules or os.environ.get("EXO_MEDUSA_TORCH_FIRST", "1") == "0":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401
 
 
 def blas_info() -> str:

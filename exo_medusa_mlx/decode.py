@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
@@ -11,16 +10,11 @@ import numpy as np
 from .accept import Policy, make_policy
 from .cache import DEFAULT_KEEP
 from .model import MedusaModel
+from .streaming import Step
 from .tree import TreeBuffers, build_tree
 
 PREFILL_STEP = 2048  # as mlx-lm: bounded memory for long prompts
 ROOT_ONLY = build_tree([])
-
-
-@dataclass
-class Step:
-    tokens: list[int]  # emitted by this verification step (first step: the token after the prompt)
-    tree_size: int  # tokens verified in this step's forward (0 for the prefill)
 
 
 def topk_ids(logits: mx.array, k: int) -> mx.array:

@@ -2,38 +2,29 @@
 
 from __future__ import annotations
 
-import argparse
-import json
+import importlib.util
 import sys
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
-import numpy as np
 
 from .accept import make_policy
 from .cache import DEFAULT_KEEP
 from .decode import generate_step
 from .model import MedusaModel
-
-DEFAULT_MAX_TOKENS = 256
-DEFAULT_PROMPT = "Hello"
-
-
-@dataclass
-class GenerationResponse:
-    text: str  # the new text piece
-    token: int
-    accepted: int  # tokens emitted by this token's verification step
-    finish_reason: str | None  # "stop" (EOS), "length", or None
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory: float  # GB
-    steps: int  # verification steps so far
-    mean_accepted: float  # tokens per verification step so far
+from .streaming import (  # noqa: F401  (re-exported: mlx-lm's names)
+    DEFAULT_MAX_TOKENS,
+    GenerationResponse,
+    apply_template,
+    check_request,
+    collect,
+    encode_prompt,
+    print_stats,
+    run_cli,
+    setup_arg_parser,
+    stream_steps,
+)
 
 
 def _peak_memory_gb() -> float:
@@ -43,24 +34,6 @@ def _peak_memory_gb() -> float:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return peak / 1e9
-
-
-def encode_prompt(tokenizer, prompt) -> np.ndarray:
-    """A string (tokenised as mlx-lm does) or token ids, checked."""
-    if isinstance(prompt, str):
-        bos = getattr(tokenizer, "bos_token", None)
-        add_special = bos is None or not prompt.startswith(bos)
-        ids = tokenizer.encode(prompt, add_special_tokens=add_special)
-    else:
-        ids = prompt
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if ids.size == 0:
-        raise ValueError("prompt is empty: give at least one token")
-    return ids
-
-
-def _context_length(model: MedusaModel) -> int | None:
-    return getattr(model.base.args, "max_position_embeddings", None)
 
 
 def stream_generate(
@@ -89,137 +62,38 @@ def stream_generate(
         tree: override the model's tree for this call.
     """
     ids = encode_prompt(tokenizer, prompt)
-    ctx_len = _context_length(model)
-    if ctx_len and len(ids) >= ctx_len:
-        raise ValueError(f"prompt has {len(ids)} tokens, the model's context is {ctx_len}: shorten the prompt")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens {max_tokens} must be at least 1")
+    check_request(ids, getattr(model.base.args, "max_position_embeddings", None), max_tokens)
     policy = make_policy(temp, top_p, acceptance, seed)
     if tree is not None:
         model = model.with_tree(tree)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-    detok = tokenizer.detokenizer
-    detok.reset()
-
     mx.reset_peak_memory()
     tic = time.perf_counter()
     steps = generate_step(ids, model, policy, medusa=medusa, max_kv_size=max_kv_size, keep=keep)
-    n, n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0, 0.0, tic
-    for step in steps:
-        if step.tree_size == 0:
-            prompt_time = time.perf_counter() - tic
-            prompt_tps = len(ids) / prompt_time
-            gen_start = time.perf_counter()
-        else:
-            n_steps += 1
-            n_verified += len(step.tokens)
-        for tok in step.tokens:
-            finish = None
-            if tok in eos:
-                finish = "stop"
-            else:
-                detok.add_token(tok)
-                n += 1
-                if n == max_tokens:
-                    finish = "length"
-            if finish:
-                detok.finalize()
-            elapsed = max(time.perf_counter() - gen_start, 1e-9)
-            yield GenerationResponse(
-                text=detok.last_segment, token=tok, accepted=len(step.tokens), finish_reason=finish,
-                prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
-                # The first token comes from the prefill, as in mlx-lm's count.
-                generation_tps=(n - 1) / elapsed if n > 1 else 0.0,
-                peak_memory=_peak_memory_gb(), steps=n_steps,
-                mean_accepted=n_verified / n_steps if n_steps else 0.0,
-            )
-            if finish:
-                return
+    yield from stream_steps(steps, len(ids), eos, tokenizer.detokenizer, max_tokens, _peak_memory_gb, tic)
 
 
 def generate(model: MedusaModel, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
     """Generate a complete response; ``kwargs`` as ``stream_generate``."""
-    text = ""
-    last = None
-    for last in stream_generate(model, tokenizer, prompt, **kwargs):
-        if verbose:
-            print(last.text, end="", flush=True)
-        text += last.text
-    if verbose and last is not None:
-        print()
-        print_stats(last)
-    return text
+    return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)
 
 
-def print_stats(r: GenerationResponse, file=sys.stdout) -> None:
-    print("=" * 10, file=file)
-    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
-    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
-    print(f"Medusa: {r.mean_accepted:.2f} tokens per step over {r.steps} steps", file=file)
-    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
+def _load(args):
+    from .loading import load
 
-
-def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx_medusa generate", description="Generate text with Medusa decoding.")
-    p.add_argument("--model", default=None, help="Local Hugging Face folder or repo id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--heads", default=None, help="Medusa heads folder or medusa_lm_head.{safetensors,pt} (default: shipped heads of the default model)")
-    p.add_argument("--tree", default=None, help="Tree preset (cpu-4..cpu-16, chain-N, mc_sim_7b_63) or JSON file")
-    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Message to the model ('-' reads stdin)")
-    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-kv-size", type=int, default=None, help="Committed KV window (rotating, 4 sink tokens)")
-    p.add_argument("--acceptance", choices=["auto", "greedy", "exact", "typical"], default="auto")
-    p.add_argument("--no-medusa", action="store_true", help="Plain decoding through the same code (the baseline)")
-    p.add_argument("--ignore-chat-template", action="store_true", help="Use the raw prompt without the chat template")
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--json", action="store_true", help="Print one JSON object with tokens and stats last on stdout")
-    p.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
-    return p
-
-
-def apply_template(tokenizer, prompt: str, system: str | None, use_template: bool):
-    if not use_template or getattr(tokenizer, "chat_template", None) is None:
-        return prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    dtype = getattr(mx, args.dtype) if args.dtype else None
+    return load(args.model, heads=args.heads, tree=args.tree, dtype=dtype)
 
 
 def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
-    from .loading import load
+    if args.backend == "torch" or (args.backend == "auto" and importlib.util.find_spec("mlx") is None):
+        from .torch_compat.generate import main as torch_main
 
-    try:
-        model, tokenizer = load(args.model, heads=args.heads, tree=args.tree)
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        prompt = apply_template(tokenizer, prompt, args.system_prompt, not args.ignore_chat_template)
-        out = sys.stderr if args.json else sys.stdout
-        tokens, last = [], None
-        for last in stream_generate(
-            model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
-            seed=args.seed, medusa=not args.no_medusa, max_kv_size=args.max_kv_size,
-            acceptance=args.acceptance,
-        ):
-            tokens.append(last.token)
-            if args.verbose:
-                print(last.text, end="", flush=True, file=out)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    if args.verbose:
-        print(file=out)
-        print_stats(last, file=out)
-    if args.json:
-        if last.finish_reason == "stop":
-            tokens = tokens[:-1]  # the EOS token is not part of the text
-        print(json.dumps({
-            "tokens": tokens, "text": tokenizer.decode(tokens), "prompt_tokens": last.prompt_tokens,
-            "generation_tokens": last.generation_tokens, "prompt_tps": last.prompt_tps,
-            "generation_tps": last.generation_tps, "mean_accepted": last.mean_accepted, "steps": last.steps,
-            "peak_memory_gb": last.peak_memory, "finish_reason": last.finish_reason,
-            "medusa": (not args.no_medusa) and model.heads is not None, "tree_size": model.tree.size,
-        }))
+        return torch_main(argv)
+    if args.device:
+        sys.exit("error: --device is for --backend torch; MLX uses its default device")
+    run_cli(args, _load, stream_generate, lambda model: {"backend": "mlx", "device": str(mx.default_device())})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from .heads_format import MedusaConfig, read_heads, resolve_config, write_heads
 
 
 class ResBlock(nn.Module):
-    """``x + SiLU(W x + b)``; W starts at zero so a fresh block is the identity."""
+    """``x + SiLU(W x + b)``; W starts at zero (as in the reference), so a fresh block adds SiLU(b)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()

@@ -21,6 +21,9 @@ HEADS_FILE = "medusa_lm_head.safetensors"
 HEADS_PT_FILE = "medusa_lm_head.pt"
 CONFIG_FILE = "config.json"
 
+# Heads trained for the default model, used when no --heads is given for it.
+SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped" / "smollm2-135m-instruct"
+
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
 
@@ -173,3 +176,21 @@ def write_heads(folder: str | Path, weights: dict[str, np.ndarray], cfg: MedusaC
     tmp.replace(folder / HEADS_FILE)
     ctmp.replace(folder / CONFIG_FILE)
     return folder
+
+
+def default_heads_for(model: str | None) -> Path | None:
+    """Heads shipped in the package for the default model (``model is None``), if any."""
+    if model is None and (SHIPPED_HEADS / HEADS_FILE).is_file():
+        return SHIPPED_HEADS
+    return None
+
+
+def default_tree_for(heads_path: Path | None) -> str | Path:
+    """The tree tuned with the heads (``tree.json`` beside them), else the CPU default."""
+    from .tree import DEFAULT_TREE
+
+    if heads_path is not None:
+        folder = heads_path if heads_path.is_dir() else heads_path.parent
+        if (folder / "tree.json").is_file():
+            return folder / "tree.json"
+    return DEFAULT_TREE

@@ -7,30 +7,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from .heads import load_heads
+from .heads_format import SHIPPED_HEADS, default_heads_for, default_tree_for  # noqa: F401
 from .model import MedusaModel
-from .tree import DEFAULT_TREE, load_tree, tree_choices
-
-SHIPPED_HEADS = Path(__file__).parent / "shipped" / "smollm2-135m-instruct"
-
+from .tree import load_tree, tree_choices
 
 def _on_cpu() -> bool:
     return mx.default_device() == mx.cpu
-
-
-def default_heads_for(model: str | None) -> Path | None:
-    """Heads shipped in the package for the default model, if any."""
-    if model is None and (SHIPPED_HEADS / "medusa_lm_head.safetensors").is_file():
-        return SHIPPED_HEADS
-    return None
-
-
-def default_tree_for(heads_path: Path | None) -> str | Path:
-    """The tree tuned with the heads (``tree.json`` beside them), else the CPU default."""
-    if heads_path is not None:
-        folder = heads_path if heads_path.is_dir() else heads_path.parent
-        if (folder / "tree.json").is_file():
-            return folder / "tree.json"
-    return DEFAULT_TREE
 
 
 def load(model: str | None = None, heads: str | Path | None = None, tree=None, dtype=None):

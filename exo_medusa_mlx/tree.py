@@ -155,6 +155,8 @@ def preset_names() -> list[str]:
 
 def tree_choices(spec: str | Sequence[Sequence[int]]) -> list[list[int]]:
     """Resolve a preset name, ``chain-N``, a JSON file path or a list to choices."""
+    if isinstance(spec, Path):
+        return load_tree_file(spec)
     if not isinstance(spec, str):
         return [list(c) for c in spec]
     if spec in _CPU_TREES:

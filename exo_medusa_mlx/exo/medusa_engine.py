@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from ..accept import Policy, make_policy, target_probs
-from ..cache import DEFAULT_KEEP
-from ..generate import encode_prompt
+from ..slots import DEFAULT_KEEP
+from ..streaming import encode_prompt
 from ..tree import TreeBuffers, build_tree
 from . import state as st
 from .downloader import LocalShardDownloader, find_heads

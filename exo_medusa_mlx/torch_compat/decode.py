@@ -5,13 +5,13 @@ Twin of ``exo_medusa_mlx.decode``; the acceptors are the shared numpy ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..accept import Policy, make_policy
+from ..streaming import Step
 from ..tree import TreeBuffers, build_tree
 from .cache import DEFAULT_KEEP
 from .graphs import GraphedVerify, static_len_for, use_graphs
@@ -19,12 +19,6 @@ from .model import MedusaModel
 
 PREFILL_STEP = 2048  # as mlx-lm: bounded memory for long prompts
 ROOT_ONLY = build_tree([])
-
-
-@dataclass
-class Step:
-    tokens: list[int]  # emitted by this verification step (first step: the token after the prompt)
-    tree_size: int  # tokens verified in this step's forward (0 for the prefill)
 
 
 def _topk(logits: torch.Tensor, k: int) -> torch.Tensor:

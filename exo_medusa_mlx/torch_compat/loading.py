@@ -6,29 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..tree import DEFAULT_TREE, load_tree
+from ..tree import load_tree
+from ..heads_format import SHIPPED_HEADS, default_heads_for, default_tree_for  # noqa: F401
 from .heads import load_heads
 from .model import MedusaModel
-
-# Same place as exo_medusa_mlx.loading.SHIPPED_HEADS (that module imports mlx).
-SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "shipped" / "smollm2-135m-instruct"
-
-
-def default_heads_for(model: str | None) -> Path | None:
-    """Heads shipped in the package for the default model, if any."""
-    if model is None and (SHIPPED_HEADS / "medusa_lm_head.safetensors").is_file():
-        return SHIPPED_HEADS
-    return None
-
-
-def default_tree_for(heads_path: Path | None) -> str | Path:
-    """The tree tuned with the heads (``tree.json`` beside them), else the CPU default."""
-    if heads_path is not None:
-        folder = heads_path if heads_path.is_dir() else heads_path.parent
-        if (folder / "tree.json").is_file():
-            return folder / "tree.json"
-    return DEFAULT_TREE
-
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

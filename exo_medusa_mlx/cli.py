@@ -9,7 +9,11 @@ import sys
 
 COMMANDS = {
     "generate": "exo_medusa_mlx.generate",
+    "train": "exo_medusa_mlx.train",
+    "tune": "exo_medusa_mlx.tune",
     "bench": "exo_medusa_mlx.bench",
+    "node": "exo_medusa_mlx.ring.node",
+    "ring": "exo_medusa_mlx.ring.launcher",
 }
 
 

@@ -8,16 +8,15 @@
 
 from .downloader import LocalShardDownloader
 from .engine import InferenceEngine
-from .mlx_engine import MedusaMLXInferenceEngine
 from .ring import run_ring, run_ring_async
 from .shard import Shard
 
-# MedusaTorchInferenceEngine is exported lazily (below) and kept out of __all__, so a
-# star import never pulls in torch.
+# The engines load on first use: an NVIDIA node needs no MLX, a Mac no torch.
 __all__ = [
     "InferenceEngine",
     "LocalShardDownloader",
     "MedusaMLXInferenceEngine",
+    "MedusaTorchInferenceEngine",
     "Shard",
     "run_ring",
     "run_ring_async",
@@ -25,15 +24,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "MedusaMLXInferenceEngine":
+        from .mlx_engine import MedusaMLXInferenceEngine
+
+        return MedusaMLXInferenceEngine
     if name == "MedusaTorchInferenceEngine":
-        try:
-            from .torch_engine import MedusaTorchInferenceEngine
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.torch_engine":
-                raise  # torch itself, or one of its dependencies, is missing: say so as is
-            raise ImportError(
-                "MedusaTorchInferenceEngine is not available yet: exo_medusa_mlx/exo/torch_engine.py lands with "
-                "the torch path (exo_medusa_mlx.torch_compat); use MedusaMLXInferenceEngine meanwhile"
-            ) from None
+        from .torch_engine import MedusaTorchInferenceEngine
+
         return MedusaTorchInferenceEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

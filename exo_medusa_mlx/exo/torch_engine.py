@@ -1,0 +1,272 @@
+"""``MedusaTorchInferenceEngine``: one shard of a transformers model, Medusa across the ring.
+
+The model is built on the meta device and only the shard's weights are read from
+the safetensors files (the embedding on the first shard; the final norm, lm_head
+and Medusa heads on the last), so a shard holds its own layers, not the model's.
+The shard's decoder layers run as transformers' own modules over the torch twin's
+``MedusaCache`` (``torch_compat.cache``), which is indexed by global layer number:
+a shard's cache has a slot for every layer, and only its own are ever filled.
+Activations leave as float32 numpy, whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..torch_compat.cache import make_cache
+from ..torch_compat.decode import PREFILL_STEP
+from ..torch_compat.heads import load_heads
+from ..torch_compat.loading import default_device, default_dtype, default_tree_for, parse_dtype
+from ..torch_compat.model import MedusaModel
+from ..tree import TreeBuffers, build_tree, load_tree
+from . import state as st
+from .medusa_engine import Loaded, MedusaShardEngine, Session
+from .shard import Shard
+
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, for a single-file or a sharded checkpoint."""
+    from safetensors import safe_open
+
+    index = path / _INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        return {k: path / v for k, v in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights; give a Hugging Face model folder")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            out.update({k: f for k in sf.keys()})
+    return out
+
+
+def _shard_prefixes(shard: Shard, tied: bool) -> tuple[str, ...]:
+    keep = tuple(f"model.layers.{i}." for i in range(shard.start_layer, shard.end_layer + 1))
+    if shard.is_first_layer() or (shard.is_last_layer() and tied):
+        keep += ("model.embed_tokens.",)
+    if shard.is_last_layer():
+        keep += ("model.norm.", "lm_head.")
+    return keep
+
+
+def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None, device=None):
+    """(MedusaModel, tokenizer) holding only ``shard``'s weights; the other layers stay on meta."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    config = AutoConfig.from_pretrained(str(path))
+    n = config.num_hidden_layers
+    if n != shard.n_layers:
+        raise ValueError(f"shard of '{shard.model_id}' says {shard.n_layers} layers but {path} has {n}; "
+                         f"use n_layers={n}")
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    base.eval()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    keep = _shard_prefixes(shard, tied)
+    files = _weight_files(path)
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        if name.startswith(keep):
+            by_file.setdefault(f, []).append(name)
+    weights = {}
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as sf:
+            weights.update({k: sf.get_tensor(k).to(device=device, dtype=dtype) for k in names})
+    tie_head = shard.is_last_layer() and "lm_head.weight" not in weights
+    if tie_head and not tied:
+        raise ValueError(f"{path}: no lm_head.weight and the config does not tie it to the embedding")
+    base.load_state_dict(weights, strict=False, assign=True)
+    inner = base.model
+    if tie_head:
+        base.lm_head.weight = inner.embed_tokens.weight
+    # Buffers built at init (RoPE frequencies) were made on meta: build them again for real.
+    inner.rotary_emb = type(inner.rotary_emb)(config=config).to(device)
+    held = [inner.layers[i] for i in range(shard.start_layer, shard.end_layer + 1)]
+    if shard.is_first_layer():
+        held.append(inner.embed_tokens)
+    if shard.is_last_layer():
+        held += [inner.norm, base.lm_head]
+    missing = [f"{type(m).__name__}.{k}" for m in held for k, t in [*m.named_parameters(), *m.named_buffers()]
+               if t.is_meta]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks weights of shard {shard.start_layer}-{shard.end_layer}: "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+    medusa_heads = None
+    if heads is not None:
+        medusa_heads = load_heads(heads, config.hidden_size, config.vocab_size, dtype=dtype, device=device)
+        tree = tree if tree is not None else str(default_tree_for(Path(heads)))  # tree files are named by string
+        buffers = load_tree(tree, medusa_heads.num_heads)
+    else:
+        buffers = build_tree([])
+    model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, _with_eos_ids(tokenizer, path)
+
+
+class ShardTokenizer:
+    """transformers' tokenizer plus ``eos_token_ids`` as mlx-lm's wrapper has them, so both
+    backends stop on the same tokens. Everything else is the tokenizer's."""
+
+    def __init__(self, tokenizer, eos_token_ids: list[int]):
+        self._tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
+def _with_eos_ids(tokenizer, path: Path) -> ShardTokenizer:
+    """mlx-lm's rule: config.json's own ``eos_token_id`` (one or several; not transformers'
+    per-family defaults) plus the tokenizer's."""
+    eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
+    ids = {int(e) for e in np.atleast_1d(eos)} if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ShardTokenizer(tokenizer, sorted(ids))
+
+
+class MedusaTorchInferenceEngine(MedusaShardEngine):
+    """exo's engine contract on PyTorch + transformers, with Medusa speculative decoding across shards.
+
+    Constructed like exo's engines, ``MedusaTorchInferenceEngine(shard_downloader)``;
+    ``device`` (default CUDA when available, else CPU) and ``dtype`` (default float32
+    on CPU, bfloat16 on CUDA) are torch's; other keyword options are in ``MedusaShardEngine``.
+    """
+
+    def __init__(self, shard_downloader=None, *, device: str | torch.device | None = None, **kw):
+        super().__init__(shard_downloader, **kw)
+        self.device = torch.device(device) if device is not None else default_device()
+
+    def _load_backend(self, shard: Shard, path: Path, heads, tree) -> Loaded:
+        model, tokenizer = load_shard_model(shard, path, heads, tree, self.dtype, self.device)
+        self._dtype = model.dtype  # what hidden states are computed in (the lm_head's, on meta or not)
+        layer = model.base.model.layers[shard.start_layer]
+        params = inspect.signature(layer.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        return Loaded(shard, tokenizer, model.hidden_size, model.vocab_size, model.tree,
+                      model.heads is not None, model)
+
+    def _new_cache(self):
+        base = self._loaded.model.base
+        return make_cache(self.shard.n_layers, self.max_kv_size, self.keep, device=self.device, dtype=self._dtype,
+                          implicit_causal=base.config._attn_implementation == "sdpa")
+
+    def _layers(self, h: torch.Tensor, sess: Session) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        base = self._loaded.model.base
+        inner = base.model
+        ctx, caches = sess.ctx, sess.caches
+        # As the model's own forward: the cache's 4D tree mask passes through untouched, a
+        # first prompt chunk gets sdpa's implicit causal mask.
+        mask = create_causal_mask(config=base.config, inputs_embeds=h, attention_mask=ctx.mask,
+                                  **{self._cache_arg: caches}, position_ids=ctx.positions)
+        rope = inner.rotary_emb(h, ctx.positions)
+        for i in range(self.shard.start_layer, self.shard.end_layer + 1):
+            h = inner.layers[i](h, attention_mask=mask, position_ids=ctx.positions, use_cache=True,
+                                position_embeddings=rope, **{self._cache_arg: caches})
+        return h
+
+    @torch.inference_mode()
+    def _forward(self, sess: Session, x: np.ndarray, req: st.StepRequest) -> torch.Tensor:
+        inner = self._loaded.model.base.model
+        if self.shard.is_first_layer():
+            h = inner.embed_tokens(torch.from_numpy(x).to(self.device))  # (1, T, H)
+        else:
+            h = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self._dtype)
+        T = h.shape[1]
+        ctx = sess.ctx
+        if req.is_tree:
+            # A chain runs as contiguous tokens, as MedusaModel.forward does.
+            if np.array_equal(req.depths, np.arange(T)):
+                ctx.begin(n=T)
+            else:
+                ctx.begin(req.depths, req.tree_mask)
+            out = self._layers(h, sess)
+        else:  # plain: committed at once, in chunks as decode.prefill
+            outs = []
+            for s in range(0, T, PREFILL_STEP):
+                chunk = h[:, s : s + PREFILL_STEP]
+                ctx.begin(n=chunk.shape[1])
+                outs.append(self._layers(chunk, sess))
+                ctx.commit(sess.caches, np.arange(chunk.shape[1]))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if self.shard.is_last_layer():
+            out = inner.norm(out)
+        return out[0]  # (T, H)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self._loaded.model.logits(h)
+
+    def _project(self, h_row: torch.Tensor, position: int) -> torch.Tensor:
+        return self._loaded.model.project(h_row)
+
+    @torch.inference_mode()
+    def _propose(self, rows: torch.Tensor, root: int, tree: TreeBuffers) -> np.ndarray:
+        if tree.size == 1:
+            return np.array([root], dtype=np.int64)
+        guesses = torch.topk(rows[1 : 1 + tree.depth], tree.topk, dim=-1, sorted=True).indices.reshape(-1)
+        flat = torch.cat([guesses.new_tensor([root]), guesses])
+        return flat[torch.from_numpy(tree.tree_indices).to(flat.device)].cpu().numpy().astype(np.int64)
+
+    def _argmax(self, a: torch.Tensor) -> torch.Tensor:
+        return a.argmax(dim=-1)
+
+    def _numpy(self, a: torch.Tensor) -> np.ndarray:
+        if a.dtype in (torch.bfloat16, torch.float16):
+            a = a.float()
+        return a.detach().cpu().numpy()
+
+    def _hidden_numpy(self, h: torch.Tensor) -> np.ndarray:
+        return h.detach().float().cpu().numpy()[None]  # (1, T, H) float32: numpy has no bfloat16
+
+    async def load_checkpoint(self, shard: Shard, path: str | Path) -> None:
+        """Load weights (safetensors, Hugging Face names) over the shard's layers; other names are ignored."""
+        await self.ensure_shard(shard)
+
+        def load():
+            from safetensors.torch import load_file
+
+            base = self._loaded.model.base
+            keep = _shard_prefixes(self.shard, bool(getattr(base.config, "tie_word_embeddings", False)))
+            own = dict(base.named_parameters(remove_duplicate=False))  # tied lm_head too
+            with torch.no_grad():
+                for k, v in load_file(str(path)).items():
+                    if k.startswith(keep) and k in own:
+                        own[k].copy_(v.to(own[k].dtype))
+
+        await self._run(load)
+
+    async def save_checkpoint(self, shard: Shard, path: str | Path) -> None:
+        """Write this shard's weights (its layers, and the embedding / norm / lm_head it holds)."""
+        await self.ensure_shard(shard)
+
+        def save():
+            from safetensors.torch import save_file
+
+            base = self._loaded.model.base
+            keep = _shard_prefixes(self.shard, False)
+            weights = {k: v.detach().clone() for k, v in base.state_dict().items()
+                       if k.startswith(keep) and not v.is_meta}
+            if "model.embed_tokens.weight" in weights and getattr(base.config, "tie_word_embeddings", False):
+                weights.pop("lm_head.weight", None)  # tied: the embedding is the lm_head
+            save_file(weights, str(path))
+
+        await self._run(save)

@@ -1,0 +1,253 @@
+"""``RingClient``: one request through running nodes, several tokens per pass.
+
+The client plays exo's node holding the API: it sends the prompt to the first
+node, which forwards along the route; the last shard's ``inference_state``
+comes back, ``node_hook.process_result`` turns it into tokens (cut at EOS and
+``max_tokens``) and the next pass, which goes to the first node again. At the
+end, finished or failed, every node is told to free the request's caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import grpc
+import numpy as np
+
+from ..exo import state as st
+from ..exo.node_hook import process_result
+from ..exo.shard import Shard
+from . import node_service_pb2 as pb
+from . import node_service_pb2_grpc as pb_grpc
+from . import wire
+from .node import ORIGIN_KEY, HOP_MARGIN_S
+from .wire import describe
+
+DEFAULT_TIMEOUT_S = 60.0  # per pass, for the whole ring
+FINISH_TIMEOUT_S = 2.0
+
+
+class RingError(RuntimeError):
+    """A request failed; the message names the node (address and layers) it failed on."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, node: str | None = None):
+        super().__init__(message)
+        self.code, self.node = code, node
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    address: str  # host:port
+    shard: Shard
+    backend: str = "?"
+
+    def __str__(self) -> str:
+        return describe(self.address, self.shard)
+
+
+@dataclass
+class NodeTotals:
+    """One node's time over a request (seconds)."""
+
+    address: str
+    backend: str
+    start_layer: int
+    end_layer: int
+    passes: int = 0
+    tokens: int = 0
+    compute_s: float = 0.0
+    decode_s: float = 0.0
+    encode_s: float = 0.0
+
+
+@dataclass
+class RingResult:
+    tokens: list[int]
+    prompt_tokens: list[int]
+    finish_reason: str  # "stop" (EOS) or "length"
+    passes: int  # generation passes after the prompt's
+    prompt_s: float  # the prompt's pass, end to end
+    generation_s: float  # the other passes
+    transport_s: float  # all passes' wall time less the nodes' compute: gRPC, bytes and the wire format
+    nodes: list[NodeTotals] = field(default_factory=list)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens per generation pass (the prompt's pass gives the first token)."""
+        return (len(self.tokens) - 1) / self.passes if self.passes else float(bool(self.tokens))
+
+    @property
+    def generation_tps(self) -> float:
+        return (len(self.tokens) - 1) / self.generation_s if self.generation_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        n = self.passes + 1
+        return {"tokens": self.tokens, "prompt_tokens": len(self.prompt_tokens), "finish_reason": self.finish_reason,
+                "passes": self.passes, "mean_accepted": self.mean_accepted, "prompt_s": self.prompt_s,
+                "generation_s": self.generation_s, "generation_tps": self.generation_tps,
+                "transport_ms_per_pass": 1000 * self.transport_s / n,
+                "nodes": [vars(t) for t in self.nodes]}
+
+
+class RingClient:
+    """Drives requests through ``nodes`` (in layer order) over gRPC.
+
+    Args:
+        nodes: the ring's nodes, the first holding layer 0 and the last the last layer.
+        timeout: seconds one pass may take through the whole ring; a node that does not
+            answer in time fails the request with its name.
+    """
+
+    def __init__(self, nodes: Iterable[NodeInfo], timeout: float = DEFAULT_TIMEOUT_S):
+        self.nodes = list(nodes)
+        if not self.nodes:
+            raise ValueError("the ring has no nodes")
+        from ..exo.ring import check_ring
+
+        check_ring([n.shard for n in self.nodes])
+        if timeout <= HOP_MARGIN_S * len(self.nodes):
+            raise ValueError(f"timeout {timeout} s leaves no time per hop: give more than "
+                             f"{HOP_MARGIN_S * len(self.nodes):.1f} s for {len(self.nodes)} nodes")
+        self.timeout = timeout
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    def __enter__(self) -> "RingClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _stub(self, address: str) -> pb_grpc.NodeServiceStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.insecure_channel(address, options=wire.CHANNEL_OPTIONS)
+        return pb_grpc.NodeServiceStub(self._channels[address])
+
+    def _drop(self, address: str) -> None:
+        """Forget a failed channel: the next call reconnects at once (a restarted node rejoins)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            channel.close()
+
+    def _error(self, node: NodeInfo, e: grpc.RpcError, timeout: float) -> RingError:
+        origin = dict(e.trailing_metadata() or ()).get(ORIGIN_KEY)
+        if origin:  # a node reported it, naming the node it is about
+            return RingError(e.details(), e.code(), origin)
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            self._drop(node.address)
+        what = wire.peer_failure(e.code(), timeout)
+        return RingError(f"{node} {what} ({e.code().name}: {e.details()})", e.code(), node.address)
+
+    def health(self, timeout: float = 5.0) -> list[pb.HealthCheckResponse]:
+        """Every node's health check; raises ``RingError`` naming the first that fails."""
+        out = []
+        for node in self.nodes:
+            try:
+                out.append(self._stub(node.address).HealthCheck(pb.HealthCheckRequest(), timeout=timeout))
+            except grpc.RpcError as e:
+                raise self._error(node, e, timeout) from None
+        return out
+
+    def _route(self) -> list[pb.Peer]:
+        return [pb.Peer(address=n.address, shard=wire.shard_to_proto(n.shard)) for n in self.nodes[1:]]
+
+    def _call(self, method: str, request) -> pb.PassResult:
+        first = self.nodes[0]
+        try:
+            return getattr(self._stub(first.address), method)(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise self._error(first, e, self.timeout) from None
+
+    def generate(self, prompt: str | Iterable[int], max_tokens: int, medusa: bool = True, *,
+                 eos_token_ids: Iterable[int] | None = None, temp: float = 0.0, top_p: float = 1.0,
+                 acceptance: str = "auto", seed: int | None = None, request_id: str | None = None,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> RingResult:
+        """Generate up to ``max_tokens`` tokens for ``prompt`` (text, encoded by the first node, or ids).
+
+        ``on_tokens`` is called with each pass's accepted tokens as they arrive.
+        Raises ``RingError`` naming the node when a pass fails.
+        """
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens {max_tokens} must be at least 1")
+        rid = request_id or uuid.uuid4().hex
+        eos = None if eos_token_ids is None else [int(i) for i in eos_token_ids]
+        state = st.initial_state(temp, top_p, acceptance, seed, medusa)
+        shard0 = wire.shard_to_proto(self.nodes[0].shard)
+        totals = [NodeTotals(n.address, n.backend, n.shard.start_layer, n.shard.end_layer) for n in self.nodes]
+        tokens: list[int] = []
+        compute = prompt_s = 0.0
+        passes = 0
+        loop = asyncio.new_event_loop()  # for node_hook.process_result, which is async
+        t_start = time.perf_counter()
+        try:
+            if isinstance(prompt, str):
+                request = pb.PromptRequest(shard=shard0, prompt=prompt, request_id=rid,
+                                           inference_state=wire.state_to_proto(state), route=self._route())
+                result = self._call("SendPrompt", request)
+                prompt_ids = list(result.prompt_tokens)
+            else:
+                prompt_ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
+                request = pb.TensorRequest(shard=shard0, tensor=wire.tensor_to_proto(np.array([prompt_ids])),
+                                           request_id=rid, inference_state=wire.state_to_proto(state),
+                                           route=self._route())
+                result = self._call("SendTensor", request)
+            while True:
+                if passes == 0:
+                    prompt_s = time.perf_counter() - t_start
+                for t, s in zip(totals, result.stats):
+                    t.passes += 1
+                    t.tokens += s.tokens
+                    t.compute_s += s.compute_s
+                    t.decode_s += s.decode_s
+                    t.encode_s += s.encode_s
+                compute += sum(s.compute_s for s in result.stats)
+                out_state = self._result_state(result)
+                step = loop.run_until_complete(process_result(
+                    None, None, out_state, n_generated=len(tokens), max_tokens=max_tokens, eos_token_id=eos))
+                tokens += step.tokens
+                if on_tokens is not None and step.tokens:
+                    on_tokens(step.tokens)
+                if step.finished:
+                    break
+                passes += 1
+                request = pb.TensorRequest(shard=shard0, tensor=wire.tensor_to_proto(step.next_input),
+                                           request_id=rid, inference_state=wire.state_to_proto(step.next_state),
+                                           route=self._route())
+                result = self._call("SendTensor", request)
+        finally:
+            loop.close()
+            self._finish(rid, tokens)
+        wall = time.perf_counter() - t_start
+        reason = "stop" if eos and tokens and tokens[-1] in eos else "length"
+        return RingResult(tokens, prompt_ids, reason, passes, prompt_s, wall - prompt_s, max(0.0, wall - compute),
+                          totals)
+
+    def _result_state(self, result: pb.PassResult) -> dict:
+        last = self.nodes[-1]
+        try:
+            out_state = wire.state_from_proto(result.inference_state)
+        except ValueError as e:
+            raise RingError(f"{last} returned a malformed inference_state: {e}", node=last.address) from None
+        if st.emitted_tokens(out_state) is None:
+            raise RingError(f"{last} emitted no tokens (no '{st.EMITTED}' in its inference_state): "
+                            "is it a Medusa engine?", node=last.address)
+        return out_state
+
+    def _finish(self, request_id: str, tokens: list[int]) -> None:
+        """Tell every node the request is over (exo's SendResult broadcast); dead nodes are skipped."""
+        msg = pb.SendResultRequest(request_id=request_id, result=tokens, is_finished=True)
+        for node in self.nodes:
+            try:
+                self._stub(node.address).SendResult(msg, timeout=FINISH_TIMEOUT_S)
+            except grpc.RpcError as e:  # a dead node holds nothing to free; a live one evicts it in time
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._drop(node.address)
+

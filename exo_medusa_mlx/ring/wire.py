@@ -1,0 +1,76 @@
+"""Protobuf messages <-> numpy arrays, shards and ``inference_state`` dicts, validated.
+
+The checks are ``exo.state``'s (dtype from a fixed list, byte count against the
+shape, JSON that parses to an object, the Medusa keys well formed); this module
+only moves fields between protobuf and the dicts those functions take. Nothing
+but JSON and raw array bytes is ever decoded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..exo import state as st
+from ..exo.shard import Shard
+from . import node_service_pb2 as pb
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # exo's limit, on every server and channel
+# Fail fast on a dead peer, and reconnect quickly to a restarted one.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),  # a second node on a taken port fails instead of sharing it
+]
+
+
+def shard_to_proto(shard: Shard) -> pb.Shard:
+    return pb.Shard(model_id=shard.model_id, start_layer=shard.start_layer, end_layer=shard.end_layer,
+                    n_layers=shard.n_layers)
+
+
+def shard_from_proto(msg: pb.Shard) -> Shard:
+    return Shard(msg.model_id, msg.start_layer, msg.end_layer, msg.n_layers)  # validates the ranges
+
+
+def tensor_to_proto(a: np.ndarray) -> pb.Tensor:
+    return pb.Tensor(**st.encode_tensor(a))
+
+
+def tensor_from_proto(msg: pb.Tensor) -> np.ndarray:
+    return st.decode_tensor({"tensor_data": msg.tensor_data, "shape": list(msg.shape), "dtype": msg.dtype})
+
+
+def state_to_proto(state: dict | None) -> pb.InferenceState:
+    wire = st.encode_state(state)
+    return pb.InferenceState(tensor_data={k: pb.Tensor(**t) for k, t in wire["tensor_data"].items()},
+                             other_data_json=wire["other_data_json"])
+
+
+def state_from_proto(msg: pb.InferenceState) -> dict:
+    if len(msg.tensor_list_data):
+        raise ValueError(f"inference_state tensor_list_data ({', '.join(sorted(msg.tensor_list_data))}) is not "
+                         "used by Medusa engines; send arrays in tensor_data")
+    tensors = {k: {"tensor_data": t.tensor_data, "shape": list(t.shape), "dtype": t.dtype}
+               for k, t in msg.tensor_data.items()}
+    return st.decode_state({"tensor_data": tensors, "other_data_json": msg.other_data_json})
+
+
+def peer_failure(code, timeout: float | None) -> str:
+    """What a status that no node reported (the peer itself failed) says about the peer."""
+    name = getattr(code, "name", str(code))
+    if name == "DEADLINE_EXCEEDED":
+        return "did not answer in time" if timeout is None else f"did not answer within {timeout:.1f} s"
+    return "is unreachable" if name == "UNAVAILABLE" else "failed"
+
+
+def describe(address: str, shard: Shard | pb.Shard) -> str:
+    """How errors name a node: its address and the layers it holds."""
+    return f"node {address} (layers {shard.start_layer}-{shard.end_layer})"

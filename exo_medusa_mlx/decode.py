@@ -9,11 +9,11 @@ import numpy as np
 
 from .accept import Policy, make_policy
 from .cache import DEFAULT_KEEP
+from .slots import PREFILL_STEP
 from .model import MedusaModel
 from .streaming import Step
 from .tree import TreeBuffers, build_tree
 
-PREFILL_STEP = 2048  # as mlx-lm: bounded memory for long prompts
 ROOT_ONLY = build_tree([])
 
 

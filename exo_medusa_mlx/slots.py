@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_KEEP = 4  # mlx-lm's make_prompt_cache uses keep=4 with max_kv_size
+PREFILL_STEP = 2048  # as mlx-lm: prompts are committed in chunks, bounding memory
 
 
 @dataclass(frozen=True)

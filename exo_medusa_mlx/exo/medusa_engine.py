@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..accept import Policy, make_policy, target_probs
-from ..slots import DEFAULT_KEEP
+from ..slots import DEFAULT_KEEP, PREFILL_STEP
 from ..streaming import encode_prompt
 from ..tree import TreeBuffers, build_tree
 from . import state as st
@@ -350,6 +350,30 @@ class MedusaShardEngine(InferenceEngine):
         return self._numpy(logits).astype(np.float32)[None], out
 
     # ----------------------------------------------------------------- backend hooks
+
+    def _layer_pass(self, sess: Session, h, req: st.StepRequest, concat, settle=None):
+        """This shard's layers over ``h`` (1, T, H): a tree pass stays in scratch until
+        the next pass commits it; a plain pass is committed at once, in prefill chunks
+        (as ``decode.prefill``). ``concat`` joins chunk outputs; ``settle(out, sess)``
+        runs after each chunk (MLX evaluates there to bound the graph)."""
+        T = h.shape[1]
+        ctx = sess.ctx
+        if req.is_tree:
+            # A chain runs as contiguous tokens, as MedusaModel.forward does.
+            if np.array_equal(req.depths, np.arange(T)):
+                ctx.begin(n=T)
+            else:
+                ctx.begin(req.depths, req.tree_mask)
+            return self._layers(h, sess)
+        outs = []
+        for s in range(0, T, PREFILL_STEP):
+            chunk = h[:, s : s + PREFILL_STEP]
+            ctx.begin(n=chunk.shape[1])
+            outs.append(self._layers(chunk, sess))
+            ctx.commit(sess.caches, np.arange(chunk.shape[1]))
+            if settle is not None:
+                settle(outs[-1], sess)
+        return outs[0] if len(outs) == 1 else concat(outs)
 
     def _load_backend(self, shard: Shard, path: Path, heads, tree) -> Loaded:
         raise NotImplementedError

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..cache import make_cache
-from ..decode import PREFILL_STEP, topk_ids
+from ..decode import topk_ids
 from ..heads import load_heads
 from ..loading import default_tree_for
 from ..model import MedusaModel
@@ -94,24 +94,8 @@ class MedusaMLXInferenceEngine(MedusaShardEngine):
             h = inner.embed_tokens(mx.array(x.astype(np.int32)))  # (1, T, H)
         else:
             h = mx.array(x).astype(self._dtype)
-        T = h.shape[1]
-        ctx = sess.ctx
-        if req.is_tree:
-            # A chain runs as contiguous tokens, as MedusaModel.forward does.
-            if np.array_equal(req.depths, np.arange(T)):
-                ctx.begin(n=T)
-            else:
-                ctx.begin(req.depths, req.tree_mask)
-            out = self._layers(h, sess)
-        else:  # plain: committed at once, in chunks as decode.prefill
-            outs = []
-            for s in range(0, T, PREFILL_STEP):
-                chunk = h[:, s : s + PREFILL_STEP]
-                ctx.begin(n=chunk.shape[1])
-                outs.append(self._layers(chunk, sess))
-                ctx.commit(sess.caches, np.arange(chunk.shape[1]))
-                mx.eval(outs[-1], [c.state for c in sess.caches])
-            out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+        out = self._layer_pass(sess, h, req, lambda outs: mx.concatenate(outs, axis=1),
+                               lambda o, sess: mx.eval(o, [c.state for c in sess.caches]))
         if last:
             out = inner.norm(out)
         return out[0]  # (T, H)

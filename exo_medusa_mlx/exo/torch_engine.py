@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from ..torch_compat.cache import make_cache
-from ..torch_compat.decode import PREFILL_STEP
 from ..torch_compat.heads import load_heads
 from ..torch_compat.loading import default_device, default_dtype, default_tree_for, parse_dtype
 from ..torch_compat.model import MedusaModel
@@ -191,23 +190,7 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
             h = inner.embed_tokens(torch.from_numpy(x).to(self.device))  # (1, T, H)
         else:
             h = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self._dtype)
-        T = h.shape[1]
-        ctx = sess.ctx
-        if req.is_tree:
-            # A chain runs as contiguous tokens, as MedusaModel.forward does.
-            if np.array_equal(req.depths, np.arange(T)):
-                ctx.begin(n=T)
-            else:
-                ctx.begin(req.depths, req.tree_mask)
-            out = self._layers(h, sess)
-        else:  # plain: committed at once, in chunks as decode.prefill
-            outs = []
-            for s in range(0, T, PREFILL_STEP):
-                chunk = h[:, s : s + PREFILL_STEP]
-                ctx.begin(n=chunk.shape[1])
-                outs.append(self._layers(chunk, sess))
-                ctx.commit(sess.caches, np.arange(chunk.shape[1]))
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        out = self._layer_pass(sess, h, req, lambda outs: torch.cat(outs, dim=1))
         if self.shard.is_last_layer():
             out = inner.norm(out)
         return out[0]  # (T, H)

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 
 from ..accept import Policy, make_policy
+from ..slots import PREFILL_STEP
 from ..streaming import Step
 from ..tree import TreeBuffers, build_tree
 from .cache import DEFAULT_KEEP
 from .graphs import GraphedVerify, static_len_for, use_graphs
 from .model import MedusaModel
 
-PREFILL_STEP = 2048  # as mlx-lm: bounded memory for long prompts
 ROOT_ONLY = build_tree([])
 
 

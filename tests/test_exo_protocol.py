@@ -8,7 +8,6 @@ import importlib
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,13 +141,9 @@ def test_process_result_cuts_at_eos_and_max_tokens_and_falls_back_to_sample():
 # --------------------------------------------------------------------------- torch engine export
 
 
-def test_torch_engine_is_lazy():
-    landed = (Path(exo_pkg.__file__).parent / "torch_engine.py").is_file()
-    if landed:
-        assert exo_pkg.MedusaTorchInferenceEngine.__name__ == "MedusaTorchInferenceEngine"
-    else:
-        with pytest.raises(ImportError, match="not available yet"):
-            exo_pkg.MedusaTorchInferenceEngine  # noqa: B018
+def test_engines_are_exported():
+    assert exo_pkg.MedusaTorchInferenceEngine.__name__ == "MedusaTorchInferenceEngine"
+    assert exo_pkg.MedusaMLXInferenceEngine.__name__ == "MedusaMLXInferenceEngine"
 
 
 # --------------------------------------------------------------------------- registration
@@ -238,12 +233,3 @@ def test_register_with_exo(fake_exo):
     again = register_with_exo()
     assert again and ie.get_inference_engine is wrapped  # no double wrapping
     assert Node.select_best_inference_engine.__wrapped__.__name__ == "select_best_inference_engine"
-
-
-def test_building_the_torch_engine_before_it_lands_says_why():
-    from exo_medusa_mlx.exo.registry import build_engine
-
-    if (Path(exo_pkg.__file__).parent / "torch_engine.py").is_file():
-        pytest.skip("the torch engine has landed")
-    with pytest.raises(ImportError, match="not available yet"):
-        build_engine("medusa-torch", LocalShardDownloader())

@@ -1,0 +1,186 @@
+"""Training Medusa heads on tiny random models: data, loss, checkpoints, resume."""
+
+import itertools
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step as mlx_generate_step
+
+from exo_medusa_mlx.heads import load_heads
+from exo_medusa_mlx.heads_format import MedusaConfig
+from exo_medusa_mlx.model import base_lm_head
+from exo_medusa_mlx.train import (build_cache, iterate_batches, load_shard, loss_fn, new_heads, read_documents,
+                                  read_prompts, self_distill, train)
+from tiny import VOCAB, tiny_base
+
+EOS = 3
+K = 3
+
+
+def _prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(4, VOCAB, int(rng.integers(3, 12))).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_base("llama")
+
+
+@pytest.fixture(scope="module")
+def cache(base, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache")
+    meta = build_cache(folder, base, base_lm_head(base), key="k", prompts=_prompts(24), eos={EOS},
+                       val_split=0.2, max_tokens=40, batch_size=6)
+    return folder, meta
+
+
+def _heads(base, seed=0, own=False):
+    cfg = MedusaConfig(num_heads=K, hidden_size=base.args.hidden_size, vocab_size=VOCAB, own_lm_head=own)
+    return new_heads(cfg, base.lm_head.weight, seed)
+
+
+def test_self_distill_equals_plain_greedy(base):
+    """The continuous batch (filter, extend) gives each prompt what mlx-lm's unbatched greedy gives."""
+    prompts = _prompts(7, seed=1)
+    got = {i: row for i, row in self_distill(base, base_lm_head(base), prompts, {EOS}, 25, batch_size=4)}
+    assert sorted(got) == list(range(7))
+    for i, p in enumerate(prompts):
+        ref = [t for t, _ in itertools.islice(mlx_generate_step(mx.array(p), base), 25)]
+        ref = ref[: ref.index(EOS) + 1] if EOS in ref else ref
+        assert got[i].labels == ref, i
+        assert len(got[i].hidden) == len(ref)
+    # the first row is the last prompt position: its hidden state is the unbatched one
+    h = base.model(mx.array(prompts[0])[None])[0, -1]
+    np.testing.assert_allclose(got[0].hidden[0], np.array(h), atol=1e-4)
+
+
+def test_shards_hold_targets_at_offset_two(cache):
+    folder, meta = cache
+    assert meta["rows"]["train"] > 0 and meta["rows"]["val"] > 0
+    assert meta["sequences"]["val"] == round(0.2 * 24)
+    from safetensors.numpy import load_file
+
+    raw = load_file(str(folder / meta["splits"]["train"][0]["file"]))
+    d = load_shard(folder / meta["splits"]["train"][0]["file"], K)
+    labels, left = raw["labels"], raw["left"]
+    rows = np.flatnonzero(left >= 1)
+    assert len(d["targets"]) == len(rows)
+    for j, r in enumerate(rows[:50]):
+        for i in range(K):  # head i at t predicts token t+2+i = the base argmax at t+1+i
+            assert d["targets"][j, i] == (labels[r + 1 + i] if left[r] >= i + 1 else -1)
+    valid = d["targets"] >= 0
+    assert (d["teacher_ids"] == d["targets"][..., None]).any(-1)[valid].all()  # the argmax is in the top-k
+    assert (d["teacher_probs"].sum(-1)[valid] <= 1.0 + 1e-3).all()
+
+
+def test_training_lowers_loss_and_heads_round_trip(base, cache, tmp_path):
+    folder, meta = cache
+    heads = _heads(base)
+    lm = base_lm_head(base)
+    batch = next(iterate_batches(folder, [f["file"] for f in meta["splits"]["train"]], K, 64))
+    args = [mx.array(batch["hidden"], dtype=mx.float32), mx.array(batch["targets"])]
+    before = float(loss_fn(heads, lm, *args)[0])
+    metrics = train(heads, lm, folder, meta, steps=30, batch_size=64, lr=3e-3, warmup=2, log=lambda *_: None)
+    after = float(loss_fn(heads, lm, *args)[0])
+    assert after < 0.8 * before, (before, after)
+    assert len(metrics["top1"]) == K and 0.0 <= metrics["top1"][0] <= metrics["top5"][0] <= 1.0
+
+    heads.save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["medusa_num_heads"] == K
+    loaded = load_heads(tmp_path, base.args.hidden_size, VOCAB)
+    h = mx.random.normal((5, base.args.hidden_size))
+    np.testing.assert_array_equal(np.array(loaded.project(h, lm)), np.array(heads.project(h, lm)))
+
+
+def test_kl_loss_and_own_layout_train(base, cache, tmp_path):
+    folder, meta = cache
+    heads = _heads(base, own=True)
+    train(heads, base_lm_head(base), folder, meta, steps=3, batch_size=32, lr=1e-3, warmup=1, loss="kl",
+          log=lambda *_: None)
+    heads.save(tmp_path)
+    loaded = load_heads(tmp_path, base.args.hidden_size, VOCAB)
+    assert loaded.config.own_lm_head
+    h = mx.random.normal((3, base.args.hidden_size))
+    np.testing.assert_array_equal(np.array(loaded.project(h, base_lm_head(base))), np.array(heads.project(h, base_lm_head(base))))
+
+
+def test_resume_equals_uninterrupted(base, cache, tmp_path, monkeypatch):
+    import exo_medusa_mlx.train as T
+
+    folder, meta = cache
+    lm = base_lm_head(base)
+    kw = dict(steps=8, batch_size=32, lr=2e-3, warmup=2, log=lambda *_: None)
+    straight = _heads(base)
+    train(straight, lm, folder, meta, **kw)
+
+    # The same run, interrupted right after the checkpoint at step 5 ...
+    class Stop(Exception):
+        pass
+
+    real = T._save_checkpoint
+
+    def save_then_stop(*args):
+        real(*args)
+        raise Stop
+
+    ck = tmp_path / "ck"
+    monkeypatch.setattr(T, "_save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        train(_heads(base), lm, folder, meta, **kw, checkpoint=ck, save_every=5)
+    monkeypatch.setattr(T, "_save_checkpoint", real)
+    assert json.loads((ck / "state.json").read_text())["step"] == 5
+    # ... and resumed from heads initialised differently: everything must come from the checkpoint.
+    resumed = _heads(base, seed=123)
+    train(resumed, lm, folder, meta, **kw, checkpoint=ck, resume=True, save_every=100)
+    for (k, a), (_, b) in zip(sorted(straight.reference_weights().items()), sorted(resumed.reference_weights().items())):
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg=k)
+
+
+def test_relabel_uses_base_predictions(base, tmp_path):
+    lm = base_lm_head(base)
+    rng = np.random.default_rng(2)
+    docs = [(rng.integers(4, VOCAB, n).tolist(), 0) for n in (9, 5, 14, 7)]
+    meta = build_cache(tmp_path, base, lm, key="d", docs=docs, batch_size=3)
+    assert meta["sequences"]["train"] == 4
+    from safetensors.numpy import load_file
+
+    raw = load_file(str(tmp_path / meta["splits"]["train"][0]["file"]))
+    start = 0
+    for ids, _ in sorted(docs, key=lambda d: len(d[0])):  # written shortest first
+        n = len(ids)
+        ref = np.array(mx.argmax(lm(base.model(mx.array(ids)[None])), axis=-1)[0])
+        np.testing.assert_array_equal(raw["labels"][start : start + n], ref)
+        np.testing.assert_array_equal(raw["left"][start : start + n], np.arange(n)[::-1])
+        start += n
+
+
+def test_data_files_and_errors(tmp_path):
+    from exo_medusa_mlx.train import DEFAULT_PROMPTS
+
+    p = read_prompts(DEFAULT_PROMPTS)
+    assert len(p) >= 300 and len(set(p)) == len(p)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"x": 1}')
+    with pytest.raises(ValueError, match="list of strings"):
+        read_prompts(bad)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_prompts(tmp_path / "missing.json")
+
+    class Tok:
+        chat_template = None
+
+        def encode(self, s, add_special_tokens=True):
+            return [ord(c) % 90 + 4 for c in s]
+
+    j = tmp_path / "d.jsonl"
+    j.write_text(json.dumps({"text": "hello there world"}) + "\n" + json.dumps({"prompt": "ab", "completion": "cdefg"}) + "\n")
+    docs = read_documents(j, Tok(), seq_len=8)
+    assert docs[0] == (Tok().encode("hello th"), 0)
+    assert docs[1] == (Tok().encode("abcdefg"), 1)  # trained from the prompt's last token
+    j.write_text('{"foo": 1}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:1: expected 'text'"):
+        read_documents(j, Tok(), seq_len=8)

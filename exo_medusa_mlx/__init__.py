@@ -14,12 +14,13 @@ __all__ = ["load", "generate", "stream_generate", "GenerationResponse", "__versi
 
 
 def __getattr__(name: str):
-    if name == "load":
-        from .loading import load
+    # Loaded on first use; the functions then replace the same-named submodules as
+    # package attributes (as in mlx_lm, where ``generate`` is both).
+    if name in ("load", "generate", "stream_generate", "GenerationResponse"):
+        import importlib
 
-        return load
-    if name in ("generate", "stream_generate", "GenerationResponse"):
-        from . import generate as _g
-
-        return getattr(_g, name)
+        gen = importlib.import_module(".generate", __name__)
+        globals().update(load=importlib.import_module(".loading", __name__).load, generate=gen.generate,
+                         stream_generate=gen.stream_generate, GenerationResponse=gen.GenerationResponse)
+        return globals()[name]
     raise AttributeError(f"module 'exo_medusa_mlx' has no attribute '{name}'")

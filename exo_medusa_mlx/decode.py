@@ -49,13 +49,13 @@ def generate_step(
 ) -> Iterator[Step]:
     """Yield the tokens each step emits, forever; the caller stops it.
 
-    With ``medusa=False`` or no heads, every step verifies the root alone: plain
-    decoding through the same cache and code.
+    With ``medusa=False``, no heads, or a tree of the root alone, every step
+    verifies the root alone: plain decoding through the same cache and code.
     """
     policy = policy or make_policy()
     prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
     ctx, caches = model.make_cache(max_kv_size, keep)
-    use_heads = medusa and model.heads is not None
+    use_heads = medusa and model.heads is not None and (tree or model.tree).size > 1
     tree = (tree or model.tree) if use_heads else ROOT_ONLY
     if use_heads and tree.depth > model.heads.num_heads:
         raise ValueError(f"tree is {tree.depth} deep but the heads give {model.heads.num_heads} guesses")
@@ -71,9 +71,8 @@ def generate_step(
         return
 
     tree_idx = mx.array(tree.tree_indices)
-    for_guesses = tree.size > 1
     while True:
-        if for_guesses:
+        if use_heads:
             guesses = topk_ids(rows[1 : 1 + tree.depth], tree.topk).reshape(-1)
             flat = mx.concatenate([mx.array([root]), guesses.astype(mx.int32)])
             tree_tokens = flat[tree_idx]
@@ -83,8 +82,7 @@ def generate_step(
         logits = model.logits(h)  # (T, V)
         verdict = logits if policy.needs_logits else mx.argmax(logits, axis=-1)
         mx.eval(verdict, tree_tokens)
-        tokens_np = np.array(tree_tokens)
-        acc = policy.accept(tree, tokens_np, np.array(verdict))
+        acc = policy.accept(tree, np.array(tree_tokens), np.array(verdict))
         ctx.commit(caches, acc.nodes)
         root = acc.tokens[-1]
         if use_heads:

@@ -266,8 +266,9 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
     """Run the frozen model once over the data and write shards to ``folder``; reuse them if ``key`` matches.
 
     ``prompts`` (token ids, chat template applied) are self-distilled, stopping at
-    ``eos``; ``docs`` (ids, first trained position) are relabelled. Sequences go to
-    the val split with probability ``val_split``. Returns the cache's meta.
+    ``eos``; ``docs`` (ids, first trained position) are relabelled. A ``val_split``
+    fraction of the sequences, drawn with ``seed``, goes to the val split. Returns
+    the cache's meta.
     """
     folder = Path(folder)
     meta_path = folder / "meta.json"
@@ -276,6 +277,7 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
         if meta.get("key") == key:
             return meta
     folder.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # written last: a cache without it is incomplete
     for f in folder.glob("*.safetensors"):
         f.unlink()
     n = len(prompts) if prompts is not None else len(docs)
@@ -452,7 +454,9 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
     per_epoch = steps_per_epoch(meta, batch_size)
     opt = optim.AdamW(learning_rate=make_schedule(lr, steps, warmup), weight_decay=weight_decay)
     start = 0
-    if resume and checkpoint is not None and (checkpoint / "state.json").is_file():
+    if resume and (checkpoint is None or not (checkpoint / "state.json").is_file()):
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint} (it is written every --save-every steps)")
+    if resume:
         from .heads_format import read_heads
 
         weights, _, _ = read_heads(checkpoint)

@@ -56,22 +56,23 @@ def machine() -> dict:
 
 # --- one run of each method: returns tokens and stats --------------------------
 
-def _ours(model, tokenizer, ids, max_tokens, medusa, stream):
+def _ours(model, tokenizer, ids, max_tokens, medusa, stream, temp=0.0, seed=0):
     toks, last = [], None
-    for last in stream(model, tokenizer, ids, max_tokens=max_tokens, medusa=medusa):
+    for last in stream(model, tokenizer, ids, max_tokens=max_tokens, medusa=medusa, temp=temp, seed=seed):
         if last.finish_reason != "stop":
             toks.append(last.token)
     return {"tokens": toks, "generation_tps": last.generation_tps, "prompt_tps": last.prompt_tps,
             "mean_accepted": last.mean_accepted, "steps": last.steps, "peak_memory_gb": last.peak_memory}
 
 
-def _mlx_lm(base, tokenizer, ids, max_tokens):
+def _mlx_lm(base, tokenizer, ids, max_tokens, temp=0.0, seed=0):
     import mlx.core as mx
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
+    mx.random.seed(seed)
     toks, last = [], None
-    for last in stream_generate(base, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=make_sampler(0.0)):
+    for last in stream_generate(base, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=make_sampler(temp)):
         if last.finish_reason != "stop":
             toks.append(last.token)
     return {"tokens": toks, "generation_tps": last.generation_tps, "prompt_tps": last.prompt_tps,
@@ -115,7 +116,9 @@ def _hf(model, ids, max_tokens, eos, lookup: int | None):
 # --- the run --------------------------------------------------------------------
 
 def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, torch_side=True,
-              methods="abcdef") -> dict:
+              methods="abcdef", temp=0.0) -> dict:
+    """All methods, alternating per prompt. ``temp`` > 0 samples (MLX methods only, exact
+    acceptance for Medusa): speeds and accepted lengths, not token equality, then count."""
     from tqdm import tqdm
 
     from .generate import apply_template, stream_generate
@@ -132,11 +135,14 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
     pristine, _ = mlx_lm_load(str(path))  # mlx-lm's model untouched by our RoPE wrapper
     pristine.set_dtype(med.base.model.embed_tokens.weight.dtype)
     runners = {
-        "a": lambda ids: _mlx_lm(pristine, tokenizer, ids, max_tokens),
-        "b": lambda ids: _ours(med, tokenizer, ids, max_tokens, False, stream_generate),
-        "c": lambda ids: _ours(med, tokenizer, ids, max_tokens, True, stream_generate),
+        "a": lambda ids: _mlx_lm(pristine, tokenizer, ids, max_tokens, temp),
+        "b": lambda ids: _ours(med, tokenizer, ids, max_tokens, False, stream_generate, temp),
+        "c": lambda ids: _ours(med, tokenizer, ids, max_tokens, True, stream_generate, temp),
     }
     notes = []
+    if temp > 0:
+        notes.append(f"sampling at temperature {temp}: outputs differ by design; the torch side is greedy-only")
+        torch_side = False
     if torch_side and set(methods) & set("def"):
         try:
             import torch
@@ -180,7 +186,7 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
                 r["same_tokens"] = r["tokens"] == ref["tokens"]
         rows.append(row)
     bar.close()
-    return {"machine": machine(), "model": str(path), "heads": str(heads or "shipped"),
+    return {"machine": machine(), "model": str(path), "heads": str(heads or "shipped"), "temp": temp,
             "tree": {"size": med.tree.size, "choices": [list(c) for c in med.tree.choices]},
             "max_tokens": max_tokens, "methods": {**MLX_METHODS, **TORCH_METHODS}, "order": order,
             "notes": notes, "prompts": rows, "overall": summarize(rows, order)}
@@ -215,8 +221,8 @@ def markdown(result: dict) -> str:
     for m, s in result["overall"].items():
         acc = f"{s['mean_accepted']:.2f}" if s["mean_accepted"] else "-"
         sp = f"{s.get('speedup', 0):.2f}x" if s.get("speedup") else "-"
-        lines.append(f"| ({m}) {names[m]} | {s['generation_tps']:.2f} | {s['prompt_tps']:.1f} | {acc} | {sp} | "
-                     f"{'yes' if s['all_same_tokens'] else 'NO'} |")
+        same = "n/a (sampling)" if result.get("temp") else ("yes" if s["all_same_tokens"] else "NO")
+        lines.append(f"| ({m}) {names[m]} | {s['generation_tps']:.2f} | {s['prompt_tps']:.1f} | {acc} | {sp} | {same} |")
     lines.append("")
     lines.append("| prompt | category | " + " | ".join(f"({m}) tok/s" for m in result["order"]) + " | (c) accepted |")
     lines.append("|---|---|" + "---|" * (len(result["order"]) + 1))
@@ -304,6 +310,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="Only the first N prompts")
     p.add_argument("--methods", default="abcdef", help="Subset of a-f")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--temp", type=float, default=0.0, help="Sample (MLX methods; Medusa uses exact acceptance)")
     p.add_argument("--latency", action="store_true", help="Latency-curve mode: one forward of N tokens over a cache")
     p.add_argument("--cache-len", type=int, default=256)
     p.add_argument("--out", default="runs/bench", help="Folder for bench.json, bench.md, bench.png")
@@ -328,7 +335,7 @@ def main(argv=None) -> None:
                           + f"   (N=1: {res[side][1] * 1e3:.1f} ms)")
             return
         res = run_bench(args.model, args.heads, args.tree, args.max_tokens, args.limit, not args.no_torch,
-                        args.methods)
+                        args.methods, args.temp)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     (out / "bench.json").write_text(json.dumps(res, indent=1))

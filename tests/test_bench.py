@@ -1,0 +1,35 @@
+"""The bench's arithmetic and outputs (the runs themselves are the benchmark command)."""
+
+import json
+
+from exo_medusa_mlx.bench import bench_prompts, markdown, plot, summarize
+
+
+def _run(tps, toks, acc=None):
+    return {"tokens": toks, "generation_tps": tps, "prompt_tps": 100.0, "mean_accepted": acc, "steps": 3,
+            "peak_memory_gb": 0.5}
+
+
+def test_prompts_cover_the_categories():
+    ps = bench_prompts()
+    assert len(ps) >= 20
+    assert {p["category"] for p in ps} == {"writing", "coding", "maths", "extraction", "summarising", "qa"}
+
+
+def test_summary_uses_total_time_and_flags_differences(tmp_path):
+    rows = []
+    for a_tps, c_tps, same in ((10.0, 20.0, True), (10.0, 5.0, False)):
+        a = _run(a_tps, [1] * 10, 1.0)
+        c = _run(c_tps, [1] * 10 if same else [2] * 10, 2.0)
+        c["same_tokens"] = same
+        rows.append({"category": "qa", "prompt": "p", "prompt_tokens": 3, "runs": {"a": a, "c": c}})
+    s = summarize(rows, ["a", "c"])
+    # c: 20 tokens in 0.5 s + 2 s = 8 tok/s overall (not the mean of 20 and 5, 12.5).
+    assert abs(s["c"]["generation_tps"] - 8.0) < 1e-9 and abs(s["c"]["speedup"] - 0.8) < 1e-9
+    assert not s["c"]["all_same_tokens"] and s["a"]["all_same_tokens"]
+    result = {"methods": {"a": "mlx-lm", "c": "Medusa"}, "order": ["a", "c"], "prompts": rows, "overall": s}
+    md = markdown(result)
+    assert "| (c) Medusa | 8.00 |" in md and "NO" in md
+    plot(result, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    json.dumps(result)

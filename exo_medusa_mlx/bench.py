@@ -56,12 +56,25 @@ def machine() -> dict:
 
 # --- one run of each method: returns tokens and stats --------------------------
 
-def _ours(model, tokenizer, ids, max_tokens, medusa, stream, temp=0.0, seed=0):
-    toks, last = [], None
-    for last in stream(model, tokenizer, ids, max_tokens=max_tokens, medusa=medusa, temp=temp, seed=seed):
+def _timed(responses):
+    """Tokens (EOS dropped) and generation tokens/s measured the same way for every
+    method: tokens after the first over the time since the first arrived (mlx-lm's
+    own figure counts the first token too, which flatters short runs)."""
+    toks, last, first, n = [], None, None, 0
+    for last in responses:
+        n += 1
+        if first is None:
+            first = time.perf_counter()
         if last.finish_reason != "stop":
             toks.append(last.token)
-    return {"tokens": toks, "generation_tps": last.generation_tps, "prompt_tps": last.prompt_tps,
+    dt = time.perf_counter() - first
+    return toks, last, (n - 1) / dt if n > 1 and dt > 0 else 0.0
+
+
+def _ours(model, tokenizer, ids, max_tokens, medusa, stream, temp=0.0, seed=0):
+    toks, last, tps = _timed(stream(model, tokenizer, ids, max_tokens=max_tokens, medusa=medusa, temp=temp,
+                                    seed=seed))
+    return {"tokens": toks, "generation_tps": tps, "prompt_tps": last.prompt_tps,
             "mean_accepted": last.mean_accepted, "steps": last.steps, "peak_memory_gb": last.peak_memory}
 
 
@@ -71,11 +84,9 @@ def _mlx_lm(base, tokenizer, ids, max_tokens, temp=0.0, seed=0):
     from mlx_lm.sample_utils import make_sampler
 
     mx.random.seed(seed)
-    toks, last = [], None
-    for last in stream_generate(base, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=make_sampler(temp)):
-        if last.finish_reason != "stop":
-            toks.append(last.token)
-    return {"tokens": toks, "generation_tps": last.generation_tps, "prompt_tps": last.prompt_tps,
+    toks, last, tps = _timed(stream_generate(base, tokenizer, mx.array(ids), max_tokens=max_tokens,
+                                             sampler=make_sampler(temp)))
+    return {"tokens": toks, "generation_tps": tps, "prompt_tps": last.prompt_tps,
             "mean_accepted": 1.0, "steps": len(toks), "peak_memory_gb": last.peak_memory}
 
 

@@ -20,7 +20,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm.auto import tqdm
 
-from .train import DATA_DIR, build_cache, cache_key, chat_ids, eos_ids, iterate_batches, read_prompts, target_ranks
+from .distill import DATA_DIR, build_cache, cache_key, chat_ids, eos_ids, iterate_batches, read_prompts
+from .train import target_ranks
 from .tree import build_tree, tree_choices
 
 DEFAULT_HELDOUT = DATA_DIR / "heldout_prompts.json"

@@ -11,8 +11,9 @@ from mlx_lm.generate import generate_step as mlx_generate_step
 from exo_medusa_mlx.heads import load_heads
 from exo_medusa_mlx.heads_format import MedusaConfig
 from exo_medusa_mlx.model import base_lm_head
-from exo_medusa_mlx.train import (build_cache, iterate_batches, load_shard, loss_fn, new_heads, read_documents,
-                                  read_prompts, self_distill, train)
+from exo_medusa_mlx.distill import (build_cache, iterate_batches, load_shard, read_documents, read_prompts,
+                                    self_distill)
+from exo_medusa_mlx.train import loss_fn, new_heads, train
 from tiny import VOCAB, tiny_base
 
 EOS = 3
@@ -159,7 +160,7 @@ def test_relabel_uses_base_predictions(base, tmp_path):
 
 
 def test_data_files_and_errors(tmp_path):
-    from exo_medusa_mlx.train import DEFAULT_PROMPTS
+    from exo_medusa_mlx.distill import DEFAULT_PROMPTS
 
     p = read_prompts(DEFAULT_PROMPTS)
     assert len(p) >= 300 and len(set(p)) == len(p)

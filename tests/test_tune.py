@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from exo_medusa_mlx.train import DATA_DIR, read_prompts
+from exo_medusa_mlx.distill import DATA_DIR, read_prompts
 from exo_medusa_mlx.tree import build_tree
 from exo_medusa_mlx.tune import (conditional_accuracy, empirical_accept_length, grow_tree, latency_table,
                                  measure_latency, topk_accuracy)
@@ -110,7 +110,7 @@ def test_shipped_heads_lossless_on_default_model():
         pytest.skip(f"no shipped heads in {SHIPPED_HEADS} yet (scripts/train_default_heads.sh makes them)")
     from exo_medusa_mlx.generate import stream_generate
     from exo_medusa_mlx.loading import load
-    from exo_medusa_mlx.train import chat_ids
+    from exo_medusa_mlx.distill import chat_ids
 
     model, tok = load()
     assert model.heads is not None and 2 <= model.tree.size <= 16  # the tuned tree.json is picked up

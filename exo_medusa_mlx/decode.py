@@ -24,9 +24,6 @@ def topk_ids(logits: mx.array, k: int) -> mx.array:
     return mx.take_along_axis(idx, mx.argsort(-vals, axis=-1), axis=-1)
 
 
-_topk = topk_ids  # old name, still used by tune.py until it is updated
-
-
 def prefill(model: MedusaModel, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP) -> mx.array:
     """Commit the prompt; returns the last position's hidden state, (H,)."""
     for s in range(0, len(prompt), step):

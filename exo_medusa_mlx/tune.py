@@ -159,7 +159,7 @@ def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: in
     one node, top-k, accept, commit), which plain decoding does not do.
     """
     from .accept import greedy_accept
-    from .decode import _topk, prefill
+    from .decode import topk_ids, prefill
 
     rng = np.random.default_rng(seed)
     V = model.vocab_size
@@ -191,7 +191,7 @@ def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: in
             acc = greedy_accept(tree, np.array(tokens), np.array(verdict))
             ctx.commit(caches, np.array([0, tree.size - 1]))  # a non-contiguous commit: a real gather
             rows = model.project(h[int(acc.nodes[-1])])
-            mx.eval(_topk(rows[1:], TOPK), [c.state for c in caches])
+            mx.eval(topk_ids(rows[1:], TOPK), [c.state for c in caches])
             overhead.append(time.perf_counter() - t0)
     curve = {n: float(np.median(t)) for n, t in times.items()}
     # Noise on a shared machine can make a bigger forward look cheaper: keep the curve monotone.

@@ -21,7 +21,7 @@ from .model import MedusaModel
 ROOT_ONLY = build_tree([])
 
 
-def _topk(logits: torch.Tensor, k: int) -> torch.Tensor:
+def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest logits, best first. logits: (K, V) -> (K, k)."""
     return torch.topk(logits, k, dim=-1, sorted=True).indices
 
@@ -73,7 +73,7 @@ def generate_step(
     tree_idx = torch.from_numpy(tree.tree_indices).to(model.device)
     while True:
         if tree.size > 1:
-            guesses = _topk(rows[1 : 1 + tree.depth], tree.topk).reshape(-1)  # (D*k,)
+            guesses = topk_ids(rows[1 : 1 + tree.depth], tree.topk).reshape(-1)  # (D*k,)
             flat = torch.cat([guesses.new_tensor([root]), guesses])
             tree_tokens = flat[tree_idx]  # (T,)
         else:

@@ -18,8 +18,8 @@ ROOT_ONLY = build_tree([])
 
 
 def topk_ids(logits: mx.array, k: int) -> mx.array:
-    """Indices of the k largest logits, best first. logits: (K, V) -> (K, k)."""
-    idx = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
+    """Indices of the k largest logits, best first. logits: (..., V) -> (..., k)."""
+    idx = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
     vals = mx.take_along_axis(logits, idx, axis=-1)
     return mx.take_along_axis(idx, mx.argsort(-vals, axis=-1), axis=-1)
 
@@ -68,22 +68,28 @@ def generate_step(
         return
 
     tree_idx = mx.array(tree.tree_indices)
+    guesses = topk_ids(rows[1 : 1 + tree.depth], tree.topk) if use_heads else None  # (D, k)
     while True:
         if use_heads:
-            guesses = topk_ids(rows[1 : 1 + tree.depth], tree.topk).reshape(-1)
-            flat = mx.concatenate([mx.array([root]), guesses.astype(mx.int32)])
+            flat = mx.concatenate([mx.array([root]), guesses.reshape(-1).astype(mx.int32)])
             tree_tokens = flat[tree_idx]
         else:
             tree_tokens = mx.array([root], dtype=mx.int32)
         h = model.forward(ctx, caches, tree_tokens, tree)  # (T, H)
-        logits = model.logits(h)  # (T, V)
+        if use_heads:
+            # Base and head logits of every node in one pass over lm_head: the next
+            # guesses come from whichever node is kept, known only after acceptance.
+            rows = model.project(h)  # (1+K, T, V)
+            logits, node_guesses = rows[0], topk_ids(rows[1 : 1 + tree.depth], tree.topk)  # (D, T, k)
+        else:
+            logits, node_guesses = model.logits(h), None  # (T, V)
         verdict = logits if policy.needs_logits else mx.argmax(logits, axis=-1)
-        mx.eval(verdict, tree_tokens)
+        mx.eval(verdict, tree_tokens, node_guesses)
         acc = policy.accept(tree, np.array(tree_tokens), np.array(verdict))
         ctx.commit(caches, acc.nodes)
         root = acc.tokens[-1]
         if use_heads:
-            rows = model.project(h[int(acc.nodes[-1])])  # next guesses from the last kept node
+            guesses = node_guesses[:, int(acc.nodes[-1])]  # next guesses from the last kept node
         yield Step(acc.tokens, tree.size)
 
 

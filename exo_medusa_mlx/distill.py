@@ -117,8 +117,13 @@ class _Row:
 
 
 def self_distill(base, lm_head, prompts: list[list[int]], eos: set[int], max_tokens: int, batch_size: int,
-                 temp: float = 0.0, seed: int = 0, progress=None):
+                 temp: float = 0.0, seed: int = 0, progress=None, greedy: set[int] | None = None):
     """Generate the base model's responses in a continuous batch; yield (index, row) per finished prompt.
+
+    Responses are sampled at ``temp`` (greedy at 0), except those of the prompt
+    indices in ``greedy``, which are always greedy. The labels are always the base
+    model's argmax, so a sampled response still teaches what greedy decoding
+    would say next from there.
 
     A sequence's rows are the last prompt position and every response token but
     the last, each with the hidden state there and the base model's argmax (the
@@ -130,6 +135,7 @@ def self_distill(base, lm_head, prompts: list[list[int]], eos: set[int], max_tok
     from mlx_lm.models.cache import BatchKVCache
 
     mx.random.seed(seed)
+    greedy = greedy or set()
     queue = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
     active: list[_Row] = []
     cache = y = None  # per-layer BatchKVCache of the active rows; y: (B,) their last token, not yet fed
@@ -146,12 +152,13 @@ def self_distill(base, lm_head, prompts: list[list[int]], eos: set[int], max_tok
                     c.extend(n)
             rows = [_Row(i) for i in idx]
             active = active + rows
+            sampled = mx.array([temp > 0 and i not in greedy for i in [r.index for r in active]])
         else:
             h = base.model(y[:, None], cache=cache)[:, 0]  # (B, H) at the fed tokens
             rows = active
         logits = lm_head(h)
-        tok = mx.argmax(logits, axis=-1) if temp == 0 else mx.random.categorical(logits / temp, axis=-1)
         label, ids, probs = _teacher(logits)
+        tok = label if temp == 0 else mx.where(sampled[-len(rows):], mx.random.categorical(logits / temp, axis=-1), label)
         y = tok if rows is active or y is None else mx.concatenate([y, tok])
         mx.eval(h, y, label, ids, probs)
         h_np, tok_np, lab, ids_np, pr = (np.array(a) for a in (h, tok, label, ids, probs))
@@ -174,7 +181,7 @@ def self_distill(base, lm_head, prompts: list[list[int]], eos: set[int], max_tok
                 k = mx.array(keep)
                 for c in cache:
                     c.filter(k)
-                y = y[k]
+                y, sampled = y[k], sampled[k]
             else:
                 cache = y = None
 
@@ -245,14 +252,18 @@ def cache_key(**facts) -> str:
 def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[list[int]] | None = None,
                 eos: set[int] | None = None, docs: list[tuple[list[int], int]] | None = None,
                 val_split: float = 0.0, max_tokens: int = 160, batch_size: int = 32, temp: float = 0.0,
-                seed: int = 0) -> dict:
+                seed: int = 0, samples: int = 1) -> dict:
     """Run the frozen model once over the data and write shards to ``folder``; reuse them if ``key`` matches.
 
     ``prompts`` (token ids, chat template applied) are self-distilled, stopping at
     ``eos``; ``docs`` (ids, first trained position) are relabelled. A ``val_split``
-    fraction of the sequences, drawn with ``seed``, goes to the val split. Returns
-    the cache's meta.
+    fraction of the sequences, drawn with ``seed``, goes to the val split. With
+    ``samples`` > 1 each prompt is answered that many times, greedily first and
+    then sampled at ``temp``; the split is drawn by prompt, so no val prompt is
+    trained on. Returns the cache's meta.
     """
+    if samples < 1 or (samples > 1 and (prompts is None or temp <= 0)):
+        raise ValueError(f"samples per prompt {samples}: must be 1, or more with prompts and a temperature > 0")
     folder = Path(folder)
     meta_path = folder / "meta.json"
     if meta_path.is_file():
@@ -266,6 +277,9 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
     n = len(prompts) if prompts is not None else len(docs)
     n_val = max(int(round(val_split * n)), 1 if n > 1 else 0) if val_split > 0 else 0
     val = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    if samples > 1:
+        val = {i + j * n for i in val for j in range(samples)}
+        prompts = prompts * samples
     writers = {"train": ShardWriter(folder, "train"), "val": ShardWriter(folder, "val")}
     tic = time.perf_counter()
     made = [0]
@@ -275,8 +289,12 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
         bar.set_postfix(rows=made[0], rows_per_s=f"{made[0] / (time.perf_counter() - tic):.0f}", refresh=False)
 
     if prompts is not None:
-        stream = self_distill(base, lm_head, prompts, eos or set(), max_tokens, batch_size, temp, seed, progress)
-        unit, what = "prompt", f"self-distilled: {n} prompts, max {max_tokens} tokens, temp {temp}"
+        stream = self_distill(base, lm_head, prompts, eos or set(), max_tokens, batch_size, temp, seed, progress,
+                              greedy=set(range(n)) if samples > 1 else None)
+        unit, what = "response", f"self-distilled: {n} prompts, max {max_tokens} tokens, temp {temp}"
+        if samples > 1:
+            what += f", {samples} responses each (the first greedy)"
+            n *= samples
     else:
         stream = relabel(base, lm_head, docs, batch_size)
         unit, what = "doc", f"relabelled: {n} documents"

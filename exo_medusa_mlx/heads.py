@@ -52,16 +52,18 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.heads)
 
-    def project(self, h: mx.array, lm_head) -> mx.array:
+    def project(self, h: mx.array, lm_head, base: bool = True) -> mx.array:
         """Logits of the base head and every Medusa head at ``h``.
 
-        h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's.
-        With the shared layout, all 1+K hidden states go through ``lm_head`` in one matmul.
+        h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
+        (without ``base``: (K, ..., V), the heads' alone). With the shared layout,
+        all hidden states go through ``lm_head`` in one matmul.
         """
-        hs = [h] + [head(h) for head in self.heads]
+        hs = [head(h) for head in self.heads]
         if not self.config.own_lm_head:
-            return lm_head(mx.stack(hs))
-        return mx.stack([lm_head(h)] + [head.lm_head(x) for head, x in zip(self.heads, hs[1:])])
+            return lm_head(mx.stack([h] + hs if base else hs))
+        rows = [head.lm_head(x) for head, x in zip(self.heads, hs)]
+        return mx.stack([lm_head(h)] + rows if base else rows)
 
     # --- checkpoints -----------------------------------------------------
 

@@ -46,7 +46,7 @@ from .heads_format import MedusaConfig
 HEAD_DECAY = 0.8  # head i's loss weight is HEAD_DECAY ** i
 def head_logits(heads: MedusaHeads, lm_head, h: mx.array) -> mx.array:
     """(K, B, V) logits of every head at hidden states h: (B, H)."""
-    return heads.project(h, lm_head)[1:]
+    return heads.project(h, lm_head, base=False)
 
 
 def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_probs=None):
@@ -231,6 +231,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=None, help="Use only the first N prompts/documents")
     p.add_argument("--max-tokens", type=int, default=160, help="Response length for self-distillation")
     p.add_argument("--temp", type=float, default=0.0, help="Sampling temperature of the self-distilled responses")
+    p.add_argument("--samples-per-prompt", type=int, default=1,
+                   help="Responses per prompt: the first greedy, the others sampled at --temp (> 0)")
     p.add_argument("--gen-batch-size", type=int, default=32, help="Sequences per batch in the frozen model's pass")
     p.add_argument("--seq-len", type=int, default=512, help="Cut --data documents to this many tokens")
     p.add_argument("--cache-dir", default=None, help="Hidden-state shards (default: OUTPUT/cache); reused when the data matches")
@@ -282,10 +284,12 @@ def run(args) -> dict:
                            batch_size=args.gen_batch_size, seed=args.seed)
     else:
         prompts = read_prompts(args.prompts or DEFAULT_PROMPTS)[: args.num_prompts]
-        key = cache_key(prompts=prompts, max_tokens=args.max_tokens, temp=args.temp, **common)
+        extra = {"samples": args.samples_per_prompt} if args.samples_per_prompt != 1 else {}
+        key = cache_key(prompts=prompts, max_tokens=args.max_tokens, temp=args.temp, **extra, **common)
         meta = build_cache(cache_dir, base, lm_head, prompts=[chat_ids(tokenizer, p) for p in prompts],
                            eos=eos_ids(tokenizer), key=key, val_split=args.val_split, max_tokens=args.max_tokens,
-                           batch_size=args.gen_batch_size, temp=args.temp, seed=args.seed)
+                           batch_size=args.gen_batch_size, temp=args.temp, seed=args.seed,
+                           samples=args.samples_per_prompt)
     print(f"data: {meta['data']}; rows train {meta['rows']['train']}, val {meta['rows']['val']} ({cache_dir})")
     if args.data_only:
         return {}

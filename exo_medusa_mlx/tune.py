@@ -152,11 +152,13 @@ def _probe_trees(max_nodes: int) -> dict[int, object]:
 
 
 def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: int = 0) -> tuple[dict[int, float], float]:
-    """Median seconds of one forward of N tree tokens (+ logits, argmax) over a prefilled cache.
+    """Median seconds of one verification step of N tree tokens over a prefilled cache.
 
-    Sizes are measured round-robin so load changes on a shared machine hit them
-    all alike. Also returns Medusa's extra work per step (the heads' projection at
-    one node, top-k, accept, commit), which plain decoding does not do.
+    A step is what ``generate_step`` queues: the forward, then (with heads) base
+    and head logits of every node in one projection and each head's top-k per
+    node, or (without) the logits alone; then the argmax. Sizes are measured
+    round-robin so load changes on a shared machine hit them all alike. Also
+    returns Medusa's extra host work per step (accept, commit by gather).
     """
     from .accept import greedy_accept
     from .decode import topk_ids, prefill
@@ -173,8 +175,13 @@ def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: in
         tokens = mx.array(rng.integers(0, V, n), dtype=mx.int32)
         t0 = time.perf_counter()
         h = model.forward(ctx, caches, tokens, trees[n])
-        verdict = mx.argmax(model.logits(h), axis=-1)
-        mx.eval(verdict)
+        if model.heads is not None:
+            rows = model.project(h)
+            logits, guesses = rows[0], topk_ids(rows[1:], TOPK)
+        else:
+            logits, guesses = model.logits(h), None
+        verdict = mx.argmax(logits, axis=-1)
+        mx.eval(verdict, guesses)
         return time.perf_counter() - t0, h, tokens, verdict
 
     for n in sizes:  # warm-up
@@ -190,8 +197,7 @@ def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: in
             t0 = time.perf_counter()
             acc = greedy_accept(tree, np.array(tokens), np.array(verdict))
             ctx.commit(caches, np.array([0, tree.size - 1]))  # a non-contiguous commit: a real gather
-            rows = model.project(h[int(acc.nodes[-1])])
-            mx.eval(topk_ids(rows[1:], TOPK), [c.state for c in caches])
+            mx.eval([c.state for c in caches])
             overhead.append(time.perf_counter() - t0)
     curve = {n: float(np.median(t)) for n, t in times.items()}
     # Noise on a shared machine can make a bigger forward look cheaper: keep the curve monotone.

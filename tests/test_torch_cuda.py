@@ -21,7 +21,7 @@ from exo_medusa_mlx.torch_compat.graphs import GraphedVerify  # noqa: E402
 from exo_medusa_mlx.torch_compat.heads import MedusaHeads  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.tree import build_tree, tree_choices  # noqa: E402
-from test_torch_tiny import TorchOracleMedusa  # noqa: E402
+from test_torch_tiny import TorchOracleMedusa, hf_greedy, take  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -65,22 +65,6 @@ def random_heads(hidden: int, vocab: int, num_heads: int = 4, seed: int = 1) -> 
         for p in heads.parameters():
             p.normal_(0.0, 0.3)
     return heads
-
-
-def take(gen, n):
-    out, steps = [], 0
-    for s in gen:
-        out += s.tokens
-        steps += 1
-        if len(out) >= n:
-            return out[:n], steps
-
-
-def hf_greedy(base, prompt, n) -> list[int]:
-    with torch.inference_mode():
-        ids = torch.from_numpy(np.asarray(prompt))[None].to(base.device)
-        out = base.generate(ids, do_sample=False, max_new_tokens=n)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture

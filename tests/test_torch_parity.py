@@ -18,19 +18,11 @@ from exo_medusa_mlx.torch_compat.heads import load_heads  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.tree import build_tree, tree_choices  # noqa: E402
 from test_decode import mlx_lm_greedy  # noqa: E402
-from test_torch_tiny import HIDDEN, TorchOracleMedusa, tiny_pair  # noqa: E402
+from test_torch_tiny import HIDDEN, TorchOracleMedusa, take, tiny_pair  # noqa: E402
 from tiny import CONFIGS, VOCAB  # noqa: E402
 
 PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
 TOL = 1e-4
-
-
-def take(gen, n):
-    out = []
-    for s in gen:
-        out += s.tokens
-        if len(out) >= n:
-            return out[:n]
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

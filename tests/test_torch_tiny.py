@@ -64,6 +64,24 @@ def tiny_pair(family: str, root: Path, num_heads: int = 4, seed: int = 0):
     return base, torch_base(folder), heads_dir
 
 
+def take(gen, n):
+    """The first n tokens a step generator emits, and the steps it took."""
+    out, steps = [], 0
+    for s in gen:
+        out += s.tokens
+        steps += 1
+        if len(out) >= n:
+            return out[:n], steps
+
+
+def hf_greedy(base, prompt, n) -> list[int]:
+    """transformers' own greedy generate: the oracle for the torch path."""
+    with torch.inference_mode():
+        ids = torch.from_numpy(np.asarray(prompt))[None].to(base.device)
+        out = base.generate(ids, do_sample=False, max_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
 class TorchOracleMedusa(MedusaModel):
     """Heads that know the plain greedy continuation ``future`` (as tests/tiny.py's OracleMedusa).
 
@@ -80,21 +98,33 @@ class TorchOracleMedusa(MedusaModel):
         self.ctx, caches = super().make_cache(max_kv_size, keep, static_len)
         return self.ctx, caches
 
+    def forward(self, ctx, caches, tokens, tree=None):
+        self.depths = tree.depths if tree is not None else np.arange(len(tokens))  # the forward in flight
+        return super().forward(ctx, caches, tokens, tree)
+
     def project(self, h):
-        rows = super().project(h).clone()
-        pos = self.ctx.committed  # the bonus/root sits here; head i guesses pos + 1 + i
-        for i in range(rows.shape[0] - 1):
-            p = pos + 1 + i
-            if p < len(self.future):
-                row = rows[1 + i].cpu().numpy()
-                true = int(self.future[p])
-                order = np.argsort(-row)
-                order = order[order != true]
-                r = int(self.rng.choice(self.ranks))
-                ranked = np.concatenate([order[:r], [true], order[r:]])
-                new = np.empty_like(row)
-                new[ranked] = np.linspace(10.0, 0.0, len(ranked))
-                rows[1 + i] = torch.from_numpy(new).to(rows)
+        """(1+K, V) at the last committed position, or (1+K, T, V) at each node in flight."""
+        if h.dim() == 1:  # after a commit: the bonus/root sits at ``committed``
+            return self._rig(super().project(h)[:, None], [self.ctx.committed])[:, 0]
+        # before the commit: the token after node n sits at committed + depth(n) + 1
+        return self._rig(super().project(h), self.ctx.committed + self.depths + 1)
+
+    def _rig(self, rows, nexts):
+        """rows: (1+K, T, V); head i at column t guesses position nexts[t] + 1 + i."""
+        rows = rows.clone()
+        for t, q in enumerate(nexts):
+            for i in range(rows.shape[0] - 1):
+                p = int(q) + 1 + i
+                if p < len(self.future):
+                    row = rows[1 + i, t].cpu().numpy()
+                    true = int(self.future[p])
+                    order = np.argsort(-row)
+                    order = order[order != true]
+                    r = int(self.rng.choice(self.ranks))
+                    ranked = np.concatenate([order[:r], [true], order[r:]])
+                    new = np.empty_like(row)
+                    new[ranked] = np.linspace(10.0, 0.0, len(ranked))
+                    rows[1 + i, t] = torch.from_numpy(new).to(rows)
         return rows
 
 

@@ -17,25 +17,10 @@ from exo_medusa_mlx.torch_compat.decode import generate_step, prefill  # noqa: E
 from exo_medusa_mlx.torch_compat.heads import MedusaHeads, load_heads  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.tree import build_tree, tree_choices  # noqa: E402
-from test_torch_tiny import HIDDEN, VOCAB, TorchOracleMedusa, tiny_pair, torch_base  # noqa: E402
+from test_torch_tiny import HIDDEN, VOCAB, TorchOracleMedusa, hf_greedy, take, tiny_pair, torch_base  # noqa: E402
 
 PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
 FAMILIES = ["llama", "qwen2", "qwen3"]
-
-
-def take(gen, n):
-    out, steps = [], 0
-    for s in gen:
-        out += s.tokens
-        steps += 1
-        if len(out) >= n:
-            return out[:n], steps
-
-
-def hf_greedy(base, prompt, n) -> list[int]:
-    with torch.inference_mode():
-        out = base.generate(torch.from_numpy(np.asarray(prompt))[None], do_sample=False, max_new_tokens=n)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

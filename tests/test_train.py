@@ -58,6 +58,24 @@ def test_self_distill_equals_plain_greedy(base):
     np.testing.assert_allclose(got[0].hidden[0], np.array(h), atol=1e-4)
 
 
+
+def test_samples_per_prompt(base, tmp_path):
+    """Several responses per prompt: the first greedy (mlx-lm's), the others sampled;
+    the val split takes whole prompts, so no val prompt is trained on."""
+    prompts = _prompts(8, seed=2)
+    lm = base_lm_head(base)
+    got = dict(self_distill(base, lm, prompts * 2, set(), 12, batch_size=5, temp=1.0, greedy=set(range(8))))
+    for i, p in enumerate(prompts):
+        assert got[i].labels == [t for t, _ in itertools.islice(mlx_generate_step(mx.array(p), base), 12)], i
+    assert any(got[i + 8].labels != got[i].labels for i in range(8))  # sampled: another path
+    meta = build_cache(tmp_path / "c", base, lm, key="s", prompts=prompts, eos=set(), val_split=0.25,
+                       max_tokens=10, batch_size=5, temp=1.0, samples=3)
+    assert meta["sequences"] == {"train": 18, "val": 6}
+    assert "3 responses each" in meta["data"]
+    with pytest.raises(ValueError, match="temperature"):
+        build_cache(tmp_path / "d", base, lm, key="t", prompts=prompts, samples=2, temp=0.0)
+
+
 def test_shards_hold_targets_at_offset_two(cache):
     folder, meta = cache
     assert meta["rows"]["train"] > 0 and meta["rows"]["val"] > 0

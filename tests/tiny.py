@@ -72,20 +72,29 @@ class OracleMedusa(MedusaModel):
         self.ctx, caches = super().make_cache(max_kv_size, keep)
         return self.ctx, caches
 
+    def forward(self, ctx, caches, tokens, tree=None):
+        self.depths = tree.depths if tree is not None else np.arange(len(tokens))  # the forward in flight
+        return super().forward(ctx, caches, tokens, tree)
+
     def project(self, h):
-        rows = super().project(h)
-        K = rows.shape[0] - 1
-        out = [rows[0]]
-        pos = self.ctx.committed  # the bonus/root sits here; head i guesses pos + 1 + i
-        for i in range(K):
-            p = pos + 1 + i
-            row = np.array(rows[1 + i]).copy()
-            if p < len(self.future):
-                true = int(self.future[p])
-                order = np.argsort(-row)
-                order = order[order != true]
-                r = int(self.rng.choice(self.ranks))
-                ranked = np.concatenate([order[:r], [true], order[r:]])
-                row[ranked] = np.linspace(10.0, 0.0, len(ranked))
-            out.append(mx.array(row))
-        return mx.stack(out)
+        """(1+K, V) at the last committed position, or (1+K, T, V) at each node in flight."""
+        if h.ndim == 1:  # after a commit: the bonus/root sits at ``committed``
+            return self._rig(super().project(h)[:, None], [self.ctx.committed])[:, 0]
+        # before the commit: the token after node n sits at committed + depth(n) + 1
+        return self._rig(super().project(h), self.ctx.committed + self.depths + 1)
+
+    def _rig(self, rows, nexts):
+        """rows: (1+K, T, V); head i at column t guesses position nexts[t] + 1 + i."""
+        rows = np.array(rows)
+        for t, q in enumerate(nexts):
+            for i in range(rows.shape[0] - 1):
+                p = int(q) + 1 + i
+                if p < len(self.future):
+                    row = rows[1 + i, t]
+                    true = int(self.future[p])
+                    order = np.argsort(-row)
+                    order = order[order != true]
+                    r = int(self.rng.choice(self.ranks))
+                    ranked = np.concatenate([order[:r], [true], order[r:]])
+                    row[ranked] = np.linspace(10.0, 0.0, len(ranked))
+        return mx.array(rows)

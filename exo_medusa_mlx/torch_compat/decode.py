@@ -22,7 +22,7 @@ ROOT_ONLY = build_tree([])
 
 
 def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest logits, best first. logits: (K, V) -> (K, k)."""
+    """Indices of the k largest logits, best first. logits: (..., V) -> (..., k)."""
     return torch.topk(logits, k, dim=-1, sorted=True).indices
 
 
@@ -49,14 +49,14 @@ def generate_step(
 ) -> Iterator[Step]:
     """Yield the tokens each step emits, forever; the caller stops it.
 
-    With ``medusa=False`` or no heads, every step verifies the root alone: plain
-    decoding through the same cache and code. ``graphs``: replay the verify
+    With ``medusa=False``, no heads, or a tree of the root alone, every step
+    verifies the root alone: plain decoding through the same cache and code. ``graphs``: replay the verify
     forward from a CUDA graph (None: on CUDA devices only).
     """
     policy = policy or make_policy()
     prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
     ctx, caches = model.make_cache(max_kv_size, keep)
-    use_heads = medusa and model.heads is not None
+    use_heads = medusa and model.heads is not None and (tree or model.tree).size > 1
     tree = (tree or model.tree) if use_heads else ROOT_ONLY
     if use_heads and tree.depth > model.heads.num_heads:
         raise ValueError(f"tree is {tree.depth} deep but the heads give {model.heads.num_heads} guesses")
@@ -69,24 +69,26 @@ def generate_step(
     verify = None
     if use_graphs(model, graphs):
         ctx.static_len = static_len_for(ctx, tree.size)  # the prefill ran dynamic; verify steps are static
-        verify = GraphedVerify(model, ctx, caches, tree)
+        verify = GraphedVerify(model, ctx, caches, tree, heads=use_heads)
     tree_idx = torch.from_numpy(tree.tree_indices).to(model.device)
+    guesses = topk_ids(rows[1 : 1 + tree.depth], tree.topk) if use_heads else None  # (D, k)
     while True:
-        if tree.size > 1:
-            guesses = topk_ids(rows[1 : 1 + tree.depth], tree.topk).reshape(-1)  # (D*k,)
-            flat = torch.cat([guesses.new_tensor([root]), guesses])
+        if use_heads:
+            flat = torch.cat([guesses.new_tensor([root]), guesses.reshape(-1)])
             tree_tokens = flat[tree_idx]  # (T,)
         else:
             tree_tokens = torch.tensor([root], device=model.device)
         if verify is not None:
-            h, logits = verify(tree_tokens)
+            h, rows = verify(tree_tokens)
         else:
             h = model.forward(ctx, caches, tree_tokens, tree)  # (T, H)
-            logits = model.logits(h)  # (T, V)
-        verdict = logits.float() if policy.needs_logits else logits.argmax(dim=-1)
+            # with heads: base and head logits of every node in one pass over lm_head,
+            # since the next guesses come from the node kept, known after acceptance
+            rows = model.project(h) if use_heads else model.logits(h)[None]  # (1+K, T, V)
+        verdict = rows[0].float() if policy.needs_logits else rows[0].argmax(dim=-1)
         acc = policy.accept(tree, tree_tokens.cpu().numpy(), verdict.cpu().numpy())
         ctx.commit(caches, acc.nodes)
         root = acc.tokens[-1]
         if use_heads:
-            rows = model.project(h[int(acc.nodes[-1])])  # next guesses from the last kept node
+            guesses = topk_ids(rows[1 : 1 + tree.depth, int(acc.nodes[-1])], tree.topk)  # from the last kept node
         yield Step(acc.tokens, tree.size)

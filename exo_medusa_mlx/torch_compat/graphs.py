@@ -26,18 +26,21 @@ def static_len_for(ctx: CacheContext, tree_size: int) -> int:
 
 
 class GraphedVerify:
-    """``model.forward`` then ``model.logits`` over ``tree``, replayed from a CUDA graph.
+    """``model.forward`` then the logits over ``tree``, replayed from a CUDA graph.
 
     Call it like ``model.forward`` (tokens: (T,) on the device); returns
-    (hidden (T, H), logits (T, V)), both static buffers overwritten by the next call.
+    (hidden (T, H), rows (1+K, T, V)): ``model.project`` of every node with
+    ``heads``, else the base logits alone (K = 0). Both are static buffers
+    overwritten by the next call.
     """
 
-    def __init__(self, model: MedusaModel, ctx: CacheContext, caches: MedusaCache, tree: TreeBuffers):
+    def __init__(self, model: MedusaModel, ctx: CacheContext, caches: MedusaCache, tree: TreeBuffers,
+                 heads: bool = False):
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}; use the eager path")
         if ctx.static_len is None:
             raise ValueError("CUDA graphs need a static cache: make_cache(..., static_len=S)")
-        self.model, self.ctx, self.caches, self.tree = model, ctx, caches, tree
+        self.model, self.ctx, self.caches, self.tree, self.heads = model, ctx, caches, tree, heads
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captured_len: int | None = None
         self.tokens = torch.zeros(1, tree.size, dtype=torch.long, device=model.device)
@@ -51,7 +54,7 @@ class GraphedVerify:
 
     def _run(self):
         h = self.model.hidden(self.tokens, self.caches)[0]  # (T, H)
-        return h, self.model.lm_head(h)
+        return h, self.model.project(h) if self.heads else self.model.lm_head(h)[None]
 
     def _capture(self) -> None:
         self.graph = None
@@ -64,7 +67,7 @@ class GraphedVerify:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.h, self.logits = self._run()
+            self.h, self.rows = self._run()
         self.graph, self.captured_len = graph, self.ctx.static_len
 
     @torch.inference_mode()
@@ -82,7 +85,7 @@ class GraphedVerify:
                 torch.cuda.synchronize()
                 return self._run()
         self.graph.replay()
-        return self.h, self.logits
+        return self.h, self.rows
 
 
 def use_graphs(model: MedusaModel, graphs: bool | None) -> bool:

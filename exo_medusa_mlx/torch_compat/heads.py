@@ -54,16 +54,18 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.heads)
 
-    def project(self, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    def project(self, h: torch.Tensor, lm_head: nn.Module, base: bool = True) -> torch.Tensor:
         """Logits of the base head and every Medusa head at ``h``.
 
-        h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's.
-        With the shared layout, all 1+K hidden states go through ``lm_head`` in one matmul.
+        h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
+        (without ``base``: (K, ..., V), the heads' alone). With the shared layout,
+        all hidden states go through ``lm_head`` in one matmul.
         """
-        hs = [h] + [head(h) for head in self.heads]
+        hs = [head(h) for head in self.heads]
         if not self.config.own_lm_head:
-            return lm_head(torch.stack(hs))  # (1+K, ..., H) @ (H, V)
-        return torch.stack([lm_head(h)] + [head.lm_head(x) for head, x in zip(self.heads, hs[1:])])
+            return lm_head(torch.stack([h] + hs if base else hs))  # (1+K, ..., H) @ (H, V)
+        rows = [head.lm_head(x) for head, x in zip(self.heads, hs)]
+        return torch.stack([lm_head(h)] + rows if base else rows)
 
     # --- checkpoints -----------------------------------------------------
 

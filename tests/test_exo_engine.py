@@ -74,13 +74,15 @@ class OracleEngine(MedusaMLXInferenceEngine):
         super().__init__(downloader, **kw)
         self.future, self.ranks, self.oracle, self.passes = future, ranks, None, 0
 
-    def _project(self, h_row, position):
+    def _project(self, h, positions):
         if self.oracle is None:
             m = self._loaded.model
             self.oracle = OracleMedusa(m.base, m.heads, m.tree, self.future, ranks=self.ranks)
-        self.oracle.ctx = SimpleNamespace(committed=position)
         self.passes += 1
-        return self.oracle.project(h_row)
+        rows = MedusaModel.project(self.oracle, h)
+        if h.ndim == 1:
+            return self.oracle.rig(rows[:, None], [positions])[:, 0]
+        return self.oracle.rig(rows, positions)
 
 
 _BUILT: dict[str, SimpleNamespace] = {}

@@ -62,19 +62,23 @@ class TorchOracleEngine(MedusaTorchInferenceEngine):
         self.future, self.ranks, self.passes = future, ranks, 0
         self.rng = np.random.default_rng(0)
 
-    def _project(self, h_row, position):
-        rows = super()._project(h_row, position).clone()
+    def _project(self, h, positions):
+        rows = super()._project(h, positions).clone()
         self.passes += 1
-        for i in range(rows.shape[0] - 1):
-            p = position + 1 + i
-            if p >= len(self.future):
-                continue
-            true = int(self.future[p])
-            order = [int(t) for t in torch.argsort(rows[1 + i], descending=True) if int(t) != true]
-            r = int(self.rng.choice(self.ranks))
-            ranked = order[:r] + [true] + order[r:]
-            rows[1 + i, ranked] = torch.linspace(10.0, 0.0, len(ranked))
-        return rows
+        one = h.dim() == 1
+        if one:
+            rows, positions = rows[:, None], [positions]
+        for t, q in enumerate(positions):
+            for i in range(rows.shape[0] - 1):
+                p = int(q) + 1 + i
+                if p >= len(self.future):
+                    continue
+                true = int(self.future[p])
+                order = [int(x) for x in torch.argsort(rows[1 + i, t], descending=True) if int(x) != true]
+                r = int(self.rng.choice(self.ranks))
+                ranked = order[:r] + [true] + order[r:]
+                rows[1 + i, t, ranked] = torch.linspace(10.0, 0.0, len(ranked))
+        return rows[:, 0] if one else rows
 
 
 # --------------------------------------------------------------------------- exactness

@@ -79,11 +79,11 @@ class OracleMedusa(MedusaModel):
     def project(self, h):
         """(1+K, V) at the last committed position, or (1+K, T, V) at each node in flight."""
         if h.ndim == 1:  # after a commit: the bonus/root sits at ``committed``
-            return self._rig(super().project(h)[:, None], [self.ctx.committed])[:, 0]
+            return self.rig(super().project(h)[:, None], [self.ctx.committed])[:, 0]
         # before the commit: the token after node n sits at committed + depth(n) + 1
-        return self._rig(super().project(h), self.ctx.committed + self.depths + 1)
+        return self.rig(super().project(h), self.ctx.committed + self.depths + 1)
 
-    def _rig(self, rows, nexts):
+    def rig(self, rows, nexts):
         """rows: (1+K, T, V); head i at column t guesses position nexts[t] + 1 + i."""
         rows = np.array(rows)
         for t, q in enumerate(nexts):

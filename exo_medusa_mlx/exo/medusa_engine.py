@@ -10,8 +10,8 @@ the array work, all called on the engine's one worker thread:
 - ``_forward(sess, x, req)``: this shard's layers on ``x`` (ids on the first shard,
   hidden states otherwise; normed on the last), committing a plain pass at once
   and leaving a tree pass in scratch. Returns backend hidden states (T, H).
-- ``_commit(sess, nodes)``, ``_logits(h)`` (T, V), ``_project(h_row, position)``
-  (1+K, V), ``_propose(rows, root, tree)`` -> (T',) int64 tree tokens,
+- ``_commit(sess, nodes)``, ``_logits(h)`` (T, V), ``_project(h, positions)``
+  (1+K, ..., V), ``_propose(rows, root, tree)`` -> (T',) int64 tree tokens,
   ``_argmax(a)``, ``_numpy(a)``, ``_hidden_numpy(h)`` (1, T, H) for the wire.
 """
 
@@ -311,22 +311,27 @@ class MedusaShardEngine(InferenceEngine):
             sess.policy = make_policy(s.temp, s.top_p, s.acceptance, s.seed)
             sess.use_heads = L.has_heads and (self.medusa if s.use_heads is None else s.use_heads)
         policy = sess.policy
-        logits = self._logits(h)  # (T, V)
-        T = logits.shape[0]
+        T = h.shape[0]
         commit = None
         if req.is_tree:
+            # With heads, base and head logits of every node in one projection (as
+            # generate_step): the next guesses come from the node kept.
+            every = self._project(h, committed + req.depths + 1) if sess.use_heads else None  # (1+K, T, V)
+            logits = every[0] if sess.use_heads else self._logits(h)  # (T, V)
             verdict = self._numpy(logits) if policy.needs_logits else self._numpy(self._argmax(logits))
             acc = policy.accept(L.tree, tokens, verdict)
             emitted, last, commit = acc.tokens, int(acc.nodes[-1]), acc.nodes
             root_pos = committed + len(acc.nodes)
-            rows = self._project(h[last], root_pos) if sess.use_heads else None
+            rows = every[:, last] if sess.use_heads else None
         elif sess.passes == 0:  # the prompt: the first token, as generate_step does
+            logits = self._logits(h)  # (T, V)
             root_pos = committed + T
-            rows = self._project(h[-1], root_pos) if sess.use_heads else self._logits(h[-1])[None]
+            rows = self._project(h[-1], root_pos) if sess.use_heads else logits[-1][None]
             emitted = [policy.first(self._numpy(rows[0]))]
         else:  # a plain step: verify the root alone
+            logits = self._logits(h)  # (T, V)
             root_pos = committed + T
-            last = self._logits(h[-1:])
+            last = logits[-1:]
             verdict = self._numpy(last) if policy.needs_logits else self._numpy(self._argmax(last))
             emitted = policy.accept(ROOT_ONLY, np.zeros(1, dtype=np.int64), verdict).tokens
             rows = self._project(h[-1], root_pos) if sess.use_heads else None
@@ -390,8 +395,11 @@ class MedusaShardEngine(InferenceEngine):
     def _logits(self, h):
         raise NotImplementedError
 
-    def _project(self, h_row, position: int):
-        """(1+K, V) base then head logits at one hidden state; ``position``: where the next root sits."""
+    def _project(self, h, positions):
+        """Base then head logits at hidden states h: (H,) -> (1+K, V), (T, H) -> (1+K, T, V).
+
+        ``positions``: where the next root sits after each state (an int for one).
+        """
         raise NotImplementedError
 
     def _propose(self, rows, root: int, tree: TreeBuffers) -> np.ndarray:

@@ -103,8 +103,8 @@ class MedusaMLXInferenceEngine(MedusaShardEngine):
     def _logits(self, h: mx.array) -> mx.array:
         return self._loaded.model.logits(h)
 
-    def _project(self, h_row: mx.array, position: int) -> mx.array:
-        return self._loaded.model.project(h_row)
+    def _project(self, h: mx.array, positions) -> mx.array:
+        return self._loaded.model.project(h)
 
     def _propose(self, rows: mx.array, root: int, tree: TreeBuffers) -> np.ndarray:
         if tree.size == 1:

@@ -198,8 +198,8 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._loaded.model.logits(h)
 
-    def _project(self, h_row: torch.Tensor, position: int) -> torch.Tensor:
-        return self._loaded.model.project(h_row)
+    def _project(self, h: torch.Tensor, positions) -> torch.Tensor:
+        return self._loaded.model.project(h)
 
     @torch.inference_mode()
     def _propose(self, rows: torch.Tensor, root: int, tree: TreeBuffers) -> np.ndarray:

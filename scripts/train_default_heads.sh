@@ -3,7 +3,7 @@
 # exo_medusa_mlx/shipped/smollm2-135m-instruct/: self-distilled data, training, tree tuning.
 # (`python -m exo_medusa_mlx.train` is `mlx_medusa train`; likewise tune.)
 #
-# Budget: data about 45 minutes and training about 35 on a 2-core CPU; tuning takes ~10 more.
+# Budget: data about an hour and training about 40 minutes on a 2-core CPU; tuning ~10 more.
 # One OpenBLAS thread is safer on a CPU shared with other jobs (a second thread mostly
 # spins); the shipped heads were made with OPENBLAS_NUM_THREADS=2 on a quiet machine.
 set -euo pipefail

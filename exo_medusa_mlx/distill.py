@@ -152,7 +152,7 @@ def self_distill(base, lm_head, prompts: list[list[int]], eos: set[int], max_tok
                     c.extend(n)
             rows = [_Row(i) for i in idx]
             active = active + rows
-            sampled = mx.array([temp > 0 and i not in greedy for i in [r.index for r in active]])
+            sampled = mx.array([temp > 0 and r.index not in greedy for r in active])
         else:
             h = base.model(y[:, None], cache=cache)[:, 0]  # (B, H) at the fed tokens
             rows = active

@@ -19,6 +19,7 @@ from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, S
 from exo_medusa_mlx.exo import state as st
 from exo_medusa_mlx.model import MedusaModel
 from exo_medusa_mlx.tree import build_tree, tree_choices
+from oracle import rig
 from tiny import CONFIGS, VOCAB, OracleMedusa, random_heads
 
 PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
@@ -72,17 +73,15 @@ class OracleEngine(MedusaMLXInferenceEngine):
 
     def __init__(self, downloader, future, ranks, **kw):
         super().__init__(downloader, **kw)
-        self.future, self.ranks, self.oracle, self.passes = future, ranks, None, 0
+        self.future, self.ranks, self.passes = future, ranks, 0
+        self.rng = np.random.default_rng(0)
 
     def _project(self, h, positions):
-        if self.oracle is None:
-            m = self._loaded.model
-            self.oracle = OracleMedusa(m.base, m.heads, m.tree, self.future, ranks=self.ranks)
+        rows = np.array(super()._project(h, positions))
         self.passes += 1
-        rows = MedusaModel.project(self.oracle, h)
-        if h.ndim == 1:
-            return self.oracle.rig(rows[:, None], [positions])[:, 0]
-        return self.oracle.rig(rows, positions)
+        one = h.ndim == 1
+        got = rig(rows[:, None] if one else rows, [positions] if one else positions, self.future, self.ranks, self.rng)
+        return mx.array(got[:, 0] if one else got)
 
 
 _BUILT: dict[str, SimpleNamespace] = {}

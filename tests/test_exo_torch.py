@@ -19,6 +19,7 @@ from exo_medusa_mlx.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.torch_compat.decode import generate_step as torch_generate_step  # noqa: E402
 from exo_medusa_mlx.tree import build_tree, tree_choices  # noqa: E402
 from test_exo_engine import N, N_LAYERS, PROMPT, OracleEngine, built, exo_engine_test, reference  # noqa: E402
+from oracle import rig  # noqa: E402
 from tiny import CONFIGS  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models; shared cores (see test_torch_tiny)
@@ -63,22 +64,12 @@ class TorchOracleEngine(MedusaTorchInferenceEngine):
         self.rng = np.random.default_rng(0)
 
     def _project(self, h, positions):
-        rows = super()._project(h, positions).clone()
+        rows = super()._project(h, positions)
         self.passes += 1
         one = h.dim() == 1
-        if one:
-            rows, positions = rows[:, None], [positions]
-        for t, q in enumerate(positions):
-            for i in range(rows.shape[0] - 1):
-                p = int(q) + 1 + i
-                if p >= len(self.future):
-                    continue
-                true = int(self.future[p])
-                order = [int(x) for x in torch.argsort(rows[1 + i, t], descending=True) if int(x) != true]
-                r = int(self.rng.choice(self.ranks))
-                ranked = order[:r] + [true] + order[r:]
-                rows[1 + i, t, ranked] = torch.linspace(10.0, 0.0, len(ranked))
-        return rows[:, 0] if one else rows
+        got = rig(rows.float().cpu().numpy()[:, None] if one else rows.float().cpu().numpy(),
+                  [positions] if one else positions, self.future, self.ranks, self.rng)
+        return torch.from_numpy(got[:, 0] if one else got).to(rows)
 
 
 # --------------------------------------------------------------------------- exactness

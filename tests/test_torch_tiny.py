@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from exo_medusa_mlx.torch_compat.heads import MedusaHeads, load_heads  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
+from oracle import OracleHeads  # noqa: E402
 
 # Tiny models gain nothing from threads, and on shared cores OpenMP's spin-waiting
 # makes a second torch thread ~10x slower: every torch test module imports this one.
@@ -82,50 +83,16 @@ def hf_greedy(base, prompt, n) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-class TorchOracleMedusa(MedusaModel):
+class TorchOracleMedusa(OracleHeads, MedusaModel):
     """Heads that know the plain greedy continuation ``future`` (as tests/tiny.py's OracleMedusa).
 
     Head i's guesses for position p put the true token at a rank drawn from ``ranks``.
     """
 
-    def __init__(self, base, heads, tree, future: np.ndarray, ranks=(0,), seed=0):
-        super().__init__(base, heads, tree)
-        self.future, self.ranks = future, ranks
-        self.rng = np.random.default_rng(seed)
-        self.ctx = None
-
-    def make_cache(self, max_kv_size=None, keep=4, static_len=None):
-        self.ctx, caches = super().make_cache(max_kv_size, keep, static_len)
-        return self.ctx, caches
-
-    def forward(self, ctx, caches, tokens, tree=None):
-        self.depths = tree.depths if tree is not None else np.arange(len(tokens))  # the forward in flight
-        return super().forward(ctx, caches, tokens, tree)
-
     def project(self, h):
         """(1+K, V) at the last committed position, or (1+K, T, V) at each node in flight."""
-        if h.dim() == 1:  # after a commit: the bonus/root sits at ``committed``
-            return self._rig(super().project(h)[:, None], [self.ctx.committed])[:, 0]
-        # before the commit: the token after node n sits at committed + depth(n) + 1
-        return self._rig(super().project(h), self.ctx.committed + self.depths + 1)
-
-    def _rig(self, rows, nexts):
-        """rows: (1+K, T, V); head i at column t guesses position nexts[t] + 1 + i."""
-        rows = rows.clone()
-        for t, q in enumerate(nexts):
-            for i in range(rows.shape[0] - 1):
-                p = int(q) + 1 + i
-                if p < len(self.future):
-                    row = rows[1 + i, t].cpu().numpy()
-                    true = int(self.future[p])
-                    order = np.argsort(-row)
-                    order = order[order != true]
-                    r = int(self.rng.choice(self.ranks))
-                    ranked = np.concatenate([order[:r], [true], order[r:]])
-                    new = np.empty_like(row)
-                    new[ranked] = np.linspace(10.0, 0.0, len(ranked))
-                    rows[1 + i, t] = torch.from_numpy(new).to(rows)
-        return rows
+        rows = super().project(h)
+        return torch.from_numpy(self.rigged(rows.float().cpu().numpy(), h.dim() == 1)).to(rows)
 
 
 # --------------------------------------------------------------------------- tests

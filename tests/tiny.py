@@ -11,6 +11,7 @@ from exo_medusa_mlx.heads import MedusaHeads
 from exo_medusa_mlx.heads_format import MedusaConfig
 from exo_medusa_mlx.model import MedusaModel
 from exo_medusa_mlx.tree import build_tree
+from oracle import OracleHeads
 
 VOCAB = 96
 
@@ -53,7 +54,7 @@ def tiny_medusa(family="llama", tree=None, heads=None, seed=0) -> MedusaModel:
     return MedusaModel(tiny_base(family, seed), heads, build_tree(tree if tree is not None else [[0], [1], [0, 0]]))
 
 
-class OracleMedusa(MedusaModel):
+class OracleMedusa(OracleHeads, MedusaModel):
     """Heads that know the plain greedy continuation ``future`` (absolute positions).
 
     Head i's guesses for position p put the true token at a rank drawn from
@@ -61,40 +62,6 @@ class OracleMedusa(MedusaModel):
     commits gather nodes that are not contiguous.
     """
 
-    def __init__(self, base, heads, tree, future: np.ndarray, ranks=(0,), seed=0):
-        super().__init__(base, heads, tree)
-        self.future = future
-        self.ranks = ranks
-        self.rng = np.random.default_rng(seed)
-        self.ctx = None
-
-    def make_cache(self, max_kv_size=None, keep=4):
-        self.ctx, caches = super().make_cache(max_kv_size, keep)
-        return self.ctx, caches
-
-    def forward(self, ctx, caches, tokens, tree=None):
-        self.depths = tree.depths if tree is not None else np.arange(len(tokens))  # the forward in flight
-        return super().forward(ctx, caches, tokens, tree)
-
     def project(self, h):
         """(1+K, V) at the last committed position, or (1+K, T, V) at each node in flight."""
-        if h.ndim == 1:  # after a commit: the bonus/root sits at ``committed``
-            return self.rig(super().project(h)[:, None], [self.ctx.committed])[:, 0]
-        # before the commit: the token after node n sits at committed + depth(n) + 1
-        return self.rig(super().project(h), self.ctx.committed + self.depths + 1)
-
-    def rig(self, rows, nexts):
-        """rows: (1+K, T, V); head i at column t guesses position nexts[t] + 1 + i."""
-        rows = np.array(rows)
-        for t, q in enumerate(nexts):
-            for i in range(rows.shape[0] - 1):
-                p = int(q) + 1 + i
-                if p < len(self.future):
-                    row = rows[1 + i, t]
-                    true = int(self.future[p])
-                    order = np.argsort(-row)
-                    order = order[order != true]
-                    r = int(self.rng.choice(self.ranks))
-                    ranked = np.concatenate([order[:r], [true], order[r:]])
-                    row[ranked] = np.linspace(10.0, 0.0, len(ranked))
-        return mx.array(rows)
+        return mx.array(self.rigged(np.array(super().project(h)), h.ndim == 1))

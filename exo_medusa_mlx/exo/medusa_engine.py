@@ -316,8 +316,11 @@ class MedusaShardEngine(InferenceEngine):
         if req.is_tree:
             # With heads, base and head logits of every node in one projection (as
             # generate_step): the next guesses come from the node kept.
-            every = self._project(h, committed + req.depths + 1) if sess.use_heads else None  # (1+K, T, V)
-            logits = every[0] if sess.use_heads else self._logits(h)  # (T, V)
+            if sess.use_heads:
+                every = self._project(h, committed + req.depths + 1)  # (1+K, T, V)
+                logits = every[0]
+            else:
+                logits = self._logits(h)  # (T, V)
             verdict = self._numpy(logits) if policy.needs_logits else self._numpy(self._argmax(logits))
             acc = policy.accept(L.tree, tokens, verdict)
             emitted, last, commit = acc.tokens, int(acc.nodes[-1]), acc.nodes

@@ -1,0 +1,52 @@
+"""Heads that know the plain greedy continuation: the rigging both backends' test fakes share (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rig(rows: np.ndarray, nexts, future: np.ndarray, ranks, rng) -> np.ndarray:
+    """Rig head logits in place and return them. rows: (1+K, T, V), row 0 the base model's.
+
+    Head i at column t guesses position nexts[t] + 1 + i: the true token
+    ``future[p]`` goes to a rank drawn from ``ranks`` (0 = top-1), the other
+    tokens keep their order around it. Positions past ``future`` are left alone.
+    """
+    for t, q in enumerate(nexts):
+        for i in range(rows.shape[0] - 1):
+            p = int(q) + 1 + i
+            if p < len(future):
+                row = rows[1 + i, t]
+                true = int(future[p])
+                order = np.argsort(-row)
+                order = order[order != true]
+                r = int(rng.choice(ranks))
+                ranked = np.concatenate([order[:r], [true], order[r:]])
+                row[ranked] = np.linspace(10.0, 0.0, len(ranked))
+    return rows
+
+
+class OracleHeads:
+    """Mixin for a MedusaModel of either backend: ``rigged(rows, one)`` puts the true
+    continuation into the heads' logits at the positions of the states projected."""
+
+    def __init__(self, base, heads, tree, future: np.ndarray, ranks=(0,), seed=0):
+        super().__init__(base, heads, tree)
+        self.future, self.ranks = future, ranks
+        self.rng = np.random.default_rng(seed)
+        self.ctx = None
+
+    def make_cache(self, *args, **kw):
+        self.ctx, caches = super().make_cache(*args, **kw)
+        return self.ctx, caches
+
+    def forward(self, ctx, caches, tokens, tree=None):
+        self.depths = tree.depths if tree is not None else np.arange(len(tokens))  # the forward in flight
+        return super().forward(ctx, caches, tokens, tree)
+
+    def rigged(self, rows: np.ndarray, one: bool) -> np.ndarray:
+        """rows: (1+K, V) at the last committed position (``one``), or (1+K, T, V) at each node in flight."""
+        if one:  # after a commit: the bonus/root sits at ``committed``
+            return rig(rows[:, None], [self.ctx.committed], self.future, self.ranks, self.rng)[:, 0]
+        # before the commit: the token after node n sits at committed + depth(n) + 1
+        return rig(rows, self.ctx.committed + self.depths + 1, self.future, self.ranks, self.rng)

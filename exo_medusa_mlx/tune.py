@@ -333,6 +333,9 @@ def run(args) -> dict:
         if not alone:
             print("note: on this machine no tree beats plain decoding (--no-medusa); "
                   f"keeping the best tree of at least {args.min_nodes} nodes")
+    # The most a tree of --max-nodes can accept here, whatever it costs (what a fast accelerator could use).
+    longest = grow_tree(cond, {k: 1.0 for k in step}, args.max_nodes, min_nodes=args.max_nodes)
+    longest_len = empirical_accept_length(ranks, longest)
     n = len(choices) + 1
     emp = empirical_accept_length(ranks, choices)
     predicted = emp / step[n] * step[1]
@@ -340,6 +343,7 @@ def run(args) -> dict:
           + f"; Medusa step overhead {overhead * 1e3:.1f} ms; plain decoding {plain * 1e3:.1f} ms/token")
     print(f"tree: {n} nodes, depth {max((len(c) for c in choices), default=0)}; expected accepted length "
           f"{emp:.2f} (product model {info['expected_accept_length']:.2f}); predicted speed-up {predicted:.2f}x")
+    print(f"longest-accepting tree of {len(longest) + 1} nodes (latency ignored): expected accepted length {longest_len:.2f}")
     result = {
         "expected_accept_length": round(emp, 4), "expected_accept_length_product": round(info["expected_accept_length"], 4),
         "predicted_speedup": round(predicted, 4), "latency_curve": {k: round(v, 6) for k, v in curve.items()},
@@ -347,6 +351,7 @@ def run(args) -> dict:
         "head_topk_accuracy": [[round(float(a), 4) for a in row] for row in top],
         "head_conditional_accuracy": [[round(float(a), 4) for a in row] for row in cond],
         "heldout_rows": int(len(ranks)), "context": args.context, "min_nodes": args.min_nodes,
+        "max_nodes_accept_length": round(longest_len, 4),
     }
     if args.num_prompts > 0 and choices:
         gen = compare_generation(model, tokenizer, prompts[: args.num_prompts], choices, args.max_tokens)

@@ -270,6 +270,8 @@ def run(args) -> dict:
     for name in ("num_heads", "num_layers", "batch_size", "max_tokens", "gen_batch_size", "seq_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.samples_per_prompt != 1 and (args.samples_per_prompt < 1 or args.data or args.temp <= 0):
+        raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: use 1, or more with --prompts and --temp > 0")
     if not 0 <= args.val_split < 1:
         raise ValueError(f"--val-split {args.val_split} must be in [0, 1)")
     out = Path(args.output)

@@ -56,6 +56,7 @@ def test_stats_line_printed():
     (["generate", "--heads", "/no/such/heads"], "/no/such/heads"),
     (["generate", "--tree", "bogus"], "unknown tree 'bogus'"),
     (["bogus"], "unknown command 'bogus'"),
+    (["train", "--output", "/tmp/unused", "--samples-per-prompt", "2"], "--samples-per-prompt 2"),
 ])
 def test_bad_flags_give_one_line_errors(args, msg):
     p = run(*args, check=False)

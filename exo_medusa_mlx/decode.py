@@ -58,7 +58,7 @@ def generate_step(
         raise ValueError(f"tree is {tree.depth} deep but the heads give {model.heads.num_heads} guesses")
 
     h = prefill(model, ctx, caches, prompt)
-    rows = model.project(h) if use_heads else model.logits(h)[None]  # (1+K, V)
+    rows = model.project(h, tree.depth) if use_heads else model.logits(h)[None]  # (1+D, V)
     mx.eval(rows)
     root = policy.first(np.array(rows[0]))
     yield Step([root], 0)
@@ -68,7 +68,7 @@ def generate_step(
         return
 
     tree_idx = mx.array(tree.tree_indices)
-    guesses = topk_ids(rows[1 : 1 + tree.depth], tree.topk) if use_heads else None  # (D, k)
+    guesses = topk_ids(rows[1:], tree.topk) if use_heads else None  # (D, k)
     while True:
         if use_heads:
             flat = mx.concatenate([mx.array([root]), guesses.reshape(-1).astype(mx.int32)])
@@ -79,8 +79,9 @@ def generate_step(
         if use_heads:
             # Base and head logits of every node in one pass over lm_head: the next
             # guesses come from whichever node is kept, known only after acceptance.
-            rows = model.project(h)  # (1+K, T, V)
-            logits, node_guesses = rows[0], topk_ids(rows[1 : 1 + tree.depth], tree.topk)  # (D, T, k)
+            # Only the heads the tree reads: a tree D deep projects (1+D) rows per node.
+            rows = model.project(h, tree.depth)  # (1+D, T, V)
+            logits, node_guesses = rows[0], topk_ids(rows[1:], tree.topk)  # (D, T, k)
         else:
             logits, node_guesses = model.logits(h), None  # (T, V)
         verdict = logits if policy.needs_logits else mx.argmax(logits, axis=-1)

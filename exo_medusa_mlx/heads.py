@@ -52,17 +52,19 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.heads)
 
-    def project(self, h: mx.array, lm_head, base: bool = True) -> mx.array:
+    def project(self, h: mx.array, lm_head, base: bool = True, num: int | None = None) -> mx.array:
         """Logits of the base head and every Medusa head at ``h``.
 
         h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
-        (without ``base``: (K, ..., V), the heads' alone). With the shared layout,
+        (without ``base``: (K, ..., V), the heads' alone). ``num``: only the first
+        ``num`` heads (a tree ``num`` deep reads no others). With the shared layout,
         all hidden states go through ``lm_head`` in one matmul.
         """
-        hs = [head(h) for head in self.heads]
+        heads = list(self.heads)[:num]
+        hs = [head(h) for head in heads]
         if not self.config.own_lm_head:
             return lm_head(mx.stack([h] + hs if base else hs))
-        rows = [head.lm_head(x) for head, x in zip(self.heads, hs)]
+        rows = [head.lm_head(x) for head, x in zip(heads, hs)]
         return mx.stack([lm_head(h)] + rows if base else rows)
 
     # --- checkpoints -----------------------------------------------------

@@ -111,11 +111,12 @@ class MedusaModel:
     def logits(self, h: mx.array) -> mx.array:
         return self.lm_head(h)
 
-    def project(self, h: mx.array) -> mx.array:
-        """(1+K, ..., V): base logits then each head's, in one matmul (shared layout)."""
+    def project(self, h: mx.array, depth: int | None = None) -> mx.array:
+        """(1+D, ..., V): base logits then those of the first ``depth`` heads (all if
+        None), in one matmul (shared layout)."""
         if self.heads is None:
             return self.lm_head(h)[None]
-        return self.heads.project(h, self.lm_head)
+        return self.heads.project(h, self.lm_head, num=depth)
 
     def with_tree(self, tree) -> "MedusaModel":
         from .tree import load_tree

@@ -176,6 +176,8 @@ def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: in
         t0 = time.perf_counter()
         h = model.forward(ctx, caches, tokens, trees[n])
         if model.heads is not None:
+            # Every head, though decoding projects only the tree's depth of them: an upper
+            # bound, a few rows of lm_head per node above what a shallow tree costs.
             rows = model.project(h)
             logits, guesses = rows[0], topk_ids(rows[1:], TOPK)
         else:

@@ -30,6 +30,10 @@ def test_shared_projection_is_one_matmul_of_all_heads():
     assert out.shape == (3, 3, VOCAB)
     assert mx.allclose(out[0], lm(h), atol=1e-6)
     assert mx.allclose(out[2], lm(heads.heads[1](h)), atol=1e-6)
+    # A tree one deep reads head 0 alone: the same rows, the others never computed.
+    first = heads.project(h, lm, num=1)
+    assert first.shape == (2, 3, VOCAB) and mx.allclose(first, out[:2], atol=1e-6)
+    assert heads.project(h, lm, base=False, num=1).shape == (1, 3, VOCAB)
 
 
 def test_own_lm_head_layout_and_reference_pt(tmp_path):

@@ -107,17 +107,17 @@ class CloseMedusa(MedusaModel):
         self.pending_tree = tree
         return super().forward(ctx, caches, tokens, tree)
 
-    def project(self, h):
-        rows = super().project(h)  # (1+K, V) after a commit, (1+K, T, V) over the nodes in flight
+    def project(self, h, depth=None):
+        rows = super().project(h, depth)  # (1+D, V) after a commit, (1+D, T, V) over the nodes in flight
         if h.ndim == 1:
-            return mx.concatenate([rows[:1], self._guesses(tuple(self.ctx.tokens))])
+            return mx.concatenate([rows[:1], self._guesses(tuple(self.ctx.tokens))[: rows.shape[0] - 1]])
         guesses = []
         for n in range(h.shape[0]):  # node n: the committed tokens, then its path
             path = []
             while n >= 0:
                 path.insert(0, int(self.ctx.pending[n]))
                 n = int(self.pending_tree.parents[n]) if self.pending_tree is not None else n - 1
-            guesses.append(self._guesses(tuple(self.ctx.tokens + path)))
+            guesses.append(self._guesses(tuple(self.ctx.tokens + path))[: rows.shape[0] - 1])
         return mx.concatenate([rows[:1], mx.stack(guesses, axis=1)])
 
     def _guesses(self, prefix: tuple) -> mx.array:

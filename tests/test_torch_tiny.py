@@ -89,9 +89,9 @@ class TorchOracleMedusa(OracleHeads, MedusaModel):
     Head i's guesses for position p put the true token at a rank drawn from ``ranks``.
     """
 
-    def project(self, h):
-        """(1+K, V) at the last committed position, or (1+K, T, V) at each node in flight."""
-        rows = super().project(h)
+    def project(self, h, depth=None):
+        """(1+D, V) at the last committed position, or (1+D, T, V) at each node in flight."""
+        rows = super().project(h, depth)
         return torch.from_numpy(self.rigged(rows.float().cpu().numpy(), h.dim() == 1)).to(rows)
 
 
@@ -144,6 +144,8 @@ def test_heads_roundtrip_and_project_match_mlx(own_lm_head, tmp_path):
     got = heads.project(torch.from_numpy(h), tb.lm_head).detach().numpy()
     assert got.shape == want.shape == (4, 5, VOCAB)
     assert np.abs(got - want).max() < 1e-4
+    got2 = heads.project(torch.from_numpy(h), tb.lm_head, num=2).detach().numpy()
+    assert got2.shape == (3, 5, VOCAB) and np.abs(got2 - want[:3]).max() < 1e-4
 
 
 def test_fresh_resblock_ignores_its_input():

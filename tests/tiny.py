@@ -62,6 +62,6 @@ class OracleMedusa(OracleHeads, MedusaModel):
     commits gather nodes that are not contiguous.
     """
 
-    def project(self, h):
-        """(1+K, V) at the last committed position, or (1+K, T, V) at each node in flight."""
-        return mx.array(self.rigged(np.array(super().project(h)), h.ndim == 1))
+    def project(self, h, depth=None):
+        """(1+D, V) at the last committed position, or (1+D, T, V) at each node in flight."""
+        return mx.array(self.rigged(np.array(super().project(h, depth)), h.ndim == 1))

@@ -11,7 +11,7 @@ the array work, all called on the engine's one worker thread:
   hidden states otherwise; normed on the last), committing a plain pass at once
   and leaving a tree pass in scratch. Returns backend hidden states (T, H).
 - ``_commit(sess, nodes)``, ``_logits(h)`` (T, V), ``_project(h, positions)``
-  (1+K, ..., V), ``_propose(rows, root, tree)`` -> (T',) int64 tree tokens,
+  (1+D, ..., V) (D: the tree's depth), ``_propose(rows, root, tree)`` -> (T',) int64 tree tokens,
   ``_argmax(a)``, ``_numpy(a)``, ``_hidden_numpy(h)`` (1, T, H) for the wire.
 """
 
@@ -317,7 +317,7 @@ class MedusaShardEngine(InferenceEngine):
             # With heads, base and head logits of every node in one projection (as
             # generate_step): the next guesses come from the node kept.
             if sess.use_heads:
-                every = self._project(h, committed + req.depths + 1)  # (1+K, T, V)
+                every = self._project(h, committed + req.depths + 1)  # (1+D, T, V)
                 logits = every[0]
             else:
                 logits = self._logits(h)  # (T, V)
@@ -399,7 +399,8 @@ class MedusaShardEngine(InferenceEngine):
         raise NotImplementedError
 
     def _project(self, h, positions):
-        """Base then head logits at hidden states h: (H,) -> (1+K, V), (T, H) -> (1+K, T, V).
+        """Base then head logits at hidden states h: (H,) -> (1+D, V), (T, H) -> (1+D, T, V),
+        for the D heads the tree reads.
 
         ``positions``: where the next root sits after each state (an int for one).
         """

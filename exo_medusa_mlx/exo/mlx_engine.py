@@ -104,7 +104,7 @@ class MedusaMLXInferenceEngine(MedusaShardEngine):
         return self._loaded.model.logits(h)
 
     def _project(self, h: mx.array, positions) -> mx.array:
-        return self._loaded.model.project(h)
+        return self._loaded.model.project(h, self._loaded.tree.depth)
 
     def _propose(self, rows: mx.array, root: int, tree: TreeBuffers) -> np.ndarray:
         if tree.size == 1:

@@ -199,7 +199,7 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
         return self._loaded.model.logits(h)
 
     def _project(self, h: torch.Tensor, positions) -> torch.Tensor:
-        return self._loaded.model.project(h)
+        return self._loaded.model.project(h, self._loaded.tree.depth)
 
     @torch.inference_mode()
     def _propose(self, rows: torch.Tensor, root: int, tree: TreeBuffers) -> np.ndarray:

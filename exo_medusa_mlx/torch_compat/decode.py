@@ -62,7 +62,7 @@ def generate_step(
         raise ValueError(f"tree is {tree.depth} deep but the heads give {model.heads.num_heads} guesses")
 
     h = prefill(model, ctx, caches, prompt)
-    rows = model.project(h) if use_heads else model.logits(h)[None]  # (1+K, V)
+    rows = model.project(h, tree.depth) if use_heads else model.logits(h)[None]  # (1+D, V)
     root = policy.first(rows[0].float().cpu().numpy())
     yield Step([root], 0)
 
@@ -71,7 +71,7 @@ def generate_step(
         ctx.static_len = static_len_for(ctx, tree.size)  # the prefill ran dynamic; verify steps are static
         verify = GraphedVerify(model, ctx, caches, tree, heads=use_heads)
     tree_idx = torch.from_numpy(tree.tree_indices).to(model.device)
-    guesses = topk_ids(rows[1 : 1 + tree.depth], tree.topk) if use_heads else None  # (D, k)
+    guesses = topk_ids(rows[1:], tree.topk) if use_heads else None  # (D, k)
     while True:
         if use_heads:
             flat = torch.cat([guesses.new_tensor([root]), guesses.reshape(-1)])
@@ -83,12 +83,13 @@ def generate_step(
         else:
             h = model.forward(ctx, caches, tree_tokens, tree)  # (T, H)
             # with heads: base and head logits of every node in one pass over lm_head,
-            # since the next guesses come from the node kept, known after acceptance
-            rows = model.project(h) if use_heads else model.logits(h)[None]  # (1+K, T, V)
+            # since the next guesses come from the node kept, known after acceptance;
+            # only the heads the tree reads (1+D rows per node)
+            rows = model.project(h, tree.depth) if use_heads else model.logits(h)[None]  # (1+D, T, V)
         verdict = rows[0].float() if policy.needs_logits else rows[0].argmax(dim=-1)
         acc = policy.accept(tree, tree_tokens.cpu().numpy(), verdict.cpu().numpy())
         ctx.commit(caches, acc.nodes)
         root = acc.tokens[-1]
         if use_heads:
-            guesses = topk_ids(rows[1 : 1 + tree.depth, int(acc.nodes[-1])], tree.topk)  # from the last kept node
+            guesses = topk_ids(rows[1:, int(acc.nodes[-1])], tree.topk)  # from the last kept node
         yield Step(acc.tokens, tree.size)

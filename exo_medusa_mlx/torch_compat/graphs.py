@@ -29,8 +29,8 @@ class GraphedVerify:
     """``model.forward`` then the logits over ``tree``, replayed from a CUDA graph.
 
     Call it like ``model.forward`` (tokens: (T,) on the device); returns
-    (hidden (T, H), rows (1+K, T, V)): ``model.project`` of every node with
-    ``heads``, else the base logits alone (K = 0). Both are static buffers
+    (hidden (T, H), rows (1+D, T, V)): ``model.project`` of every node with
+    ``heads`` (the tree's depth D of them), else the base logits alone (D = 0). Both are static buffers
     overwritten by the next call.
     """
 
@@ -54,7 +54,7 @@ class GraphedVerify:
 
     def _run(self):
         h = self.model.hidden(self.tokens, self.caches)[0]  # (T, H)
-        return h, self.model.project(h) if self.heads else self.model.lm_head(h)[None]
+        return h, self.model.project(h, self.tree.depth) if self.heads else self.model.lm_head(h)[None]
 
     def _capture(self) -> None:
         self.graph = None

@@ -54,17 +54,19 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.heads)
 
-    def project(self, h: torch.Tensor, lm_head: nn.Module, base: bool = True) -> torch.Tensor:
+    def project(self, h: torch.Tensor, lm_head: nn.Module, base: bool = True, num: int | None = None) -> torch.Tensor:
         """Logits of the base head and every Medusa head at ``h``.
 
         h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
-        (without ``base``: (K, ..., V), the heads' alone). With the shared layout,
+        (without ``base``: (K, ..., V), the heads' alone). ``num``: only the first
+        ``num`` heads (a tree ``num`` deep reads no others). With the shared layout,
         all hidden states go through ``lm_head`` in one matmul.
         """
-        hs = [head(h) for head in self.heads]
+        heads = list(self.heads)[:num]
+        hs = [head(h) for head in heads]
         if not self.config.own_lm_head:
             return lm_head(torch.stack([h] + hs if base else hs))  # (1+K, ..., H) @ (H, V)
-        rows = [head.lm_head(x) for head, x in zip(self.heads, hs)]
+        rows = [head.lm_head(x) for head, x in zip(heads, hs)]
         return torch.stack([lm_head(h)] + rows if base else rows)
 
     # --- checkpoints -----------------------------------------------------

@@ -113,11 +113,12 @@ class MedusaModel:
         return self.lm_head(h)
 
     @torch.inference_mode()
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        """(1+K, ..., V): base logits then each head's, in one matmul (shared layout)."""
+    def project(self, h: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """(1+D, ..., V): base logits then those of the first ``depth`` heads (all if
+        None), in one matmul (shared layout)."""
         if self.heads is None:
             return self.lm_head(h)[None]
-        return self.heads.project(h, self.lm_head)
+        return self.heads.project(h, self.lm_head, num=depth)
 
     def with_tree(self, tree) -> "MedusaModel":
         return MedusaModel(self.base, self.heads, load_tree(tree, self.heads.num_heads if self.heads else None),

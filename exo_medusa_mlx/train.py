@@ -114,6 +114,38 @@ def new_heads(cfg: MedusaConfig, lm_head_weight: mx.array | None, seed: int) -> 
     return heads
 
 
+def init_from(heads: MedusaHeads, path: str | Path) -> MedusaConfig:
+    """Start ``heads`` from saved ones (fine-tuning); returns the saved heads' config.
+
+    The saved heads fill the first heads and blocks; a block beyond the saved depth
+    starts as the identity (W = 0, b = 0: x + SiLU(0) = x), so deeper heads begin
+    exactly where the saved ones were. Extra heads start fresh.
+    """
+    from .heads_format import read_heads, resolve_config
+
+    weights, raw, file = read_heads(path)
+    cfg = heads.config
+    saved = resolve_config(weights, raw, str(file), cfg.hidden_size, cfg.vocab_size)
+    if saved.own_lm_head != cfg.own_lm_head:
+        want = "own" if saved.own_lm_head else "shared"
+        raise ValueError(f"--init-from {path}: those heads use the {want} lm_head layout; pass --layout {want}")
+    if saved.num_layers > cfg.num_layers:
+        raise ValueError(f"--init-from {path}: those heads have {saved.num_layers} layers; pass --num-layers "
+                         f"{saved.num_layers} or more")
+    for i, head in enumerate(heads.heads[: saved.num_heads]):
+        for j, b in enumerate(head.blocks):
+            if j < saved.num_layers:
+                b.linear.weight = mx.array(weights[f"{i}.{j}.linear.weight"])
+                b.linear.bias = mx.array(weights[f"{i}.{j}.linear.bias"])
+            else:
+                b.linear.weight = mx.zeros_like(b.linear.weight)
+                b.linear.bias = mx.zeros_like(b.linear.bias)
+        if cfg.own_lm_head:
+            head.lm_head.weight = mx.array(weights[f"{i}.{saved.num_layers}.weight"])
+    mx.eval(heads.parameters())
+    return saved
+
+
 def _save_checkpoint(folder: Path, heads: MedusaHeads, opt, step: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     heads.save(folder)
@@ -253,7 +285,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="Rows (positions) per step")
     p.add_argument("--steps-per-eval", type=int, default=0, help="Validate every N steps (0: at the end only)")
     p.add_argument("--save-every", type=int, default=100, help="Checkpoint every N steps into OUTPUT/checkpoint")
-    p.add_argument("--resume", action="store_true", help="Continue from OUTPUT/checkpoint")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="Continue from OUTPUT/checkpoint")
+    start.add_argument("--init-from", default=None,
+                       help="Start from saved heads (fine-tune); with a larger --num-layers the new blocks start as the identity")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -303,6 +338,9 @@ def run(args) -> dict:
                        num_layers=args.num_layers, own_lm_head=args.layout == "own", base_model=model_id)
     heads = new_heads(cfg, lm_head.weight if args.layout == "own" and hasattr(lm_head, "weight")
                       else base.model.embed_tokens.weight, args.seed)
+    if args.init_from:
+        saved = init_from(heads, args.init_from)
+        print(f"starting from {args.init_from} ({saved.num_heads} heads, {saved.num_layers} layers)")
     tic = time.perf_counter()
     metrics = train(heads, lm_head, cache_dir, meta, steps=steps, batch_size=args.batch_size, lr=args.learning_rate,
                     warmup=warmup, loss=args.loss, seed=args.seed, eval_every=args.steps_per_eval,
@@ -315,6 +353,9 @@ def run(args) -> dict:
         "val_top1": metrics.get("top1"), "val_top5": metrics.get("top5"), "val_rows": metrics.get("rows"),
         "train_top1": metrics.get("train_top1_per_head"),
     }
+    if args.init_from:
+        heads.config.info["init_from"] = {"path": str(args.init_from), "layers": saved.num_layers,
+                                          **{k: saved.info[k] for k in ("steps", "epochs", "val_top1") if k in saved.info}}
     heads.save(out)
     for i in range(heads.num_heads):
         if "top1" in metrics:

@@ -203,3 +203,32 @@ def test_data_files_and_errors(tmp_path):
     j.write_text('{"foo": 1}\n')
     with pytest.raises(ValueError, match=r"d.jsonl:1: expected 'text'"):
         read_documents(j, Tok(), seq_len=8)
+
+
+def test_init_from_deeper_heads_start_where_the_saved_ones_were(base, cache, tmp_path):
+    """--init-from: saved 1-layer heads fill the first block of 2-layer heads, the new block is
+    the identity, so the logits match before training; training then moves on from there."""
+    from exo_medusa_mlx.train import init_from
+
+    folder, meta = cache
+    lm = base_lm_head(base)
+    saved = _heads(base)
+    train(saved, lm, folder, meta, steps=10, batch_size=32, lr=3e-3, warmup=1, log=lambda *_: None)
+    saved.save(tmp_path / "one")
+    cfg = MedusaConfig(num_heads=K, hidden_size=base.args.hidden_size, vocab_size=VOCAB, num_layers=2)
+    deeper = new_heads(cfg, None, seed=5)
+    init_from(deeper, tmp_path / "one")
+    h = mx.random.normal((6, base.args.hidden_size))
+    np.testing.assert_allclose(np.array(deeper.project(h, lm)), np.array(saved.project(h, lm)), atol=1e-5)
+    batch = next(iterate_batches(folder, [f["file"] for f in meta["splits"]["train"]], K, 64))
+    args = [mx.array(batch["hidden"], dtype=mx.float32), mx.array(batch["targets"])]
+    before = float(loss_fn(deeper, lm, *args)[0])
+    train(deeper, lm, folder, meta, steps=10, batch_size=32, lr=3e-3, warmup=1, log=lambda *_: None)
+    assert float(loss_fn(deeper, lm, *args)[0]) < before
+    assert float(mx.abs(deeper.heads[0].blocks[1].linear.weight).max()) > 0  # the new block learned
+
+    with pytest.raises(ValueError, match="--num-layers 2 or more"):
+        deeper.save(tmp_path / "two")
+        init_from(_heads(base), tmp_path / "two")
+    with pytest.raises(ValueError, match="--layout shared"):
+        init_from(_heads(base, own=True), tmp_path / "one")

@@ -309,6 +309,10 @@ def run(args) -> dict:
         raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: use 1, or more with --prompts and --temp > 0")
     if not 0 <= args.val_split < 1:
         raise ValueError(f"--val-split {args.val_split} must be in [0, 1)")
+    if args.init_from:
+        from .heads_format import read_heads
+
+        read_heads(args.init_from)  # a bad path fails here, before the data is built
     out = Path(args.output)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     base, lm_head, tokenizer, model_id = load_base(args.model)

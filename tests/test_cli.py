@@ -57,6 +57,7 @@ def test_stats_line_printed():
     (["generate", "--tree", "bogus"], "unknown tree 'bogus'"),
     (["bogus"], "unknown command 'bogus'"),
     (["train", "--output", "/tmp/unused", "--samples-per-prompt", "2"], "--samples-per-prompt 2"),
+    (["train", "--output", "/tmp/unused", "--init-from", "/no/such/heads"], "/no/such/heads"),
 ])
 def test_bad_flags_give_one_line_errors(args, msg):
     p = run(*args, check=False)

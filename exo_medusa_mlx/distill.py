@@ -270,8 +270,11 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:
             return meta
+        # A finished cache of other data (or another seed, split, length): hours of work, never overwritten.
+        raise ValueError(f"{folder} holds hidden states of other data ({meta.get('data', '?')}; or another "
+                         "--seed, --val-split or --max-tokens): pass another --cache-dir, or delete that folder")
     folder.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # written last: a cache without it is incomplete
+    # No meta.json (written last): shards left by an interrupted run, incomplete, so cleared.
     for f in folder.glob("*.safetensors"):
         f.unlink()
     n = len(prompts) if prompts is not None else len(docs)

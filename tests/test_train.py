@@ -176,6 +176,17 @@ def test_relabel_uses_base_predictions(base, tmp_path):
         np.testing.assert_array_equal(raw["left"][start : start + n], np.arange(n)[::-1])
         start += n
 
+    # Another key over a finished cache is refused, and the cache is left whole; a folder
+    # without meta.json (an interrupted run) is cleared and rebuilt.
+    files = sorted(f.name for f in tmp_path.iterdir())
+    with pytest.raises(ValueError, match="other data.*--cache-dir"):
+        build_cache(tmp_path, base, lm, key="other", docs=docs[:2], batch_size=3)
+    assert sorted(f.name for f in tmp_path.iterdir()) == files
+    assert build_cache(tmp_path, base, lm, key="d", docs=docs, batch_size=3) == meta
+    (tmp_path / "meta.json").unlink()
+    again = build_cache(tmp_path, base, lm, key="other", docs=docs[:2], batch_size=3)
+    assert again["sequences"]["train"] == 2 and len(list(tmp_path.glob("*.safetensors"))) == len(again["splits"]["train"])
+
 
 def test_data_files_and_errors(tmp_path):
     from exo_medusa_mlx.distill import DEFAULT_PROMPTS

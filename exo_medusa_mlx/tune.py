@@ -76,6 +76,23 @@ def empirical_accept_length(ranks: np.ndarray, choices) -> float:
     return total
 
 
+def gather_fraction(ranks: np.ndarray, choices) -> float:
+    """Share of held-out rows whose accepted nodes are not already in place (nodes
+    0..k-1 of the tree's order), so their commit gathers (see ``measure_gather``)."""
+    tree = build_tree(choices)
+    node_of = {tuple(p): k + 1 for k, p in enumerate(tree.choices)}
+    moved = 0
+    for r in ranks:
+        nodes, path = [0], ()
+        for d in range(tree.depth):
+            path = path + (int(r[d]),)
+            if path not in node_of:
+                break
+            nodes.append(node_of[path])
+        moved += nodes != list(range(len(nodes)))
+    return moved / max(len(ranks), 1)
+
+
 # --------------------------------------------------------------------------- tree growth
 
 
@@ -152,13 +169,18 @@ def _probe_trees(max_nodes: int) -> dict[int, object]:
 
 
 def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: int = 0) -> tuple[dict[int, float], float]:
-    """Median seconds of one verification step of N tree tokens over a prefilled cache.
+    """Median seconds of one decoding step with N tree tokens over a prefilled cache.
 
-    A step is what ``generate_step`` queues: the forward, then (with heads) base
-    and head logits of every node in one projection and each head's top-k per
-    node, or (without) the logits alone; then the argmax. Sizes are measured
-    round-robin so load changes on a shared machine hit them all alike. Also
-    returns Medusa's extra host work per step (accept, commit by gather).
+    A step is what ``generate_step`` runs: the forward; with heads, base and head
+    logits of every node in one projection (all heads, an upper bound) and each
+    head's top-k per node; the argmax; then the acceptance on the
+    host. Nothing is committed, so every step sees ``context`` cached tokens; a
+    commit that must gather nodes out of place (a path off the tree's first
+    children) costs extra, which ``measure_gather`` reports. A size is timed on
+    its second step in a row (decoding repeats one shape; the first step after
+    another size runs cold). Sizes are measured round-robin so load changes on a
+    shared machine hit them all alike. Also returns the host's share of a step
+    (the acceptance), which the curve already includes.
     """
     from .accept import greedy_accept
     from .decode import topk_ids, prefill
@@ -170,43 +192,62 @@ def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: in
     ctx, caches = model.make_cache()
     prefill(model, ctx, caches, rng.integers(0, V, context))
     times = {n: [] for n in sizes}
+    host = []
 
-    def forward(n):
+    def step(n):
+        tree = trees[n]
         tokens = mx.array(rng.integers(0, V, n), dtype=mx.int32)
         t0 = time.perf_counter()
-        h = model.forward(ctx, caches, tokens, trees[n])
-        if model.heads is not None:
-            # Every head, though decoding projects only the tree's depth of them: an upper
-            # bound, a few rows of lm_head per node above what a shallow tree costs.
+        h = model.forward(ctx, caches, tokens, tree)
+        if model.heads is not None and n > 1:
+            # Every head: trees of this size may be deeper than the probe (decoding
+            # projects only its tree's depth, so this errs a few lm_head rows high).
             rows = model.project(h)
             logits, guesses = rows[0], topk_ids(rows[1:], TOPK)
         else:
             logits, guesses = model.logits(h), None
         verdict = mx.argmax(logits, axis=-1)
         mx.eval(verdict, guesses)
-        return time.perf_counter() - t0, h, tokens, verdict
+        t1 = time.perf_counter()
+        greedy_accept(tree, np.array(tokens), np.array(verdict))
+        # Nothing committed: the context stays at ``context`` tokens, as under the plain
+        # baseline. Keeping the root is in place (a few slots written in the next
+        # graph); a commit that gathers costs more (``measure_gather``).
+        t2 = time.perf_counter()
+        if n > 1:
+            host.append(t2 - t1)
+        return t2 - t0
 
-    for n in sizes:  # warm-up
-        forward(n)
     for _ in tqdm(range(repeats), desc="latency", unit="pass"):
         for n in sizes:
-            times[n].append(forward(n)[0])
-    overhead = []
-    if model.heads is not None:
-        tree = trees[min(8, max(trees))]
-        for _ in range(max(repeats, 5)):
-            _, h, tokens, verdict = forward(tree.size)
-            t0 = time.perf_counter()
-            acc = greedy_accept(tree, np.array(tokens), np.array(verdict))
-            ctx.commit(caches, np.array([0, tree.size - 1]))  # a non-contiguous commit: a real gather
-            mx.eval([c.state for c in caches])
-            overhead.append(time.perf_counter() - t0)
+            step(n)  # untimed: decoding repeats one shape, so time the second step of it
+            times[n].append(step(n))
     curve = {n: float(np.median(t)) for n, t in times.items()}
     # Noise on a shared machine can make a bigger forward look cheaper: keep the curve monotone.
     run = 0.0
     for n in sorted(curve):
         run = curve[n] = max(curve[n], run)
-    return curve, float(np.median(overhead)) if overhead else 0.0
+    return curve, float(np.median(host)) if host else 0.0
+
+
+def measure_gather(model, tree_size: int = 8, context: int = 128, repeats: int = 5, seed: int = 0) -> float:
+    """Median extra seconds of a commit that gathers (keeps the root and the last node
+    of a ``tree_size`` forward) over one that keeps the root in place."""
+    from .decode import prefill
+
+    rng = np.random.default_rng(seed)
+    tree = _probe_trees(tree_size)[tree_size]
+    ctx, caches = model.make_cache()
+    prefill(model, ctx, caches, rng.integers(0, model.vocab_size, context))
+    cost = {}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, nodes in (("in place", [0]), ("gather", [0, tree.size - 1])):
+            mx.eval(model.forward(ctx, caches, mx.array(rng.integers(0, model.vocab_size, tree.size)), tree))
+            t0 = time.perf_counter()
+            ctx.commit(caches, np.array(nodes))
+            mx.eval([c.state for c in caches])
+            cost.setdefault(name, []).append(time.perf_counter() - t0)
+    return float(np.median(cost["gather"][1:]) - np.median(cost["in place"][1:]))
 
 
 def measure_plain_step(model, context: int = 128, tokens: int = 16, repeats: int = 3, seed: int = 0) -> float:
@@ -325,10 +366,15 @@ def run(args) -> dict:
               + f" | top-1 given heads <{i} right: {cond[i, 0]:.2f}")
 
     sizes = list(range(1, MAX_LATENCY_NODES + 1))
-    curve, overhead = measure_latency(model, sizes, args.context, args.repeats)
+    curve, host = measure_latency(model, sizes, args.context, args.repeats)
     plain = measure_plain_step(model, args.context)
-    # A tree step: its forward plus the heads' work; the root alone is plain decoding.
-    step = {n: t + overhead for n, t in curve.items() if n > 1} | {1: plain}
+    gather = measure_gather(model, context=args.context)
+    # The best tree of each size is a prefix of one best-first order of paths (see grow_tree).
+    order = grow_tree(cond, {k: 1.0 for k in curve}, args.max_nodes, min_nodes=args.max_nodes)
+    # A tree step as measured (host work included), plus the gathers its commits need;
+    # the root alone is plain decoding.
+    step = {n: curve[n] + gather * gather_fraction(ranks, order[: n - 1])
+            for n in range(2, args.max_nodes + 1)} | {1: plain}
     choices, info = grow_tree(cond, step, args.max_nodes, return_info=True, min_nodes=args.min_nodes)
     if args.min_nodes > 1:
         alone = grow_tree(cond, step, args.max_nodes)
@@ -336,20 +382,21 @@ def run(args) -> dict:
             print("note: on this machine no tree beats plain decoding (--no-medusa); "
                   f"keeping the best tree of at least {args.min_nodes} nodes")
     # The most a tree of --max-nodes can accept here, whatever it costs (what a fast accelerator could use).
-    longest = grow_tree(cond, {k: 1.0 for k in step}, args.max_nodes, min_nodes=args.max_nodes)
+    longest = order
     longest_len = empirical_accept_length(ranks, longest)
     n = len(choices) + 1
     emp = empirical_accept_length(ranks, choices)
     predicted = emp / step[n] * step[1]
     print(f"latency ms: " + ", ".join(f"N={k}: {curve[k] * 1e3:.1f}" for k in (1, 2, 4, 8, 16, 32, 64) if k in curve)
-          + f"; Medusa step overhead {overhead * 1e3:.1f} ms; plain decoding {plain * 1e3:.1f} ms/token")
+          + f" (host accept {host * 1e3:.1f} ms of each; a commit that gathers "
+          f"adds {gather * 1e3:.1f} ms); plain decoding {plain * 1e3:.1f} ms/token")
     print(f"tree: {n} nodes, depth {max((len(c) for c in choices), default=0)}; expected accepted length "
           f"{emp:.2f} (product model {info['expected_accept_length']:.2f}); predicted speed-up {predicted:.2f}x")
     print(f"longest-accepting tree of {len(longest) + 1} nodes (latency ignored): expected accepted length {longest_len:.2f}")
     result = {
         "expected_accept_length": round(emp, 4), "expected_accept_length_product": round(info["expected_accept_length"], 4),
         "predicted_speedup": round(predicted, 4), "latency_curve": {k: round(v, 6) for k, v in curve.items()},
-        "step_overhead": round(overhead, 6), "plain_step": round(plain, 6), "max_nodes": args.max_nodes,
+        "host_per_step": round(host, 6), "gather_commit": round(gather, 6), "plain_step": round(plain, 6), "max_nodes": args.max_nodes,
         "head_topk_accuracy": [[round(float(a), 4) for a in row] for row in top],
         "head_conditional_accuracy": [[round(float(a), 4) for a in row] for row in cond],
         "heldout_rows": int(len(ranks)), "context": args.context, "min_nodes": args.min_nodes,

@@ -89,6 +89,9 @@ def test_measure_latency_on_tiny_model():
     vals = [curve[n] for n in sorted(curve)]
     assert all(v > 0 for v in vals) and vals == sorted(vals)
     assert overhead > 0
+    from exo_medusa_mlx.tune import measure_gather
+
+    assert np.isfinite(measure_gather(tiny_medusa(), tree_size=4, context=16, repeats=2))
 
 
 def test_prompt_sets_are_disjoint():
@@ -121,3 +124,13 @@ def test_shipped_heads_lossless_on_default_model():
     runs = list(stream_generate(model, tok, ids, max_tokens=30))
     assert [r.token for r in runs] == plain
     assert runs[-1].mean_accepted > 1.1  # the heads are used and sometimes right
+
+
+def test_gather_fraction_counts_commits_out_of_place():
+    from exo_medusa_mlx.tune import gather_fraction
+
+    # nodes: root 0, [0] 1, [1] 2, [0, 0] 3
+    ranks = np.array([[0, 0], [0, 5], [1, 0], [3, 0], [-1, -1]])
+    # kept: 0,1,3 (moved); 0,1 (in place); 0,2 (moved); 0 (in place); 0 (in place)
+    assert gather_fraction(ranks, [[0], [1], [0, 0]]) == pytest.approx(2 / 5)
+    assert gather_fraction(ranks, [[0], [0, 0]]) == 0.0  # a chain is always in place

@@ -114,17 +114,15 @@ def new_heads(cfg: MedusaConfig, lm_head_weight: mx.array | None, seed: int) -> 
     return heads
 
 
-def init_from(heads: MedusaHeads, path: str | Path) -> MedusaConfig:
-    """Start ``heads`` from saved ones (fine-tuning); returns the saved heads' config.
+def saved_heads(path: str | Path, cfg: MedusaConfig) -> tuple[dict[str, np.ndarray], MedusaConfig]:
+    """Read heads to start from (``--init-from``) and check they fit heads of ``cfg``.
 
-    The saved heads fill the first heads and blocks; a block beyond the saved depth
-    starts as the identity (W = 0, b = 0: x + SiLU(0) = x), so deeper heads begin
-    exactly where the saved ones were. Extra heads start fresh.
+    Returns (weights under the reference keys, their config). Run before the data
+    is built, so a mismatch costs nothing.
     """
     from .heads_format import read_heads, resolve_config
 
     weights, raw, file = read_heads(path)
-    cfg = heads.config
     saved = resolve_config(weights, raw, str(file), cfg.hidden_size, cfg.vocab_size)
     if saved.own_lm_head != cfg.own_lm_head:
         want = "own" if saved.own_lm_head else "shared"
@@ -132,18 +130,27 @@ def init_from(heads: MedusaHeads, path: str | Path) -> MedusaConfig:
     if saved.num_layers > cfg.num_layers:
         raise ValueError(f"--init-from {path}: those heads have {saved.num_layers} layers; pass --num-layers "
                          f"{saved.num_layers} or more")
-    for i, head in enumerate(heads.heads[: saved.num_heads]):
-        for j, b in enumerate(head.blocks):
-            if j < saved.num_layers:
-                b.linear.weight = mx.array(weights[f"{i}.{j}.linear.weight"])
-                b.linear.bias = mx.array(weights[f"{i}.{j}.linear.bias"])
-            else:
-                b.linear.weight = mx.zeros_like(b.linear.weight)
-                b.linear.bias = mx.zeros_like(b.linear.bias)
-        if cfg.own_lm_head:
-            head.lm_head.weight = mx.array(weights[f"{i}.{saved.num_layers}.weight"])
+    return weights, saved
+
+
+def init_from(heads: MedusaHeads, weights: dict[str, np.ndarray], saved: MedusaConfig) -> None:
+    """Start ``heads`` from saved ones (fine-tuning), as read by ``saved_heads``.
+
+    The saved heads fill the first heads and blocks; a block beyond the saved depth
+    starts as the identity (W = 0, b = 0: x + SiLU(0) = x), so deeper heads begin
+    exactly where the saved ones were. Extra heads keep their fresh weights.
+    """
+    merged = heads.reference_weights()
+    n = heads.config.num_layers
+    for i in range(min(saved.num_heads, heads.num_heads)):
+        for j in range(n):
+            for part in ("weight", "bias"):
+                key = f"{i}.{j}.linear.{part}"
+                merged[key] = weights[key] if j < saved.num_layers else np.zeros_like(merged[key])
+        if heads.config.own_lm_head:
+            merged[f"{i}.{n}.weight"] = weights[f"{i}.{saved.num_layers}.weight"]
+    heads.load_reference_weights(merged)
     mx.eval(heads.parameters())
-    return saved
 
 
 def _save_checkpoint(folder: Path, heads: MedusaHeads, opt, step: int) -> None:
@@ -309,13 +316,12 @@ def run(args) -> dict:
         raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: use 1, or more with --prompts and --temp > 0")
     if not 0 <= args.val_split < 1:
         raise ValueError(f"--val-split {args.val_split} must be in [0, 1)")
-    if args.init_from:
-        from .heads_format import read_heads
-
-        read_heads(args.init_from)  # a bad path fails here, before the data is built
     out = Path(args.output)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     base, lm_head, tokenizer, model_id = load_base(args.model)
+    cfg = MedusaConfig(num_heads=args.num_heads, hidden_size=base.args.hidden_size, vocab_size=base.args.vocab_size,
+                       num_layers=args.num_layers, own_lm_head=args.layout == "own", base_model=model_id)
+    init = saved_heads(args.init_from, cfg) if args.init_from else None  # checked before the data is built
     common = dict(model=model_id, val_split=args.val_split, seed=args.seed)
     if args.data:
         docs = read_documents(args.data, tokenizer, args.seq_len)[: args.num_prompts]
@@ -338,12 +344,11 @@ def run(args) -> dict:
     per_epoch = steps_per_epoch(meta, args.batch_size)
     steps = args.iters if args.iters is not None else max(int(math.ceil((args.epochs or 1.0) * per_epoch)), 1)
     warmup = args.warmup if args.warmup is not None else max(steps // 20, 1)
-    cfg = MedusaConfig(num_heads=args.num_heads, hidden_size=base.args.hidden_size, vocab_size=base.args.vocab_size,
-                       num_layers=args.num_layers, own_lm_head=args.layout == "own", base_model=model_id)
     heads = new_heads(cfg, lm_head.weight if args.layout == "own" and hasattr(lm_head, "weight")
                       else base.model.embed_tokens.weight, args.seed)
-    if args.init_from:
-        saved = init_from(heads, args.init_from)
+    if init is not None:
+        weights, saved = init
+        init_from(heads, weights, saved)
         print(f"starting from {args.init_from} ({saved.num_heads} heads, {saved.num_layers} layers)")
     tic = time.perf_counter()
     metrics = train(heads, lm_head, cache_dir, meta, steps=steps, batch_size=args.batch_size, lr=args.learning_rate,
@@ -357,7 +362,7 @@ def run(args) -> dict:
         "val_top1": metrics.get("top1"), "val_top5": metrics.get("top5"), "val_rows": metrics.get("rows"),
         "train_top1": metrics.get("train_top1_per_head"),
     }
-    if args.init_from:
+    if init is not None:
         heads.config.info["init_from"] = {"path": str(args.init_from), "layers": saved.num_layers,
                                           **{k: saved.info[k] for k in ("steps", "epochs", "val_top1") if k in saved.info}}
     heads.save(out)

@@ -369,11 +369,12 @@ def run(args) -> dict:
     curve, host = measure_latency(model, sizes, args.context, args.repeats)
     plain = measure_plain_step(model, args.context)
     gather = measure_gather(model, context=args.context)
-    # The best tree of each size is a prefix of one best-first order of paths (see grow_tree).
-    order = grow_tree(cond, {k: 1.0 for k in curve}, args.max_nodes, min_nodes=args.max_nodes)
+    # The longest-accepting tree of --max-nodes, whatever it costs (what a fast accelerator
+    # could use); the best tree of each size is a prefix of its paths (see grow_tree).
+    longest = grow_tree(cond, {k: 1.0 for k in curve}, args.max_nodes, min_nodes=args.max_nodes)
     # A tree step as measured (host work included), plus the gathers its commits need;
     # the root alone is plain decoding.
-    step = {n: curve[n] + gather * gather_fraction(ranks, order[: n - 1])
+    step = {n: curve[n] + gather * gather_fraction(ranks, longest[: n - 1])
             for n in range(2, args.max_nodes + 1)} | {1: plain}
     choices, info = grow_tree(cond, step, args.max_nodes, return_info=True, min_nodes=args.min_nodes)
     if args.min_nodes > 1:
@@ -381,8 +382,6 @@ def run(args) -> dict:
         if not alone:
             print("note: on this machine no tree beats plain decoding (--no-medusa); "
                   f"keeping the best tree of at least {args.min_nodes} nodes")
-    # The most a tree of --max-nodes can accept here, whatever it costs (what a fast accelerator could use).
-    longest = order
     longest_len = empirical_accept_length(ranks, longest)
     n = len(choices) + 1
     emp = empirical_accept_length(ranks, choices)

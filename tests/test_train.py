@@ -219,7 +219,7 @@ def test_data_files_and_errors(tmp_path):
 def test_init_from_deeper_heads_start_where_the_saved_ones_were(base, cache, tmp_path):
     """--init-from: saved 1-layer heads fill the first block of 2-layer heads, the new block is
     the identity, so the logits match before training; training then moves on from there."""
-    from exo_medusa_mlx.train import init_from
+    from exo_medusa_mlx.train import init_from, saved_heads
 
     folder, meta = cache
     lm = base_lm_head(base)
@@ -228,7 +228,7 @@ def test_init_from_deeper_heads_start_where_the_saved_ones_were(base, cache, tmp
     saved.save(tmp_path / "one")
     cfg = MedusaConfig(num_heads=K, hidden_size=base.args.hidden_size, vocab_size=VOCAB, num_layers=2)
     deeper = new_heads(cfg, None, seed=5)
-    init_from(deeper, tmp_path / "one")
+    init_from(deeper, *saved_heads(tmp_path / "one", cfg))
     h = mx.random.normal((6, base.args.hidden_size))
     np.testing.assert_allclose(np.array(deeper.project(h, lm)), np.array(saved.project(h, lm)), atol=1e-5)
     batch = next(iterate_batches(folder, [f["file"] for f in meta["splits"]["train"]], K, 64))
@@ -240,6 +240,6 @@ def test_init_from_deeper_heads_start_where_the_saved_ones_were(base, cache, tmp
 
     with pytest.raises(ValueError, match="--num-layers 2 or more"):
         deeper.save(tmp_path / "two")
-        init_from(_heads(base), tmp_path / "two")
+        saved_heads(tmp_path / "two", _heads(base).config)
     with pytest.raises(ValueError, match="--layout shared"):
-        init_from(_heads(base, own=True), tmp_path / "one")
+        saved_heads(tmp_path / "one", _heads(base, own=True).config)

@@ -20,7 +20,7 @@ DEFAULT_PROMPTS = DATA_DIR / "train_prompts.json"
 SHARD_ROWS = 8192  # rows per shard (a shard never splits a sequence)
 TEACHER_TOPK = 8  # base-model top-k probabilities kept per row, for --loss kl
 MIX_SHARDS = 4  # shards shuffled together in training
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: shards hold the token fed after each row ("next_tokens")
 
 
 
@@ -109,11 +109,11 @@ def _teacher(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
 
 
 class _Row:
-    """One sequence: its rows (hidden state, base argmax, base top-k) so far."""
+    """One sequence: its rows (hidden state, base argmax, token that follows, base top-k) so far."""
 
     def __init__(self, index: int):
         self.index = index
-        self.hidden, self.labels, self.ids, self.probs = [], [], [], []
+        self.hidden, self.labels, self.nexts, self.ids, self.probs = [], [], [], [], []
 
 
 def self_distill(base, lm_head, prompts: list[list[int]], eos: set[int], max_tokens: int, batch_size: int,
@@ -167,6 +167,7 @@ def self_distill(base, lm_head, prompts: list[list[int]], eos: set[int], max_tok
         for j, row in enumerate(rows):
             row.hidden.append(h_np[j])
             row.labels.append(int(lab[j]))
+            row.nexts.append(int(tok_np[j]))
             row.ids.append(ids_np[j])
             row.probs.append(pr[j])
         done = {row.index for j, row in enumerate(rows)
@@ -202,6 +203,7 @@ def relabel(base, lm_head, docs: list[tuple[list[int], int]], batch_size: int):
             mx.eval(hj, label, tids, probs)
             row = _Row(i)
             row.hidden, row.labels = list(np.array(hj)), np.array(label).tolist()
+            row.nexts = list(ids[start + 1 :]) + row.labels[-1:]  # the text's next token (the last has none)
             row.ids, row.probs = list(np.array(tids)), list(np.array(probs))
             yield i, row
 
@@ -237,6 +239,7 @@ class ShardWriter:
         save_file({
             "hidden": hidden,
             "labels": np.concatenate([r.labels for r in self.buf]).astype(np.int32),
+            "next_tokens": np.concatenate([r.nexts for r in self.buf]).astype(np.int32),
             "left": left.astype(np.int32),
             "teacher_ids": np.concatenate([np.stack(r.ids) for r in self.buf]).astype(np.int32),
             "teacher_probs": np.concatenate([np.stack(r.probs) for r in self.buf]).astype(np.float16),
@@ -272,7 +275,8 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
             return meta
         # A finished cache of other data (or another seed, split, length): hours of work, never overwritten.
         raise ValueError(f"{folder} holds hidden states of other data ({meta.get('data', '?')}; or another "
-                         "--seed, --val-split or --max-tokens): pass another --cache-dir, or delete that folder")
+                         "--seed, --val-split or --max-tokens, or an older cache format): pass another "
+                         "--cache-dir, or delete that folder")
     folder.mkdir(parents=True, exist_ok=True)
     # No meta.json (written last): shards left by an interrupted run, incomplete, so cleared.
     for f in folder.glob("*.safetensors"):
@@ -333,6 +337,7 @@ def load_shard(path: Path, num_heads: int) -> dict[str, np.ndarray]:
     keep = valid[:, 0]
     return {
         "hidden": d["hidden"][keep],
+        "next": d["next_tokens"][keep],  # the token fed after the row: what next-token heads read
         "targets": np.where(valid, d["labels"][idx], -1)[keep],
         "teacher_ids": d["teacher_ids"][idx][keep],  # (n, K, k)
         "teacher_probs": d["teacher_probs"][idx][keep].astype(np.float32),

@@ -26,12 +26,19 @@ class ResBlock(nn.Module):
 class MedusaHead(nn.Module):
     def __init__(self, cfg: MedusaConfig):
         super().__init__()
+        if cfg.next_token:
+            # Starts at zero: a fresh (or converted) head begins as a plain Medusa head.
+            self.next_token = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+            self.next_token.weight = mx.zeros_like(self.next_token.weight)
+            self.next_token.bias = mx.zeros_like(self.next_token.bias)
         # Distinct blocks (the reference's ``[ResBlock(h)] * n`` shares one).
         self.blocks = [ResBlock(cfg.hidden_size) for _ in range(cfg.num_layers)]
         if cfg.own_lm_head:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, next_embeds: mx.array | None = None) -> mx.array:
+        if next_embeds is not None:
+            x = x + self.next_token(next_embeds)
         for b in self.blocks:
             x = b(x)
         return x
@@ -52,16 +59,21 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.heads)
 
-    def project(self, h: mx.array, lm_head, base: bool = True, num: int | None = None) -> mx.array:
+    def project(self, h: mx.array, lm_head, base: bool = True, num: int | None = None,
+                next_embeds: mx.array | None = None) -> mx.array:
         """Logits of the base head and every Medusa head at ``h``.
 
         h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
         (without ``base``: (K, ..., V), the heads' alone). ``num``: only the first
         ``num`` heads (a tree ``num`` deep reads no others). With the shared layout,
-        all hidden states go through ``lm_head`` in one matmul.
+        all hidden states go through ``lm_head`` in one matmul. ``next_embeds``
+        (..., H): embeddings of the base model's next token at ``h``, which
+        next-token heads need (``MedusaModel.project`` passes them).
         """
+        if self.config.next_token and next_embeds is None:
+            raise ValueError("these heads read the base model's next token: pass next_embeds")
         heads = list(self.heads)[:num]
-        hs = [head(h) for head in heads]
+        hs = [head(h, next_embeds if self.config.next_token else None) for head in heads]
         if not self.config.own_lm_head:
             return lm_head(mx.stack([h] + hs if base else hs))
         rows = [head.lm_head(x) for head, x in zip(heads, hs)]
@@ -74,6 +86,9 @@ class MedusaHeads(nn.Module):
         out = {}
         n = self.config.num_layers
         for i, head in enumerate(self.heads):
+            if self.config.next_token:
+                out[f"{i}.next_token.weight"] = np.array(head.next_token.weight)
+                out[f"{i}.next_token.bias"] = np.array(head.next_token.bias)
             for j, b in enumerate(head.blocks):
                 out[f"{i}.{j}.linear.weight"] = np.array(b.linear.weight)
                 out[f"{i}.{j}.linear.bias"] = np.array(b.linear.bias)
@@ -84,6 +99,9 @@ class MedusaHeads(nn.Module):
     def load_reference_weights(self, weights: dict[str, np.ndarray]) -> None:
         n = self.config.num_layers
         for i, head in enumerate(self.heads):
+            if self.config.next_token:
+                head.next_token.weight = mx.array(weights[f"{i}.next_token.weight"])
+                head.next_token.bias = mx.array(weights[f"{i}.next_token.bias"])
             for j, b in enumerate(head.blocks):
                 b.linear.weight = mx.array(weights[f"{i}.{j}.linear.weight"])
                 b.linear.bias = mx.array(weights[f"{i}.{j}.linear.bias"])

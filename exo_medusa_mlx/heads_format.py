@@ -5,6 +5,11 @@ block j ``{i}.{j}.linear.weight`` / ``.bias`` and its own vocabulary projection
 ``{i}.{n}.weight`` (n = layers per head). Heads that reuse the base lm_head
 (the later, smaller layout) simply have no ``{i}.{n}.weight``. This project
 writes the same keys, so its heads load in the reference code and vice versa.
+
+One extension: heads that also read the base model's next token (its argmax at
+the same position, known before the heads run) carry ``{i}.next_token.weight`` /
+``.bias``, a linear map of that token's embedding added to the hidden state
+before the blocks. The reference code cannot run these.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ CONFIG_FILE = "config.json"
 SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped" / "smollm2-135m-instruct"
 
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+_NEXT_KEY = re.compile(r"^(\d+)\.next_token\.(weight|bias)$")
 
 
 @dataclass
@@ -34,6 +40,7 @@ class MedusaConfig:
     vocab_size: int
     num_layers: int = 1
     own_lm_head: bool = False  # v1 layout: each head has its own vocab projection
+    next_token: bool = False  # heads also read the embedding of the base model's next token
     base_model: str | None = None
     info: dict = field(default_factory=dict)  # training facts, accuracies
 
@@ -58,12 +65,16 @@ class MedusaConfig:
         return d
 
 
-def layout_from_keys(weights: dict[str, Any], source: str) -> tuple[int, int, bool]:
-    """(num_heads, num_layers, own_lm_head) counted from the keys, not the config."""
+def layout_from_keys(weights: dict[str, Any], source: str) -> tuple[int, int, bool, bool]:
+    """(num_heads, num_layers, own_lm_head, next_token) counted from the keys, not the config."""
     blocks: dict[int, set[int]] = {}
     heads_with_proj = set()
+    heads_with_next = set()
     for k in weights:
         m = _KEY.match(k)
+        if m is None and _NEXT_KEY.match(k):
+            heads_with_next.add(int(_NEXT_KEY.match(k)[1]))
+            continue
         if m is None:
             raise ValueError(f"{source}: unexpected tensor '{k}'; expected Medusa keys like '0.0.linear.weight'")
         i, j, kind = int(m[1]), int(m[2]), m[3]
@@ -87,18 +98,24 @@ def layout_from_keys(weights: dict[str, Any], source: str) -> tuple[int, int, bo
     if own and len(heads_with_proj) != num_heads:
         missing = sorted(set(range(num_heads)) - {i for i, _ in heads_with_proj})
         raise ValueError(f"{source}: missing tensor '{missing[0]}.{num_layers}.weight' (some heads have their own lm_head, this one has none)")
-    return num_heads, num_layers, own
+    next_token = bool(heads_with_next)
+    for i in range(num_heads) if next_token else ():
+        for part in ("weight", "bias"):
+            if f"{i}.next_token.{part}" not in weights:
+                raise ValueError(f"{source}: missing tensor '{i}.next_token.{part}' (other heads read the next token)")
+    if heads_with_next - set(range(num_heads)):
+        raise ValueError(f"{source}: tensor '{max(heads_with_next)}.next_token.weight' belongs to no head")
+    return num_heads, num_layers, own, next_token
 
 
 def check_shapes(weights: dict[str, Any], cfg: MedusaConfig, source: str) -> None:
     H, V = cfg.hidden_size, cfg.vocab_size
     for k, w in weights.items():
-        m = _KEY.match(k)
         shape = tuple(w.shape)
-        if m[3] == "linear.weight":
-            want = (H, H)
-        elif m[3] == "linear.bias":
+        if k.endswith("bias"):
             want = (H,)
+        elif k.endswith("linear.weight") or _NEXT_KEY.match(k):
+            want = (H, H)
         else:
             want = (V, H)
         if shape != want:
@@ -154,10 +171,10 @@ def read_heads(path: str | Path) -> tuple[dict[str, np.ndarray], dict, Path]:
 
 
 def resolve_config(weights: dict, raw: dict, source: str, hidden_size: int, vocab_size: int) -> MedusaConfig:
-    num_heads, num_layers, own = layout_from_keys(weights, source)
+    num_heads, num_layers, own, next_token = layout_from_keys(weights, source)
     cfg = MedusaConfig.from_dict({**raw, "hidden_size": hidden_size, "vocab_size": vocab_size})
     # Published configs lie about the head count: the keys decide.
-    cfg.num_heads, cfg.num_layers, cfg.own_lm_head = num_heads, num_layers, own
+    cfg.num_heads, cfg.num_layers, cfg.own_lm_head, cfg.next_token = num_heads, num_layers, own, next_token
     check_shapes(weights, cfg, source)
     return cfg
 

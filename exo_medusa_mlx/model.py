@@ -113,10 +113,16 @@ class MedusaModel:
 
     def project(self, h: mx.array, depth: int | None = None) -> mx.array:
         """(1+D, ..., V): base logits then those of the first ``depth`` heads (all if
-        None), in one matmul (shared layout)."""
+        None), in one matmul (shared layout). Next-token heads first need the base
+        model's argmax at ``h``: two passes over lm_head."""
         if self.heads is None:
             return self.lm_head(h)[None]
-        return self.heads.project(h, self.lm_head, num=depth)
+        if not self.heads.config.next_token:
+            return self.heads.project(h, self.lm_head, num=depth)
+        logits = self.lm_head(h)
+        nxt = self.base.model.embed_tokens(mx.argmax(logits, axis=-1))
+        rows = self.heads.project(h, self.lm_head, base=False, num=depth, next_embeds=nxt)
+        return mx.concatenate([logits[None], rows])
 
     def with_tree(self, tree) -> "MedusaModel":
         from .tree import load_tree

@@ -44,17 +44,27 @@ from .heads import MedusaHeads
 from .heads_format import MedusaConfig
 
 HEAD_DECAY = 0.8  # head i's loss weight is HEAD_DECAY ** i
-def head_logits(heads: MedusaHeads, lm_head, h: mx.array) -> mx.array:
+def head_logits(heads: MedusaHeads, lm_head, h: mx.array, next_embeds: mx.array | None = None) -> mx.array:
     """(K, B, V) logits of every head at hidden states h: (B, H)."""
-    return heads.project(h, lm_head, base=False)
+    return heads.project(h, lm_head, base=False, next_embeds=next_embeds)
 
 
-def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_probs=None):
+def next_embeds(heads: MedusaHeads, embed, batch: dict) -> mx.array | None:
+    """Embeddings of the tokens fed after the batch's rows, for next-token heads (else None)."""
+    if not heads.config.next_token:
+        return None
+    if embed is None:
+        raise ValueError("next-token heads need the base model's embedding (embed=)")
+    return embed(mx.array(batch["next"]))
+
+
+def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_probs=None, next_embeds=None):
     """Weighted CE (or top-k KL to the base model) summed over heads; also per-head loss and top-1.
 
-    targets: (B, K) with -1 where the sequence ends; teacher_*: (B, K, k).
+    targets: (B, K) with -1 where the sequence ends; teacher_*: (B, K, k); next_embeds:
+    (B, H), the fed tokens' embeddings, for next-token heads.
     """
-    logits = head_logits(heads, lm_head, h).astype(mx.float32)  # (K, B, V)
+    logits = head_logits(heads, lm_head, h, next_embeds).astype(mx.float32)  # (K, B, V)
     t = targets.T  # (K, B)
     valid = (t >= 0).astype(mx.float32)
     lse = mx.logsumexp(logits, axis=-1)
@@ -70,21 +80,23 @@ def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_p
     return (weights * per_head).sum(), (per_head, top1)
 
 
-def target_ranks(heads: MedusaHeads, lm_head, h: mx.array, targets: mx.array) -> mx.array:
+def target_ranks(heads: MedusaHeads, lm_head, h: mx.array, targets: mx.array,
+                 next_embeds: mx.array | None = None) -> mx.array:
     """Rank of each target among its head's logits (0 = top-1; -1 where no target). (B, K)."""
-    logits = head_logits(heads, lm_head, h).astype(mx.float32)  # (K, B, V)
+    logits = head_logits(heads, lm_head, h, next_embeds).astype(mx.float32)  # (K, B, V)
     t = targets.T
     tl = mx.take_along_axis(logits, mx.maximum(t, 0)[..., None], axis=-1)
     rank = (logits > tl).sum(-1)
     return mx.where(t >= 0, rank, -1).T
 
 
-def evaluate(heads, lm_head, folder: Path, files: list[str], batch_size: int, topk=(1, 5)) -> dict:
-    """Per-head top-k accuracies and CE on a split."""
+def evaluate(heads, lm_head, folder: Path, files: list[str], batch_size: int, topk=(1, 5), embed=None) -> dict:
+    """Per-head top-k accuracies on a split."""
     hits = np.zeros((heads.num_heads, max(topk)))
     counts = np.zeros(heads.num_heads)
     for b in iterate_batches(folder, files, heads.num_heads, batch_size):
-        r = target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]))
+        r = target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
+                         next_embeds(heads, embed, b))
         r = np.array(r)
         for k in range(max(topk)):
             hits[:, k] += ((r >= 0) & (r <= k)).sum(0)
@@ -127,6 +139,8 @@ def saved_heads(path: str | Path, cfg: MedusaConfig) -> tuple[dict[str, np.ndarr
     if saved.own_lm_head != cfg.own_lm_head:
         want = "own" if saved.own_lm_head else "shared"
         raise ValueError(f"--init-from {path}: those heads use the {want} lm_head layout; pass --layout {want}")
+    if saved.next_token and not cfg.next_token:
+        raise ValueError(f"--init-from {path}: those heads read the next token; pass --next-token")
     if saved.num_layers > cfg.num_layers:
         raise ValueError(f"--init-from {path}: those heads have {saved.num_layers} layers; pass --num-layers "
                          f"{saved.num_layers} or more")
@@ -138,11 +152,15 @@ def init_from(heads: MedusaHeads, weights: dict[str, np.ndarray], saved: MedusaC
 
     The saved heads fill the first heads and blocks; a block beyond the saved depth
     starts as the identity (W = 0, b = 0: x + SiLU(0) = x), so deeper heads begin
-    exactly where the saved ones were. Extra heads keep their fresh weights.
+    exactly where the saved ones were; so do next-token maps that plain saved heads
+    lack (zero: the token is ignored at first). Extra heads keep their fresh weights.
     """
     merged = heads.reference_weights()
     n = heads.config.num_layers
     for i in range(min(saved.num_heads, heads.num_heads)):
+        for part in ("weight", "bias") if heads.config.next_token else ():
+            key = f"{i}.next_token.{part}"
+            merged[key] = weights[key] if saved.next_token else np.zeros_like(merged[key])
         for j in range(n):
             for part in ("weight", "bias"):
                 key = f"{i}.{j}.linear.{part}"
@@ -169,11 +187,12 @@ def steps_per_epoch(meta: dict, batch_size: int) -> int:
 def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: int, batch_size: int, lr: float,
           warmup: int, loss: str = "ce", seed: int = 0, eval_every: int = 0, save_every: int = 0,
           checkpoint: Path | None = None, resume: bool = False, weight_decay: float = 0.0, noise: float = 0.0,
-          log=print) -> dict:
+          embed=None, log=print) -> dict:
     """Train ``heads`` in place on the cached train split; returns the last val metrics (if any).
 
     ``noise``: Gaussian noise added to the input hidden states, as a fraction of
     their RMS (a regulariser: the heads see each cached state once per epoch).
+    ``embed``: the base model's token embedding, which next-token heads read.
     """
     train_files = [f["file"] for f in meta["splits"]["train"]]
     val_files = [f["file"] for f in meta["splits"]["val"]]
@@ -201,10 +220,9 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
         if noise > 0:
             rms = mx.sqrt(mx.mean(h * h, axis=-1, keepdims=True))
             h = h + noise * rms * mx.random.normal(h.shape)
-        args = [h, mx.array(b["targets"])]
-        if loss == "kl":
-            args += [mx.array(b["teacher_ids"]), mx.array(b["teacher_probs"])]
-        (value, (per_head, top1)), grads = step_fn(heads, lm_head, *args)
+        teacher = [mx.array(b["teacher_ids"]), mx.array(b["teacher_probs"])] if loss == "kl" else [None, None]
+        (value, (per_head, top1)), grads = step_fn(heads, lm_head, h, mx.array(b["targets"]), *teacher,
+                                                   next_embeds(heads, embed, b))
         opt.update(heads, grads)
         mx.eval(heads.parameters(), opt.state, value, per_head, top1)
         return float(value), np.array(per_head), np.array(top1)
@@ -227,7 +245,7 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
             bar.set_postfix(loss=f"{value:.3f}", acc="/".join(f"{a:.2f}" for a in smooth[1]),
                             lr=f"{float(opt.learning_rate):.1e}")
             if val_files and eval_every and step % eval_every == 0 and step < steps:
-                metrics = evaluate(heads, lm_head, cache_dir, val_files, batch_size)
+                metrics = evaluate(heads, lm_head, cache_dir, val_files, batch_size, embed=embed)
                 bar.write(f"step {step}: val top-1 {metrics['top1']}, top-5 {metrics['top5']}")
             if checkpoint is not None and save_every and step % save_every == 0:
                 _save_checkpoint(checkpoint, heads, opt, step)
@@ -237,7 +255,7 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
     bar.close()
     if checkpoint is not None and save_every:
         _save_checkpoint(checkpoint, heads, opt, step)
-    metrics = evaluate(heads, lm_head, cache_dir, val_files, batch_size) if val_files else {}
+    metrics = evaluate(heads, lm_head, cache_dir, val_files, batch_size, embed=embed) if val_files else {}
     metrics["train_loss_per_head"] = [round(float(x), 4) for x in smooth[0]] if smooth is not None else None
     metrics["train_top1_per_head"] = [round(float(x), 4) for x in smooth[1]] if smooth is not None else None
     return metrics
@@ -281,6 +299,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
     p.add_argument("--layout", choices=["shared", "own"], default="shared",
                    help="shared: heads reuse the base lm_head (small); own: each head has its own")
+    p.add_argument("--next-token", action="store_true",
+                   help="Heads also read the embedding of the base model's next token (its argmax, known before "
+                        "the heads run); costs a second pass over lm_head per step, not the reference layout")
     p.add_argument("--loss", choices=["ce", "kl"], default="ce", help="CE to the base argmax, or KL to its top-k distribution")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -320,7 +341,8 @@ def run(args) -> dict:
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     base, lm_head, tokenizer, model_id = load_base(args.model)
     cfg = MedusaConfig(num_heads=args.num_heads, hidden_size=base.args.hidden_size, vocab_size=base.args.vocab_size,
-                       num_layers=args.num_layers, own_lm_head=args.layout == "own", base_model=model_id)
+                       num_layers=args.num_layers, own_lm_head=args.layout == "own", next_token=args.next_token,
+                       base_model=model_id)
     init = saved_heads(args.init_from, cfg) if args.init_from else None  # checked before the data is built
     common = dict(model=model_id, val_split=args.val_split, seed=args.seed)
     if args.data:
@@ -349,12 +371,13 @@ def run(args) -> dict:
     if init is not None:
         weights, saved = init
         init_from(heads, weights, saved)
-        print(f"starting from {args.init_from} ({saved.num_heads} heads, {saved.num_layers} layers)")
+        print(f"starting from {args.init_from} ({saved.num_heads} heads, {saved.num_layers} layers"
+              f"{', next-token' if saved.next_token else ''})")
     tic = time.perf_counter()
     metrics = train(heads, lm_head, cache_dir, meta, steps=steps, batch_size=args.batch_size, lr=args.learning_rate,
                     warmup=warmup, loss=args.loss, seed=args.seed, eval_every=args.steps_per_eval,
                     save_every=args.save_every, checkpoint=out / "checkpoint", resume=args.resume,
-                    weight_decay=args.weight_decay, noise=args.noise)
+                    weight_decay=args.weight_decay, noise=args.noise, embed=base.model.embed_tokens)
     heads.config.info = {
         "data": meta["data"], "rows": meta["rows"], "sequences": meta["sequences"], "data_seconds": meta["seconds"],
         "steps": steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate, "loss": args.loss,

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .distill import DATA_DIR, build_cache, cache_key, chat_ids, eos_ids, iterate_batches, read_prompts
-from .train import target_ranks
+from .train import next_embeds, target_ranks
 from .tree import build_tree, tree_choices
 
 DEFAULT_HELDOUT = DATA_DIR / "heldout_prompts.json"
@@ -32,9 +32,12 @@ MAX_LATENCY_NODES = 64
 # --------------------------------------------------------------------------- accuracies
 
 
-def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: int = 512) -> np.ndarray:
-    """Rank of the base model's choice among each head's logits, (rows, K); -1 past a sequence's end."""
-    out = [np.array(target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"])))
+def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: int = 512, embed=None) -> np.ndarray:
+    """Rank of the base model's choice among each head's logits, (rows, K); -1 past a sequence's end.
+
+    ``embed``: the base model's token embedding, for next-token heads."""
+    out = [np.array(target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
+                                 next_embeds(heads, embed, b)))
            for b in iterate_batches(folder, files, heads.num_heads, batch_size)]
     return np.concatenate(out)
 
@@ -357,7 +360,8 @@ def run(args) -> dict:
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root() / "heldout" / key
     meta = build_cache(cache_dir, model.base, model.lm_head, prompts=[chat_ids(tokenizer, p) for p in prompts],
                        eos=eos_ids(tokenizer), key=key, max_tokens=args.data_max_tokens, batch_size=args.gen_batch_size)
-    ranks = held_out_ranks(model.heads, model.lm_head, cache_dir, [f["file"] for f in meta["splits"]["train"]])
+    ranks = held_out_ranks(model.heads, model.lm_head, cache_dir, [f["file"] for f in meta["splits"]["train"]],
+                           embed=model.base.model.embed_tokens)
     top = topk_accuracy(ranks, args.topk)
     cond = conditional_accuracy(ranks, args.topk)
     print(f"held-out rows: {len(ranks)}")

@@ -52,6 +52,13 @@ def test_random_heads_lossless(family, tree):
     assert ours(model, 40)[0] == ref
 
 
+@pytest.mark.parametrize("tree", ["chain-3", "cpu-8"])
+def test_next_token_heads_lossless(family, tree):
+    _, base, ref = family
+    model = MedusaModel(base, random_heads(4, next_token=True), build_tree(tree_choices(tree)))
+    assert ours(model, 40)[0] == ref
+
+
 @pytest.mark.parametrize("tree", TREES)
 def test_oracle_heads_lossless_and_accepting(family, tree):
     _, base, ref = family

@@ -97,6 +97,20 @@ def test_mixed_rings_equal_single_node(family, backends, medusa):
     assert all(engine.request_ids == [] for engine, _ in pairs)  # freed on finish
 
 
+@pytest.mark.parametrize("backends", [("mlx", "torch"), ("torch", "mlx")], ids="-".join)
+def test_next_token_heads_through_a_mixed_ring(backends, tmp_path):
+    """The last shard also needs the embedding (untied llama): the heads read the next token's."""
+    from test_exo_engine import save_hf_folder, tiny_base
+    from tiny import random_heads
+
+    base, heads = tiny_base("llama"), random_heads(4, next_token=True)
+    folder = save_hf_folder(tmp_path / "llama", "llama", base, heads)
+    m = SimpleNamespace(name="llama", dl=LocalShardDownloader({"llama": folder}, trees={"llama": TREE}))
+    want = reference(MedusaModel(base, heads, build_tree(tree_choices(TREE))))
+    assert want == reference(MedusaModel(base, heads, build_tree(tree_choices(TREE))), medusa=False)
+    assert run_ring(mixed_ring(m, backends), PROMPT, N, wire=True) == want
+
+
 def test_oracle_heads_accept_deep_through_torch_shards(family):
     """Many tokens per pass: the torch caches commit deep, branching paths (a torch verifier, and torch
     shards under an MLX verifier)."""

@@ -6,6 +6,8 @@ import pytest
 
 from exo_medusa_mlx.heads import load_heads
 from exo_medusa_mlx.heads_format import MedusaConfig, write_heads
+from exo_medusa_mlx.model import MedusaModel
+from exo_medusa_mlx.tree import build_tree
 from tiny import VOCAB, random_heads, tiny_base
 
 H = 64
@@ -49,6 +51,52 @@ def test_own_lm_head_layout_and_reference_pt(tmp_path):
     h = mx.random.normal((4, H))
     lm = tiny_base().lm_head
     assert mx.allclose(heads.project(h, lm), back.project(h, lm), atol=1e-6)
+
+
+def test_next_token_heads_read_the_base_models_next_token(tmp_path):
+    heads = random_heads(2, next_token=True, num_layers=2)
+    w = heads.reference_weights()
+    assert "1.next_token.weight" in w and "1.next_token.bias" in w
+    heads.save(tmp_path)
+    back = load_heads(tmp_path, H, VOCAB)
+    assert back.config.next_token and back.num_heads == 2
+    base = tiny_base()
+    model = MedusaModel(base, back, build_tree([[0], [0, 0]]))
+    h = mx.random.normal((3, H))
+    rows = model.project(h)  # (1+K, 3, V)
+    lm = model.lm_head
+    assert mx.allclose(rows[0], lm(h), atol=1e-6)
+    # Each node's heads read the embedding of that node's own argmax.
+    e = base.model.embed_tokens(mx.argmax(lm(h), axis=-1))
+    assert mx.allclose(rows[1:], heads.project(h, lm, base=False, next_embeds=e), atol=1e-5)
+    other = base.model.embed_tokens(mx.argmax(lm(h), axis=-1) + 1)
+    assert not mx.allclose(rows[1:], heads.project(h, lm, base=False, next_embeds=other), atol=1e-3)
+    assert model.project(h, depth=1).shape == (2, 3, VOCAB)
+    with pytest.raises(ValueError, match="next token: pass next_embeds"):
+        heads.project(h, lm)
+    # Zero next-token maps (how fresh or converted heads start): plain Medusa heads.
+    plain = random_heads(2, num_layers=2)
+    for head, ph in zip(heads.heads, plain.heads):
+        head.next_token.weight = mx.zeros_like(head.next_token.weight)
+        head.next_token.bias = mx.zeros_like(head.next_token.bias)
+        head.blocks = ph.blocks
+    assert mx.allclose(heads.project(h, lm, next_embeds=e), plain.project(h, lm), atol=1e-6)
+
+
+def test_next_token_keys_are_checked(tmp_path):
+    w = random_heads(2, next_token=True).reference_weights()
+    bad = {k: v for k, v in w.items() if k != "1.next_token.bias"}
+    write_heads(tmp_path / "a", bad, MedusaConfig(num_heads=2, hidden_size=H, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="missing tensor '1.next_token.bias'"):
+        load_heads(tmp_path / "a", H, VOCAB)
+    extra = dict(w, **{"4.next_token.weight": w["0.next_token.weight"]})
+    write_heads(tmp_path / "b", extra, MedusaConfig(num_heads=2, hidden_size=H, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="'4.next_token.weight' belongs to no head"):
+        load_heads(tmp_path / "b", H, VOCAB)
+    wrong = dict(w, **{"0.next_token.weight": np.zeros((H, H + 1), np.float32)})
+    write_heads(tmp_path / "c", wrong, MedusaConfig(num_heads=2, hidden_size=H, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="'0.next_token.weight' has shape"):
+        load_heads(tmp_path / "c", H, VOCAB)
 
 
 def _weights(num_heads=2, hidden=H):

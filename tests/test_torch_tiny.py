@@ -121,14 +121,14 @@ def test_hf_folder_has_the_mlx_weights(family, tmp_path):
         np.testing.assert_array_equal(theirs[k], ours[k], err_msg=k)
 
 
-@pytest.mark.parametrize("own_lm_head", [False, True])
-def test_heads_roundtrip_and_project_match_mlx(own_lm_head, tmp_path):
+@pytest.mark.parametrize("own_lm_head,next_token", [(False, False), (True, False), (False, True)])
+def test_heads_roundtrip_and_project_match_mlx(own_lm_head, next_token, tmp_path):
     import mlx.core as mx
 
     from exo_medusa_mlx.heads import load_heads as mlx_load_heads
     from tiny import random_heads, tiny_base
 
-    mlx_heads = random_heads(3, own_lm_head=own_lm_head, num_layers=2)
+    mlx_heads = random_heads(3, own_lm_head=own_lm_head, num_layers=2, next_token=next_token)
     folder = mlx_heads.save(tmp_path / "mlx")
     heads = load_heads(folder, HIDDEN, VOCAB)
     assert heads.num_heads == 3 and heads.config.own_lm_head == own_lm_head
@@ -140,11 +140,14 @@ def test_heads_roundtrip_and_project_match_mlx(own_lm_head, tmp_path):
     base = tiny_base("llama")
     tb = torch_base(save_hf_folder(base, "llama", tmp_path / "base"))
     h = np.random.default_rng(0).normal(size=(5, HIDDEN)).astype(np.float32)
-    want = np.array(mlx_heads.project(mx.array(h), base.lm_head))  # (1+K, 5, V)
-    got = heads.project(torch.from_numpy(h), tb.lm_head).detach().numpy()
+    nxt = np.random.default_rng(1).integers(0, VOCAB, 5)
+    e = (base.model.embed_tokens(mx.array(nxt)), tb.get_input_embeddings()(torch.from_numpy(nxt))) if next_token \
+        else (None, None)
+    want = np.array(mlx_heads.project(mx.array(h), base.lm_head, next_embeds=e[0]))  # (1+K, 5, V)
+    got = heads.project(torch.from_numpy(h), tb.lm_head, next_embeds=e[1]).detach().numpy()
     assert got.shape == want.shape == (4, 5, VOCAB)
     assert np.abs(got - want).max() < 1e-4
-    got2 = heads.project(torch.from_numpy(h), tb.lm_head, num=2).detach().numpy()
+    got2 = heads.project(torch.from_numpy(h), tb.lm_head, num=2, next_embeds=e[1]).detach().numpy()
     assert got2.shape == (3, 5, VOCAB) and np.abs(got2 - want[:3]).max() < 1e-4
 
 

@@ -38,6 +38,16 @@ def test_random_heads_equal_hf_generate(family, tree):
     assert take(generate_step(PROMPT, model, medusa=False), 40)[0] == ref
 
 
+def test_next_token_heads_equal_hf_generate(family):
+    from tiny import random_heads
+
+    _, root, tb, _, ref = family
+    folder = random_heads(3, next_token=True).save(root / "next_token_heads")
+    model = MedusaModel(tb, load_heads(folder, HIDDEN, VOCAB), build_tree(tree_choices("cpu-8")))
+    assert model.heads.config.next_token
+    assert take(generate_step(PROMPT, model), 40)[0] == ref
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_oracle_heads_equal_hf_generate(family, attn):
     name, root, tb, heads, ref = family

@@ -68,6 +68,12 @@ def test_samples_per_prompt(base, tmp_path):
     for i, p in enumerate(prompts):
         assert got[i].labels == [t for t, _ in itertools.islice(mlx_generate_step(mx.array(p), base), 12)], i
     assert any(got[i + 8].labels != got[i].labels for i in range(8))  # sampled: another path
+    for i, p in enumerate(prompts):
+        assert got[i].nexts == got[i].labels  # greedy: the fed token is the argmax
+        r = got[i + 8]  # sampled: the rows are the base model's states along the fed tokens
+        ref = mx.argmax(lm(base.model(mx.array(p + r.nexts[:-1])[None])), axis=-1)[0, len(p) - 1 :]
+        assert np.array(ref).tolist() == r.labels, i
+    assert any(got[i + 8].nexts != got[i + 8].labels for i in range(8))
     meta = build_cache(tmp_path / "c", base, lm, key="s", prompts=prompts, eos=set(), val_split=0.25,
                        max_tokens=10, batch_size=5, temp=1.0, samples=3)
     assert meta["sequences"] == {"train": 18, "val": 6}
@@ -113,6 +119,41 @@ def test_training_lowers_loss_and_heads_round_trip(base, cache, tmp_path):
     loaded = load_heads(tmp_path, base.args.hidden_size, VOCAB)
     h = mx.random.normal((5, base.args.hidden_size))
     np.testing.assert_array_equal(np.array(loaded.project(h, lm)), np.array(heads.project(h, lm)))
+
+
+def test_next_token_heads_learn_from_the_fed_token(base, cache, tmp_path):
+    """--next-token: rows carry the token fed after them (the greedy one here, so the base argmax);
+    plain saved heads are a starting point (zero next-token maps), and training lowers the loss."""
+    from exo_medusa_mlx.train import init_from, saved_heads
+
+    folder, meta = cache
+    lm = base_lm_head(base)
+    d = load_shard(folder / meta["splits"]["train"][0]["file"], K)
+    from safetensors.numpy import load_file
+
+    raw = load_file(str(folder / meta["splits"]["train"][0]["file"]))
+    np.testing.assert_array_equal(d["next"], raw["labels"][raw["left"] >= 1])  # greedy: fed == argmax
+
+    plain = _heads(base)
+    plain.save(tmp_path / "plain")
+    cfg = MedusaConfig(num_heads=K, hidden_size=base.args.hidden_size, vocab_size=VOCAB, next_token=True)
+    heads = new_heads(cfg, None, seed=3)
+    init_from(heads, *saved_heads(tmp_path / "plain", cfg))
+    batch = next(iterate_batches(folder, [f["file"] for f in meta["splits"]["train"]], K, 64))
+    h, t = mx.array(batch["hidden"], dtype=mx.float32), mx.array(batch["targets"])
+    e = base.model.embed_tokens(mx.array(batch["next"]))
+    before = float(loss_fn(heads, lm, h, t, next_embeds=e)[0])
+    assert before == pytest.approx(float(loss_fn(plain, lm, h, t)[0]), rel=1e-5)
+    train(heads, lm, folder, meta, steps=30, batch_size=64, lr=3e-3, warmup=2, embed=base.model.embed_tokens,
+          log=lambda *_: None)
+    assert float(loss_fn(heads, lm, h, t, next_embeds=e)[0]) < 0.8 * before
+    assert float(mx.abs(heads.heads[0].next_token.weight).max()) > 0
+    heads.save(tmp_path / "next")
+    assert load_heads(tmp_path / "next", base.args.hidden_size, VOCAB).config.next_token
+    with pytest.raises(ValueError, match="pass --next-token"):
+        saved_heads(tmp_path / "next", _heads(base).config)
+    with pytest.raises(ValueError, match="embedding"):
+        train(heads, lm, folder, meta, steps=1, batch_size=8, lr=1e-3, warmup=0, log=lambda *_: None)
 
 
 def test_kl_loss_and_own_layout_train(base, cache, tmp_path):
@@ -174,6 +215,7 @@ def test_relabel_uses_base_predictions(base, tmp_path):
         ref = np.array(mx.argmax(lm(base.model(mx.array(ids)[None])), axis=-1)[0])
         np.testing.assert_array_equal(raw["labels"][start : start + n], ref)
         np.testing.assert_array_equal(raw["left"][start : start + n], np.arange(n)[::-1])
+        np.testing.assert_array_equal(raw["next_tokens"][start : start + n - 1], ids[1:])  # the text's next token
         start += n
 
     # Another key over a finished cache is refused, and the cache is left whole; a folder

@@ -58,6 +58,8 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
         params.append(inner.norm.parameters())
         head = getattr(model.lm_head, "__self__", model.lm_head)  # tied: the embedding's as_linear
         params.append(head.parameters())
+        if medusa_heads is not None and medusa_heads.config.next_token:
+            params.append(inner.embed_tokens.parameters())  # the heads read the next token's embedding
     mx.eval(params)
     return model, tokenizer
 

@@ -73,11 +73,20 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     if n != shard.n_layers:
         raise ValueError(f"shard of '{shard.model_id}' says {shard.n_layers} layers but {path} has {n}; "
                          f"use n_layers={n}")
+    medusa_heads = None
+    if heads is not None:
+        medusa_heads = load_heads(heads, config.hidden_size, config.vocab_size, dtype=dtype, device=device)
+        tree = tree if tree is not None else str(default_tree_for(Path(heads)))  # tree files are named by string
+        buffers = load_tree(tree, medusa_heads.num_heads)
+    else:
+        buffers = build_tree([])
+    # Next-token heads read the embedding of the base model's next token on the last shard.
+    next_token = medusa_heads is not None and medusa_heads.config.next_token
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     base.eval()
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    keep = _shard_prefixes(shard, tied)
+    keep = _shard_prefixes(shard, tied or next_token)
     files = _weight_files(path)
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
@@ -97,7 +106,7 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     # Buffers built at init (RoPE frequencies) were made on meta: build them again for real.
     inner.rotary_emb = type(inner.rotary_emb)(config=config).to(device)
     held = [inner.layers[i] for i in range(shard.start_layer, shard.end_layer + 1)]
-    if shard.is_first_layer():
+    if shard.is_first_layer() or (shard.is_last_layer() and next_token):
         held.append(inner.embed_tokens)
     if shard.is_last_layer():
         held += [inner.norm, base.lm_head]
@@ -107,13 +116,6 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
         raise ValueError(f"{path}: the checkpoint lacks weights of shard {shard.start_layer}-{shard.end_layer}: "
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
-    medusa_heads = None
-    if heads is not None:
-        medusa_heads = load_heads(heads, config.hidden_size, config.vocab_size, dtype=dtype, device=device)
-        tree = tree if tree is not None else str(default_tree_for(Path(heads)))  # tree files are named by string
-        buffers = load_tree(tree, medusa_heads.num_heads)
-    else:
-        buffers = build_tree([])
     model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, _with_eos_ids(tokenizer, path)

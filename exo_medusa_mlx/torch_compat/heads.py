@@ -28,12 +28,19 @@ class ResBlock(nn.Module):
 class MedusaHead(nn.Module):
     def __init__(self, cfg: MedusaConfig):
         super().__init__()
+        if cfg.next_token:
+            # Starts at zero: a fresh (or converted) head begins as a plain Medusa head.
+            self.next_token = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+            nn.init.zeros_(self.next_token.weight)
+            nn.init.zeros_(self.next_token.bias)
         # Distinct blocks (the reference's ``[ResBlock(h)] * n`` shares one).
         self.blocks = nn.ModuleList([ResBlock(cfg.hidden_size) for _ in range(cfg.num_layers)])
         if cfg.own_lm_head:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, next_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if next_embeds is not None:
+            x = x + self.next_token(next_embeds)
         for b in self.blocks:
             x = b(x)
         return x
@@ -54,16 +61,21 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.heads)
 
-    def project(self, h: torch.Tensor, lm_head: nn.Module, base: bool = True, num: int | None = None) -> torch.Tensor:
+    def project(self, h: torch.Tensor, lm_head: nn.Module, base: bool = True, num: int | None = None,
+                next_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the base head and every Medusa head at ``h``.
 
         h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
         (without ``base``: (K, ..., V), the heads' alone). ``num``: only the first
         ``num`` heads (a tree ``num`` deep reads no others). With the shared layout,
-        all hidden states go through ``lm_head`` in one matmul.
+        all hidden states go through ``lm_head`` in one matmul. ``next_embeds``
+        (..., H): embeddings of the base model's next token at ``h``, which
+        next-token heads need (``MedusaModel.project`` passes them).
         """
+        if self.config.next_token and next_embeds is None:
+            raise ValueError("these heads read the base model's next token: pass next_embeds")
         heads = list(self.heads)[:num]
-        hs = [head(h) for head in heads]
+        hs = [head(h, next_embeds if self.config.next_token else None) for head in heads]
         if not self.config.own_lm_head:
             return lm_head(torch.stack([h] + hs if base else hs))  # (1+K, ..., H) @ (H, V)
         rows = [head.lm_head(x) for head, x in zip(heads, hs)]
@@ -80,6 +92,9 @@ class MedusaHeads(nn.Module):
             return p.detach().to("cpu", torch.float32).numpy()
 
         for i, head in enumerate(self.heads):
+            if self.config.next_token:
+                out[f"{i}.next_token.weight"] = arr(head.next_token.weight)
+                out[f"{i}.next_token.bias"] = arr(head.next_token.bias)
             for j, b in enumerate(head.blocks):
                 out[f"{i}.{j}.linear.weight"] = arr(b.linear.weight)
                 out[f"{i}.{j}.linear.bias"] = arr(b.linear.bias)
@@ -91,6 +106,9 @@ class MedusaHeads(nn.Module):
     def load_reference_weights(self, weights: dict[str, np.ndarray]) -> None:
         n = self.config.num_layers
         for i, head in enumerate(self.heads):
+            if self.config.next_token:
+                head.next_token.weight.copy_(torch.from_numpy(weights[f"{i}.next_token.weight"]))
+                head.next_token.bias.copy_(torch.from_numpy(weights[f"{i}.next_token.bias"]))
             for j, b in enumerate(head.blocks):
                 b.linear.weight.copy_(torch.from_numpy(weights[f"{i}.{j}.linear.weight"]))
                 b.linear.bias.copy_(torch.from_numpy(weights[f"{i}.{j}.linear.bias"]))

@@ -115,10 +115,16 @@ class MedusaModel:
     @torch.inference_mode()
     def project(self, h: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """(1+D, ..., V): base logits then those of the first ``depth`` heads (all if
-        None), in one matmul (shared layout)."""
+        None), in one matmul (shared layout). Next-token heads first need the base
+        model's argmax at ``h``: two passes over lm_head."""
         if self.heads is None:
             return self.lm_head(h)[None]
-        return self.heads.project(h, self.lm_head, num=depth)
+        if not self.heads.config.next_token:
+            return self.heads.project(h, self.lm_head, num=depth)
+        logits = self.lm_head(h)
+        nxt = self.base.get_input_embeddings()(logits.argmax(-1))
+        rows = self.heads.project(h, self.lm_head, base=False, num=depth, next_embeds=nxt)
+        return torch.cat([logits[None], rows])
 
     def with_tree(self, tree) -> "MedusaModel":
         return MedusaModel(self.base, self.heads, load_tree(tree, self.heads.num_heads if self.heads else None),

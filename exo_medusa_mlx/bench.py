@@ -216,7 +216,8 @@ def summarize(rows: list[dict], order: list[str]) -> dict:
             "prompt_tps": float(np.mean([r["prompt_tps"] for r in runs])),
             "mean_accepted": float(np.mean(acc)) if acc else None,
             "peak_memory_gb": max(r["peak_memory_gb"] for r in runs),
-            "all_same_tokens": all(r.get("same_tokens", True) for r in runs),
+            # None: the baseline ((a) or (d)) did not run, so nothing was compared.
+            "all_same_tokens": all(r["same_tokens"] for r in runs) if all("same_tokens" in r for r in runs) else None,
         }
     for m in order:
         base = "a" if m in MLX_METHODS else "d"
@@ -232,7 +233,8 @@ def markdown(result: dict) -> str:
     for m, s in result["overall"].items():
         acc = f"{s['mean_accepted']:.2f}" if s["mean_accepted"] else "-"
         sp = f"{s.get('speedup', 0):.2f}x" if s.get("speedup") else "-"
-        same = "n/a (sampling)" if result.get("temp") else ("yes" if s["all_same_tokens"] else "NO")
+        same = ("n/a (sampling)" if result.get("temp") else "n/a (no baseline run)" if s["all_same_tokens"] is None
+                else "yes" if s["all_same_tokens"] else "NO")
         lines.append(f"| ({m}) {names[m]} | {s['generation_tps']:.2f} | {s['prompt_tps']:.1f} | {acc} | {sp} | {same} |")
     lines.append("")
     lines.append("| prompt | category | " + " | ".join(f"({m}) tok/s" for m in result["order"]) + " | (c) accepted |")

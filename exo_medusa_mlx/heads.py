@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .heads_format import MedusaConfig, read_heads, resolve_config, write_heads
+from .heads_format import DRAFT_KEY, MedusaConfig, read_heads, resolve_config, write_heads
 
 
 class ResBlock(nn.Module):
@@ -54,13 +54,14 @@ class MedusaHeads(nn.Module):
         super().__init__()
         self.config = cfg
         self.heads = [MedusaHead(cfg) for _ in range(cfg.num_heads)]
+        self.draft_vocab: np.ndarray | None = None  # token ids the guesses are scored over (None: all)
 
     @property
     def num_heads(self) -> int:
         return len(self.heads)
 
     def project(self, h: mx.array, lm_head, base: bool = True, num: int | None = None,
-                next_embeds: mx.array | None = None) -> mx.array:
+                next_embeds: mx.array | None = None, draft: tuple[mx.array, mx.array] | None = None) -> mx.array:
         """Logits of the base head and every Medusa head at ``h``.
 
         h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
@@ -68,16 +69,24 @@ class MedusaHeads(nn.Module):
         ``num`` heads (a tree ``num`` deep reads no others). With the shared layout,
         all hidden states go through ``lm_head`` in one matmul. ``next_embeds``
         (..., H): embeddings of the base model's next token at ``h``, which
-        next-token heads need (``MedusaModel.project`` passes them).
+        next-token heads need (``MedusaModel.project`` passes them). ``draft``:
+        (ids, lm_head rows of those ids), to score the guesses over the draft
+        vocabulary alone (the other logits are -inf); a second, smaller pass.
         """
         if self.config.next_token and next_embeds is None:
             raise ValueError("these heads read the base model's next token: pass next_embeds")
         heads = list(self.heads)[:num]
         hs = [head(h, next_embeds if self.config.next_token else None) for head in heads]
-        if not self.config.own_lm_head:
+        if draft is not None:
+            ids, w = draft
+            sub = mx.stack(hs) @ w.T  # (K, ..., V')
+            rows = mx.full(sub.shape[:-1] + (self.config.vocab_size,), -mx.inf, dtype=sub.dtype)
+            rows = mx.put_along_axis(rows, mx.broadcast_to(ids, sub.shape), sub, axis=-1)
+        elif not self.config.own_lm_head:
             return lm_head(mx.stack([h] + hs if base else hs))
-        rows = [head.lm_head(x) for head, x in zip(heads, hs)]
-        return mx.stack([lm_head(h)] + rows if base else rows)
+        else:
+            rows = mx.stack([head.lm_head(x) for head, x in zip(heads, hs)])
+        return mx.concatenate([lm_head(h)[None], rows]) if base else rows
 
     # --- checkpoints -----------------------------------------------------
 
@@ -94,6 +103,8 @@ class MedusaHeads(nn.Module):
                 out[f"{i}.{j}.linear.bias"] = np.array(b.linear.bias)
             if self.config.own_lm_head:
                 out[f"{i}.{n}.weight"] = np.array(head.lm_head.weight)
+        if self.draft_vocab is not None:
+            out[DRAFT_KEY] = self.draft_vocab
         return out
 
     def load_reference_weights(self, weights: dict[str, np.ndarray]) -> None:
@@ -107,6 +118,7 @@ class MedusaHeads(nn.Module):
                 b.linear.bias = mx.array(weights[f"{i}.{j}.linear.bias"])
             if self.config.own_lm_head:
                 head.lm_head.weight = mx.array(weights[f"{i}.{n}.weight"])
+        self.draft_vocab = np.asarray(weights[DRAFT_KEY]) if DRAFT_KEY in weights else None
 
     def save(self, folder: str | Path) -> Path:
         mx.eval(self.parameters())

@@ -9,7 +9,9 @@ writes the same keys, so its heads load in the reference code and vice versa.
 One extension: heads that also read the base model's next token (its argmax at
 the same position, known before the heads run) carry ``{i}.next_token.weight`` /
 ``.bias``, a linear map of that token's embedding added to the hidden state
-before the blocks. The reference code cannot run these.
+before the blocks. The reference code cannot run these. Heads may also carry a
+draft vocabulary, ``draft_vocab`` (int32 token ids): their guesses are then scored
+over those tokens only, a cheaper pass over a slice of lm_head.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped" / "smollm2-135m-inst
 
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 _NEXT_KEY = re.compile(r"^(\d+)\.next_token\.(weight|bias)$")
+DRAFT_KEY = "draft_vocab"
 
 
 @dataclass
@@ -41,6 +44,7 @@ class MedusaConfig:
     num_layers: int = 1
     own_lm_head: bool = False  # v1 layout: each head has its own vocab projection
     next_token: bool = False  # heads also read the embedding of the base model's next token
+    draft_vocab_size: int = 0  # >0: guesses are scored over this many tokens (``draft_vocab``)
     base_model: str | None = None
     info: dict = field(default_factory=dict)  # training facts, accuracies
 
@@ -71,6 +75,8 @@ def layout_from_keys(weights: dict[str, Any], source: str) -> tuple[int, int, bo
     heads_with_proj = set()
     heads_with_next = set()
     for k in weights:
+        if k == DRAFT_KEY:
+            continue
         m = _KEY.match(k)
         if m is None and _NEXT_KEY.match(k):
             heads_with_next.add(int(_NEXT_KEY.match(k)[1]))
@@ -110,8 +116,18 @@ def layout_from_keys(weights: dict[str, Any], source: str) -> tuple[int, int, bo
 
 def check_shapes(weights: dict[str, Any], cfg: MedusaConfig, source: str) -> None:
     H, V = cfg.hidden_size, cfg.vocab_size
+    draft = weights.get(DRAFT_KEY)
+    if draft is not None:
+        if cfg.own_lm_head:
+            raise ValueError(f"{source}: a draft vocabulary needs heads that share the base lm_head")
+        if draft.ndim != 1 or len(draft) == 0 or len(np.unique(draft)) != len(draft) \
+                or draft.min() < 0 or draft.max() >= V:
+            raise ValueError(f"{source}: tensor '{DRAFT_KEY}' must list distinct token ids below {V}; "
+                             "these heads were made for another vocabulary")
     for k, w in weights.items():
         shape = tuple(w.shape)
+        if k == DRAFT_KEY:
+            continue
         if k.endswith("bias"):
             want = (H,)
         elif k.endswith("linear.weight") or _NEXT_KEY.match(k):
@@ -156,10 +172,10 @@ def read_heads(path: str | Path) -> tuple[dict[str, np.ndarray], dict, Path]:
             state = torch.load(str(file), map_location="cpu", weights_only=True)
         except (RuntimeError, OSError, EOFError) as e:
             raise ValueError(f"{file}: not a readable torch state dict ({e})") from None
-        weights = {k: v.float().numpy() for k, v in state.items()}
+        weights = {k: v.numpy() if k == DRAFT_KEY else v.float().numpy() for k, v in state.items()}
     else:
         raise ValueError(f"{file}: unknown heads format; expected .safetensors or .pt")
-    weights = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+    weights = {k: np.asarray(v, dtype=np.int64 if k == DRAFT_KEY else np.float32) for k, v in weights.items()}
     cfg_path = folder / CONFIG_FILE
     raw = {}
     if cfg_path.is_file():
@@ -175,6 +191,7 @@ def resolve_config(weights: dict, raw: dict, source: str, hidden_size: int, voca
     cfg = MedusaConfig.from_dict({**raw, "hidden_size": hidden_size, "vocab_size": vocab_size})
     # Published configs lie about the head count: the keys decide.
     cfg.num_heads, cfg.num_layers, cfg.own_lm_head, cfg.next_token = num_heads, num_layers, own, next_token
+    cfg.draft_vocab_size = len(weights[DRAFT_KEY]) if DRAFT_KEY in weights else 0
     check_shapes(weights, cfg, source)
     return cfg
 
@@ -186,7 +203,8 @@ def write_heads(folder: str | Path, weights: dict[str, np.ndarray], cfg: MedusaC
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (HEADS_FILE + ".tmp")
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}, str(tmp),
+    save_file({k: np.ascontiguousarray(v, dtype=np.int32 if k == DRAFT_KEY else np.float32)
+               for k, v in weights.items()}, str(tmp),
               metadata={"format": "medusa", "num_heads": str(cfg.num_heads)})
     ctmp = folder / (CONFIG_FILE + ".tmp")
     ctmp.write_text(json.dumps(cfg.to_dict(), indent=1))

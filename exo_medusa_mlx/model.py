@@ -68,6 +68,20 @@ def base_lm_head(base):
     return base.lm_head
 
 
+def lm_head_rows(base, ids: np.ndarray) -> tuple[mx.array, mx.array]:
+    """(ids, the lm_head's rows for them as a dense matrix), for a draft vocabulary."""
+    tied = getattr(base.args, "tie_word_embeddings", False) or not hasattr(base, "lm_head")
+    layer = base.model.embed_tokens if tied else base.lm_head
+    idx = mx.array(ids, dtype=mx.int32)
+    if "scales" in layer:  # quantized: dequantize just these rows
+        biases = layer["biases"][idx] if "biases" in layer else None
+        w = mx.dequantize(layer["weight"][idx], layer["scales"][idx], biases, group_size=layer.group_size,
+                          bits=layer.bits, mode=getattr(layer, "mode", "affine"))
+    else:
+        w = layer.weight[idx]
+    return idx, w
+
+
 @dataclass
 class MedusaModel:
     """An mlx-lm model with Medusa heads and a tree attached.
@@ -84,6 +98,7 @@ class MedusaModel:
         check_supported(self.base)
         install_tree_rope(self.base)
         self.lm_head = base_lm_head(self.base)
+        self._draft = None
         if self.heads is not None and self.tree.depth > self.heads.num_heads:
             raise ValueError(
                 f"tree is {self.tree.depth} deep but the heads give {self.heads.num_heads} guesses; use a shallower tree"
@@ -117,12 +132,22 @@ class MedusaModel:
         model's argmax at ``h``: two passes over lm_head."""
         if self.heads is None:
             return self.lm_head(h)[None]
+        draft = self.draft()
         if not self.heads.config.next_token:
-            return self.heads.project(h, self.lm_head, num=depth)
+            return self.heads.project(h, self.lm_head, num=depth, draft=draft)
         logits = self.lm_head(h)
         nxt = self.base.model.embed_tokens(mx.argmax(logits, axis=-1))
-        rows = self.heads.project(h, self.lm_head, base=False, num=depth, next_embeds=nxt)
+        rows = self.heads.project(h, self.lm_head, base=False, num=depth, next_embeds=nxt, draft=draft)
         return mx.concatenate([logits[None], rows])
+
+    def draft(self) -> tuple[mx.array, mx.array] | None:
+        """The heads' draft vocabulary and its lm_head rows (built on first use), or None."""
+        if self.heads is None or self.heads.draft_vocab is None:
+            return None
+        if self._draft is None:
+            self._draft = lm_head_rows(self.base, self.heads.draft_vocab)
+            mx.eval(self._draft)
+        return self._draft
 
     def with_tree(self, tree) -> "MedusaModel":
         from .tree import load_tree

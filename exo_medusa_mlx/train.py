@@ -41,12 +41,14 @@ from .distill import (  # noqa: F401  (the data half, re-exported for train's us
     read_prompts,
 )
 from .heads import MedusaHeads
-from .heads_format import MedusaConfig
+from .heads_format import DRAFT_KEY, MedusaConfig
 
 HEAD_DECAY = 0.8  # head i's loss weight is HEAD_DECAY ** i
-def head_logits(heads: MedusaHeads, lm_head, h: mx.array, next_embeds: mx.array | None = None) -> mx.array:
-    """(K, B, V) logits of every head at hidden states h: (B, H)."""
-    return heads.project(h, lm_head, base=False, next_embeds=next_embeds)
+def head_logits(heads: MedusaHeads, lm_head, h: mx.array, next_embeds: mx.array | None = None,
+                draft=None) -> mx.array:
+    """(K, B, V) logits of every head at hidden states h: (B, H); ``draft``: (ids, rows), see
+    ``MedusaHeads.project``."""
+    return heads.project(h, lm_head, base=False, next_embeds=next_embeds, draft=draft)
 
 
 def next_embeds(heads: MedusaHeads, embed, batch: dict) -> mx.array | None:
@@ -81,22 +83,23 @@ def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_p
 
 
 def target_ranks(heads: MedusaHeads, lm_head, h: mx.array, targets: mx.array,
-                 next_embeds: mx.array | None = None) -> mx.array:
+                 next_embeds: mx.array | None = None, draft=None) -> mx.array:
     """Rank of each target among its head's logits (0 = top-1; -1 where no target). (B, K)."""
-    logits = head_logits(heads, lm_head, h, next_embeds).astype(mx.float32)  # (K, B, V)
+    logits = head_logits(heads, lm_head, h, next_embeds, draft).astype(mx.float32)  # (K, B, V)
     t = targets.T
     tl = mx.take_along_axis(logits, mx.maximum(t, 0)[..., None], axis=-1)
-    rank = (logits > tl).sum(-1)
+    rank = mx.where(tl[..., 0] > -mx.inf, (logits > tl).sum(-1), logits.shape[-1])  # outside a draft: never
     return mx.where(t >= 0, rank, -1).T
 
 
-def evaluate(heads, lm_head, folder: Path, files: list[str], batch_size: int, topk=(1, 5), embed=None) -> dict:
+def evaluate(heads, lm_head, folder: Path, files: list[str], batch_size: int, topk=(1, 5), embed=None,
+             draft=None) -> dict:
     """Per-head top-k accuracies on a split."""
     hits = np.zeros((heads.num_heads, max(topk)))
     counts = np.zeros(heads.num_heads)
     for b in iterate_batches(folder, files, heads.num_heads, batch_size):
         r = target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
-                         next_embeds(heads, embed, b))
+                         next_embeds(heads, embed, b), draft)
         r = np.array(r)
         for k in range(max(topk)):
             hits[:, k] += ((r >= 0) & (r <= k)).sum(0)
@@ -106,6 +109,20 @@ def evaluate(heads, lm_head, folder: Path, files: list[str], batch_size: int, to
 
 
 # --------------------------------------------------------------------------- training
+
+
+def draft_vocabulary(folder: Path, files: list[str], size: int, vocab_size: int) -> np.ndarray:
+    """The ``size`` tokens the base model emits most often in the shards (ties: lower ids,
+    which byte-pair vocabularies give to more frequent pieces), in id order."""
+    from safetensors.numpy import load_file
+
+    if not 1 <= size < vocab_size:
+        raise ValueError(f"--draft-vocab {size} must be in 1..{vocab_size - 1} (the vocabulary has {vocab_size})")
+    counts = np.zeros(vocab_size, np.int64)
+    for f in files:
+        counts += np.bincount(load_file(str(folder / f))["labels"], minlength=vocab_size)[:vocab_size]
+    order = np.lexsort((np.arange(vocab_size), -counts))  # by count, then by id
+    return np.sort(order[:size]).astype(np.int64)
 
 
 def make_schedule(lr: float, steps: int, warmup: int):
@@ -139,6 +156,8 @@ def saved_heads(path: str | Path, cfg: MedusaConfig) -> tuple[dict[str, np.ndarr
     if saved.own_lm_head != cfg.own_lm_head:
         want = "own" if saved.own_lm_head else "shared"
         raise ValueError(f"--init-from {path}: those heads use the {want} lm_head layout; pass --layout {want}")
+    if saved.draft_vocab_size:
+        weights = {k: v for k, v in weights.items() if k != DRAFT_KEY}  # --draft-vocab makes a new one
     if saved.next_token and not cfg.next_token:
         raise ValueError(f"--init-from {path}: those heads read the next token; pass --next-token")
     if saved.num_layers > cfg.num_layers:
@@ -302,6 +321,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--next-token", action="store_true",
                    help="Heads also read the embedding of the base model's next token (its argmax, known before "
                         "the heads run); costs a second pass over lm_head per step, not the reference layout")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="Score the heads' guesses over the N tokens the model emits most in the data (a cheaper "
+                        "pass over part of lm_head; pays with --next-token on a CPU); 0: the whole vocabulary")
     p.add_argument("--loss", choices=["ce", "kl"], default="ce", help="CE to the base argmax, or KL to its top-k distribution")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -343,6 +365,10 @@ def run(args) -> dict:
     cfg = MedusaConfig(num_heads=args.num_heads, hidden_size=base.args.hidden_size, vocab_size=base.args.vocab_size,
                        num_layers=args.num_layers, own_lm_head=args.layout == "own", next_token=args.next_token,
                        base_model=model_id)
+    if args.draft_vocab and not 1 <= args.draft_vocab < cfg.vocab_size:
+        raise ValueError(f"--draft-vocab {args.draft_vocab} must be in 1..{cfg.vocab_size - 1} (0: the whole vocabulary)")
+    if args.draft_vocab and args.layout == "own":
+        raise ValueError("--draft-vocab needs heads that share the base lm_head (--layout shared)")
     init = saved_heads(args.init_from, cfg) if args.init_from else None  # checked before the data is built
     common = dict(model=model_id, val_split=args.val_split, seed=args.seed)
     if args.data:
@@ -388,6 +414,18 @@ def run(args) -> dict:
     if init is not None:
         heads.config.info["init_from"] = {"path": str(args.init_from), "layers": saved.num_layers,
                                           **{k: saved.info[k] for k in ("steps", "epochs", "val_top1") if k in saved.info}}
+    if args.draft_vocab:
+        from .model import lm_head_rows
+
+        train_files = [f["file"] for f in meta["splits"]["train"]]
+        heads.draft_vocab = draft_vocabulary(cache_dir, train_files, args.draft_vocab, cfg.vocab_size)
+        heads.config.draft_vocab_size = args.draft_vocab
+        heads.config.info["draft_vocab"] = args.draft_vocab
+        if meta["splits"]["val"]:
+            d = evaluate(heads, lm_head, cache_dir, [f["file"] for f in meta["splits"]["val"]], args.batch_size,
+                         embed=base.model.embed_tokens, draft=lm_head_rows(base, heads.draft_vocab))
+            heads.config.info["val_top1_draft"] = d["top1"]
+            print(f"over the {args.draft_vocab}-token draft vocabulary: val top-1 {d['top1']}")
     heads.save(out)
     for i in range(heads.num_heads):
         if "top1" in metrics:

@@ -32,12 +32,14 @@ MAX_LATENCY_NODES = 64
 # --------------------------------------------------------------------------- accuracies
 
 
-def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: int = 512, embed=None) -> np.ndarray:
+def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: int = 512, embed=None,
+                   draft=None) -> np.ndarray:
     """Rank of the base model's choice among each head's logits, (rows, K); -1 past a sequence's end.
 
-    ``embed``: the base model's token embedding, for next-token heads."""
+    ``embed``: the base model's token embedding, for next-token heads; ``draft``: the
+    heads' draft vocabulary and rows (``MedusaModel.draft()``), as decoding scores them."""
     out = [np.array(target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
-                                 next_embeds(heads, embed, b)))
+                                 next_embeds(heads, embed, b), draft))
            for b in iterate_batches(folder, files, heads.num_heads, batch_size)]
     return np.concatenate(out)
 
@@ -361,7 +363,7 @@ def run(args) -> dict:
     meta = build_cache(cache_dir, model.base, model.lm_head, prompts=[chat_ids(tokenizer, p) for p in prompts],
                        eos=eos_ids(tokenizer), key=key, max_tokens=args.data_max_tokens, batch_size=args.gen_batch_size)
     ranks = held_out_ranks(model.heads, model.lm_head, cache_dir, [f["file"] for f in meta["splits"]["train"]],
-                           embed=model.base.model.embed_tokens)
+                           embed=model.base.model.embed_tokens, draft=model.draft())
     top = topk_accuracy(ranks, args.topk)
     cond = conditional_accuracy(ranks, args.topk)
     print(f"held-out rows: {len(ranks)}")
@@ -395,7 +397,8 @@ def run(args) -> dict:
           f"adds {gather * 1e3:.1f} ms); plain decoding {plain * 1e3:.1f} ms/token")
     print(f"tree: {n} nodes, depth {max((len(c) for c in choices), default=0)}; expected accepted length "
           f"{emp:.2f} (product model {info['expected_accept_length']:.2f}); predicted speed-up {predicted:.2f}x")
-    print(f"longest-accepting tree of {len(longest) + 1} nodes (latency ignored): expected accepted length {longest_len:.2f}")
+    print(f"longest-accepting tree of {len(longest) + 1} nodes (latency ignored, saved as max_nodes_choices): "
+          f"expected accepted length {longest_len:.2f}")
     result = {
         "expected_accept_length": round(emp, 4), "expected_accept_length_product": round(info["expected_accept_length"], 4),
         "predicted_speedup": round(predicted, 4), "latency_curve": {k: round(v, 6) for k, v in curve.items()},
@@ -403,7 +406,7 @@ def run(args) -> dict:
         "head_topk_accuracy": [[round(float(a), 4) for a in row] for row in top],
         "head_conditional_accuracy": [[round(float(a), 4) for a in row] for row in cond],
         "heldout_rows": int(len(ranks)), "context": args.context, "min_nodes": args.min_nodes,
-        "max_nodes_accept_length": round(longest_len, 4),
+        "max_nodes_accept_length": round(longest_len, 4), "max_nodes_choices": longest,
     }
     if args.num_prompts > 0 and choices:
         gen = compare_generation(model, tokenizer, prompts[: args.num_prompts], choices, args.max_tokens)

@@ -21,7 +21,7 @@ def test_summary_uses_total_time_and_flags_differences(tmp_path):
     for a_tps, c_tps, same in ((10.0, 20.0, True), (10.0, 5.0, False)):
         a = _run(a_tps, [1] * 10, 1.0)
         c = _run(c_tps, [1] * 10 if same else [2] * 10, 2.0)
-        c["same_tokens"] = same
+        a["same_tokens"], c["same_tokens"] = True, same  # as run() marks them (the baseline against itself)
         rows.append({"category": "qa", "prompt": "p", "prompt_tokens": 3, "runs": {"a": a, "c": c}})
     s = summarize(rows, ["a", "c"])
     # c: 20 tokens in 0.5 s + 2 s = 8 tok/s overall (not the mean of 20 and 5, 12.5).
@@ -30,6 +30,11 @@ def test_summary_uses_total_time_and_flags_differences(tmp_path):
     result = {"methods": {"a": "mlx-lm", "c": "Medusa"}, "order": ["a", "c"], "prompts": rows, "overall": s}
     md = markdown(result)
     assert "| (c) Medusa | 8.00 |" in md and "NO" in md
+    # Without the baseline nothing was compared: said so, not "yes".
+    alone = [{**r, "runs": {"c": {k: v for k, v in r["runs"]["c"].items() if k != "same_tokens"}}} for r in rows]
+    s_alone = summarize(alone, ["c"])
+    assert s_alone["c"]["all_same_tokens"] is None
+    assert "n/a (no baseline run)" in markdown({**result, "order": ["c"], "prompts": alone, "overall": s_alone})
     plot(result, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000
     json.dumps(result)

@@ -53,9 +53,12 @@ def test_random_heads_lossless(family, tree):
 
 
 @pytest.mark.parametrize("tree", ["chain-3", "cpu-8"])
-def test_next_token_heads_lossless(family, tree):
+@pytest.mark.parametrize("draft", [False, True])
+def test_next_token_heads_lossless(family, tree, draft):
     _, base, ref = family
-    model = MedusaModel(base, random_heads(4, next_token=True), build_tree(tree_choices(tree)))
+    heads = random_heads(4, next_token=True)
+    heads.draft_vocab = np.arange(0, 96, 3) if draft else None  # a third of the vocabulary
+    model = MedusaModel(base, heads, build_tree(tree_choices(tree)))
     assert ours(model, 40)[0] == ref
 
 

@@ -83,6 +83,38 @@ def test_next_token_heads_read_the_base_models_next_token(tmp_path):
     assert mx.allclose(heads.project(h, lm, next_embeds=e), plain.project(h, lm), atol=1e-6)
 
 
+@pytest.mark.parametrize("next_token", [False, True])
+def test_draft_vocabulary_scores_guesses_over_its_tokens_only(next_token, tmp_path):
+    heads = random_heads(2, next_token=next_token)
+    full = MedusaModel(tiny_base(), heads, build_tree([[0], [0, 0]]))
+    ids = np.array([3, 7, 8, 20, 41, 90])
+    heads.draft_vocab = ids
+    heads.save(tmp_path)
+    back = load_heads(tmp_path, H, VOCAB)
+    np.testing.assert_array_equal(back.draft_vocab, ids)
+    assert back.config.draft_vocab_size == len(ids)
+    model = MedusaModel(full.base, back, full.tree)
+    h = mx.random.normal((4, H))
+    want, got = np.array(full.project(h)), np.array(model.project(h))
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6)  # the base row is whole
+    np.testing.assert_allclose(got[1:, :, ids], want[1:, :, ids], atol=1e-5)
+    rest = np.setdiff1d(np.arange(VOCAB), ids)
+    assert np.isneginf(got[1:, :, rest]).all()
+
+
+def test_bad_draft_vocabulary(tmp_path):
+    w = random_heads(2).reference_weights()
+    for n, (ids, msg) in enumerate([(np.array([1, 1, 2]), "distinct"), (np.array([0, VOCAB]), "below 96")]):
+        write_heads(tmp_path / str(n), dict(w, draft_vocab=ids), MedusaConfig(num_heads=2, hidden_size=H, vocab_size=VOCAB))
+        with pytest.raises(ValueError, match=msg):
+            load_heads(tmp_path / str(n), H, VOCAB)
+    own = random_heads(2, own_lm_head=True).reference_weights()
+    write_heads(tmp_path / "own", dict(own, draft_vocab=np.array([1, 2])),
+                MedusaConfig(num_heads=2, hidden_size=H, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="share the base lm_head"):
+        load_heads(tmp_path / "own", H, VOCAB)
+
+
 def test_next_token_keys_are_checked(tmp_path):
     w = random_heads(2, next_token=True).reference_weights()
     bad = {k: v for k, v in w.items() if k != "1.next_token.bias"}

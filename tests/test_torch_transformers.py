@@ -41,11 +41,26 @@ def test_random_heads_equal_hf_generate(family, tree):
 def test_next_token_heads_equal_hf_generate(family):
     from tiny import random_heads
 
-    _, root, tb, _, ref = family
-    folder = random_heads(3, next_token=True).save(root / "next_token_heads")
+    from exo_medusa_mlx.model import MedusaModel as MLXModel
+    from tiny import random_heads, tiny_base
+
+    name, root, tb, _, ref = family
+    mlx_heads = random_heads(3, next_token=True)
+    mlx_heads.draft_vocab = np.arange(1, 96, 2)
+    folder = mlx_heads.save(root / "next_token_heads")
     model = MedusaModel(tb, load_heads(folder, HIDDEN, VOCAB), build_tree(tree_choices("cpu-8")))
-    assert model.heads.config.next_token
+    assert model.heads.config.next_token and model.heads.config.draft_vocab_size == 48
     assert take(generate_step(PROMPT, model), 40)[0] == ref
+    # The same rows as the MLX model's (both passes, the draft's -inf included).
+    mm = MLXModel(tiny_base(name), mlx_heads, model.tree)
+    h = np.random.default_rng(0).normal(size=(4, HIDDEN)).astype(np.float32)
+    import mlx.core as mx
+
+    want = np.array(mm.project(mx.array(h)))
+    got = model.project(torch.from_numpy(h)).numpy()
+    assert (np.isneginf(got) == np.isneginf(want)).all()
+    finite = np.isfinite(want)
+    assert np.abs(got[finite] - want[finite]).max() < 1e-4
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -156,6 +156,22 @@ def test_next_token_heads_learn_from_the_fed_token(base, cache, tmp_path):
         train(heads, lm, folder, meta, steps=1, batch_size=8, lr=1e-3, warmup=0, log=lambda *_: None)
 
 
+def test_draft_vocabulary_is_the_most_emitted_tokens(cache):
+    from safetensors.numpy import load_file
+
+    from exo_medusa_mlx.train import draft_vocabulary
+
+    folder, meta = cache
+    files = [f["file"] for f in meta["splits"]["train"]]
+    labels = np.concatenate([load_file(str(folder / f))["labels"] for f in files])
+    counts = np.bincount(labels, minlength=VOCAB)
+    ids = draft_vocabulary(folder, files, 10, VOCAB)
+    assert len(ids) == 10 and (np.diff(ids) > 0).all()
+    assert counts[ids].min() >= np.delete(counts, ids).max()  # no left-out token is emitted more
+    with pytest.raises(ValueError, match="--draft-vocab 96"):
+        draft_vocabulary(folder, files, VOCAB, VOCAB)
+
+
 def test_kl_loss_and_own_layout_train(base, cache, tmp_path):
     folder, meta = cache
     heads = _heads(base, own=True)

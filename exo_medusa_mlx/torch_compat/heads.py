@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..heads_format import MedusaConfig, read_heads, resolve_config, write_heads
+from ..heads_format import DRAFT_KEY, MedusaConfig, read_heads, resolve_config, write_heads
 
 
 class ResBlock(nn.Module):
@@ -56,13 +56,15 @@ class MedusaHeads(nn.Module):
         super().__init__()
         self.config = cfg
         self.heads = nn.ModuleList([MedusaHead(cfg) for _ in range(cfg.num_heads)])
+        self.draft_vocab: np.ndarray | None = None  # token ids the guesses are scored over (None: all)
 
     @property
     def num_heads(self) -> int:
         return len(self.heads)
 
     def project(self, h: torch.Tensor, lm_head: nn.Module, base: bool = True, num: int | None = None,
-                next_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                next_embeds: torch.Tensor | None = None,
+                draft: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits of the base head and every Medusa head at ``h``.
 
         h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
@@ -70,16 +72,24 @@ class MedusaHeads(nn.Module):
         ``num`` heads (a tree ``num`` deep reads no others). With the shared layout,
         all hidden states go through ``lm_head`` in one matmul. ``next_embeds``
         (..., H): embeddings of the base model's next token at ``h``, which
-        next-token heads need (``MedusaModel.project`` passes them).
+        next-token heads need (``MedusaModel.project`` passes them). ``draft``:
+        (ids, lm_head rows of those ids), to score the guesses over the draft
+        vocabulary alone (the other logits are -inf); a second, smaller pass.
         """
         if self.config.next_token and next_embeds is None:
             raise ValueError("these heads read the base model's next token: pass next_embeds")
         heads = list(self.heads)[:num]
         hs = [head(h, next_embeds if self.config.next_token else None) for head in heads]
-        if not self.config.own_lm_head:
+        if draft is not None:
+            ids, w = draft
+            sub = torch.stack(hs) @ w.T  # (K, ..., V')
+            rows = sub.new_full(sub.shape[:-1] + (self.config.vocab_size,), float("-inf"))
+            rows = rows.index_copy(-1, ids, sub)
+        elif not self.config.own_lm_head:
             return lm_head(torch.stack([h] + hs if base else hs))  # (1+K, ..., H) @ (H, V)
-        rows = [head.lm_head(x) for head, x in zip(heads, hs)]
-        return torch.stack([lm_head(h)] + rows if base else rows)
+        else:
+            rows = torch.stack([head.lm_head(x) for head, x in zip(heads, hs)])
+        return torch.cat([lm_head(h)[None], rows]) if base else rows
 
     # --- checkpoints -----------------------------------------------------
 
@@ -100,6 +110,8 @@ class MedusaHeads(nn.Module):
                 out[f"{i}.{j}.linear.bias"] = arr(b.linear.bias)
             if self.config.own_lm_head:
                 out[f"{i}.{n}.weight"] = arr(head.lm_head.weight)
+        if self.draft_vocab is not None:
+            out[DRAFT_KEY] = self.draft_vocab
         return out
 
     @torch.no_grad()
@@ -114,6 +126,7 @@ class MedusaHeads(nn.Module):
                 b.linear.bias.copy_(torch.from_numpy(weights[f"{i}.{j}.linear.bias"]))
             if self.config.own_lm_head:
                 head.lm_head.weight.copy_(torch.from_numpy(weights[f"{i}.{n}.weight"]))
+        self.draft_vocab = np.asarray(weights[DRAFT_KEY]) if DRAFT_KEY in weights else None
 
     def save(self, folder: str | Path) -> Path:
         return write_heads(folder, self.reference_weights(), self.config)

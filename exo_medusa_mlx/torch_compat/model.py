@@ -58,6 +58,7 @@ class MedusaModel:
         check_supported(self.base)
         # Tied embeddings: transformers ties lm_head.weight to the embedding.
         self.lm_head = self.base.get_output_embeddings()
+        self._draft = None
         # transformers 5.2x renamed ``past_key_values`` to ``cache``; earlier 5.x take the old name.
         params = inspect.signature(self.base.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -119,12 +120,23 @@ class MedusaModel:
         model's argmax at ``h``: two passes over lm_head."""
         if self.heads is None:
             return self.lm_head(h)[None]
+        draft = self.draft()
         if not self.heads.config.next_token:
-            return self.heads.project(h, self.lm_head, num=depth)
+            return self.heads.project(h, self.lm_head, num=depth, draft=draft)
         logits = self.lm_head(h)
         nxt = self.base.get_input_embeddings()(logits.argmax(-1))
-        rows = self.heads.project(h, self.lm_head, base=False, num=depth, next_embeds=nxt)
+        rows = self.heads.project(h, self.lm_head, base=False, num=depth, next_embeds=nxt, draft=draft)
         return torch.cat([logits[None], rows])
+
+    @torch.inference_mode()
+    def draft(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The heads' draft vocabulary and its lm_head rows (built on first use), or None."""
+        if self.heads is None or self.heads.draft_vocab is None:
+            return None
+        if self._draft is None:
+            ids = torch.as_tensor(self.heads.draft_vocab, dtype=torch.long, device=self.device)
+            self._draft = (ids, self.lm_head.weight[ids].contiguous())
+        return self._draft
 
     def with_tree(self, tree) -> "MedusaModel":
         return MedusaModel(self.base, self.heads, load_tree(tree, self.heads.num_heads if self.heads else None),

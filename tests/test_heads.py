@@ -102,6 +102,20 @@ def test_draft_vocabulary_scores_guesses_over_its_tokens_only(next_token, tmp_pa
     assert np.isneginf(got[1:, :, rest]).all()
 
 
+def test_draft_rows_of_a_quantized_lm_head():
+    import mlx.nn as nn
+
+    from exo_medusa_mlx.model import base_lm_head, lm_head_rows
+
+    for family in ("mistral", "llama"):  # tied embedding, own lm_head
+        base = tiny_base(family)
+        nn.quantize(base, group_size=32, bits=8)
+        ids = np.array([2, 5, 60, 95])
+        idx, w = lm_head_rows(base, ids)
+        h = mx.random.normal((3, H))
+        np.testing.assert_allclose(np.array(h @ w.T), np.array(base_lm_head(base)(h))[:, ids], atol=1e-3)
+
+
 def test_bad_draft_vocabulary(tmp_path):
     w = random_heads(2).reference_weights()
     for n, (ids, msg) in enumerate([(np.array([1, 1, 2]), "distinct"), (np.array([0, VOCAB]), "below 96")]):

@@ -58,6 +58,7 @@ def test_stats_line_printed():
     (["bogus"], "unknown command 'bogus'"),
     (["train", "--output", "/tmp/unused", "--samples-per-prompt", "2"], "--samples-per-prompt 2"),
     (["train", "--output", "/tmp/unused", "--init-from", "/no/such/heads"], "/no/such/heads"),
+    (["train", "--output", "/tmp/unused", "--draft-vocab", "-3"], "--draft-vocab -3 must be in 1..49151"),
 ])
 def test_bad_flags_give_one_line_errors(args, msg):
     p = run(*args, check=False)

@@ -172,6 +172,29 @@ def test_draft_vocabulary_is_the_most_emitted_tokens(cache):
         draft_vocabulary(folder, files, VOCAB, VOCAB)
 
 
+def test_train_command_next_token_heads_with_a_draft(tmp_path):
+    """``mlx_medusa train`` end to end on a tiny model folder: next-token heads from saved plain
+    ones, a draft vocabulary of the most emitted tokens, both in the saved heads and config."""
+    from exo_medusa_mlx.train import run, setup_arg_parser
+    from test_exo_engine import save_hf_folder
+    from test_exo_engine import tiny_base as tiny_base4
+
+    folder = save_hf_folder(tmp_path / "model", "llama", tiny_base4("llama"))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([" ".join(f"t{i}" for i in p) for p in _prompts(10, seed=4)]))
+    common = ["--model", str(folder), "--prompts", str(prompts), "--max-tokens", "12", "--gen-batch-size", "4",
+              "--val-split", "0.2", "--num-heads", "2", "--batch-size", "16", "--cache-dir", str(tmp_path / "cache")]
+    run(setup_arg_parser().parse_args(common + ["--output", str(tmp_path / "plain"), "--iters", "3"]))
+    metrics = run(setup_arg_parser().parse_args(common + [
+        "--output", str(tmp_path / "next"), "--iters", "5", "--next-token", "--init-from", str(tmp_path / "plain"),
+        "--draft-vocab", "20"]))
+    heads = load_heads(tmp_path / "next", 64, VOCAB)
+    assert heads.config.next_token and heads.config.draft_vocab_size == 20 and len(heads.draft_vocab) == 20
+    info = json.loads((tmp_path / "next" / "config.json").read_text())["info"]
+    assert info["draft_vocab"] == 20 and len(info["val_top1_draft"]) == 2 and info["init_from"]["layers"] == 1
+    assert len(metrics["top1"]) == 2
+
+
 def test_kl_loss_and_own_layout_train(base, cache, tmp_path):
     folder, meta = cache
     heads = _heads(base, own=True)

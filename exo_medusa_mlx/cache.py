@@ -47,6 +47,28 @@ class CacheContext(SlotMap):
             c.apply(plan)
         self.apply_commit(plan)
 
+    # Pipelined decoding (``decode._pipelined_greedy``) queues a forward before the
+    # host knows what the last one accepted, so it keeps every forward's tokens in
+    # place and hides the rejected ones with a mask computed on the device.
+
+    def begin_on_device(self, mask: mx.array, offset: mx.array | TreeOffset) -> None:
+        """Prepare a forward whose mask (T, used+T) and RoPE offset are device arrays."""
+        self.mask, self.rope_offset = mask, offset
+
+    def keep_in_place(self, n: int) -> None:
+        """Keep the last forward's ``n`` tokens where they were written (their
+        positions are known only on the device; -1 here)."""
+        self.slot_pos = np.concatenate([self.slot_pos, np.full(n, -1, dtype=np.int64)])
+
+    def compact(self, caches, slots: np.ndarray) -> None:
+        """Keep only ``slots`` (ascending), moved to the front, in every layer's cache."""
+        slots = np.asarray(slots, dtype=np.int64)
+        dst = np.arange(len(slots))
+        plan = CommitPlan(slots, dst, 0, bool(np.array_equal(slots, dst)), self.slot_pos[slots], 0)
+        for c in caches:
+            c.apply(plan)
+        self.slot_pos = self.slot_pos[slots]
+
 
 class MedusaKVCache:
     """One layer's cache: used slots, then the scratch region of the current forward."""

@@ -60,6 +60,12 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.heads)
 
+    def states(self, h: mx.array, num: int | None = None, next_embeds: mx.array | None = None) -> list[mx.array]:
+        """The first ``num`` heads' hidden states at ``h`` (before any lm_head), each (..., H)."""
+        if self.config.next_token and next_embeds is None:
+            raise ValueError("these heads read the base model's next token: pass next_embeds")
+        return [head(h, next_embeds if self.config.next_token else None) for head in list(self.heads)[:num]]
+
     def project(self, h: mx.array, lm_head, base: bool = True, num: int | None = None,
                 next_embeds: mx.array | None = None, draft: tuple[mx.array, mx.array] | None = None) -> mx.array:
         """Logits of the base head and every Medusa head at ``h``.
@@ -73,10 +79,8 @@ class MedusaHeads(nn.Module):
         (ids, lm_head rows of those ids), to score the guesses over the draft
         vocabulary alone (the other logits are -inf); a second, smaller pass.
         """
-        if self.config.next_token and next_embeds is None:
-            raise ValueError("these heads read the base model's next token: pass next_embeds")
         heads = list(self.heads)[:num]
-        hs = [head(h, next_embeds if self.config.next_token else None) for head in heads]
+        hs = self.states(h, num, next_embeds)
         if draft is not None:
             ids, w = draft
             sub = mx.stack(hs) @ w.T  # (K, ..., V')

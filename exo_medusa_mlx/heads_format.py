@@ -220,12 +220,15 @@ def default_heads_for(model: str | None) -> Path | None:
     return None
 
 
-def default_tree_for(heads_path: Path | None) -> str | Path:
-    """The tree tuned with the heads (``tree.json`` beside them), else the CPU default."""
+def default_tree_for(heads_path: Path | None, backend: str = "mlx") -> str | Path:
+    """The tree tuned with the heads (``tree.json`` beside them; for the torch
+    backend ``tree.torch.json`` first, if there is one), else the CPU default.
+    The backends' latency curves differ, so their best trees may too."""
     from .tree import DEFAULT_TREE
 
     if heads_path is not None:
         folder = heads_path if heads_path.is_dir() else heads_path.parent
-        if (folder / "tree.json").is_file():
-            return folder / "tree.json"
+        for name in ([f"tree.{backend}.json"] if backend != "mlx" else []) + ["tree.json"]:
+            if (folder / name).is_file():
+                return folder / name
     return DEFAULT_TREE

@@ -188,7 +188,7 @@ def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: in
     (the acceptance), which the curve already includes.
     """
     from .accept import greedy_accept
-    from .decode import topk_ids, prefill
+    from .decode import prefill
 
     rng = np.random.default_rng(seed)
     V = model.vocab_size
@@ -207,8 +207,7 @@ def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: in
         if model.heads is not None and n > 1:
             # Every head: trees of this size may be deeper than the probe (decoding
             # projects only its tree's depth, so this errs a few lm_head rows high).
-            rows = model.project(h)
-            logits, guesses = rows[0], topk_ids(rows[1:], TOPK)
+            logits, guesses = model.propose(h, None, TOPK)
         else:
             logits, guesses = model.logits(h), None
         verdict = mx.argmax(logits, axis=-1)

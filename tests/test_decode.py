@@ -8,6 +8,7 @@ import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+from exo_medusa_mlx import decode
 from exo_medusa_mlx.decode import generate_step
 from exo_medusa_mlx.model import MedusaModel
 from exo_medusa_mlx.tree import build_tree, tree_choices
@@ -62,15 +63,31 @@ def test_next_token_heads_lossless(family, tree, draft):
     assert ours(model, 40)[0] == ref
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("tree", TREES)
-def test_oracle_heads_lossless_and_accepting(family, tree):
+def test_oracle_heads_lossless_and_accepting(family, tree, pipelined):
     _, base, ref = family
     model = OracleMedusa(base, random_heads(4), build_tree(tree_choices(tree)),
                          np.concatenate([PROMPT, ref]), ranks=(0,) if tree.startswith("chain") else (0, 1))
-    tokens, steps = ours(model, 40)
+    tokens, steps = ours(model, 40, pipelined=pipelined)
     assert tokens == ref
     # Oracle heads: every step should accept deep into the tree.
     assert 40 / steps > 2.0
+
+
+@pytest.mark.parametrize("tree", ["chain-3", "cpu-8"])
+def test_pipelined_compaction(family, tree, monkeypatch):
+    """Pipelined decoding leaves rejected nodes as holes; gathering them away keeps it lossless and the cache small."""
+    _, base, ref = family
+    monkeypatch.setattr(decode, "COMPACT_AT", 3)
+    model = OracleMedusa(base, random_heads(4), build_tree(tree_choices(tree)),
+                         np.concatenate([PROMPT, ref]), ranks=(0, 1, 2))  # rank 1-2: a chain rejects often
+    tokens, steps = ours(model, 40)
+    assert tokens == ref
+    T = model.tree.size
+    # Without compaction every forward's T slots stay; with it, at most COMPACT_AT holes
+    # plus the two forwards in flight beyond the tokens committed.
+    assert model.ctx.used <= len(PROMPT) + 40 + 3 + 2 * T < len(PROMPT) + steps * T
 
 
 @pytest.mark.parametrize("medusa", [False, True])

@@ -102,6 +102,42 @@ def test_draft_vocabulary_scores_guesses_over_its_tokens_only(next_token, tmp_pa
     assert np.isneginf(got[1:, :, rest]).all()
 
 
+@pytest.mark.parametrize("next_token", [False, True])
+@pytest.mark.parametrize("draft", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_propose_is_the_top_k_of_project(next_token, draft, k):
+    """Decoding's ``propose`` skips the heads' full rows; it must pick what ``project`` ranks first."""
+    from exo_medusa_mlx.decode import topk_ids
+
+    heads = random_heads(3, next_token=next_token)
+    heads.draft_vocab = np.arange(1, VOCAB, 2) if draft else None
+    model = MedusaModel(tiny_base(), heads, build_tree([[0], [0, 0]]))
+    h = mx.random.normal((5, H))
+    logits, guesses = model.propose(h, 2, k)
+    rows = model.project(h, 2)
+    np.testing.assert_allclose(np.array(logits), np.array(rows[0]), atol=1e-6)
+    assert guesses.shape == (2, 5, k)
+    np.testing.assert_array_equal(np.array(guesses), np.array(topk_ids(rows[1:], k)))
+
+
+def test_rows_linear_matches_linear():
+    """Verification forwards on a CPU multiply (W @ x.T).T: the same values as mlx-lm's x @ W.T."""
+    import mlx.nn as nn
+
+    from exo_medusa_mlx.model import RowsLinear, transposed_linears
+
+    for bias in (False, True):
+        lin = nn.Linear(H, 3 * H, bias=bias)
+        x = mx.random.normal((1, 4, H))
+        want = lin(x)
+        lin.__class__ = RowsLinear
+        with transposed_linears(True):
+            got = lin(x)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+        assert set(dict(lin.parameters())) == ({"weight", "bias"} if bias else {"weight"})
+
+
 def test_draft_rows_of_a_quantized_lm_head():
     import mlx.nn as nn
 

@@ -124,6 +124,27 @@ def test_shipped_heads_lossless_on_default_model():
     runs = list(stream_generate(model, tok, ids, max_tokens=30))
     assert [r.token for r in runs] == plain
     assert runs[-1].mean_accepted > 1.1  # the heads are used and sometimes right
+    # Pipelined greedy decoding (the GPU default), here on the CPU: the same tokens.
+    from exo_medusa_mlx.decode import generate_step
+
+    out = []
+    for step in generate_step(ids, model, pipelined=True):
+        out += step.tokens
+        if len(out) >= 30:
+            break
+    assert out[:30] == plain
+
+
+def test_default_tree_per_backend(tmp_path):
+    from exo_medusa_mlx.heads_format import default_tree_for
+    from exo_medusa_mlx.tree import DEFAULT_TREE
+
+    assert default_tree_for(tmp_path) == DEFAULT_TREE
+    (tmp_path / "tree.json").write_text("{}")
+    assert default_tree_for(tmp_path, "torch") == tmp_path / "tree.json"  # no torch tree: the tuned one
+    (tmp_path / "tree.torch.json").write_text("{}")
+    assert default_tree_for(tmp_path) == tmp_path / "tree.json"
+    assert default_tree_for(tmp_path / "medusa_lm_head.safetensors", "torch") == tmp_path / "tree.torch.json"
 
 
 def test_gather_fraction_counts_commits_out_of_place():

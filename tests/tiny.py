@@ -7,6 +7,7 @@ import importlib
 import mlx.core as mx
 import numpy as np
 
+from exo_medusa_mlx.cache import TreeOffset
 from exo_medusa_mlx.heads import MedusaHeads
 from exo_medusa_mlx.heads_format import MedusaConfig
 from exo_medusa_mlx.model import MedusaModel
@@ -66,3 +67,10 @@ class OracleMedusa(OracleHeads, MedusaModel):
     def project(self, h, depth=None):
         """(1+D, V) at the last committed position, or (1+D, T, V) at each node in flight."""
         return mx.array(self.rigged(np.array(super().project(h, depth)), h.ndim == 1))
+
+    def root_position(self, ctx, kw) -> int:
+        placed = kw.get("placed")
+        if placed is None:
+            return ctx.committed
+        offset = placed[1]  # pipelined decoding: the positions live on the device
+        return int(np.array(offset.positions if isinstance(offset, TreeOffset) else offset).reshape(-1)[0])

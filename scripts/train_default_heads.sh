@@ -41,23 +41,19 @@ $NICE "${TRAIN[@]}" --epochs 2 --resume
 #    tokens the model emits most in that data (--draft-vocab: on this CPU the heads' second
 #    pass over lm_head would otherwise cost 13 ms a step). Held-out top-1 went from
 #    0.31/0.17/0.11 to 0.40/0.20/0.13.
-NEXT=("$PY" -m exo_medusa_mlx.train --output "$RUN/next" --cache-dir "$RUN/greedy_cache"
+NEXT=("$PY" -m exo_medusa_mlx.train
     --prompts exo_medusa_mlx/data/train_prompts.json --max-tokens 160 --gen-batch-size 64 --val-split 0.05
-    --samples-per-prompt 1 --temp 0
-    --num-heads 3 --num-layers 1 --layout shared --loss ce --next-token --init-from "$RUN" --draft-vocab 8192
-    --learning-rate 1e-3 --batch-size 64 --epochs 2 --steps-per-eval 600 --save-every 200 --seed 0)
-$NICE "${NEXT[@]}"
+    --num-heads 3 --num-layers 1 --layout shared --loss ce --next-token --draft-vocab 8192
+    --learning-rate 1e-3 --batch-size 64 --seed 0)
+$NICE "${NEXT[@]}" --output "$RUN/next" --cache-dir "$RUN/greedy_cache" --samples-per-prompt 1 --temp 0 \
+    --init-from "$RUN" --epochs 2 --steps-per-eval 600 --save-every 200
 
 # 3b. One more epoch on answers given three times each (the first greedy, two sampled at
 #     temperature 0.8; the fed token is the sampled one, the labels the argmax), from the
 #     heads of step 3 (its 5% of prompts still held out): 173k rows instead of 57k. Held-out
 #     top-1 went from 0.40/0.20/0.13 to 0.42/0.22/0.14, bench (c) from 1.38x to 1.42x.
-MORE=("$PY" -m exo_medusa_mlx.train --output "$RUN/next3" --cache-dir "$RUN/sampled3_cache"
-    --prompts exo_medusa_mlx/data/train_prompts.json --max-tokens 160 --gen-batch-size 64 --val-split 0.05
-    --samples-per-prompt 3 --temp 0.8
-    --num-heads 3 --num-layers 1 --layout shared --loss ce --next-token --init-from "$RUN/next" --draft-vocab 8192
-    --learning-rate 1e-3 --batch-size 64 --epochs 1 --steps-per-eval 1000 --save-every 500 --seed 0)
-$NICE "${MORE[@]}"
+$NICE "${NEXT[@]}" --output "$RUN/next3" --cache-dir "$RUN/sampled3_cache" --samples-per-prompt 3 --temp 0.8 \
+    --init-from "$RUN/next" --epochs 1 --steps-per-eval 1000 --save-every 500
 
 mkdir -p "$OUT"
 cp "$RUN/next3/medusa_lm_head.safetensors" "$RUN/next3/config.json" "$OUT/"

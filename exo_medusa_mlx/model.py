@@ -210,8 +210,8 @@ class MedusaModel:
         vocabulary, the heads' full rows are never built: the top-k is taken over
         the draft's scores and mapped to token ids.
         """
-        draft = self.draft()
-        if self.heads is None or draft is None:
+        draft = self.draft()  # None without heads
+        if draft is None:
             rows = self.project(h, depth)
             return rows[0], topk_ids(rows[1:], k)
         ids, w = draft

@@ -111,13 +111,17 @@ def evaluate(heads, lm_head, folder: Path, files: list[str], batch_size: int, to
 # --------------------------------------------------------------------------- training
 
 
+def check_draft_size(size: int, vocab_size: int) -> None:
+    if not 1 <= size < vocab_size:
+        raise ValueError(f"--draft-vocab {size} must be in 1..{vocab_size - 1} (0: the whole vocabulary)")
+
+
 def draft_vocabulary(folder: Path, files: list[str], size: int, vocab_size: int) -> np.ndarray:
     """The ``size`` tokens the base model emits most often in the shards (ties: lower ids,
     which byte-pair vocabularies give to more frequent pieces), in id order."""
     from safetensors.numpy import load_file
 
-    if not 1 <= size < vocab_size:
-        raise ValueError(f"--draft-vocab {size} must be in 1..{vocab_size - 1} (the vocabulary has {vocab_size})")
+    check_draft_size(size, vocab_size)
     counts = np.zeros(vocab_size, np.int64)
     for f in files:
         counts += np.bincount(load_file(str(folder / f))["labels"], minlength=vocab_size)[:vocab_size]
@@ -365,8 +369,8 @@ def run(args) -> dict:
     cfg = MedusaConfig(num_heads=args.num_heads, hidden_size=base.args.hidden_size, vocab_size=base.args.vocab_size,
                        num_layers=args.num_layers, own_lm_head=args.layout == "own", next_token=args.next_token,
                        base_model=model_id)
-    if args.draft_vocab and not 1 <= args.draft_vocab < cfg.vocab_size:
-        raise ValueError(f"--draft-vocab {args.draft_vocab} must be in 1..{cfg.vocab_size - 1} (0: the whole vocabulary)")
+    if args.draft_vocab:
+        check_draft_size(args.draft_vocab, cfg.vocab_size)  # before the data is built
     if args.draft_vocab and args.layout == "own":
         raise ValueError("--draft-vocab needs heads that share the base lm_head (--layout shared)")
     init = saved_heads(args.init_from, cfg) if args.init_from else None  # checked before the data is built

@@ -138,6 +138,15 @@ def test_no_node_outlives_the_launcher(tiny, how):
 # --------------------------------------------------------------------------- pure parts
 
 
+def test_last_node_takes_the_tree_tuned_for_its_backend(tmp_path):
+    """A torch last shard reads ``tree.torch.json`` beside the heads, an MLX one ``tree.json``."""
+    (tmp_path / "tree.json").write_text("[[0], [1]]")
+    (tmp_path / "tree.torch.json").write_text("[[0]]")
+    assert node.resolve_heads_and_tree("m", str(tmp_path), None, "torch")[1] == str(tmp_path / "tree.torch.json")
+    assert node.resolve_heads_and_tree("m", str(tmp_path), None, "mlx")[1] == str(tmp_path / "tree.json")
+    assert node.resolve_heads_and_tree("m", str(tmp_path), "cpu-8", "torch")[1] == "cpu-8"
+
+
 def test_partition_layers():
     assert partition_layers(30, [1, 1, 1]) == [(0, 9), (10, 19), (20, 29)]
     assert partition_layers(30, [1, 1]) == [(0, 14), (15, 29)]

@@ -151,6 +151,29 @@ def test_heads_roundtrip_and_project_match_mlx(own_lm_head, next_token, tmp_path
     assert got2.shape == (3, 5, VOCAB) and np.abs(got2 - want[:3]).max() < 1e-4
 
 
+@pytest.mark.parametrize("next_token", [False, True])
+@pytest.mark.parametrize("draft", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_propose_is_the_top_k_of_project(next_token, draft, k, tmp_path):
+    """Decoding's ``propose`` skips the heads' full rows; it must pick what ``project`` ranks first."""
+    from exo_medusa_mlx.torch_compat.decode import topk_ids
+    from exo_medusa_mlx.tree import build_tree
+    from tiny import random_heads, tiny_base
+
+    heads = load_heads(random_heads(3, next_token=next_token).save(tmp_path / "heads"), HIDDEN, VOCAB)
+    heads.draft_vocab = np.arange(1, VOCAB, 2) if draft else None
+    model = MedusaModel(torch_base(save_hf_folder(tiny_base("llama"), "llama", tmp_path / "base")), heads,
+                        build_tree([[0], [0, 0]]))
+    h = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(0))
+    logits, guesses = model.propose(h, 2, k)
+    rows = model.project(h, 2)
+    torch.testing.assert_close(logits, rows[0], rtol=0, atol=1e-6)
+    assert guesses.shape == (2, 5, k)
+    assert torch.equal(guesses, topk_ids(rows[1:], k))
+    if draft:
+        assert np.isin(guesses.numpy(), heads.draft_vocab).all()
+
+
 def test_fresh_resblock_ignores_its_input():
     from exo_medusa_mlx.heads_format import MedusaConfig
 

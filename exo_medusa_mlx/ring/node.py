@@ -200,9 +200,11 @@ def make_engine(backend: str, model: str, heads=None, tree=None, max_kv_size=Non
     raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
 
 
-def resolve_heads_and_tree(model: str, heads: str | None, tree: str | None) -> tuple[str | None, str | None]:
+def resolve_heads_and_tree(model: str, heads: str | None, tree: str | None,
+                           backend: str = "mlx") -> tuple[str | None, str | None]:
     """The heads and tree the last shard will use, resolved here so the ready line can say so:
-    the given ones, else the model's (shipped) heads and the tree tuned beside them."""
+    the given ones, else the model's (shipped) heads and the tree tuned beside them for
+    this node's ``backend`` (``default_tree_for``)."""
     from pathlib import Path
 
     from ..exo.downloader import LocalShardDownloader
@@ -212,7 +214,7 @@ def resolve_heads_and_tree(model: str, heads: str | None, tree: str | None) -> t
         found = LocalShardDownloader().heads_path(model)
         heads = None if found is None else str(found)
     if tree is None and heads is not None:
-        tree = str(default_tree_for(Path(heads)))  # a str: tree files are named by string
+        tree = str(default_tree_for(Path(heads), backend))  # a str: tree files are named by string
     return heads, tree
 
 
@@ -253,7 +255,7 @@ async def serve(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    heads, tree = resolve_heads_and_tree(args.model, args.heads, args.tree) if shard.is_last_layer() else (None, None)
+    heads, tree = resolve_heads_and_tree(args.model, args.heads, args.tree, args.backend) if shard.is_last_layer() else (None, None)
     engine = make_engine(args.backend, args.model, heads, tree, args.max_kv_size, args.device)
     await engine.ensure_shard(shard)  # load before serving: a ready node answers at once
 

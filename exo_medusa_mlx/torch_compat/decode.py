@@ -16,14 +16,9 @@ from ..streaming import Step
 from ..tree import TreeBuffers, build_tree
 from .cache import DEFAULT_KEEP
 from .graphs import GraphedVerify, static_len_for, use_graphs
-from .model import MedusaModel
+from .model import MedusaModel, topk_ids  # noqa: F401 (topk_ids: imported from here)
 
 ROOT_ONLY = build_tree([])
-
-
-def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest logits, best first. logits: (..., V) -> (..., k)."""
-    return torch.topk(logits, k, dim=-1, sorted=True).indices
 
 
 def prefill(model: MedusaModel, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP) -> torch.Tensor:
@@ -62,8 +57,11 @@ def generate_step(
         raise ValueError(f"tree is {tree.depth} deep but the heads give {model.heads.num_heads} guesses")
 
     h = prefill(model, ctx, caches, prompt)
-    rows = model.project(h, tree.depth) if use_heads else model.logits(h)[None]  # (1+D, V)
-    root = policy.first(rows[0].float().cpu().numpy())
+    if use_heads:
+        logits, guesses = model.propose(h, tree.depth, tree.topk)  # (V,), (D, k)
+    else:
+        logits, guesses = model.logits(h), None
+    root = policy.first(logits.float().cpu().numpy())
     yield Step([root], 0)
 
     verify = None
@@ -71,7 +69,6 @@ def generate_step(
         ctx.static_len = static_len_for(ctx, tree.size)  # the prefill ran dynamic; verify steps are static
         verify = GraphedVerify(model, ctx, caches, tree, heads=use_heads)
     tree_idx = torch.from_numpy(tree.tree_indices).to(model.device)
-    guesses = topk_ids(rows[1:], tree.topk) if use_heads else None  # (D, k)
     while True:
         if use_heads:
             flat = torch.cat([guesses.new_tensor([root]), guesses.reshape(-1)])
@@ -79,17 +76,16 @@ def generate_step(
         else:
             tree_tokens = torch.tensor([root], device=model.device)
         if verify is not None:
-            h, rows = verify(tree_tokens)
+            logits, node_guesses = verify(tree_tokens)
         else:
             h = model.forward(ctx, caches, tree_tokens, tree)  # (T, H)
-            # with heads: base and head logits of every node in one pass over lm_head,
-            # since the next guesses come from the node kept, known after acceptance;
-            # only the heads the tree reads (1+D rows per node)
-            rows = model.project(h, tree.depth) if use_heads else model.logits(h)[None]  # (1+D, T, V)
-        verdict = rows[0].float() if policy.needs_logits else rows[0].argmax(dim=-1)
+            # With heads: every node's guesses, since the next ones come from the node
+            # kept, known after acceptance; only the heads the tree reads.
+            logits, node_guesses = model.propose(h, tree.depth, tree.topk) if use_heads else (model.logits(h), None)
+        verdict = logits.float() if policy.needs_logits else logits.argmax(dim=-1)  # (T, V) / (T,)
         acc = policy.accept(tree, tree_tokens.cpu().numpy(), verdict.cpu().numpy())
         ctx.commit(caches, acc.nodes)
         root = acc.tokens[-1]
         if use_heads:
-            guesses = topk_ids(rows[1:, int(acc.nodes[-1])], tree.topk)  # from the last kept node
+            guesses = node_guesses[:, int(acc.nodes[-1])]  # (D, k): from the last kept node
         yield Step(acc.tokens, tree.size)

@@ -28,10 +28,10 @@ def static_len_for(ctx: CacheContext, tree_size: int) -> int:
 class GraphedVerify:
     """``model.forward`` then the logits over ``tree``, replayed from a CUDA graph.
 
-    Call it like ``model.forward`` (tokens: (T,) on the device); returns
-    (hidden (T, H), rows (1+D, T, V)): ``model.project`` of every node with
-    ``heads`` (the tree's depth D of them), else the base logits alone (D = 0). Both are static buffers
-    overwritten by the next call.
+    Call it like ``model.forward`` (tokens: (T,) on the device); returns (logits
+    (T, V), guesses (D, T, k)): ``model.propose`` of every node with ``heads``
+    (the tree's depth D, its top-k), else the base logits and None. Both are
+    static buffers overwritten by the next call.
     """
 
     def __init__(self, model: MedusaModel, ctx: CacheContext, caches: MedusaCache, tree: TreeBuffers,
@@ -54,7 +54,9 @@ class GraphedVerify:
 
     def _run(self):
         h = self.model.hidden(self.tokens, self.caches)[0]  # (T, H)
-        return h, self.model.project(h, self.tree.depth) if self.heads else self.model.lm_head(h)[None]
+        if self.heads:
+            return self.model.propose(h, self.tree.depth, self.tree.topk)
+        return self.model.lm_head(h), None
 
     def _capture(self) -> None:
         self.graph = None
@@ -67,7 +69,7 @@ class GraphedVerify:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.h, self.rows = self._run()
+            self.logits, self.guesses = self._run()
         self.graph, self.captured_len = graph, self.ctx.static_len
 
     @torch.inference_mode()
@@ -85,7 +87,7 @@ class GraphedVerify:
                 torch.cuda.synchronize()
                 return self._run()
         self.graph.replay()
-        return self.h, self.rows
+        return self.logits, self.guesses
 
 
 def use_graphs(model: MedusaModel, graphs: bool | None) -> bool:

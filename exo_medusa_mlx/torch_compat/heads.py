@@ -62,6 +62,13 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.heads)
 
+    def states(self, h: torch.Tensor, num: int | None = None,
+               next_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The first ``num`` heads' hidden states at ``h`` (before any lm_head), each (..., H)."""
+        if self.config.next_token and next_embeds is None:
+            raise ValueError("these heads read the base model's next token: pass next_embeds")
+        return [head(h, next_embeds if self.config.next_token else None) for head in list(self.heads)[:num]]
+
     def project(self, h: torch.Tensor, lm_head: nn.Module, base: bool = True, num: int | None = None,
                 next_embeds: torch.Tensor | None = None,
                 draft: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -76,10 +83,8 @@ class MedusaHeads(nn.Module):
         (ids, lm_head rows of those ids), to score the guesses over the draft
         vocabulary alone (the other logits are -inf); a second, smaller pass.
         """
-        if self.config.next_token and next_embeds is None:
-            raise ValueError("these heads read the base model's next token: pass next_embeds")
         heads = list(self.heads)[:num]
-        hs = [head(h, next_embeds if self.config.next_token else None) for head in heads]
+        hs = self.states(h, num, next_embeds)
         if draft is not None:
             ids, w = draft
             sub = torch.stack(hs) @ w.T  # (K, ..., V')

@@ -25,6 +25,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
+def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest logits, best first. logits: (..., V) -> (..., k)."""
+    return torch.topk(logits, k, dim=-1, sorted=True).indices
+
+
 def check_supported(base: nn.Module) -> None:
     """Raise at load time for a model the tree cache can't drive exactly."""
     cfg = base.config
@@ -124,9 +129,33 @@ class MedusaModel:
         if not self.heads.config.next_token:
             return self.heads.project(h, self.lm_head, num=depth, draft=draft)
         logits = self.lm_head(h)
-        nxt = self.base.get_input_embeddings()(logits.argmax(-1))
-        rows = self.heads.project(h, self.lm_head, base=False, num=depth, next_embeds=nxt, draft=draft)
+        rows = self.heads.project(h, self.lm_head, base=False, num=depth, next_embeds=self._next_embeds(logits),
+                                  draft=draft)
         return torch.cat([logits[None], rows])
+
+    def _next_embeds(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Embeddings of the base model's argmax, for next-token heads (else None)."""
+        if not self.heads.config.next_token:
+            return None
+        return self.base.get_input_embeddings()(logits.argmax(-1))
+
+    @torch.inference_mode()
+    def propose(self, h: torch.Tensor, depth: int | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a decoding step needs at ``h`` (..., H): the base logits (..., V) and
+        the first ``depth`` heads' top-``k`` guesses (D, ..., k), best first.
+
+        The guesses equal ``topk_ids(project(h, depth)[1:], k)`` but, with a draft
+        vocabulary, the heads' full rows are never built: the top-k is taken over
+        the draft's scores and mapped to token ids.
+        """
+        draft = self.draft()  # None without heads
+        if draft is None:
+            rows = self.project(h, depth)
+            return rows[0], topk_ids(rows[1:], k)
+        ids, w = draft
+        logits = self.lm_head(h)
+        states = torch.stack(self.heads.states(h, depth, self._next_embeds(logits)))  # (D, ..., H)
+        return logits, ids[topk_ids(states @ w.T, k)]
 
     @torch.inference_mode()
     def draft(self) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from exo_medusa_mlx.accept import make_policy
-from exo_medusa_mlx.decode import generate_step
+from exo_medusa_mlx.decode import generate_step, topk_ids
 from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard, run_ring, run_ring_async
 from exo_medusa_mlx.exo import state as st
 from exo_medusa_mlx.model import MedusaModel
@@ -76,12 +76,14 @@ class OracleEngine(MedusaMLXInferenceEngine):
         self.future, self.ranks, self.passes = future, ranks, 0
         self.rng = np.random.default_rng(0)
 
-    def _project(self, h, positions):
-        rows = np.array(super()._project(h, positions))
+    def _propose(self, h, positions):
+        tree = self._loaded.tree
+        rows = np.array(self._loaded.model.project(h, tree.depth))  # (1+D, [T,] V)
         self.passes += 1
         one = h.ndim == 1
         got = rig(rows[:, None] if one else rows, [positions] if one else positions, self.future, self.ranks, self.rng)
-        return mx.array(got[:, 0] if one else got)
+        got = mx.array(got[:, 0] if one else got)
+        return got[0], topk_ids(got[1:], tree.topk)
 
 
 _BUILT: dict[str, SimpleNamespace] = {}

@@ -16,7 +16,7 @@ from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, S
 from exo_medusa_mlx.exo import state as st  # noqa: E402
 from exo_medusa_mlx.exo.torch_engine import MedusaTorchInferenceEngine  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel  # noqa: E402
-from exo_medusa_mlx.torch_compat.decode import generate_step as torch_generate_step  # noqa: E402
+from exo_medusa_mlx.torch_compat.decode import generate_step as torch_generate_step, topk_ids  # noqa: E402
 from exo_medusa_mlx.tree import build_tree, tree_choices  # noqa: E402
 from test_exo_engine import N, N_LAYERS, PROMPT, OracleEngine, built, exo_engine_test, reference  # noqa: E402
 from oracle import rig  # noqa: E402
@@ -63,13 +63,15 @@ class TorchOracleEngine(MedusaTorchInferenceEngine):
         self.future, self.ranks, self.passes = future, ranks, 0
         self.rng = np.random.default_rng(0)
 
-    def _project(self, h, positions):
-        rows = super()._project(h, positions)
+    def _propose(self, h, positions):
+        tree = self._loaded.tree
+        rows = self._loaded.model.project(h, tree.depth)  # (1+D, [T,] V)
         self.passes += 1
         one = h.dim() == 1
         got = rig(rows.float().cpu().numpy()[:, None] if one else rows.float().cpu().numpy(),
                   [positions] if one else positions, self.future, self.ranks, self.rng)
-        return torch.from_numpy(got[:, 0] if one else got).to(rows)
+        got = torch.from_numpy(got[:, 0] if one else got).to(rows)
+        return got[0], topk_ids(got[1:], tree.topk)
 
 
 # --------------------------------------------------------------------------- exactness

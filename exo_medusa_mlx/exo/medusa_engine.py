@@ -10,9 +10,10 @@ the array work, all called on the engine's one worker thread:
 - ``_forward(sess, x, req)``: this shard's layers on ``x`` (ids on the first shard,
   hidden states otherwise; normed on the last), committing a plain pass at once
   and leaving a tree pass in scratch. Returns backend hidden states (T, H).
-- ``_commit(sess, nodes)``, ``_logits(h)`` (T, V), ``_project(h, positions)``
-  (1+D, ..., V) (D: the tree's depth), ``_propose(rows, root, tree)`` -> (T',) int64 tree tokens,
-  ``_argmax(a)``, ``_numpy(a)``, ``_hidden_numpy(h)`` (1, T, H) for the wire.
+- ``_commit(sess, nodes)``, ``_logits(h)`` (T, V), ``_propose(h, positions)`` (base
+  logits (..., V), the heads' top-k guesses (D, ..., k); D: the tree's depth),
+  ``_lay_out(guesses, root, tree)`` -> (T',) int64 tree tokens, ``_argmax(a)``,
+  ``_numpy(a)``, ``_hidden_numpy(h)`` (1, T, H) for the wire.
 """
 
 from __future__ import annotations
@@ -314,30 +315,29 @@ class MedusaShardEngine(InferenceEngine):
         T = h.shape[0]
         commit = None
         if req.is_tree:
-            # With heads, base and head logits of every node in one projection (as
-            # generate_step): the next guesses come from the node kept.
+            # With heads, every node's guesses (as generate_step): the next ones come
+            # from the node kept.
             if sess.use_heads:
-                every = self._project(h, committed + req.depths + 1)  # (1+D, T, V)
-                logits = every[0]
+                logits, every = self._propose(h, committed + req.depths + 1)  # (T, V), (D, T, k)
             else:
                 logits = self._logits(h)  # (T, V)
             verdict = self._numpy(logits) if policy.needs_logits else self._numpy(self._argmax(logits))
             acc = policy.accept(L.tree, tokens, verdict)
             emitted, last, commit = acc.tokens, int(acc.nodes[-1]), acc.nodes
             root_pos = committed + len(acc.nodes)
-            rows = every[:, last] if sess.use_heads else None
+            guesses = every[:, last] if sess.use_heads else None
         elif sess.passes == 0:  # the prompt: the first token, as generate_step does
             logits = self._logits(h)  # (T, V)
             root_pos = committed + T
-            rows = self._project(h[-1], root_pos) if sess.use_heads else logits[-1][None]
-            emitted = [policy.first(self._numpy(rows[0]))]
+            first, guesses = self._propose(h[-1], root_pos) if sess.use_heads else (logits[-1], None)
+            emitted = [policy.first(self._numpy(first))]
         else:  # a plain step: verify the root alone
             logits = self._logits(h)  # (T, V)
             root_pos = committed + T
             last = logits[-1:]
             verdict = self._numpy(last) if policy.needs_logits else self._numpy(self._argmax(last))
             emitted = policy.accept(ROOT_ONLY, np.zeros(1, dtype=np.int64), verdict).tokens
-            rows = self._project(h[-1], root_pos) if sess.use_heads else None
+            guesses = self._propose(h[-1], root_pos)[1] if sess.use_heads else None
         sess.passes += 1
 
         root = int(emitted[-1])
@@ -348,7 +348,7 @@ class MedusaShardEngine(InferenceEngine):
             out[st.NEXT + "commit"] = np.asarray(commit, dtype=np.int64)
         if sess.use_heads:
             tree = L.tree
-            out[st.NEXT + "tokens"] = self._propose(rows, root, tree)
+            out[st.NEXT + "tokens"] = self._lay_out(guesses, root, tree)
             out[st.NEXT + "depths"] = tree.depths.astype(np.int64)
             out[st.NEXT + "tree_mask"] = tree.mask.copy()
             out[st.NEXT + "positions"] = (root_pos + tree.depths).astype(np.int64)
@@ -398,15 +398,16 @@ class MedusaShardEngine(InferenceEngine):
     def _logits(self, h):
         raise NotImplementedError
 
-    def _project(self, h, positions):
-        """Base then head logits at hidden states h: (H,) -> (1+D, V), (T, H) -> (1+D, T, V),
-        for the D heads the tree reads.
+    def _propose(self, h, positions):
+        """At hidden states h, (H,) or (T, H): the base logits, (V,) or (T, V), and the top-k
+        guesses of the D heads the tree reads, (D, k) or (D, T, k) (``MedusaModel.propose``).
 
         ``positions``: where the next root sits after each state (an int for one).
         """
         raise NotImplementedError
 
-    def _propose(self, rows, root: int, tree: TreeBuffers) -> np.ndarray:
+    def _lay_out(self, guesses, root: int, tree: TreeBuffers) -> np.ndarray:
+        """The next pass's tree tokens from the root and the guesses (D, k), (T,) int64."""
         raise NotImplementedError
 
     def _argmax(self, a):

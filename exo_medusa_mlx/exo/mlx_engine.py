@@ -15,7 +15,6 @@ import mlx.core as mx
 import numpy as np
 
 from ..cache import make_cache
-from ..decode import topk_ids
 from ..heads import load_heads
 from ..loading import default_tree_for
 from ..model import MedusaModel
@@ -105,14 +104,14 @@ class MedusaMLXInferenceEngine(MedusaShardEngine):
     def _logits(self, h: mx.array) -> mx.array:
         return self._loaded.model.logits(h)
 
-    def _project(self, h: mx.array, positions) -> mx.array:
-        return self._loaded.model.project(h, self._loaded.tree.depth)
+    def _propose(self, h: mx.array, positions) -> tuple[mx.array, mx.array]:
+        tree = self._loaded.tree
+        return self._loaded.model.propose(h, tree.depth, tree.topk)
 
-    def _propose(self, rows: mx.array, root: int, tree: TreeBuffers) -> np.ndarray:
+    def _lay_out(self, guesses: mx.array, root: int, tree: TreeBuffers) -> np.ndarray:
         if tree.size == 1:
             return np.array([root], dtype=np.int64)
-        guesses = topk_ids(rows[1 : 1 + tree.depth], tree.topk).reshape(-1)
-        flat = mx.concatenate([mx.array([root]), guesses.astype(mx.int32)])
+        flat = mx.concatenate([mx.array([root]), guesses.reshape(-1).astype(mx.int32)])
         return np.array(flat[mx.array(tree.tree_indices)]).astype(np.int64)
 
     def _argmax(self, a: mx.array) -> mx.array:

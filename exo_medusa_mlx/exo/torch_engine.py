@@ -200,15 +200,15 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._loaded.model.logits(h)
 
-    def _project(self, h: torch.Tensor, positions) -> torch.Tensor:
-        return self._loaded.model.project(h, self._loaded.tree.depth)
+    def _propose(self, h: torch.Tensor, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        tree = self._loaded.tree
+        return self._loaded.model.propose(h, tree.depth, tree.topk)
 
     @torch.inference_mode()
-    def _propose(self, rows: torch.Tensor, root: int, tree: TreeBuffers) -> np.ndarray:
+    def _lay_out(self, guesses: torch.Tensor, root: int, tree: TreeBuffers) -> np.ndarray:
         if tree.size == 1:
             return np.array([root], dtype=np.int64)
-        guesses = torch.topk(rows[1 : 1 + tree.depth], tree.topk, dim=-1, sorted=True).indices.reshape(-1)
-        flat = torch.cat([guesses.new_tensor([root]), guesses])
+        flat = torch.cat([guesses.new_tensor([root]), guesses.reshape(-1)])
         return flat[torch.from_numpy(tree.tree_indices).to(flat.device)].cpu().numpy().astype(np.int64)
 
     def _argmax(self, a: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,18 @@
 """Give MLX an optimized BLAS on Linux.
 
 ``mlx[cpu]`` on Linux links a reference BLAS (``mlx_cpu.libs/libblas``), which
-is ~50x slower than OpenBLAS for a float32 GEMM. ``cmeel-openblas`` ships an
-OpenBLAS exporting the same ``cblas_sgemm``/``sgemm_`` symbols, but it needs a
-``libgfortran.so.5`` that is usually not installed. We copy it into a cache
-folder, point its ``libgfortran`` dependency at the copy bundled with MLX
-(``patchelf``), and ``dlopen`` it with ``RTLD_GLOBAL`` *before* ``mlx.core``
-is imported, so the dynamic linker binds MLX's BLAS calls to OpenBLAS.
+is ~50x slower than OpenBLAS for a float32 GEMM. ``scipy-openblas32`` (the
+OpenBLAS that numpy and SciPy ship) picks its kernels at run time for the CPU it
+runs on (``DYNAMIC_ARCH``), but prefixes every symbol with ``scipy_``. MLX's CPU
+backend calls exactly three BLAS functions, ``cblas_{s,d,c}gemm``; we compile a
+three-function shim forwarding those names to the prefixed ones (cached under
+``~/.cache/exo_medusa_mlx/blas``) and ``dlopen`` it with ``RTLD_GLOBAL`` *before*
+``mlx.core`` is imported, so the dynamic linker binds MLX's calls to OpenBLAS.
+
+Building the shim needs a C compiler (``$CC``, else ``cc``/``gcc``); without one
+MLX keeps its reference BLAS and ``blas_info()`` says why. (OpenBLAS builds
+with unprefixed symbols on PyPI, e.g. ``cmeel-openblas``, target one CPU family
+and die with SIGILL elsewhere: 0.3.31 is built for AVX-512.)
 
 This module must not import mlx. Set ``EXO_MEDUSA_BLAS=off`` to disable.
 """
@@ -27,7 +33,19 @@ from pathlib import Path
 __all__ = ["preload_blas", "blas_info", "cache_root"]
 
 _INFO: str | None = None
-_HANDLE: ctypes.CDLL | None = None  # keep the library loaded for the process lifetime
+_HANDLES: list[ctypes.CDLL] = []  # keep the libraries loaded for the process lifetime
+
+# The CBLAS signatures MLX links against (mlx/backend/cpu), forwarded to OpenBLAS's prefixed ones.
+_SHIM_SOURCE = """\
+typedef int I;
+#define FORWARD(NAME, T, S) \\
+  void scipy_##NAME(int, int, int, I, I, I, S, const T *, I, const T *, I, S, T *, I); \\
+  void NAME(int o, int ta, int tb, I m, I n, I k, S alpha, const T *a, I lda, const T *b, I ldb, \\
+            S beta, T *c, I ldc) { scipy_##NAME(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc); }
+FORWARD(cblas_sgemm, float, float)
+FORWARD(cblas_dgemm, double, double)
+FORWARD(cblas_cgemm, void, const void *)
+"""
 
 
 def cache_root() -> Path:
@@ -39,13 +57,13 @@ def cache_root() -> Path:
     return Path(xdg).expanduser() / "exo_medusa_mlx"
 
 
-def _dist_file(dist: str, pattern: str) -> Path | None:
-    """First file matching ``pattern`` (relative to site-packages) of an installed distribution."""
+def _openblas() -> Path | None:
+    """The installed ``scipy-openblas32`` shared library, if any."""
     try:
-        root = Path(metadata.distribution(dist).locate_file(""))
+        root = Path(metadata.distribution("scipy-openblas32").locate_file("")) / "scipy_openblas32" / "lib"
     except metadata.PackageNotFoundError:
         return None
-    return next(iter(sorted(root.glob(pattern))), None)
+    return next(iter(sorted(root.glob("libscipy_openblas*.so"))), None)
 
 
 def _has_dist(name: str) -> bool:
@@ -56,80 +74,72 @@ def _has_dist(name: str) -> bool:
     return True
 
 
-def _patchelf() -> str | None:
-    local = Path(sysconfig.get_path("scripts")) / "patchelf"
-    if local.is_file():
-        return str(local)
-    return shutil.which("patchelf")
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        exe = shutil.which(cc.split()[0]) if cc else None
+        if exe:
+            return exe
+    return None
 
 
-def _cache_key(*files: Path) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
-
-
-def _patched_copy(openblas: Path, gfortran: Path, patchelf: str) -> Path:
-    """Return a cached copy of ``openblas`` whose libgfortran NEEDED entry is ``gfortran``."""
-    out_dir = cache_root() / "blas" / _cache_key(openblas, gfortran)
-    final = out_dir / openblas.name
+def _shim(openblas: Path, cc: str) -> Path:
+    """Return the cached shim linked against ``openblas``, compiling it on first use."""
+    st = openblas.stat()
+    key = hashlib.sha256(f"{openblas.resolve()}:{st.st_size}:{st.st_mtime_ns};{_SHIM_SOURCE}".encode())
+    out_dir = cache_root() / "blas" / key.hexdigest()[:16]
+    final = out_dir / "libexo_medusa_cblas.so"
     if final.is_file():
         return final
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{openblas.name}.{os.getpid()}.tmp"
+    src = out_dir / f".shim.{os.getpid()}.c"
+    tmp = out_dir / f".{final.name}.{os.getpid()}.tmp"
     try:
-        shutil.copyfile(openblas, tmp)
+        src.write_text(_SHIM_SOURCE)
+        lib_dir = str(openblas.parent)
         subprocess.run(
-            [patchelf, "--replace-needed", "libgfortran.so.5", str(gfortran.resolve()), str(tmp)],
-            check=True,
-            capture_output=True,
+            [cc, "-shared", "-fPIC", "-O2", "-x", "c", str(src), "-o", str(tmp),
+             f"-L{lib_dir}", f"-l:{openblas.name}", f"-Wl,-rpath,{lib_dir}"],
+            check=True, capture_output=True, timeout=120,
         )
-        os.chmod(tmp, 0o755)
         os.replace(tmp, final)
     finally:
+        src.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
     return final
 
 
-def _describe(lib: ctypes.CDLL, source: str) -> str:
-    version = "?"
+def _describe(lib: ctypes.CDLL) -> str:
+    version = metadata.version("scipy-openblas32")
+    extra = ["scipy-openblas32"]
     try:
-        version = metadata.version("cmeel-openblas")
-    except metadata.PackageNotFoundError:
-        pass
-    extra = [source]
-    try:
-        lib.openblas_get_corename.restype = ctypes.c_char_p
-        extra.append(lib.openblas_get_corename().decode())
-        lib.openblas_get_num_threads.restype = ctypes.c_int
-        extra.append(f"{lib.openblas_get_num_threads()} threads")
+        lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
+        extra.append(lib.scipy_openblas_get_corename().decode())
+        lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
+        extra.append(f"{lib.scipy_openblas_get_num_threads()} threads")
     except AttributeError:
         pass
     return f"openblas {version} ({', '.join(extra)})"
 
 
 def _load_openblas() -> str:
-    """Load OpenBLAS globally; return its description or a 'reference (...)' reason."""
-    global _HANDLE
-    openblas = _dist_file("cmeel-openblas", "cmeel.prefix/lib/libopenblas.so.0")
+    """Load OpenBLAS and the shim globally; return the description or a 'reference (...)' reason."""
+    openblas = _openblas()
     if openblas is None:
-        return "reference (cmeel-openblas not installed)"
-    gfortran = _dist_file("mlx-cpu", "mlx_cpu.libs/libgfortran*.so.5*")
-    patchelf = _patchelf()
-    target, source = openblas, "cmeel"
-    if gfortran is not None and patchelf is not None:
-        try:
-            target, source = _patched_copy(openblas, gfortran, patchelf), "cmeel, patched"
-        except (OSError, subprocess.CalledProcessError):
-            pass  # fall through: works only if the system has libgfortran.so.5
+        return "reference (scipy-openblas32 not installed)"
+    cc = _compiler()
+    if cc is None:
+        return "reference (no C compiler to build the BLAS shim: install gcc or set CC)"
     try:
-        _HANDLE = ctypes.CDLL(str(target), mode=ctypes.RTLD_GLOBAL)
-    except OSError:
-        missing = "patchelf" if patchelf is None else "libgfortran.so.5"
-        return f"reference (openblas not loadable: {missing} missing)"
-    return _describe(_HANDLE, source)
+        shim = _shim(openblas, cc)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        return f"reference (BLAS shim did not build with {cc}: {detail.decode(errors='replace').strip()[:200] or e})"
+    try:
+        lib = ctypes.CDLL(str(openblas), mode=ctypes.RTLD_GLOBAL)
+        _HANDLES.extend([lib, ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)])
+    except OSError as e:
+        return f"reference (OpenBLAS not loadable: {e})"
+    return _describe(lib)
 
 
 def preload_blas() -> str:

@@ -179,6 +179,8 @@ def make_policy(temp: float = 0.0, top_p: float = 1.0, acceptance: str = "auto",
         raise ValueError(f"temperature {temp} must be >= 0")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top-p {top_p} must be in (0, 1]")
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed {seed} must be a non-negative integer")
     if acceptance == "greedy" or (acceptance == "auto" and temp == 0):
         return Policy(greedy_accept, False, lambda row: int(np.argmax(row)))
     if temp == 0:

@@ -242,7 +242,8 @@ def markdown(result: dict) -> str:
     for r in result["prompts"]:
         cells = [f"{r['runs'][m]['generation_tps']:.1f}" for m in result["order"]]
         acc = r["runs"].get("c", {}).get("mean_accepted")
-        lines.append(f"| {r['prompt'][:40]} | {r['category']} | " + " | ".join(cells) + f" | {acc:.2f} |")
+        lines.append(f"| {r['prompt'][:40]} | {r['category']} | " + " | ".join(cells)
+                     + (f" | {acc:.2f} |" if acc is not None else " | - |"))
     return "\n".join(lines)
 
 
@@ -252,18 +253,30 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    acc = [r["runs"]["c"]["mean_accepted"] for r in result["prompts"] if "c" in r["runs"]]
+    fig, axes = plt.subplots(1, 2 if acc else 1, figsize=(11 if acc else 6, 4), squeeze=False)
+    ax1 = axes[0, 0]
     ov = result["overall"]
     ms = list(ov)
     ax1.bar([f"({m})" for m in ms], [ov[m]["generation_tps"] for m in ms], color="tab:blue")
     ax1.set_ylabel("generation tokens/s")
     ax1.set_title("Greedy decoding, same model, one run")
-    acc = [r["runs"]["c"]["mean_accepted"] for r in result["prompts"] if "c" in r["runs"]]
-    ax2.hist(acc, bins=12, color="tab:green")
-    ax2.set_xlabel("mean accepted tokens per step (per prompt)")
-    ax2.set_title("Medusa (MLX) accepted length")
+    if acc:
+        ax2 = axes[0, 1]
+        ax2.hist(acc, bins=12, color="tab:green")
+        ax2.set_xlabel("mean accepted tokens per step (per prompt)")
+        ax2.set_title("Medusa (MLX) accepted length")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def latency_curve(model=None, ns=(1, 2, 4, 8, 16, 32, 64, 128), cache_len=256, repeats=5, torch_side=True) -> dict:
@@ -315,7 +328,7 @@ def latency_curve(model=None, ns=(1, 2, 4, 8, 16, 32, 64, 128), cache_len=256, r
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx_medusa bench", description="Medusa vs the decoders users have, one run.")
+    p = argparse.ArgumentParser(prog="mlx_medusa bench", allow_abbrev=False, description="Medusa vs the decoders users have, one run.")
     p.add_argument("--model", default=None)
     p.add_argument("--heads", default=None)
     p.add_argument("--tree", default=None)
@@ -334,12 +347,18 @@ def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
     if not set(args.methods) <= set("abcdef"):
         sys.exit(f"error: --methods '{args.methods}' must be letters among a-f")
+    for name in ("max_tokens", "limit", "cache_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --out {out}: {e.strerror}; pass a folder")
     try:
         if args.latency:
             res = latency_curve(args.model, cache_len=args.cache_len, torch_side=not args.no_torch)
-            (out / "latency.json").write_text(json.dumps(res, indent=1))
+            _write(out / "latency.json", json.dumps(res, indent=1))
             print(f"one forward of N tokens over {args.cache_len} cached, relative to N=1:")
             for side in ("mlx", "torch"):
                 rel = res.get(side + "_relative")
@@ -351,9 +370,9 @@ def main(argv=None) -> None:
                         args.methods, args.temp)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    (out / "bench.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
-    (out / "bench.md").write_text(md + "\n")
+    _write(out / "bench.json", json.dumps(res, indent=1))
+    _write(out / "bench.md", md + "\n")
     plot(res, out / "bench.png")
     print(md)
     for n in res["notes"]:

@@ -20,6 +20,8 @@ COMPACT_AT = 256  # pipelined decoding gathers its rejected slots away once ther
 
 def prefill(model: MedusaModel, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP) -> mx.array:
     """Commit the prompt; returns the last position's hidden state, (H,)."""
+    if len(prompt) == 0:
+        raise ValueError("prompt is empty: give at least one token")
     for s in range(0, len(prompt), step):
         chunk = prompt[s : s + step]
         h = model.forward(ctx, caches, chunk)

@@ -362,6 +362,10 @@ def resolve_model_path(model: str | None) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model folder {path} has no config.json; pass a Hugging Face model folder")
+        try:
+            json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path / 'config.json'} is not valid JSON ({e}): fix or replace the model folder") from None
         return path
     if path.is_file():
         if path.suffix == ".gguf":

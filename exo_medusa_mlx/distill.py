@@ -277,9 +277,16 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
         raise ValueError(f"{folder} holds hidden states of other data ({meta.get('data', '?')}; or another "
                          "--seed, --val-split or --max-tokens, or an older cache format): pass another "
                          "--cache-dir, or delete that folder")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cache folder {folder} is a file: pass a folder to --cache-dir")
+    ours = [f for split in ("train", "val") for f in folder.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9].safetensors")]
+    others = sorted(set(folder.iterdir()) - set(ours)) if folder.is_dir() else []
+    if others:
+        raise ValueError(f"cache folder {folder} holds files that are not a hidden-state cache ({others[0].name}): "
+                         "pass an empty or new folder to --cache-dir")
     folder.mkdir(parents=True, exist_ok=True)
     # No meta.json (written last): shards left by an interrupted run, incomplete, so cleared.
-    for f in folder.glob("*.safetensors"):
+    for f in ours:
         f.unlink()
     n = len(prompts) if prompts is not None else len(docs)
     n_val = max(int(round(val_split * n)), 1 if n > 1 else 0) if val_split > 0 else 0

@@ -168,10 +168,14 @@ def read_heads(path: str | Path) -> tuple[dict[str, np.ndarray], dict, Path]:
             import torch
         except ImportError:
             raise ValueError(f"{file}: reading .pt heads needs torch (pip install 'exo-medusa-mlx[torch]')") from None
+        import pickle  # only for its error type: torch.load(weights_only=True) unpickles nothing else
+
         try:
             state = torch.load(str(file), map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError) as e:
-            raise ValueError(f"{file}: not a readable torch state dict ({e})") from None
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{file}: not a readable torch state dict ({str(e).splitlines()[0]})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{file}: not a state dict of tensors; save the heads with torch.save(heads.state_dict())")
         weights = {k: v.numpy() if k == DRAFT_KEY else v.float().numpy() for k, v in state.items()}
     else:
         raise ValueError(f"{file}: unknown heads format; expected .safetensors or .pt")
@@ -183,6 +187,8 @@ def read_heads(path: str | Path) -> tuple[dict[str, np.ndarray], dict, Path]:
             raw = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{cfg_path}: expected a JSON object of head settings, got {type(raw).__name__}")
     return weights, raw, file
 
 

@@ -129,7 +129,7 @@ def apply_template(tokenizer, prompt: str, system: str | None, use_template: boo
 
 def setup_arg_parser(prog: str = "mlx_medusa generate") -> argparse.ArgumentParser:
     """mlx_lm.generate's flags plus Medusa's; the same for both backends."""
-    p = argparse.ArgumentParser(prog=prog, description="Generate text with Medusa decoding.")
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description="Generate text with Medusa decoding.")
     p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto",
                    help="auto: MLX where it is installed, else torch")
     p.add_argument("--model", default=None, help="Local Hugging Face folder or repo id (default: the embedded SmolLM2-135M-Instruct)")

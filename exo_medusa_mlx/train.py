@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -195,10 +196,35 @@ def init_from(heads: MedusaHeads, weights: dict[str, np.ndarray], saved: MedusaC
 
 
 def _save_checkpoint(folder: Path, heads: MedusaHeads, opt, step: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    heads.save(folder)
-    mx.save_safetensors(str(folder / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
-    (folder / "state.json").write_text(json.dumps({"step": step}))
+    """Heads, optimizer state and step, swapped in whole: an interrupted save keeps the previous checkpoint."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    heads.save(tmp)
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    if folder.exists():
+        folder.replace(old)
+    tmp.replace(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume_step(checkpoint: Path, heads: MedusaHeads) -> int:
+    """Load the checkpoint's heads into ``heads`` (same layout required); return its step."""
+    from .heads_format import layout_from_keys, read_heads
+
+    weights, _, file = read_heads(checkpoint)
+    saved = layout_from_keys(weights, str(file))
+    want = (heads.num_heads, heads.config.num_layers, heads.config.own_lm_head, heads.config.next_token)
+    if saved != want:
+        raise ValueError(f"--resume: {checkpoint} holds heads of another layout (heads, layers, own lm_head, "
+                         f"next-token = {saved}, asked {want}): pass the same flags, or another --output")
+    heads.load_reference_weights(weights)
+    try:
+        return int(json.loads((checkpoint / "state.json").read_text())["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--resume: {checkpoint / 'state.json'} is unreadable ({e}): delete the checkpoint "
+                         "folder to start over") from None
 
 
 def steps_per_epoch(meta: dict, batch_size: int) -> int:
@@ -221,19 +247,19 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
     val_files = [f["file"] for f in meta["splits"]["val"]]
     if not train_files:
         raise ValueError(f"{cache_dir}: no training rows (all data went to --val-split?)")
+    usable = meta["rows"]["train"] - meta["sequences"]["train"]
+    if usable < batch_size:
+        raise ValueError(f"{cache_dir}: {usable} training rows, fewer than --batch-size {batch_size}: "
+                         "lower --batch-size or add data")
     per_epoch = steps_per_epoch(meta, batch_size)
     opt = optim.AdamW(learning_rate=make_schedule(lr, steps, warmup), weight_decay=weight_decay)
     start = 0
     if resume and (checkpoint is None or not (checkpoint / "state.json").is_file()):
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint} (it is written every --save-every steps)")
     if resume:
-        from .heads_format import read_heads
-
-        weights, _, _ = read_heads(checkpoint)
-        heads.load_reference_weights(weights)
+        start = _resume_step(checkpoint, heads)
         opt.init(heads.trainable_parameters())
         opt.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
-        start = json.loads((checkpoint / "state.json").read_text())["step"]
         log(f"resumed from {checkpoint} at step {start}")
     step_fn = nn.value_and_grad(heads, loss_fn)
     mx.random.seed(seed + start)
@@ -302,7 +328,7 @@ def load_base(model: str | None):
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx_medusa train", description="Train Medusa heads (Medusa-1: frozen base) in MLX.")
+    p = argparse.ArgumentParser(prog="mlx_medusa train", allow_abbrev=False, description="Train Medusa heads (Medusa-1: frozen base) in MLX.")
     p.add_argument("--model", default=None, help="Base model folder or repo id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--output", "-o", required=True, help="Folder for the heads (medusa_lm_head.safetensors + config.json)")
     src = p.add_mutually_exclusive_group()
@@ -351,19 +377,29 @@ def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
 
 def run(args) -> dict:
-    for name in ("num_heads", "num_layers", "batch_size", "max_tokens", "gen_batch_size", "seq_len"):
-        if getattr(args, name) < 1:
+    for name in ("num_heads", "num_layers", "batch_size", "max_tokens", "gen_batch_size", "seq_len", "iters"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("warmup", "steps_per_eval", "save_every", "weight_decay", "noise"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+    if args.epochs is not None and args.epochs <= 0:
+        raise ValueError(f"--epochs {args.epochs} must be positive")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate {args.learning_rate} must be positive")
     if args.samples_per_prompt != 1 and (args.samples_per_prompt < 1 or args.data or args.temp <= 0):
         raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: use 1, or more with --prompts and --temp > 0")
     if not 0 <= args.val_split < 1:
         raise ValueError(f"--val-split {args.val_split} must be in [0, 1)")
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file: pass a folder")
+    out.mkdir(parents=True, exist_ok=True)  # fails now, not after the data is built
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     base, lm_head, tokenizer, model_id = load_base(args.model)
     cfg = MedusaConfig(num_heads=args.num_heads, hidden_size=base.args.hidden_size, vocab_size=base.args.vocab_size,
@@ -394,7 +430,8 @@ def run(args) -> dict:
         return {}
 
     per_epoch = steps_per_epoch(meta, args.batch_size)
-    steps = args.iters if args.iters is not None else max(int(math.ceil((args.epochs or 1.0) * per_epoch)), 1)
+    epochs = 1.0 if args.epochs is None else args.epochs
+    steps = args.iters if args.iters is not None else max(int(math.ceil(epochs * per_epoch)), 1)
     warmup = args.warmup if args.warmup is not None else max(steps // 20, 1)
     heads = new_heads(cfg, lm_head.weight if args.layout == "own" and hasattr(lm_head, "weight")
                       else base.model.embed_tokens.weight, args.seed)

@@ -177,6 +177,8 @@ def tree_choices(spec: str | Sequence[Sequence[int]]) -> list[list[int]]:
 
 def load_tree_file(path: str | Path) -> list[list[int]]:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"tree file {path} is a folder: pass a tree JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"tree file {path} not found")
     try:
@@ -194,17 +196,29 @@ def save_tree(path: str | Path, choices: Sequence[Sequence[int]], **info) -> Non
     tree = build_tree(choices)
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({**info, **tree.to_json(), "nodes": tree.size}, indent=1))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps({**info, **tree.to_json(), "nodes": tree.size}, indent=1))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_tree(
     spec: str | Sequence[Sequence[int]] | TreeBuffers,
     num_heads: int | None = None,
+    candidates: int | None = None,
 ) -> TreeBuffers:
-    """Resolve ``spec`` (preset, file, choices or buffers) and build its buffers."""
+    """Resolve ``spec`` (preset, file, choices or buffers) and build its buffers.
+
+    ``candidates``: how many tokens each head chooses among (its vocabulary or draft).
+    """
     if isinstance(spec, TreeBuffers):
         if num_heads is not None and spec.depth > num_heads:
             raise ValueError(f"tree is {spec.depth} deep but the model has {num_heads} Medusa heads")
-        return spec
-    return build_tree(tree_choices(spec), num_heads=num_heads)
+        tree = spec
+    else:
+        tree = build_tree(tree_choices(spec), num_heads=num_heads)
+    if candidates is not None and tree.topk > candidates:
+        raise ValueError(f"tree asks for the heads' rank-{tree.topk - 1} guess but they choose among "
+                         f"{candidates} tokens: use smaller ranks in the tree")
+    return tree

@@ -317,7 +317,7 @@ def compare_generation(model, tokenizer, prompts: list[str], tree, max_tokens: i
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx_medusa tune", description="Grow the Medusa tree that is fastest on this machine.")
+    p = argparse.ArgumentParser(prog="mlx_medusa tune", allow_abbrev=False, description="Grow the Medusa tree that is fastest on this machine.")
     p.add_argument("--model", default=None, help="Base model folder or repo id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--heads", default=None, help="Heads folder (default: the shipped heads of the default model)")
     p.add_argument("--prompts", default=None, help=f"Held-out prompts (default {DEFAULT_HELDOUT.name})")
@@ -340,7 +340,7 @@ def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
 
@@ -350,11 +350,21 @@ def run(args) -> dict:
 
     if args.max_nodes < 1 or args.max_nodes > MAX_LATENCY_NODES:
         raise ValueError(f"--max-nodes {args.max_nodes} must be in 1..{MAX_LATENCY_NODES}")
+    if not 1 <= args.min_nodes <= args.max_nodes:
+        raise ValueError(f"--min-nodes {args.min_nodes} must be in 1..--max-nodes ({args.max_nodes})")
+    for name in ("topk", "repeats", "context", "data_max_tokens", "gen_batch_size", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_prompts < 0:
+        raise ValueError(f"--num-prompts {args.num_prompts} must not be negative (0 skips the generation check)")
     heads_dir = Path(args.heads) if args.heads else (SHIPPED_HEADS if args.model is None else None)
     if heads_dir is None:
         raise ValueError("--heads is required with --model")
     model, tokenizer = load(args.model, heads=heads_dir, tree=[[0]])
     folder = heads_dir if heads_dir.is_dir() else heads_dir.parent
+    out = Path(args.output) if args.output else folder / "tree.json"
+    if out.is_dir() or not out.parent.is_dir():
+        raise ValueError(f"--output {out}: pass a file path in an existing folder")  # before minutes of measuring
     prompts = read_prompts(args.prompts or DEFAULT_HELDOUT)
 
     key = cache_key(prompts=prompts, max_tokens=args.data_max_tokens, model=model.model_id, temp=0.0, val_split=0.0, seed=0)
@@ -416,7 +426,6 @@ def run(args) -> dict:
         result["measured"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in gen.items()}
     from .tree import save_tree
 
-    out = Path(args.output) if args.output else folder / "tree.json"
     save_tree(out, choices, **result)
     print(f"saved tree to {out}")
     return result

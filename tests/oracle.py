@@ -31,6 +31,8 @@ class OracleHeads:
     continuation into the heads' logits at the positions of the states projected."""
 
     def __init__(self, base, heads, tree, future: np.ndarray, ranks=(0,), seed=0):
+        # propose() skips project() with a draft vocabulary: the rig would silently not apply.
+        assert getattr(heads, "draft_vocab", None) is None, "oracle heads rig project(); give heads without a draft"
         super().__init__(base, heads, tree)
         self.future, self.ranks = future, ranks
         self.rng = np.random.default_rng(seed)

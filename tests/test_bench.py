@@ -38,3 +38,28 @@ def test_summary_uses_total_time_and_flags_differences(tmp_path):
     plot(result, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000
     json.dumps(result)
+
+
+def test_outputs_without_medusa_runs(tmp_path):
+    # --methods b: no (c) column, no accepted-length histogram; nothing may crash after the runs.
+    rows = [{"category": "qa", "prompt": "p", "prompt_tokens": 3, "runs": {"b": _run(10.0, [1] * 4)}}]
+    result = {"methods": {"b": "ours --no-medusa"}, "order": ["b"], "prompts": rows, "overall": summarize(rows, ["b"])}
+    assert "| - |" in markdown(result)
+    plot(result, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, capsys):
+    import pytest
+
+    from exo_medusa_mlx.bench import main
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for argv, message in ((["--max-tokens", "0"], "--max-tokens 0 must be at least 1"),
+                          (["--limit", "0"], "--limit 0 must be at least 1"),
+                          (["--out", str(f)], f"--out {f}")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert str(e.value.code).startswith("error: ") and message in str(e.value.code)
+    assert f.read_text() == "x"

@@ -45,6 +45,16 @@ def test_generate_json_medusa_equals_no_medusa(noisy_heads):
     assert plain["mean_accepted"] == 1.0
 
 
+def test_generate_with_the_shipped_heads_is_lossless_and_accepts():
+    common = ["generate", "--prompt", "Write a short story about a robot who learns to paint.", "--max-tokens", "24",
+              "--json"]
+    plain = json.loads(run(*common, "--no-medusa").stdout.strip().splitlines()[-1])
+    med = json.loads(run(*common).stdout.strip().splitlines()[-1])  # no --heads: the shipped heads and tree
+    assert med["medusa"] and med["tree_size"] > 1
+    assert med["tokens"] == plain["tokens"] and len(plain["tokens"]) == 24
+    assert med["mean_accepted"] > 1.2 and med["steps"] < plain["steps"]
+
+
 def test_stats_line_printed():
     out = run("generate", "--prompt", "What is the capital of France?", "--max-tokens", "20").stdout
     assert "Paris" in out

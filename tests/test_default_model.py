@@ -271,8 +271,21 @@ def test_preload_blas_gives_openblas(tmp_path):
     info, gflops = res.stdout.split("\n")[:2]
     assert info.startswith("openblas"), info
     assert float(gflops) > 20.0, f"{info}: {gflops} GFLOP/s (reference BLAS is ~4)"
-    assert list((tmp_path / "blas").glob("*/libopenblas.so.0")), "patched copy not cached"
-    assert not list((tmp_path / "blas").glob("*/*.tmp"))
+    assert list((tmp_path / "blas").glob("*/libexo_medusa_cblas.so")), "shim not cached"
+    assert not list((tmp_path / "blas").glob("*/.*")), "temporary files left behind"
+    again = _run_py(_BLAS_PROBE, EXO_MEDUSA_CACHE=str(tmp_path), EXO_MEDUSA_BLAS="")
+    assert again.stdout.split("\n")[0] == info  # the cached shim is reused
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is Linux-only (macOS uses Accelerate)")
+def test_preload_blas_without_a_compiler_keeps_the_reference(tmp_path):
+    res = _run_py(
+        "from exo_medusa_mlx._blas import preload_blas; print(preload_blas())",
+        EXO_MEDUSA_CACHE=str(tmp_path), EXO_MEDUSA_BLAS="", CC="", PATH=str(tmp_path),
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "reference (no C compiler to build the BLAS shim: install gcc or set CC)"
+    assert not (tmp_path / "blas").exists()
 
 
 def test_preload_blas_off_and_too_late():

@@ -218,3 +218,19 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "medusa_lm_head.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_heads(tmp_path, H, VOCAB)
+
+
+def test_corrupt_pt_and_config_files(tmp_path):
+    torch = pytest.importorskip("torch")
+    pt = tmp_path / "medusa_lm_head.pt"
+    pt.write_bytes(b"garbage, not a zip or a pickle")
+    with pytest.raises(ValueError, match="not a readable torch state dict"):
+        load_heads(pt, H, VOCAB)
+    torch.save({"0.0.linear.weight": torch.zeros(H, H), "note": 3}, pt)
+    with pytest.raises(ValueError, match="not a state dict of tensors"):
+        load_heads(pt, H, VOCAB)
+    pt.unlink()
+    write_heads(tmp_path, _weights(), MedusaConfig(num_heads=2, hidden_size=H, vocab_size=VOCAB))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object"):
+        load_heads(tmp_path, H, VOCAB)

@@ -31,22 +31,11 @@ N = 24
 SHIPPED = os.path.join(os.path.dirname(__file__), "..", "exo_medusa_mlx", "shipped", "smollm2-135m-instruct")
 
 
-def write_random_heads(folder, hidden: int, vocab: int):
-    from exo_medusa_mlx.heads_format import MedusaConfig, write_heads
-
-    rng = np.random.default_rng(3)
-    weights = {}
-    for i in range(3):
-        weights[f"{i}.0.linear.weight"] = rng.normal(size=(hidden, hidden)).astype(np.float32) * 0.05
-        weights[f"{i}.0.linear.bias"] = rng.normal(size=(hidden,)).astype(np.float32) * 0.05
-    return write_heads(folder, weights, MedusaConfig(num_heads=3, hidden_size=hidden, vocab_size=vocab))
-
-
 @pytest.fixture(scope="module")
-def heads(tmp_path_factory):
-    if os.path.isfile(os.path.join(SHIPPED, "medusa_lm_head.safetensors")):
-        return SHIPPED
-    return write_random_heads(tmp_path_factory.mktemp("heads"), 576, 49152)
+def heads():
+    # The shipped heads are tracked in git: without them the ring would test nothing speculative.
+    assert os.path.isfile(os.path.join(SHIPPED, "medusa_lm_head.safetensors")), f"shipped heads missing in {SHIPPED}"
+    return SHIPPED
 
 
 def reference(heads) -> dict:
@@ -119,7 +108,8 @@ def test_three_processes_equal_a_single_process_medusa_on(ring, ref):
     assert [(t.backend, t.start_layer, t.end_layer) for t in result.nodes] == [
         ("mlx", 0, 9), ("torch", 10, 19), ("mlx", 20, 29)]
     assert all(t.passes == result.passes + 1 and t.compute_s > 0 for t in result.nodes)
-    assert result.mean_accepted >= 1.0 and result.transport_s > 0
+    # The shipped heads accept about 1.3 tokens per pass on this raw prompt (single process, cpu-8).
+    assert result.mean_accepted > 1.1 and result.transport_s > 0
 
 
 def test_three_processes_equal_a_single_process_medusa_off(ring, ref):

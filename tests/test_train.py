@@ -324,3 +324,69 @@ def test_init_from_deeper_heads_start_where_the_saved_ones_were(base, cache, tmp
         saved_heads(tmp_path / "two", _heads(base).config)
     with pytest.raises(ValueError, match="--layout shared"):
         saved_heads(tmp_path / "one", _heads(base, own=True).config)
+
+
+def test_cache_dir_with_other_files_is_refused_and_kept(base, tmp_path):
+    # --cache-dir pointed at a model folder: nothing of it may be deleted.
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ValueError, match="not a hidden-state cache.*model.safetensors"):
+        build_cache(tmp_path, base, base_lm_head(base), key="k", prompts=_prompts(2), eos={EOS}, max_tokens=4)
+    assert (tmp_path / "model.safetensors").read_bytes() == b"weights"
+    with pytest.raises(ValueError, match="is a file"):
+        build_cache(tmp_path / "model.safetensors", base, base_lm_head(base), key="k", prompts=_prompts(2))
+
+
+def test_fewer_rows_than_a_batch_is_an_error_not_a_hang(base, cache):
+    folder, meta = cache
+    usable = meta["rows"]["train"] - meta["sequences"]["train"]
+    with pytest.raises(ValueError, match=f"{usable} training rows, fewer than --batch-size {usable + 1}"):
+        train(_heads(base), base_lm_head(base), folder, meta, steps=2, batch_size=usable + 1, lr=1e-3, warmup=1)
+
+
+def test_resume_refuses_another_layout_and_a_broken_state(base, tmp_path):
+    import mlx.optimizers as optim
+
+    from exo_medusa_mlx.train import _resume_step, _save_checkpoint
+
+    heads = _heads(base)
+    opt = optim.AdamW(learning_rate=1e-3)
+    opt.init(heads.trainable_parameters())
+    ck = tmp_path / "checkpoint"
+    _save_checkpoint(ck, heads, opt, 7)
+    _save_checkpoint(ck, heads, opt, 9)  # replaces the previous one whole, leaves nothing beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    other = new_heads(MedusaConfig(num_heads=K + 1, hidden_size=base.args.hidden_size, vocab_size=VOCAB),
+                      base.lm_head.weight, 0)
+    with pytest.raises(ValueError, match="another layout"):
+        _resume_step(ck, other)
+    assert _resume_step(ck, _heads(base, seed=5)) == 9
+    (ck / "state.json").write_text("{broken")
+    with pytest.raises(ValueError, match="state.json is unreadable"):
+        _resume_step(ck, _heads(base))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "unrecognized arguments: --steps"),  # no abbreviation of --steps-per-eval
+    (["--iters", "0"], "--iters must be at least 1"),
+    (["--epochs", "0"], "--epochs 0.0 must be positive"),
+    (["--warmup", "-5"], "--warmup must not be negative"),
+    (["--learning-rate", "-1"], "--learning-rate -1.0 must be positive"),
+])
+def test_train_flags_are_checked_before_any_work(tmp_path, argv, message, capsys):
+    from exo_medusa_mlx.train import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["-o", str(out), *argv])
+    assert message in capsys.readouterr().err + str(e.value.code)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_train_output_that_is_a_file_is_refused(tmp_path):
+    from exo_medusa_mlx.train import main
+
+    f = tmp_path / "heads"
+    f.write_text("keep me")
+    with pytest.raises(SystemExit, match="--output .* is a file"):
+        main(["-o", str(f), "--iters", "1"])
+    assert f.read_text() == "keep me"

@@ -75,3 +75,13 @@ def test_json_round_trip(tmp_path):
         tree_choices(str(bad))
     with pytest.raises(FileNotFoundError):
         tree_choices(str(tmp_path / "missing.json"))
+
+
+def test_ranks_beyond_the_heads_candidates_and_folders_are_refused(tmp_path):
+    assert load_tree([[0], [2]], num_heads=1, candidates=3).topk == 3
+    with pytest.raises(ValueError, match="rank-3 guess but they choose among 3 tokens"):
+        load_tree([[0], [3]], num_heads=1, candidates=3)
+    with pytest.raises(ValueError, match="is a folder"):
+        tree_choices(str(tmp_path))
+    save_tree(tmp_path / "t.json", [[0], [1]])
+    assert not list(tmp_path.glob("*.tmp")) and tree_choices(str(tmp_path / "t.json")) == [[0], [1]]

@@ -109,8 +109,7 @@ def test_prompt_sets_are_disjoint():
 def test_shipped_heads_lossless_on_default_model():
     from exo_medusa_mlx.loading import SHIPPED_HEADS
 
-    if not (SHIPPED_HEADS / "medusa_lm_head.safetensors").is_file():
-        pytest.skip(f"no shipped heads in {SHIPPED_HEADS} yet (scripts/train_default_heads.sh makes them)")
+    assert (SHIPPED_HEADS / "medusa_lm_head.safetensors").is_file(), f"shipped heads missing in {SHIPPED_HEADS}"
     from exo_medusa_mlx.generate import stream_generate
     from exo_medusa_mlx.loading import load
     from exo_medusa_mlx.distill import chat_ids

@@ -263,7 +263,7 @@ class LocalRing:
 def setup_arg_parser() -> argparse.ArgumentParser:
     from ..default_model import DEFAULT_MODEL_ID
 
-    p = argparse.ArgumentParser(prog="mlx_medusa ring",
+    p = argparse.ArgumentParser(prog="mlx_medusa ring", allow_abbrev=False,
                                 description="Start a local ring of node processes and generate through it.")
     p.add_argument("--nodes", type=int, default=2, help="number of node processes")
     p.add_argument("--backends", default="mlx", help="comma-separated backend per node (one name: all nodes)")
@@ -311,6 +311,12 @@ def load_tokenizer(model: str):
 def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     try:
+        if args.max_tokens < 1:
+            raise ValueError(f"--max-tokens {args.max_tokens} must be at least 1")
+        if args.temp < 0 or not 0 < args.top_p <= 1:
+            raise ValueError(f"--temp {args.temp} must not be negative and --top-p {args.top_p} must be in (0, 1]")
+        if not 0 <= args.port <= 65535 - max(args.nodes - 1, 0):
+            raise ValueError(f"--port {args.port}: the {args.nodes} nodes' ports must fit in 0..65535")
         backends = _csv(args.backends, args.nodes, "backends")
         weights = _csv(args.memory_gb, args.nodes, "memory-gb", float) if args.memory_gb else None
         ring = LocalRing(backends, args.model, heads=args.heads, tree=args.tree, weights=weights, host=args.host,

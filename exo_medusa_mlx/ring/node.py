@@ -231,7 +231,7 @@ def model_layers(model: str) -> int:
 def setup_arg_parser() -> argparse.ArgumentParser:
     from ..default_model import DEFAULT_MODEL_ID
 
-    p = argparse.ArgumentParser(prog="mlx_medusa node", description="Serve one shard of a model to a Medusa ring.")
+    p = argparse.ArgumentParser(prog="mlx_medusa node", allow_abbrev=False, description="Serve one shard of a model to a Medusa ring.")
     p.add_argument("--backend", choices=BACKENDS, default="mlx")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; bind others explicitly)")
     p.add_argument("--port", type=int, default=0, help="port (0: any free one; the ready line gives it)")
@@ -291,6 +291,8 @@ async def serve(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise SystemExit(f"error: --port {args.port} must be in 0..65535 (0: any free port)")
     try:
         asyncio.run(serve(args))
     except (ValueError, FileNotFoundError) as e:

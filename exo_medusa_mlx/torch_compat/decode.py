@@ -23,6 +23,8 @@ ROOT_ONLY = build_tree([])
 
 def prefill(model: MedusaModel, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP) -> torch.Tensor:
     """Commit the prompt; returns the last position's hidden state, (H,)."""
+    if len(prompt) == 0:
+        raise ValueError("prompt is empty: give at least one token")
     for s in range(0, len(prompt), step):
         chunk = prompt[s : s + step]
         h = model.forward(ctx, caches, chunk)
@@ -87,5 +89,6 @@ def generate_step(
         ctx.commit(caches, acc.nodes)
         root = acc.tokens[-1]
         if use_heads:
-            guesses = node_guesses[:, int(acc.nodes[-1])]  # (D, k): from the last kept node
+            # (D, k) from the last kept node; a copy, since a graph replay overwrites its output buffers
+            guesses = node_guesses[:, int(acc.nodes[-1])].clone()
         yield Step(acc.tokens, tree.size)

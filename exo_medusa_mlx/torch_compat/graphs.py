@@ -74,6 +74,8 @@ class GraphedVerify:
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tokens.numel() != self.tokens.numel():
+            raise ValueError(f"graphed verify takes {self.tokens.numel()} tree tokens, got {tokens.numel()}")
         self._begin()  # fills the static positions / mask / write index (may grow the cache)
         self.tokens.copy_(tokens.view(1, -1))
         if self.failed:

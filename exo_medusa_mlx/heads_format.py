@@ -48,6 +48,11 @@ class MedusaConfig:
     base_model: str | None = None
     info: dict = field(default_factory=dict)  # training facts, accuracies
 
+    @property
+    def candidates(self) -> int:
+        """How many tokens each head chooses among: its draft vocabulary, else the whole vocabulary."""
+        return self.draft_vocab_size or self.vocab_size
+
     @classmethod
     def from_dict(cls, d: dict) -> "MedusaConfig":
         names = {f.name for f in fields(cls)}

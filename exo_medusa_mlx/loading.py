@@ -46,6 +46,6 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
     if heads_path is not None:
         medusa_heads = load_heads(heads_path, base.args.hidden_size, base.args.vocab_size,
                                   dtype=dtype or mx.float32)
-    buffers = load_tree(choices, medusa_heads.num_heads if medusa_heads else None,
-                        medusa_heads.config.draft_vocab_size or base.args.vocab_size if medusa_heads else None)
+    buffers = (load_tree(choices, medusa_heads.num_heads, medusa_heads.config.candidates) if medusa_heads
+               else load_tree(choices))
     return MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None), tokenizer

@@ -234,3 +234,8 @@ def test_corrupt_pt_and_config_files(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="config.json: expected a JSON object"):
         load_heads(tmp_path, H, VOCAB)
+
+
+def test_candidates_are_the_draft_else_the_vocabulary():
+    assert MedusaConfig(num_heads=2, hidden_size=H, vocab_size=VOCAB).candidates == VOCAB
+    assert MedusaConfig(num_heads=2, hidden_size=H, vocab_size=VOCAB, draft_vocab_size=8).candidates == 8

@@ -45,7 +45,8 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     if heads is not None:
         medusa_heads = load_heads(heads, base.args.hidden_size, base.args.vocab_size, dtype=dtype or mx.float32)
     if medusa_heads is not None:
-        buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads)), medusa_heads.num_heads)
+        buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads)), medusa_heads.num_heads,
+                            medusa_heads.config.candidates)
     else:
         buffers = build_tree([])
     model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id)

@@ -77,7 +77,7 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     if heads is not None:
         medusa_heads = load_heads(heads, config.hidden_size, config.vocab_size, dtype=dtype, device=device)
         tree = tree if tree is not None else str(default_tree_for(Path(heads), "torch"))  # tree files are named by string
-        buffers = load_tree(tree, medusa_heads.num_heads)
+        buffers = load_tree(tree, medusa_heads.num_heads, medusa_heads.config.candidates)
     else:
         buffers = build_tree([])
     # Next-token heads read the embedding of the base model's next token on the last shard.

@@ -63,6 +63,5 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
         medusa_heads = load_heads(heads_path, base.config.hidden_size, base.config.vocab_size,
                                   dtype=dtype, device=device)
     tree_spec = tree if tree is not None else default_tree_for(heads_path, "torch")
-    buffers = (load_tree(tree_spec, medusa_heads.num_heads, medusa_heads.config.draft_vocab_size or base.config.vocab_size)
-               if medusa_heads else load_tree([]))
+    buffers = load_tree(tree_spec, medusa_heads.num_heads, medusa_heads.config.candidates) if medusa_heads else load_tree([])
     return MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None), tokenizer

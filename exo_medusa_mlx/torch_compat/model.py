@@ -46,9 +46,9 @@ def rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def transposes(x: torch.Tensor) -> bool:
-    """Whether ``rows_product`` pays for ``x``: 2-64 rows on a CPU."""
-    return x.device.type == "cpu" and 2 <= x.numel() // x.shape[-1] <= 64
+def transposes(rows: int, device: torch.device) -> bool:
+    """Whether ``rows_product`` pays for ``rows`` rows: 2-64 of them, on a CPU."""
+    return device.type == "cpu" and 2 <= rows <= 64
 
 
 class RowsLinear(nn.Linear):
@@ -160,7 +160,9 @@ class MedusaModel:
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head(h); 2-64 rows on a CPU through ``rows_product`` (one row: transformers' own product)."""
-        return rows_product(h, self.lm_head.weight, self.lm_head.bias) if transposes(h) else self.lm_head(h)
+        if transposes(h.numel() // h.shape[-1], h.device):
+            return rows_product(h, self.lm_head.weight, self.lm_head.bias)
+        return self.lm_head(h)
 
     @torch.inference_mode()
     def project(self, h: torch.Tensor, depth: int | None = None) -> torch.Tensor:
@@ -229,7 +231,7 @@ class MedusaModel:
         else:
             ctx.begin(tree.depths, tree.mask)
         prev = RowsLinear.transposed
-        RowsLinear.transposed = tree is not None and tokens.device.type == "cpu" and 2 <= tokens.numel() <= 64
+        RowsLinear.transposed = tree is not None and transposes(tokens.numel(), tokens.device)
         try:
             return self.hidden(tokens.view(1, -1), caches)[0]
         finally:

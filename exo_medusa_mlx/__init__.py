@@ -19,7 +19,7 @@ def __getattr__(name: str):
     if name in ("load", "generate", "stream_generate", "GenerationResponse"):
         import importlib
 
-        gen = importlib.import_module(".generate", __name__)
+        gen = importlib.import_module(".core.generation", __name__)
         globals().update(load=importlib.import_module(".loading", __name__).load, generate=gen.generate,
                          stream_generate=gen.stream_generate, GenerationResponse=gen.GenerationResponse)
         return globals()[name]

@@ -283,7 +283,7 @@ def latency_curve(model=None, ns=(1, 2, 4, 8, 16, 32, 64, 128), cache_len=256, r
     """Time one forward of N new tokens over a cache of ``cache_len`` tokens."""
     import mlx.core as mx
 
-    from .decode import prefill
+    from .core.step import prefill
     from .loading import load
 
     med, _ = load(model, heads=None, tree=[])

@@ -1,6 +1,6 @@
 """A rotating-plus-tree KV cache in mlx-lm's cache protocol.
 
-The slot bookkeeping and masks are in ``slots.py`` (shared with torch). One
+The slot bookkeeping and masks are in ``core/slots.py`` (shared with torch). One
 ``CacheContext`` is shared by all layers: layers receive the mask through
 ``make_mask`` and the RoPE positions through ``offset`` (an int for contiguous
 tokens, a ``TreeOffset`` for a tree); ``commit`` gathers the accepted nodes' K/V
@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .slots import DEFAULT_KEEP, CommitPlan, SlotMap
+from .core.slots import DEFAULT_KEEP, CommitPlan, SlotMap
 
 __all__ = ["DEFAULT_KEEP", "CacheContext", "MedusaKVCache", "TreeOffset", "make_cache"]
 
@@ -47,7 +47,7 @@ class CacheContext(SlotMap):
             c.apply(plan)
         self.apply_commit(plan)
 
-    # Pipelined decoding (``decode._pipelined_greedy``) queues a forward before the
+    # Lookahead decoding (``lookahead.Lookahead``) queues a forward before the
     # host knows what the last one accepted, so it keeps every forward's tokens in
     # place and hides the rejected ones with a mask computed on the device.
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import importlib.util
 import sys
 
 COMMANDS = {
@@ -26,20 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         sys.exit(f"error: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}")
-    module = COMMANDS[name]
-    if name == "generate" and _backend(rest) == "torch":
-        module = "exo_medusa_mlx.torch_compat.generate"
-    importlib.import_module(module).main(rest)
-
-
-def _backend(argv: list[str]) -> str:
-    """--backend, with auto meaning MLX where it is installed, else torch."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--backend", default="auto")
-    backend = pre.parse_known_args(argv)[0].backend
-    if backend == "auto":
-        return "mlx" if importlib.util.find_spec("mlx") is not None else "torch"
-    return backend
+    importlib.import_module(COMMANDS[name]).main(rest)
 
 
 if __name__ == "__main__":

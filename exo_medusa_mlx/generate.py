@@ -1,99 +1,91 @@
-"""``stream_generate`` / ``generate`` in mlx-lm's shape, and ``mlx_medusa generate``."""
+"""``mlx_medusa generate``: mlx_lm.generate's habits on either backend; and mlx-lm's API names.
+
+``stream_generate`` / ``generate`` take either backend's model (``core/generation.py``).
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
+import json
 import sys
-import time
-from typing import Iterator
 
-import mlx.core as mx
-
-from .accept import make_policy
-from .cache import DEFAULT_KEEP
-from .decode import generate_step
-from .model import MedusaModel
-from .streaming import (  # noqa: F401  (re-exported: mlx-lm's names)
+from . import backends
+from .core.generation import (  # noqa: F401  (re-exported: mlx-lm's names)
     DEFAULT_MAX_TOKENS,
     GenerationResponse,
     apply_template,
-    check_request,
-    collect,
-    encode_prompt,
+    generate,
     print_stats,
-    run_cli,
-    setup_arg_parser,
-    stream_steps,
+    stream_generate,
 )
 
-
-def _peak_memory_gb() -> float:
-    peak = mx.get_peak_memory()
-    if peak == 0:  # some backends don't track; fall back to the process's peak RSS
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak / 1e9
+DEFAULT_PROMPT = "Hello"
 
 
-def stream_generate(
-    model: MedusaModel,
-    tokenizer,
-    prompt,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    medusa: bool = True,
-    max_kv_size: int | None = None,
-    keep: int = DEFAULT_KEEP,
-    acceptance: str = "auto",
-    tree=None,
-) -> Iterator[GenerationResponse]:
-    """Yield one response per generated token; stops at EOS or ``max_tokens``.
-
-    Args:
-        prompt: a string or token ids.
-        medusa: False decodes plainly through the same code (the baseline).
-        max_kv_size: committed-token window (sink ``keep`` tokens plus the most recent);
-            None keeps every token.
-        acceptance: "auto" (greedy at temp 0, exact sampling above), "greedy",
-            "exact" or "typical" (the reference's heuristic).
-        tree: override the model's tree for this call.
-    """
-    ids = encode_prompt(tokenizer, prompt)
-    check_request(ids, getattr(model.base.args, "max_position_embeddings", None), max_tokens)
-    policy = make_policy(temp, top_p, acceptance, seed)
-    if tree is not None:
-        model = model.with_tree(tree)
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-    mx.reset_peak_memory()
-    tic = time.perf_counter()
-    steps = generate_step(ids, model, policy, medusa=medusa, max_kv_size=max_kv_size, keep=keep)
-    yield from stream_steps(steps, len(ids), eos, tokenizer.detokenizer, max_tokens, _peak_memory_gb, tic)
+def setup_arg_parser(prog: str = "mlx_medusa generate") -> argparse.ArgumentParser:
+    """mlx_lm.generate's flags plus Medusa's; the same for both backends."""
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description="Generate text with Medusa decoding.")
+    p.add_argument("--backend", choices=["auto", *backends.BACKENDS], default="auto",
+                   help="auto: MLX where it is installed, else torch")
+    p.add_argument("--model", default=None, help="Local Hugging Face folder or repo id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--heads", default=None, help="Medusa heads folder or medusa_lm_head.{safetensors,pt} (default: shipped heads of the default model)")
+    p.add_argument("--tree", default=None, help="Tree preset (cpu-4..cpu-16, chain-N, mc_sim_7b_63) or JSON file")
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Message to the model ('-' reads stdin)")
+    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-kv-size", type=int, default=None, help="Committed KV window (rotating, 4 sink tokens)")
+    p.add_argument("--acceptance", choices=["auto", "greedy", "exact", "typical"], default="auto",
+                   help="auto: greedy at --temp 0, exact speculative sampling above")
+    p.add_argument("--no-medusa", action="store_true", help="Plain decoding through the same code (the baseline)")
+    p.add_argument("--ignore-chat-template", action="store_true", help="Use the raw prompt without the chat template")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--json", action="store_true", help="Print one JSON object with tokens and stats last on stdout")
+    p.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    p.add_argument("--device", default=None, help="torch only: device (default cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="Weights' dtype (default: float32 on CPU, bfloat16 on GPUs)")
+    return p
 
 
-def generate(model: MedusaModel, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
-    """Generate a complete response; ``kwargs`` as ``stream_generate``."""
-    return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)
+def run(args) -> None:
+    """Load on the chosen backend, stream the answer, print the stats (and the JSON)."""
+    backend = backends.resolve_backend(args.backend)
+    try:
+        model, tokenizer = backends.load(backend, args.model, args.heads, args.tree, args.dtype, args.device)
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt = apply_template(tokenizer, prompt, args.system_prompt, not args.ignore_chat_template)
+        out = sys.stderr if args.json else sys.stdout
+        tokens, last = [], None
+        for last in stream_generate(
+            model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
+            seed=args.seed, medusa=not args.no_medusa, max_kv_size=args.max_kv_size,
+            acceptance=args.acceptance,
+        ):
+            tokens.append(last.token)
+            if args.verbose:
+                print(last.text, end="", flush=True, file=out)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if args.verbose:
+        print(file=out)
+        print_stats(last, file=out)
+    if args.json:
+        if last.finish_reason == "stop":
+            tokens = tokens[:-1]  # the EOS token is not part of the text
+        print(json.dumps({
+            "tokens": tokens, "text": tokenizer.decode(tokens), "prompt_tokens": last.prompt_tokens,
+            "generation_tokens": last.generation_tokens, "prompt_tps": last.prompt_tps,
+            "generation_tps": last.generation_tps, "mean_accepted": last.mean_accepted, "steps": last.steps,
+            "peak_memory_gb": last.peak_memory, "finish_reason": last.finish_reason,
+            "medusa": (not args.no_medusa) and model.heads is not None, "tree_size": model.tree.size,
+            "backend": backend, "device": str(model.device),
+        }))
 
 
-def _load(args):
-    from .loading import load
-
-    dtype = getattr(mx, args.dtype) if args.dtype else None
-    return load(args.model, heads=args.heads, tree=args.tree, dtype=dtype)
-
-
-def main(argv=None) -> None:
-    args = setup_arg_parser().parse_args(argv)
-    if args.backend == "torch" or (args.backend == "auto" and importlib.util.find_spec("mlx") is None):
-        from .torch_compat.generate import main as torch_main
-
-        return torch_main(argv)
-    if args.device:
-        sys.exit("error: --device is for --backend torch; MLX uses its default device")
-    run_cli(args, _load, stream_generate, lambda model: {"backend": "mlx", "device": str(mx.default_device())})
+def main(argv: list[str] | None = None) -> None:
+    run(setup_arg_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

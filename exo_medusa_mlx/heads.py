@@ -1,4 +1,4 @@
-"""Medusa heads as MLX modules."""
+"""Medusa heads as MLX modules (their logic is ``core.base.HeadsBase``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
-from .heads_format import DRAFT_KEY, MedusaConfig, read_heads, resolve_config, write_heads
+from .array_ops import MLXOps, to_numpy
+from .core.base import HeadsBase
+from .core.heads_format import MedusaConfig, read_heads, resolve_config
 
 
 class ResBlock(nn.Module):
@@ -44,89 +47,23 @@ class MedusaHead(nn.Module):
         return x
 
 
-class MedusaHeads(nn.Module):
-    """K heads over the base model's last (normed) hidden state.
+class MedusaHeads(HeadsBase, nn.Module):
+    """K heads over the base model's last (normed) hidden state (see ``HeadsBase``)."""
 
-    Head i guesses the token at t+2+i; the base lm_head gives t+1.
-    """
+    ops = MLXOps
 
     def __init__(self, cfg: MedusaConfig):
-        super().__init__()
+        nn.Module.__init__(self)
         self.config = cfg
         self.heads = [MedusaHead(cfg) for _ in range(cfg.num_heads)]
-        self.draft_vocab: np.ndarray | None = None  # token ids the guesses are scored over (None: all)
+        self.draft_vocab: np.ndarray | None = None
 
-    @property
-    def num_heads(self) -> int:
-        return len(self.heads)
-
-    def states(self, h: mx.array, num: int | None = None, next_embeds: mx.array | None = None) -> list[mx.array]:
-        """The first ``num`` heads' hidden states at ``h`` (before any lm_head), each (..., H)."""
-        if self.config.next_token and next_embeds is None:
-            raise ValueError("these heads read the base model's next token: pass next_embeds")
-        return [head(h, next_embeds if self.config.next_token else None) for head in list(self.heads)[:num]]
-
-    def project(self, h: mx.array, lm_head, base: bool = True, num: int | None = None,
-                next_embeds: mx.array | None = None, draft: tuple[mx.array, mx.array] | None = None) -> mx.array:
-        """Logits of the base head and every Medusa head at ``h``.
-
-        h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
-        (without ``base``: (K, ..., V), the heads' alone). ``num``: only the first
-        ``num`` heads (a tree ``num`` deep reads no others). With the shared layout,
-        all hidden states go through ``lm_head`` in one matmul. ``next_embeds``
-        (..., H): embeddings of the base model's next token at ``h``, which
-        next-token heads need (``MedusaModel.project`` passes them). ``draft``:
-        (ids, lm_head rows of those ids), to score the guesses over the draft
-        vocabulary alone (the other logits are -inf); a second, smaller pass.
-        """
-        heads = list(self.heads)[:num]
-        hs = self.states(h, num, next_embeds)
-        if draft is not None:
-            ids, w = draft
-            sub = mx.stack(hs) @ w.T  # (K, ..., V')
-            rows = mx.full(sub.shape[:-1] + (self.config.vocab_size,), -mx.inf, dtype=sub.dtype)
-            rows = mx.put_along_axis(rows, mx.broadcast_to(ids, sub.shape), sub, axis=-1)
-        elif not self.config.own_lm_head:
-            return lm_head(mx.stack([h] + hs if base else hs))
-        else:
-            rows = mx.stack([head.lm_head(x) for head, x in zip(heads, hs)])
-        return mx.concatenate([lm_head(h)[None], rows]) if base else rows
-
-    # --- checkpoints -----------------------------------------------------
-
-    def reference_weights(self) -> dict[str, np.ndarray]:
-        """Weights under the reference key layout."""
-        out = {}
-        n = self.config.num_layers
-        for i, head in enumerate(self.heads):
-            if self.config.next_token:
-                out[f"{i}.next_token.weight"] = np.array(head.next_token.weight)
-                out[f"{i}.next_token.bias"] = np.array(head.next_token.bias)
-            for j, b in enumerate(head.blocks):
-                out[f"{i}.{j}.linear.weight"] = np.array(b.linear.weight)
-                out[f"{i}.{j}.linear.bias"] = np.array(b.linear.bias)
-            if self.config.own_lm_head:
-                out[f"{i}.{n}.weight"] = np.array(head.lm_head.weight)
-        if self.draft_vocab is not None:
-            out[DRAFT_KEY] = self.draft_vocab
-        return out
-
-    def load_reference_weights(self, weights: dict[str, np.ndarray]) -> None:
-        n = self.config.num_layers
-        for i, head in enumerate(self.heads):
-            if self.config.next_token:
-                head.next_token.weight = mx.array(weights[f"{i}.next_token.weight"])
-                head.next_token.bias = mx.array(weights[f"{i}.next_token.bias"])
-            for j, b in enumerate(head.blocks):
-                b.linear.weight = mx.array(weights[f"{i}.{j}.linear.weight"])
-                b.linear.bias = mx.array(weights[f"{i}.{j}.linear.bias"])
-            if self.config.own_lm_head:
-                head.lm_head.weight = mx.array(weights[f"{i}.{n}.weight"])
-        self.draft_vocab = np.asarray(weights[DRAFT_KEY]) if DRAFT_KEY in weights else None
-
-    def save(self, folder: str | Path) -> Path:
+    def named_arrays(self) -> dict[str, np.ndarray]:
         mx.eval(self.parameters())
-        return write_heads(folder, self.reference_weights(), self.config)
+        return {k: to_numpy(v.astype(mx.float32)) for k, v in tree_flatten(self.parameters())}
+
+    def assign(self, arrays: dict[str, np.ndarray]) -> None:
+        self.load_weights([(k, mx.array(v)) for k, v in arrays.items()], strict=True)
 
 
 def load_heads(path: str | Path, hidden_size: int, vocab_size: int, dtype=mx.float32) -> MedusaHeads:

@@ -6,13 +6,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .core.heads_format import default_heads_for, default_tree_for
+from .core.tree import ROOT_ONLY, load_tree, tree_choices
 from .heads import load_heads
-from .heads_format import SHIPPED_HEADS, default_heads_for, default_tree_for  # noqa: F401
 from .model import MedusaModel
-from .tree import load_tree, tree_choices
-
-def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 def load(model: str | None = None, heads: str | Path | None = None, tree=None, dtype=None):
@@ -38,7 +35,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
     choices = tree_choices(tree if tree is not None else default_tree_for(heads_path))
     path = resolve_model_path(model)
     base, tokenizer = mlx_load(str(path))
-    if dtype is None and _on_cpu():
+    if dtype is None and mx.default_device() == mx.cpu:
         dtype = mx.float32
     if dtype is not None:
         base.set_dtype(dtype)
@@ -46,6 +43,5 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
     if heads_path is not None:
         medusa_heads = load_heads(heads_path, base.args.hidden_size, base.args.vocab_size,
                                   dtype=dtype or mx.float32)
-    buffers = (load_tree(choices, medusa_heads.num_heads, medusa_heads.config.candidates) if medusa_heads
-               else load_tree(choices))
+    buffers = load_tree(choices) if medusa_heads is not None else ROOT_ONLY
     return MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None), tokenizer

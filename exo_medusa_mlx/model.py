@@ -1,26 +1,33 @@
-"""Medusa on mlx-lm's own model classes: heads beside the model, no copied model files."""
+"""Medusa on mlx-lm's own model classes: heads beside the model, no copied model files.
+
+The tree reaches attention through our cache: the mask through ``make_mask``, the
+per-token RoPE positions through ``offset``. During a call the model's RoPE and
+linears may be wrapped (``TreeRoPE``, ``RowsLinear``); between calls mlx-lm's
+model is exactly as it was loaded, so mlx-lm can run it too.
+"""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .array_ops import MLXOps
 from .cache import DEFAULT_KEEP, CacheContext, TreeOffset, make_cache
+from .core.base import MedusaBase, swapped_class
+from .core.tree import ROOT_ONLY, TreeBuffers
 from .heads import MedusaHeads
-from .tree import TreeBuffers, build_tree
 
 # Families whose attention reads ``cache.offset`` for RoPE and ``cache.make_mask``
 # for the mask, and whose model returns normed hidden states: checked by tests.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-VERIFY_TRANSPOSED_MAX = 64  # beyond this many rows, the two products cost about the same
 
 
 class TreeRoPE(nn.Module):
-    """Wraps a layer's RoPE so tree tokens can sit at per-token positions.
+    """A layer's RoPE for tree tokens at per-token positions (``TreeOffset``).
 
     ``mx.fast.rope`` takes one offset per batch row, so the tokens are moved to the
     batch axis, rotated each at its own position, and moved back.
@@ -40,54 +47,23 @@ class TreeRoPE(nn.Module):
         return y.reshape(B, T, H, D).transpose(0, 2, 1, 3)
 
 
-def topk_ids(logits: mx.array, k: int) -> mx.array:
-    """Indices of the k largest logits, best first. logits: (..., V) -> (..., k)."""
-    if k == 1:
-        return mx.argmax(logits, axis=-1, keepdims=True)
-    idx = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
-    vals = mx.take_along_axis(logits, idx, axis=-1)
-    return mx.take_along_axis(idx, mx.argsort(-vals, axis=-1), axis=-1)
-
-
 class RowsLinear(nn.Linear):
-    """An ``nn.Linear`` that can compute ``(W @ x.T).T`` instead of ``x @ W.T``.
+    """An ``nn.Linear`` that computes ``(W @ x.T).T`` instead of ``x @ W.T``.
 
     On a CPU, OpenBLAS takes 1.4-1.6x as long to multiply a few rows by a
     transposed weight matrix as to multiply the weight matrix by a few columns
-    (SmolLM2's MLP projections, 2 to 16 rows; 1.1x at 64). Tree verification
-    feeds a few rows, so ``MedusaModel`` turns this on (``transposed``) for its
-    verification forwards on a CPU only; prefill and single-token steps keep
-    mlx-lm's own product, so plain decoding stays bit-identical to mlx-lm's.
+    (SmolLM2's MLP projections, 2 to 16 rows; 1.1x at 64). ``MedusaModel`` runs the
+    decoder layers' linears as this class for the call of a verification forward
+    on a CPU only; prefill and single-token steps keep mlx-lm's own product, so
+    plain decoding stays bit-identical to mlx-lm's.
     """
 
-    transposed = False  # set for the graph being built (MLX is lazy: at call time)
-
     def __call__(self, x: mx.array) -> mx.array:
-        if not RowsLinear.transposed:
-            return super().__call__(x)
         rows = x.reshape(-1, x.shape[-1])
         y = (self.weight @ rows.T).T
         if "bias" in self:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def install_rows_linear(base) -> None:
-    """Make the decoder layers' float linears ``RowsLinear`` (same parameters, same names)."""
-    for layer in base.model.layers:
-        for _, m in layer.named_modules():
-            if type(m) is nn.Linear:
-                m.__class__ = RowsLinear
-
-
-@contextmanager
-def transposed_linears(on: bool):
-    """Build the graph of a forward with ``RowsLinear`` computing ``(W @ x.T).T``."""
-    prev, RowsLinear.transposed = RowsLinear.transposed, on
-    try:
-        yield
-    finally:
-        RowsLinear.transposed = prev
 
 
 def check_supported(base) -> None:
@@ -105,12 +81,6 @@ def check_supported(base) -> None:
     layer_types = getattr(base.args, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         raise ValueError(f"model type '{mtype}' with sliding-window layers is not supported by Medusa")
-
-
-def install_tree_rope(base) -> None:
-    for layer in base.model.layers:
-        if not isinstance(layer.self_attn.rope, TreeRoPE):
-            layer.self_attn.rope = TreeRoPE(layer.self_attn.rope)
 
 
 def base_lm_head(base):
@@ -135,27 +105,23 @@ def lm_head_rows(base, ids: np.ndarray) -> tuple[mx.array, mx.array]:
 
 
 @dataclass
-class MedusaModel:
-    """An mlx-lm model with Medusa heads and a tree attached.
-
-    ``heads`` may be None: plain decoding through the same code.
-    """
+class MedusaModel(MedusaBase):
+    """An mlx-lm model with Medusa heads and a tree attached (``heads`` None: plain decoding)."""
 
     base: nn.Module
     heads: MedusaHeads | None = None
-    tree: TreeBuffers = field(default_factory=lambda: build_tree([]))
+    tree: TreeBuffers = field(default=ROOT_ONLY)
     model_id: str | None = None
+
+    ops = MLXOps
 
     def __post_init__(self):
         check_supported(self.base)
-        install_tree_rope(self.base)
-        install_rows_linear(self.base)
         self.lm_head = base_lm_head(self.base)
-        self._draft = None
-        if self.heads is not None and self.tree.depth > self.heads.num_heads:
-            raise ValueError(
-                f"tree is {self.tree.depth} deep but the heads give {self.heads.num_heads} guesses; use a shallower tree"
-            )
+        layers = self.base.model.layers
+        self._attn = [layer.self_attn for layer in layers]
+        self._linears = [m for layer in layers for _, m in layer.named_modules() if type(m) is nn.Linear]
+        self._init_medusa()
 
     @property
     def num_layers(self) -> int:
@@ -169,88 +135,80 @@ class MedusaModel:
     def hidden_size(self) -> int:
         return self.base.args.hidden_size
 
+    @property
+    def max_context(self) -> int | None:
+        return getattr(self.base.args, "max_position_embeddings", None)
+
+    @property
+    def device(self) -> mx.Device:
+        return mx.default_device()
+
+    def eos_ids(self, tokenizer) -> list[int]:
+        """mlx-lm's tokenizer wrapper knows every EOS id of the model's config."""
+        return list(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+
+    def detokenizer(self, tokenizer):
+        return tokenizer.detokenizer  # mlx-lm's streaming detokenizer
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
+    def peak_memory_gb(self) -> float:
+        peak = mx.get_peak_memory()
+        if peak == 0:  # some backends don't track; fall back to the process's peak RSS
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak / 1e9
+
     def make_cache(self, max_kv_size: int | None = None, keep: int = DEFAULT_KEEP) -> tuple[CacheContext, list]:
         return make_cache(self.num_layers, max_kv_size, keep)
 
-    def hidden(self, tokens: mx.array, cache, verify: bool = False) -> mx.array:
-        """Normed last hidden states, (B, T, H). ``verify``: a verification forward of
-        a few tokens (on a CPU, its linears multiply the transposed way, ``RowsLinear``)."""
-        few = verify and 1 < tokens.size <= VERIFY_TRANSPOSED_MAX and mx.default_device() == mx.cpu
-        with transposed_linears(few):
-            return self.base.model(tokens, cache=cache)
+    def transposes(self, rows: int) -> bool:
+        """Whether a verification forward of ``rows`` tokens multiplies the transposed way."""
+        return 1 < rows <= self.verify_rows_max and mx.default_device() == mx.cpu
+
+    @contextmanager
+    def placed(self, caches, transposed: bool = False):
+        """Within: the layers place tree tokens (``TreeRoPE``) and, if ``transposed``, use ``RowsLinear``."""
+        with ExitStack() as stack:
+            if isinstance(caches[0].offset, TreeOffset):
+                ropes = [a.rope for a in self._attn]
+                for a, r in zip(self._attn, ropes):
+                    a.rope = TreeRoPE(r)
+                stack.callback(lambda: [setattr(a, "rope", r) for a, r in zip(self._attn, ropes)])
+            stack.enter_context(swapped_class(self._linears, RowsLinear if transposed else None))
+            yield
+
+    def hidden(self, tokens, caches, transposed: bool = False) -> mx.array:
+        """Normed last hidden states (T, H) of ``tokens`` (T,), placed as ``caches``' context says."""
+        tokens = tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens))
+        with self.placed(caches, transposed):
+            return self.base.model(tokens.astype(mx.int32)[None], cache=caches)[0]
 
     def logits(self, h: mx.array) -> mx.array:
         return self.lm_head(h)
 
-    def project(self, h: mx.array, depth: int | None = None) -> mx.array:
-        """(1+D, ..., V): base logits then those of the first ``depth`` heads (all if
-        None), in one matmul (shared layout). Next-token heads first need the base
-        model's argmax at ``h``: two passes over lm_head."""
-        if self.heads is None:
-            return self.lm_head(h)[None]
-        draft = self.draft()
-        if not self.heads.config.next_token:
-            return self.heads.project(h, self.lm_head, num=depth, draft=draft)
-        logits = self.lm_head(h)
-        rows = self.heads.project(h, self.lm_head, base=False, num=depth, next_embeds=self._next_embeds(logits),
-                                  draft=draft)
-        return mx.concatenate([logits[None], rows])
+    def embed(self, ids: mx.array) -> mx.array:
+        return self.base.model.embed_tokens(ids)
 
-    def _next_embeds(self, logits: mx.array) -> mx.array | None:
-        """Embeddings of the base model's argmax, for next-token heads (else None)."""
-        if not self.heads.config.next_token:
-            return None
-        return self.base.model.embed_tokens(mx.argmax(logits, axis=-1))
+    def draft_rows(self, ids: np.ndarray) -> tuple[mx.array, mx.array]:
+        rows = lm_head_rows(self.base, ids)
+        mx.eval(rows)
+        return rows
 
-    def propose(self, h: mx.array, depth: int | None, k: int) -> tuple[mx.array, mx.array]:
-        """What a decoding step needs at ``h`` (..., H): the base logits (..., V) and
-        the first ``depth`` heads' top-``k`` guesses (D, ..., k), best first.
+    def settle(self, caches) -> None:
+        mx.eval([c.state for c in caches])
 
-        The guesses equal ``topk_ids(project(h, depth)[1:], k)`` but, with a draft
-        vocabulary, the heads' full rows are never built: the top-k is taken over
-        the draft's scores and mapped to token ids.
-        """
-        draft = self.draft()  # None without heads
-        if draft is None:
-            rows = self.project(h, depth)
-            return rows[0], topk_ids(rows[1:], k)
-        ids, w = draft
-        logits = self.lm_head(h)
-        states = mx.stack(self.heads.states(h, depth, self._next_embeds(logits)))  # (D, ..., H)
-        return logits, ids[topk_ids(states @ w.T, k)]
+    def verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
+        """Greedy decoding runs one step ahead (``Lookahead``): always for plain
+        decoding, as mlx-lm does; for trees on a GPU with an unbounded cache (MLX's
+        CPU stream runs only a few ops ahead, so there nothing overlaps)."""
+        from .lookahead import Lookahead, usable
 
-    def draft(self) -> tuple[mx.array, mx.array] | None:
-        """The heads' draft vocabulary and its lm_head rows (built on first use), or None."""
-        if self.heads is None or self.heads.draft_vocab is None:
-            return None
-        if self._draft is None:
-            self._draft = lm_head_rows(self.base, self.heads.draft_vocab)
-            mx.eval(self._draft)
-        return self._draft
-
-    def with_tree(self, tree) -> "MedusaModel":
-        from .tree import load_tree
-
-        return MedusaModel(self.base, self.heads, load_tree(tree, self.heads.num_heads if self.heads else None),
-                           self.model_id)
-
-    def forward(self, ctx: CacheContext, caches, tokens, tree: TreeBuffers | None = None,
-                placed: tuple[mx.array, mx.array | TreeOffset] | None = None) -> mx.array:
-        """Run ``tokens`` laid out as ``tree`` (contiguous if None) over the cache.
-
-        tokens: (T,) ids. Returns the normed hidden states, (T, H). The caller
-        commits the kept tokens with ``ctx.commit``. ``placed``: (mask, RoPE offset)
-        computed on the device, for pipelined decoding; the tokens then stay in the
-        slots they are written to, and nothing is committed.
-        """
-        tokens = mx.array(tokens) if not isinstance(tokens, mx.array) else tokens
-        if placed is not None:
-            ctx.begin_on_device(*placed)
-        elif tree is None or tree.is_chain:
-            ctx.begin(n=tokens.shape[0])
-        else:
-            ctx.begin(tree.depths, tree.mask)
-        h = self.hidden(tokens.astype(mx.int32)[None], caches, verify=tree is not None)[0]
-        if placed is not None:
-            ctx.keep_in_place(tokens.shape[0])
-        return h
+        if fast_path is not False and usable(tree, policy, ctx):
+            if tree.size == 1 or fast_path or mx.default_device() != mx.cpu:
+                return Lookahead(self, ctx, caches, tree, policy)
+        elif fast_path:
+            raise ValueError("the lookahead fast path needs greedy acceptance, and for trees an unbounded cache")
+        return super().verifier(ctx, caches, tree, policy, fast_path)

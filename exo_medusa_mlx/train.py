@@ -42,7 +42,7 @@ from .distill import (  # noqa: F401  (the data half, re-exported for train's us
     read_prompts,
 )
 from .heads import MedusaHeads
-from .heads_format import DRAFT_KEY, MedusaConfig
+from .core.heads_format import DRAFT_KEY, MedusaConfig
 
 HEAD_DECAY = 0.8  # head i's loss weight is HEAD_DECAY ** i
 def head_logits(heads: MedusaHeads, lm_head, h: mx.array, next_embeds: mx.array | None = None,
@@ -154,7 +154,7 @@ def saved_heads(path: str | Path, cfg: MedusaConfig) -> tuple[dict[str, np.ndarr
     Returns (weights under the reference keys, their config). Run before the data
     is built, so a mismatch costs nothing.
     """
-    from .heads_format import read_heads, resolve_config
+    from .core.heads_format import read_heads, resolve_config
 
     weights, raw, file = read_heads(path)
     saved = resolve_config(weights, raw, str(file), cfg.hidden_size, cfg.vocab_size)
@@ -211,7 +211,7 @@ def _save_checkpoint(folder: Path, heads: MedusaHeads, opt, step: int) -> None:
 
 def _resume_step(checkpoint: Path, heads: MedusaHeads) -> int:
     """Load the checkpoint's heads into ``heads`` (same layout required); return its step."""
-    from .heads_format import layout_from_keys, read_heads
+    from .core.heads_format import layout_from_keys, read_heads
 
     weights, _, file = read_heads(checkpoint)
     saved = layout_from_keys(weights, str(file))

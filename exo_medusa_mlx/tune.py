@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .distill import DATA_DIR, build_cache, cache_key, chat_ids, eos_ids, iterate_batches, read_prompts
 from .train import next_embeds, target_ranks
-from .tree import build_tree, tree_choices
+from .core.tree import build_tree, tree_choices
 
 DEFAULT_HELDOUT = DATA_DIR / "heldout_prompts.json"
 TOPK = 10  # ranks per head considered (the reference's TOPK)
@@ -187,8 +187,8 @@ def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: in
     shared machine hit them all alike. Also returns the host's share of a step
     (the acceptance), which the curve already includes.
     """
-    from .accept import greedy_accept
-    from .decode import prefill
+    from .core.accept import greedy_accept
+    from .core.step import prefill
 
     rng = np.random.default_rng(seed)
     V = model.vocab_size
@@ -237,7 +237,7 @@ def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: in
 def measure_gather(model, tree_size: int = 8, context: int = 128, repeats: int = 5, seed: int = 0) -> float:
     """Median extra seconds of a commit that gathers (keeps the root and the last node
     of a ``tree_size`` forward) over one that keeps the root in place."""
-    from .decode import prefill
+    from .core.step import prefill
 
     rng = np.random.default_rng(seed)
     tree = _probe_trees(tree_size)[tree_size]
@@ -261,7 +261,7 @@ def measure_plain_step(model, context: int = 128, tokens: int = 16, repeats: int
     it runs a little faster than one synchronous forward: this, not latency(1),
     is the baseline a tree must beat.
     """
-    from .decode import generate_step
+    from .core.step import generate_step
 
     prompt = np.random.default_rng(seed).integers(0, model.vocab_size, context)
     per_token = []
@@ -424,7 +424,7 @@ def run(args) -> dict:
               f"(predicted {predicted:.2f}x); accepted length {gen['mean_accepted']:.2f} (expected {emp:.2f}); "
               f"identical outputs {gen['identical']}/{gen['prompts']}")
         result["measured"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in gen.items()}
-    from .tree import save_tree
+    from .core.tree import save_tree
 
     save_tree(out, choices, **result)
     print(f"saved tree to {out}")

@@ -16,12 +16,12 @@ import time
 import numpy as np
 import torch
 
-from exo_medusa_mlx.heads_format import MedusaConfig
-from exo_medusa_mlx.torch_compat.decode import generate_step, prefill
-from exo_medusa_mlx.torch_compat.graphs import GraphedVerify
+from exo_medusa_mlx.core.heads_format import MedusaConfig
+from exo_medusa_mlx.core.step import generate_step, prefill
+from exo_medusa_mlx.torch_compat.graphs import GraphedVerifier
 from exo_medusa_mlx.torch_compat.heads import MedusaHeads
 from exo_medusa_mlx.torch_compat.model import MedusaModel
-from exo_medusa_mlx.tree import build_tree, chain, load_tree
+from exo_medusa_mlx.core.tree import build_tree, chain, load_tree
 
 SHAPES = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -83,7 +83,7 @@ def main() -> None:
                         return model.logits(h)
                 else:
                     ctx.static_len = -(-(ctx.used + tree.size + 256) // 256) * 256
-                    verify = GraphedVerify(model, ctx, caches, tree)
+                    verify = GraphedVerifier(model, ctx, caches, tree)
 
                     def fn():
                         return verify(toks)

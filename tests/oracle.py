@@ -42,18 +42,17 @@ class OracleHeads:
         self.ctx, caches = super().make_cache(*args, **kw)
         return self.ctx, caches
 
-    def forward(self, ctx, caches, tokens, tree=None, **kw):
-        self.depths = tree.depths if tree is not None else np.arange(len(tokens))  # the forward in flight
-        self.start = self.root_position(ctx, kw)
-        return super().forward(ctx, caches, tokens, tree, **kw)
+    def hidden(self, tokens, caches, transposed=False):
+        self.positions = self.node_positions(caches, len(tokens))  # the forward in flight
+        return super().hidden(tokens, caches, transposed)
 
-    def root_position(self, ctx, kw) -> int:
-        """Absolute position of the first token in flight."""
-        return ctx.committed
+    def node_positions(self, caches, T: int) -> np.ndarray:
+        """Absolute positions of the T tokens in flight (the backend's cache says)."""
+        raise NotImplementedError
 
     def rigged(self, rows: np.ndarray, one: bool) -> np.ndarray:
         """rows: (1+K, V) at the last committed position (``one``), or (1+K, T, V) at each node in flight."""
         if one:  # after a commit: the bonus/root sits at ``committed``
             return rig(rows[:, None], [self.ctx.committed], self.future, self.ranks, self.rng)[:, 0]
-        # before the commit: the token after node n sits at committed + depth(n) + 1
-        return rig(rows, self.start + self.depths + 1, self.future, self.ranks, self.rng)
+        # before the commit: the token after node n sits at its position + 1
+        return rig(rows, self.positions + 1, self.future, self.ranks, self.rng)

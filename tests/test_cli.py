@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from exo_medusa_mlx.heads_format import MedusaConfig, write_heads
+from exo_medusa_mlx.core.heads_format import MedusaConfig, write_heads
 
 PROMPT = "Name three primary colors."
 

@@ -8,19 +8,19 @@ import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from exo_medusa_mlx import decode
-from exo_medusa_mlx.decode import generate_step
+from exo_medusa_mlx import lookahead
+from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step
 from exo_medusa_mlx.model import MedusaModel
-from exo_medusa_mlx.tree import build_tree, tree_choices
+from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from tiny import CONFIGS, OracleMedusa, random_heads, tiny_base
 
 PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
 TREES = ["chain-3", "cpu-8", "mc_sim_7b_63"]
 
 
-def ours(model, n, prompt=PROMPT, **kw):
+def ours(model, n, prompt=PROMPT, medusa=True, **kw):
     out, steps = [], 0
-    for s in generate_step(prompt, model, **kw):
+    for s in generate_step(prompt, model, tree=None if medusa else ROOT_ONLY, **kw):
         out += s.tokens
         steps += 1
         if len(out) >= n:
@@ -63,26 +63,26 @@ def test_next_token_heads_lossless(family, tree, draft):
     assert ours(model, 40)[0] == ref
 
 
-@pytest.mark.parametrize("pipelined", [False, True])
+@pytest.mark.parametrize("lookahead_", [False, True])
 @pytest.mark.parametrize("tree", TREES)
-def test_oracle_heads_lossless_and_accepting(family, tree, pipelined):
+def test_oracle_heads_lossless_and_accepting(family, tree, lookahead_):
     _, base, ref = family
     model = OracleMedusa(base, random_heads(4), build_tree(tree_choices(tree)),
                          np.concatenate([PROMPT, ref]), ranks=(0,) if tree.startswith("chain") else (0, 1))
-    tokens, steps = ours(model, 40, pipelined=pipelined)
+    tokens, steps = ours(model, 40, fast_path=lookahead_)
     assert tokens == ref
     # Oracle heads: every step should accept deep into the tree.
     assert 40 / steps > 2.0
 
 
 @pytest.mark.parametrize("tree", ["chain-3", "cpu-8"])
-def test_pipelined_compaction(family, tree, monkeypatch):
-    """Pipelined decoding leaves rejected nodes as holes; gathering them away keeps it lossless and the cache small."""
+def test_lookahead_compaction(family, tree, monkeypatch):
+    """Lookahead decoding leaves rejected nodes as holes; gathering them away keeps it lossless and the cache small."""
     _, base, ref = family
-    monkeypatch.setattr(decode, "COMPACT_AT", 3)
+    monkeypatch.setattr(lookahead, "COMPACT_AT", 3)
     model = OracleMedusa(base, random_heads(4), build_tree(tree_choices(tree)),
                          np.concatenate([PROMPT, ref]), ranks=(0, 1, 2))  # rank 1-2: a chain rejects often
-    tokens, steps = ours(model, 40)
+    tokens, steps = ours(model, 40, fast_path=True)
     assert tokens == ref
     T = model.tree.size
     # Without compaction every forward's T slots stay; with it, at most COMPACT_AT holes

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from exo_medusa_mlx.accept import make_policy
-from exo_medusa_mlx.decode import generate_step, topk_ids
+from exo_medusa_mlx.core.accept import make_policy
+from exo_medusa_mlx.array_ops import topk_ids
+from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step
 from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard, run_ring, run_ring_async
 from exo_medusa_mlx.exo import state as st
 from exo_medusa_mlx.model import MedusaModel
-from exo_medusa_mlx.tree import build_tree, tree_choices
+from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from oracle import rig
 from tiny import CONFIGS, VOCAB, OracleMedusa, random_heads
 
@@ -55,9 +56,9 @@ def save_hf_folder(folder, family: str, base, heads=None):
     return folder
 
 
-def reference(model, n=N, prompt=PROMPT, **kw) -> list[int]:
+def reference(model, n=N, prompt=PROMPT, medusa=True, **kw) -> list[int]:
     out = []
-    for s in generate_step(prompt, model, **kw):
+    for s in generate_step(prompt, model, tree=None if medusa else ROOT_ONLY, **kw):
         out += s.tokens
         if len(out) >= n:
             return out[:n]
@@ -214,7 +215,7 @@ def test_default_model_exo_engine_test():
 def test_default_model_medusa_split_equals_generate_step(tmp_path):
     from exo_medusa_mlx.default_model import DEFAULT_MODEL_ID
     from exo_medusa_mlx.heads import MedusaHeads
-    from exo_medusa_mlx.heads_format import MedusaConfig
+    from exo_medusa_mlx.core.heads_format import MedusaConfig
     from exo_medusa_mlx.loading import load
 
     model, tokenizer = load(None)

@@ -18,7 +18,7 @@ from exo_medusa_mlx.exo import state as st
 from exo_medusa_mlx.exo.node_hook import process_result
 from exo_medusa_mlx.exo.registry import register_with_exo
 from exo_medusa_mlx.exo.ring import check_ring
-from exo_medusa_mlx.tree import build_tree, tree_choices
+from exo_medusa_mlx.core.tree import build_tree, tree_choices
 
 TREE = build_tree(tree_choices("cpu-8"))
 

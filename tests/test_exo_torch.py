@@ -16,8 +16,9 @@ from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, S
 from exo_medusa_mlx.exo import state as st  # noqa: E402
 from exo_medusa_mlx.exo.torch_engine import MedusaTorchInferenceEngine  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel  # noqa: E402
-from exo_medusa_mlx.torch_compat.decode import generate_step as torch_generate_step, topk_ids  # noqa: E402
-from exo_medusa_mlx.tree import build_tree, tree_choices  # noqa: E402
+from exo_medusa_mlx.core.step import generate_step as torch_generate_step  # noqa: E402
+from exo_medusa_mlx.torch_compat.array_ops import topk_ids  # noqa: E402
+from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices  # noqa: E402
 from test_exo_engine import N, N_LAYERS, PROMPT, OracleEngine, built, exo_engine_test, reference  # noqa: E402
 from oracle import rig  # noqa: E402
 from tiny import CONFIGS  # noqa: E402
@@ -84,7 +85,7 @@ def test_full_torch_shard_equals_generate_step_both_backends(family, medusa):
     assert run_ring(full_torch(family), PROMPT, N, medusa=medusa) == family.refs[medusa]
     tm, _ = load(str(family.folder), heads=family.folder / "medusa", tree=TREE)
     out = []
-    for s in torch_generate_step(PROMPT, tm, medusa=medusa):
+    for s in torch_generate_step(PROMPT, tm, tree=None if medusa else ROOT_ONLY):
         out += s.tokens
         if len(out) >= N:
             break
@@ -206,7 +207,7 @@ def test_default_model_mixed_ring_equals_generate_step(tmp_path):
     """torch 0-9, MLX 10-19, torch 20-29 with random 576-wide heads == MLX generate_step."""
     from exo_medusa_mlx.default_model import DEFAULT_MODEL_ID
     from exo_medusa_mlx.heads import load_heads
-    from exo_medusa_mlx.heads_format import MedusaConfig, write_heads
+    from exo_medusa_mlx.core.heads_format import MedusaConfig, write_heads
     from exo_medusa_mlx.loading import load
 
     model, tokenizer = load(None, tree=TREE)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from exo_medusa_mlx.heads import load_heads
-from exo_medusa_mlx.heads_format import MedusaConfig, write_heads
+from exo_medusa_mlx.core.heads_format import MedusaConfig, write_heads
 from exo_medusa_mlx.model import MedusaModel
-from exo_medusa_mlx.tree import build_tree
+from exo_medusa_mlx.core.tree import build_tree
 from tiny import VOCAB, random_heads, tiny_base
 
 H = 64
@@ -107,7 +107,7 @@ def test_draft_vocabulary_scores_guesses_over_its_tokens_only(next_token, tmp_pa
 @pytest.mark.parametrize("k", [1, 3])
 def test_propose_is_the_top_k_of_project(next_token, draft, k):
     """Decoding's ``propose`` skips the heads' full rows; it must pick what ``project`` ranks first."""
-    from exo_medusa_mlx.decode import topk_ids
+    from exo_medusa_mlx.array_ops import topk_ids
 
     heads = random_heads(3, next_token=next_token)
     heads.draft_vocab = np.arange(1, VOCAB, 2) if draft else None
@@ -124,18 +124,43 @@ def test_rows_linear_matches_linear():
     """Verification forwards on a CPU multiply (W @ x.T).T: the same values as mlx-lm's x @ W.T."""
     import mlx.nn as nn
 
-    from exo_medusa_mlx.model import RowsLinear, transposed_linears
+    from exo_medusa_mlx.model import RowsLinear
 
     for bias in (False, True):
         lin = nn.Linear(H, 3 * H, bias=bias)
         x = mx.random.normal((1, 4, H))
         want = lin(x)
         lin.__class__ = RowsLinear
-        with transposed_linears(True):
-            got = lin(x)
+        got = lin(x)
         assert got.shape == want.shape
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
         assert set(dict(lin.parameters())) == ({"weight", "bias"} if bias else {"weight"})
+
+
+def test_rows_linear_only_in_verification_and_base_left_as_loaded(monkeypatch):
+    """A tree forward on a CPU runs the layers' linears as RowsLinear and the RoPE as TreeRoPE for
+    the call only: prefill and one-token forwards do not, and between calls mlx-lm's model is as loaded."""
+    import mlx.nn as nn
+
+    from exo_medusa_mlx.core.tree import build_tree
+    from exo_medusa_mlx.model import MedusaModel, RowsLinear
+
+    base = tiny_base("llama")
+    ropes = [layer.self_attn.rope for layer in base.model.layers]
+    model = MedusaModel(base)
+    seen = []
+    real = RowsLinear.__call__
+    monkeypatch.setattr(RowsLinear, "__call__", lambda self, x: (seen.append(1), real(self, x))[1])
+    ctx, caches = model.make_cache()
+    mx.eval(model.forward(ctx, caches, [1, 2, 3]))  # a contiguous run (prefill): mlx-lm's product
+    ctx.commit(caches, np.arange(3))
+    assert not seen
+    mx.eval(model.forward(ctx, caches, [4, 5, 6], build_tree([[0], [1]])))  # a tree: transposed, per-token RoPE
+    assert seen
+    for layer, rope in zip(base.model.layers, ropes):
+        assert layer.self_attn.rope is rope
+        assert all(type(m) is not RowsLinear for _, m in layer.named_modules())
+    assert sum(type(m) is nn.Linear for _, m in base.model.layers[0].named_modules()) == 7
 
 
 def test_draft_rows_of_a_quantized_lm_head():

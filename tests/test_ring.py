@@ -40,12 +40,12 @@ def heads():
 
 def reference(heads) -> dict:
     """Single-process MLX tokens: the text prompt (raw) and the chat-templated one, N each."""
-    from exo_medusa_mlx.decode import generate_step
+    from exo_medusa_mlx.core.step import generate_step
     from exo_medusa_mlx.generate import apply_template, encode_prompt
     from exo_medusa_mlx.heads import load_heads
     from exo_medusa_mlx.loading import load
     from exo_medusa_mlx.model import MedusaModel
-    from exo_medusa_mlx.tree import build_tree, tree_choices
+    from exo_medusa_mlx.core.tree import build_tree, tree_choices
 
     model, tokenizer = load(None, tree=TREE)
     model = MedusaModel(model.base, load_heads(heads, model.hidden_size, model.vocab_size),

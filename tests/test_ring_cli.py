@@ -25,7 +25,7 @@ from exo_medusa_mlx.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.ring import node, wire  # noqa: E402
 from exo_medusa_mlx.ring.client import NodeInfo, RingClient  # noqa: E402
 from exo_medusa_mlx.ring.launcher import partition_layers  # noqa: E402
-from exo_medusa_mlx.tree import build_tree, tree_choices  # noqa: E402
+from exo_medusa_mlx.core.tree import build_tree, tree_choices  # noqa: E402
 from test_exo_engine import N, PROMPT, reference, save_hf_folder, tiny_base  # noqa: E402
 from tiny import random_heads  # noqa: E402
 

@@ -19,13 +19,13 @@ from mlx.utils import tree_map
 from mlx_lm.models import llama
 from mlx_lm.sample_utils import apply_top_p
 
-from exo_medusa_mlx.accept import Acceptance, make_policy, target_probs
+from exo_medusa_mlx.core.accept import Acceptance, make_policy, target_probs
 from exo_medusa_mlx.cache import DEFAULT_KEEP, CacheContext, MedusaKVCache
-from exo_medusa_mlx.decode import generate_step
+from exo_medusa_mlx.core.step import generate_step
 from exo_medusa_mlx.heads import MedusaHeads
-from exo_medusa_mlx.heads_format import MedusaConfig
+from exo_medusa_mlx.core.heads_format import MedusaConfig
 from exo_medusa_mlx.model import MedusaModel
-from exo_medusa_mlx.tree import build_tree
+from exo_medusa_mlx.core.tree import build_tree
 
 V = 12
 N_TOKENS = 3  # the joint distribution of the first three emitted tokens: 12^3 cells
@@ -100,12 +100,16 @@ class CloseMedusa(MedusaModel):
 
     def make_cache(self, max_kv_size=None, keep=DEFAULT_KEEP):
         self.ctx = _PrefixContext(max_kv_size, keep)
+        self.pending_tree = None  # the prefill runs contiguous chunks
         return self.ctx, [MedusaKVCache(self.ctx) for _ in range(self.num_layers)]
 
     def forward(self, ctx, caches, tokens, tree=None):
-        ctx.pending = np.array(tokens).reshape(-1)
         self.pending_tree = tree
         return super().forward(ctx, caches, tokens, tree)
+
+    def hidden(self, tokens, caches, transposed=False):
+        self.ctx.pending = np.array(tokens).reshape(-1)
+        return super().hidden(tokens, caches, transposed)
 
     def project(self, h, depth=None):
         rows = super().project(h, depth)  # (1+D, V) after a commit, (1+D, T, V) over the nodes in flight

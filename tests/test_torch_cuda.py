@@ -15,12 +15,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from exo_medusa_mlx.heads_format import MedusaConfig  # noqa: E402
-from exo_medusa_mlx.torch_compat.decode import generate_step  # noqa: E402
-from exo_medusa_mlx.torch_compat.graphs import GraphedVerify  # noqa: E402
+from exo_medusa_mlx.core.heads_format import MedusaConfig  # noqa: E402
+from exo_medusa_mlx.core.step import generate_step  # noqa: E402
+from exo_medusa_mlx.torch_compat.graphs import GraphedVerifier  # noqa: E402
 from exo_medusa_mlx.torch_compat.heads import MedusaHeads  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
-from exo_medusa_mlx.tree import build_tree, tree_choices  # noqa: E402
+from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices  # noqa: E402
 from test_torch_tiny import TorchOracleMedusa, hf_greedy, take  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(
@@ -71,13 +71,13 @@ def random_heads(hidden: int, vocab: int, num_heads: int = 4, seed: int = 1) -> 
 def captures(monkeypatch):
     """Counts CUDA graph captures; a capture that falls back to eager fails the test."""
     count = [0]
-    real = GraphedVerify._capture
+    real = GraphedVerifier._capture
 
     def counting(self):
         count[0] += 1
         real(self)
 
-    monkeypatch.setattr(GraphedVerify, "_capture", counting)
+    monkeypatch.setattr(GraphedVerifier, "_capture", counting)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         yield count
@@ -103,15 +103,15 @@ def test_graphs_equal_eager_and_hf_generate(family, captures):
     ref = hf_greedy(base, PROMPT, 48)
     for medusa in (False, True):
         for window in (None, 16):
-            eager = take(generate_step(PROMPT, model, medusa=medusa, max_kv_size=window, graphs=False), 48)[0]
-            graphed = take(generate_step(PROMPT, model, medusa=medusa, max_kv_size=window, graphs=True), 48)[0]
+            eager = take(generate_step(PROMPT, model, tree=None if medusa else ROOT_ONLY, max_kv_size=window, fast_path=False), 48)[0]
+            graphed = take(generate_step(PROMPT, model, tree=None if medusa else ROOT_ONLY, max_kv_size=window, fast_path=True), 48)[0]
             assert graphed == eager, (medusa, window)
             if window is None:
                 assert graphed == ref, medusa
     assert captures[0] == 4  # one per run: nothing fell back to eager
 
     oracle = TorchOracleMedusa(base, model.heads, model.tree, np.concatenate([PROMPT, ref]), ranks=(0, 1, 2))
-    tokens, steps = take(generate_step(PROMPT, oracle, graphs=True), 48)
+    tokens, steps = take(generate_step(PROMPT, oracle, fast_path=True), 48)
     assert tokens == ref and 48 / steps > 2.0
 
 
@@ -120,8 +120,8 @@ def test_graphs_recapture_when_the_cache_grows(captures):
     base = random_model(CONFIGS["llama"])
     model = MedusaModel(base)
     n = 600  # past the first static size (prompt + 256, rounded): the cache doubles, the graph is re-captured
-    eager = take(generate_step(PROMPT, model, graphs=False), n)[0]
-    assert take(generate_step(PROMPT, model, graphs=True), n)[0] == eager
+    eager = take(generate_step(PROMPT, model, fast_path=False), n)[0]
+    assert take(generate_step(PROMPT, model, fast_path=True), n)[0] == eager
     assert captures[0] >= 2
 
 
@@ -138,7 +138,7 @@ def test_graphs_speed_on_the_default_model_shape(captures):
                 (MedusaModel(base, heads, build_tree(tree_choices("mc_sim_7b_63"))), True)}
     tps = {}
     for name, (model, graphs) in runs.items():
-        gen = generate_step(prompt, model, graphs=graphs)
+        gen = generate_step(prompt, model, fast_path=graphs)
         take(gen, 16)  # prefill, warm-up and capture: not timed (steady state below)
         torch.cuda.synchronize()
         t0 = time.perf_counter()

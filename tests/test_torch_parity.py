@@ -8,15 +8,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from exo_medusa_mlx.accept import greedy_accept  # noqa: E402
-from exo_medusa_mlx.decode import generate_step as mlx_generate_step  # noqa: E402
-from exo_medusa_mlx.decode import prefill as mlx_prefill  # noqa: E402
+from exo_medusa_mlx.core.accept import greedy_accept  # noqa: E402
 from exo_medusa_mlx.heads import load_heads as mlx_load_heads  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel as MlxMedusa  # noqa: E402
-from exo_medusa_mlx.torch_compat.decode import generate_step, prefill  # noqa: E402
+from exo_medusa_mlx.core.step import generate_step, prefill  # noqa: E402
 from exo_medusa_mlx.torch_compat.heads import load_heads  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
-from exo_medusa_mlx.tree import build_tree, tree_choices  # noqa: E402
+from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices  # noqa: E402
 from test_decode import mlx_lm_greedy  # noqa: E402
 from test_torch_tiny import HIDDEN, TorchOracleMedusa, take, tiny_pair  # noqa: E402
 from tiny import CONFIGS, VOCAB  # noqa: E402
@@ -53,7 +51,7 @@ def test_tree_verify_logits_match(pair, tree, window):
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=buf.size)
     prompt = np.concatenate([PROMPT, PROMPT[::-1]])  # 18 tokens: past a 14-token window
     mctx, mcaches = mm.make_cache(window)
-    mlx_prefill(mm, mctx, mcaches, prompt)
+    prefill(mm, mctx, mcaches, prompt)
     want = np.array(mm.logits(mm.forward(mctx, mcaches, tokens, buf)))
     ctx, caches = tm.make_cache(window)
     prefill(tm, ctx, caches, prompt)
@@ -66,8 +64,8 @@ def test_tree_verify_logits_match(pair, tree, window):
 def test_greedy_tokens_match_mlx(pair, medusa, window):
     _, mm, tm = pair
     n = 48  # prompt 9 + 48 through a 16-token window: several wrap-arounds
-    want = take(mlx_generate_step(PROMPT, mm, medusa=medusa, max_kv_size=window), n)
-    assert take(generate_step(PROMPT, tm, medusa=medusa, max_kv_size=window), n) == want
+    want = take(generate_step(PROMPT, mm, tree=None if medusa else ROOT_ONLY, max_kv_size=window), n)
+    assert take(generate_step(PROMPT, tm, tree=None if medusa else ROOT_ONLY, max_kv_size=window), n) == want
 
 
 @pytest.mark.parametrize("medusa", [False, True])
@@ -81,7 +79,7 @@ def test_window_equals_mlx_lm_rotating(pair, medusa):
         model = TorchOracleMedusa(tm.base, tm.heads, tm.tree, np.concatenate([PROMPT, ref]), ranks=(0, 1, 2))
     steps = 0
     out = []
-    for s in generate_step(PROMPT, model, medusa=medusa, max_kv_size=W):
+    for s in generate_step(PROMPT, model, tree=None if medusa else ROOT_ONLY, max_kv_size=W):
         out += s.tokens
         steps += 1
         if len(out) >= n:
@@ -126,12 +124,12 @@ def test_sampling_matches_mlx_seed_for_seed(pair, acceptance):
     """The exact sampler's law on torch: the acceptors are the same numpy code, and with
     the same seed and logits equal to 1e-4 both backends draw the same tokens, so the
     torch path inherits the distribution test run on MLX (tests/test_sampling.py)."""
-    from exo_medusa_mlx.accept import make_policy
+    from exo_medusa_mlx.core.accept import make_policy
 
     _, mm, tm = pair
     same = 0
     for seed in range(40):
-        a = take(mlx_generate_step(PROMPT, mm, make_policy(0.8, 0.9, acceptance, seed)), 12)
+        a = take(generate_step(PROMPT, mm, make_policy(0.8, 0.9, acceptance, seed)), 12)
         b = take(generate_step(PROMPT, tm, make_policy(0.8, 0.9, acceptance, seed)), 12)
         same += a == b
     # A draw can land within 1e-4 of a boundary; beyond a rare one, any mismatch is a bug.

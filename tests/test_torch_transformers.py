@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -11,12 +10,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from exo_medusa_mlx.heads_format import MedusaConfig  # noqa: E402
+from exo_medusa_mlx.core.heads_format import MedusaConfig  # noqa: E402
 from exo_medusa_mlx.torch_compat import generate, load, stream_generate  # noqa: E402
-from exo_medusa_mlx.torch_compat.decode import generate_step, prefill  # noqa: E402
+from exo_medusa_mlx.core.step import generate_step, prefill  # noqa: E402
 from exo_medusa_mlx.torch_compat.heads import MedusaHeads, load_heads  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
-from exo_medusa_mlx.tree import build_tree, tree_choices  # noqa: E402
+from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices  # noqa: E402
 from test_torch_tiny import HIDDEN, VOCAB, TorchOracleMedusa, hf_greedy, take, tiny_pair, torch_base  # noqa: E402
 
 PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
@@ -35,7 +34,7 @@ def test_random_heads_equal_hf_generate(family, tree):
     _, _, tb, heads, ref = family
     model = MedusaModel(tb, heads, build_tree(tree_choices(tree)))
     assert take(generate_step(PROMPT, model), 40)[0] == ref
-    assert take(generate_step(PROMPT, model, medusa=False), 40)[0] == ref
+    assert take(generate_step(PROMPT, model, tree=ROOT_ONLY), 40)[0] == ref
 
 
 def test_next_token_heads_equal_hf_generate(family):
@@ -127,7 +126,7 @@ def test_default_model_loads_on_cpu_float32(default):
 
 def test_default_model_greedy_equals_hf_generate(default):
     model, _, ids, ref = default
-    assert take(generate_step(ids, model, medusa=False), 20)[0] == ref
+    assert take(generate_step(ids, model, tree=ROOT_ONLY), 20)[0] == ref
     # Heads that guess right at ranks 0-2: deep, branching acceptance on the real model.
     oracle = TorchOracleMedusa(model.base, model.heads, model.tree, np.concatenate([ids, ref]), ranks=(0, 1, 2))
     tokens, steps = take(generate_step(ids, oracle), 20)
@@ -144,18 +143,18 @@ def test_stream_generate_text_and_fields(default):
     assert responses[-1].finish_reason == "length" and responses[-1].generation_tokens == 8
     assert responses[-1].steps >= 1 and responses[-1].mean_accepted >= 1.0
     assert generate(model, tokenizer, ids, max_tokens=8, medusa=False) == tokenizer.decode(ref[:8])
-    # The same response object as the MLX path.
+    # One response class for both backends (core/generation.py).
     from exo_medusa_mlx.generate import GenerationResponse as MlxResponse
 
-    assert [(f.name, f.type) for f in dataclasses.fields(GenerationResponse)] == \
-        [(f.name, f.type) for f in dataclasses.fields(MlxResponse)]
+    assert GenerationResponse is MlxResponse
 
 
 def test_main_json(default, capsys):
-    from exo_medusa_mlx.torch_compat.generate import main
-    from exo_medusa_mlx.torch_compat.loading import default_heads_for
+    from exo_medusa_mlx.core.heads_format import default_heads_for
+    from exo_medusa_mlx.generate import main
 
-    main(["--prompt", "Hi", "--max-tokens", "6", "--json", "--tree", "chain-2", "--device", "cpu"])
+    main(["--backend", "torch", "--prompt", "Hi", "--max-tokens", "6", "--json", "--tree", "chain-2",
+          "--device", "cpu"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["backend"] == "torch" and out["generation_tokens"] <= 6 and out["text"]
     # Medusa exactly when heads ship with the default model (loading's default).
@@ -163,8 +162,6 @@ def test_main_json(default, capsys):
 
 
 def test_streaming_detokenizer_holds_split_characters(default):
-    from exo_medusa_mlx.decode import Step as MlxStep
-    from exo_medusa_mlx.torch_compat.decode import Step
     from exo_medusa_mlx.torch_compat.generate import StreamingDetokenizer
 
     _, tokenizer, _, _ = default
@@ -179,5 +176,3 @@ def test_streaming_detokenizer_holds_split_characters(default):
     detok.finalize()
     pieces.append(detok.last_segment)
     assert "".join(pieces) == tokenizer.decode(ids) == text
-    assert [(f.name, f.type) for f in dataclasses.fields(Step)] == \
-        [(f.name, f.type) for f in dataclasses.fields(MlxStep)]

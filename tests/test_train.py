@@ -9,7 +9,7 @@ import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 
 from exo_medusa_mlx.heads import load_heads
-from exo_medusa_mlx.heads_format import MedusaConfig
+from exo_medusa_mlx.core.heads_format import MedusaConfig
 from exo_medusa_mlx.model import base_lm_head
 from exo_medusa_mlx.distill import (build_cache, iterate_batches, load_shard, read_documents, read_prompts,
                                     self_distill)

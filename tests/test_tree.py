@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from exo_medusa_mlx.tree import build_tree, load_tree, preset_names, save_tree, tree_choices
+from exo_medusa_mlx.core.tree import build_tree, load_tree, preset_names, save_tree, tree_choices
 
 
 def test_small_tree_buffers_by_hand():
@@ -77,10 +77,20 @@ def test_json_round_trip(tmp_path):
         tree_choices(str(tmp_path / "missing.json"))
 
 
-def test_ranks_beyond_the_heads_candidates_and_folders_are_refused(tmp_path):
-    assert load_tree([[0], [2]], num_heads=1, candidates=3).topk == 3
+def test_trees_the_heads_cannot_fill_and_folders_are_refused(tmp_path):
+    from exo_medusa_mlx.model import MedusaModel
+    from tiny import random_heads, tiny_base
+
+    heads = random_heads(1)
+    heads.draft_vocab, heads.config.draft_vocab_size = np.array([1, 2, 3]), 3  # the heads choose among 3 tokens
+    model = MedusaModel(tiny_base(), heads, load_tree([[0], [2]]))
+    assert model.tree.topk == 3
     with pytest.raises(ValueError, match="rank-3 guess but they choose among 3 tokens"):
-        load_tree([[0], [3]], num_heads=1, candidates=3)
+        model.with_tree([[0], [3]])
+    with pytest.raises(ValueError, match="2 deep but the heads give 1 guesses"):
+        model.with_tree([[0], [0, 0]])
+    with pytest.raises(ValueError, match="needs Medusa heads"):
+        MedusaModel(tiny_base(), None, load_tree([[0]]))
     with pytest.raises(ValueError, match="is a folder"):
         tree_choices(str(tmp_path))
     save_tree(tmp_path / "t.json", [[0], [1]])

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from exo_medusa_mlx.decode import prefill
+from exo_medusa_mlx.core.step import prefill
 from exo_medusa_mlx.model import MedusaModel
-from exo_medusa_mlx.tree import build_tree, tree_choices
+from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from tiny import CONFIGS, VOCAB, tiny_base
 
 PROMPT = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])

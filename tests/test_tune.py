@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from exo_medusa_mlx.distill import DATA_DIR, read_prompts
-from exo_medusa_mlx.tree import build_tree
+from exo_medusa_mlx.core.tree import build_tree
 from exo_medusa_mlx.tune import (conditional_accuracy, empirical_accept_length, grow_tree, latency_table,
                                  measure_latency, topk_accuracy)
 
@@ -124,7 +124,7 @@ def test_shipped_heads_lossless_on_default_model():
     assert [r.token for r in runs] == plain
     assert runs[-1].mean_accepted > 1.1  # the heads are used and sometimes right
     # Pipelined greedy decoding (the GPU default), here on the CPU: the same tokens.
-    from exo_medusa_mlx.decode import generate_step
+    from exo_medusa_mlx.core.step import generate_step
 
     out = []
     for step in generate_step(ids, model, pipelined=True):
@@ -135,8 +135,8 @@ def test_shipped_heads_lossless_on_default_model():
 
 
 def test_default_tree_per_backend(tmp_path):
-    from exo_medusa_mlx.heads_format import default_tree_for
-    from exo_medusa_mlx.tree import DEFAULT_TREE
+    from exo_medusa_mlx.core.heads_format import default_tree_for
+    from exo_medusa_mlx.core.tree import DEFAULT_TREE
 
     assert default_tree_for(tmp_path) == DEFAULT_TREE
     (tmp_path / "tree.json").write_text("{}")

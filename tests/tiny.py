@@ -9,9 +9,9 @@ import numpy as np
 
 from exo_medusa_mlx.cache import TreeOffset
 from exo_medusa_mlx.heads import MedusaHeads
-from exo_medusa_mlx.heads_format import MedusaConfig
+from exo_medusa_mlx.core.heads_format import MedusaConfig
 from exo_medusa_mlx.model import MedusaModel
-from exo_medusa_mlx.tree import build_tree
+from exo_medusa_mlx.core.tree import build_tree
 from oracle import OracleHeads
 
 VOCAB = 96
@@ -68,9 +68,8 @@ class OracleMedusa(OracleHeads, MedusaModel):
         """(1+D, V) at the last committed position, or (1+D, T, V) at each node in flight."""
         return mx.array(self.rigged(np.array(super().project(h, depth)), h.ndim == 1))
 
-    def root_position(self, ctx, kw) -> int:
-        placed = kw.get("placed")
-        if placed is None:
-            return ctx.committed
-        offset = placed[1]  # pipelined decoding: the positions live on the device
-        return int(np.array(offset.positions if isinstance(offset, TreeOffset) else offset).reshape(-1)[0])
+    def node_positions(self, caches, T):
+        offset = caches[0].offset  # an int, a device scalar (lookahead) or per-token TreeOffset
+        if isinstance(offset, TreeOffset):
+            return np.array(offset.positions)
+        return int(np.array(offset)) + np.arange(T)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..default_model import DEFAULT_MODEL_ID
-from ..heads_format import HEADS_FILE, HEADS_PT_FILE
+from ..core.heads_format import HEADS_FILE, HEADS_PT_FILE
 from .shard import Shard, as_shard
 
 DEFAULT_MODEL_ALIASES = (DEFAULT_MODEL_ID, "smollm2-135m")

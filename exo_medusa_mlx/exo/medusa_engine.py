@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from ..accept import Policy, make_policy, target_probs
-from ..slots import DEFAULT_KEEP, PREFILL_STEP
-from ..streaming import encode_prompt
-from ..tree import TreeBuffers, build_tree
+from ..core.accept import Policy, make_policy, target_probs
+from ..core.slots import DEFAULT_KEEP, PREFILL_STEP
+from ..core.generation import encode_prompt
+from ..core.tree import TreeBuffers, build_tree
 from . import state as st
 from .downloader import LocalShardDownloader, find_heads
 from .engine import InferenceEngine, InferenceState

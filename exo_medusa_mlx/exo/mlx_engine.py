@@ -18,7 +18,7 @@ from ..cache import make_cache
 from ..heads import load_heads
 from ..loading import default_tree_for
 from ..model import MedusaModel
-from ..tree import TreeBuffers, build_tree, load_tree
+from ..core.tree import TreeBuffers, build_tree, load_tree
 from . import state as st
 from .medusa_engine import Loaded, MedusaShardEngine, Session
 from .shard import Shard

@@ -22,7 +22,7 @@ from ..torch_compat.cache import make_cache
 from ..torch_compat.heads import load_heads
 from ..torch_compat.loading import default_device, default_dtype, default_tree_for, parse_dtype
 from ..torch_compat.model import MedusaModel
-from ..tree import TreeBuffers, build_tree, load_tree
+from ..core.tree import TreeBuffers, build_tree, load_tree
 from . import state as st
 from .medusa_engine import Loaded, MedusaShardEngine, Session
 from .shard import Shard

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..slots import DEFAULT_KEEP, CommitPlan, SlotMap
+from ..core.slots import DEFAULT_KEEP, CommitPlan, SlotMap
 
 STATIC_STEP = 256  # static caches grow to a multiple of this
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
-from ..tree import TreeBuffers
+from ..core.step import Verified, Verifier
+from ..core.tree import TreeBuffers
 from .cache import STATIC_STEP, CacheContext, MedusaCache
 from .model import MedusaModel
 
@@ -25,38 +27,30 @@ def static_len_for(ctx: CacheContext, tree_size: int) -> int:
     return -(-need // STATIC_STEP) * STATIC_STEP
 
 
-class GraphedVerify:
-    """``model.forward`` then the logits over ``tree``, replayed from a CUDA graph.
+class GraphedVerifier(Verifier):
+    """The step's verifier with ``model.forward`` and the proposal over ``tree``
+    replayed from a CUDA graph (``core.step.read`` of every node, on the device).
 
-    Call it like ``model.forward`` (tokens: (T,) on the device); returns (logits
-    (T, V), guesses (D, T, k)): ``model.propose`` of every node with ``heads``
-    (the tree's depth D, its top-k), else the base logits and None. Both are
-    static buffers overwritten by the next call.
+    The prefill ran with a dynamic cache; the verify steps switch it to static mode.
     """
 
-    def __init__(self, model: MedusaModel, ctx: CacheContext, caches: MedusaCache, tree: TreeBuffers,
-                 heads: bool = False):
+    def __init__(self, model: MedusaModel, ctx: CacheContext, caches: MedusaCache, tree: TreeBuffers, policy):
+        super().__init__(model, ctx, caches, tree, policy)
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}; use the eager path")
-        if ctx.static_len is None:
-            raise ValueError("CUDA graphs need a static cache: make_cache(..., static_len=S)")
-        self.model, self.ctx, self.caches, self.tree, self.heads = model, ctx, caches, tree, heads
+        ctx.static_len = static_len_for(ctx, tree.size)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captured_len: int | None = None
-        self.tokens = torch.zeros(1, tree.size, dtype=torch.long, device=model.device)
+        self.tokens = torch.zeros(tree.size, dtype=torch.long, device=model.device)
         self.failed = False
 
-    def _begin(self) -> None:
-        if self.tree.is_chain:
-            self.ctx.begin(n=self.tree.size)
-        else:
-            self.ctx.begin(self.tree.depths, self.tree.mask)
-
     def _run(self):
-        h = self.model.hidden(self.tokens, self.caches)[0]  # (T, H)
-        if self.heads:
-            return self.model.propose(h, self.tree.depth, self.tree.topk)
-        return self.model.lm_head(h), None
+        h = self.model.hidden(self.tokens, self.caches)  # (T, H)
+        if self.tree.size > 1:
+            logits, guesses = self.model.propose(h, self.tree.depth, self.tree.topk)
+        else:
+            logits, guesses = self.model.lm_head(h), None
+        return (logits if self.policy.needs_logits else logits.argmax(-1)), guesses
 
     def _capture(self) -> None:
         self.graph = None
@@ -69,15 +63,11 @@ class GraphedVerify:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits, self.guesses = self._run()
+            self.out = self._run()
         self.graph, self.captured_len = graph, self.ctx.static_len
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if tokens.numel() != self.tokens.numel():
-            raise ValueError(f"graphed verify takes {self.tokens.numel()} tree tokens, got {tokens.numel()}")
-        self._begin()  # fills the static positions / mask / write index (may grow the cache)
-        self.tokens.copy_(tokens.view(1, -1))
+    def _replay(self):
         if self.failed:
             return self._run()
         if self.graph is None or self.captured_len != self.ctx.static_len:
@@ -89,7 +79,12 @@ class GraphedVerify:
                 torch.cuda.synchronize()
                 return self._run()
         self.graph.replay()
-        return self.logits, self.guesses
+        return self.out
+
+    def verify(self, tokens: np.ndarray) -> Verified:
+        self.ctx.begin(self.tree.depths, self.tree.mask)  # fills the static positions / mask / write index
+        self.tokens.copy_(torch.from_numpy(np.asarray(tokens, dtype=np.int64)))
+        return Verified(*self.model.to_numpy(*self._replay()))
 
 
 def use_graphs(model: MedusaModel, graphs: bool | None) -> bool:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from ..tree import load_tree
-from ..heads_format import SHIPPED_HEADS, default_heads_for, default_tree_for  # noqa: F401
+from ..core.heads_format import default_heads_for, default_tree_for
+from ..core.tree import ROOT_ONLY, load_tree, tree_choices
 from .heads import load_heads
 from .model import MedusaModel
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,17 +52,18 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
 
     from ..default_model import resolve_model_path
 
+    heads_path = Path(heads) if heads is not None else default_heads_for(model)
+    # Resolved first (even without heads), so a bad --tree fails before the model loads.
+    choices = tree_choices(tree if tree is not None else default_tree_for(heads_path, "torch"))
     path = resolve_model_path(model)
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
     base = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     base = base.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    heads_path = Path(heads) if heads is not None else default_heads_for(model)
     medusa_heads = None
     if heads_path is not None:
         medusa_heads = load_heads(heads_path, base.config.hidden_size, base.config.vocab_size,
                                   dtype=dtype, device=device)
-    tree_spec = tree if tree is not None else default_tree_for(heads_path, "torch")
-    buffers = load_tree(tree_spec, medusa_heads.num_heads, medusa_heads.config.candidates) if medusa_heads else load_tree([])
+    buffers = load_tree(choices) if medusa_heads is not None else ROOT_ONLY
     return MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None), tokenizer

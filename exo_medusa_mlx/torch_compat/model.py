@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..tree import TreeBuffers, build_tree, load_tree
+from ..core.base import MedusaBase, swapped_class
+from ..core.tree import ROOT_ONLY, TreeBuffers
+from .array_ops import TorchOps
 from .cache import DEFAULT_KEEP, CacheContext, MedusaCache, make_cache
 from .heads import MedusaHeads
 
@@ -23,11 +25,6 @@ from .heads import MedusaHeads
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Attention implementations that honour a custom 4D float mask.
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest logits, best first. logits: (..., V) -> (..., k)."""
-    return torch.topk(logits, k, dim=-1, sorted=True).indices
 
 
 def rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,24 +49,13 @@ def transposes(rows: int, device: torch.device) -> bool:
 
 
 class RowsLinear(nn.Linear):
-    """An ``nn.Linear`` that uses ``rows_product`` while ``transposed`` is set:
-    ``MedusaModel`` sets it for its tree-verification forwards only, so prefill and
-    single-token steps keep transformers' own product (plain decoding stays
-    bit-identical to transformers' generate). Twin of ``exo_medusa_mlx.model.RowsLinear``."""
-
-    transposed = False
+    """An ``nn.Linear`` computing ``rows_product``. ``MedusaModel`` runs the decoder
+    layers' linears as this class for the call of a tree-verification forward on a
+    CPU only, so prefill and single-token steps keep transformers' own product
+    (plain decoding stays bit-identical to transformers' generate)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if RowsLinear.transposed:
-            return rows_product(x, self.weight, self.bias)
-        return super().forward(x)
-
-
-def install_rows_linear(base: nn.Module) -> None:
-    """Make the decoder layers' float linears ``RowsLinear`` (same parameters, same names)."""
-    for m in base.model.layers.modules():
-        if type(m) is nn.Linear and m.weight.is_floating_point():
-            m.__class__ = RowsLinear
+        return rows_product(x, self.weight, self.bias)
 
 
 def check_supported(base: nn.Module) -> None:
@@ -90,30 +76,26 @@ def check_supported(base: nn.Module) -> None:
 
 
 @dataclass
-class MedusaModel:
-    """A transformers causal LM with Medusa heads and a tree attached.
-
-    ``heads`` may be None: plain decoding through the same code.
-    """
+class MedusaModel(MedusaBase):
+    """A transformers causal LM with Medusa heads and a tree attached (``heads`` None: plain decoding)."""
 
     base: nn.Module
     heads: MedusaHeads | None = None
-    tree: TreeBuffers = field(default_factory=lambda: build_tree([]))
+    tree: TreeBuffers = field(default=ROOT_ONLY)
     model_id: str | None = None
+
+    ops = TorchOps
 
     def __post_init__(self):
         check_supported(self.base)
         # Tied embeddings: transformers ties lm_head.weight to the embedding.
         self.lm_head = self.base.get_output_embeddings()
-        install_rows_linear(self.base)
-        self._draft = None
+        self._linears = [m for m in self.base.model.layers.modules()
+                         if type(m) is nn.Linear and m.weight.is_floating_point()]
         # transformers 5.2x renamed ``past_key_values`` to ``cache``; earlier 5.x take the old name.
         params = inspect.signature(self.base.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        if self.heads is not None and self.tree.depth > self.heads.num_heads:
-            raise ValueError(
-                f"tree is {self.tree.depth} deep but the heads give {self.heads.num_heads} guesses; use a shallower tree"
-            )
+        self._init_medusa()
 
     @property
     def num_layers(self) -> int:
@@ -126,6 +108,10 @@ class MedusaModel:
     @property
     def hidden_size(self) -> int:
         return self.base.config.hidden_size
+
+    @property
+    def max_context(self) -> int | None:
+        return getattr(self.base.config, "max_position_embeddings", None)
 
     @property
     def device(self) -> torch.device:
@@ -144,18 +130,45 @@ class MedusaModel:
             eos = self.base.config.eos_token_id
         return [] if eos is None else [int(e) for e in np.atleast_1d(eos)]
 
+    def eos_ids(self, tokenizer) -> list[int]:
+        own = getattr(tokenizer, "eos_token_id", None)
+        return sorted(set(self.eos_token_ids) | ({int(own)} if own is not None else set()))
+
+    def detokenizer(self, tokenizer):
+        from .generate import StreamingDetokenizer
+
+        return StreamingDetokenizer(tokenizer)
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
     def make_cache(self, max_kv_size: int | None = None, keep: int = DEFAULT_KEEP,
                    static_len: int | None = None) -> tuple[CacheContext, MedusaCache]:
         return make_cache(self.num_layers, max_kv_size, keep, device=self.device, dtype=self.dtype,
                           implicit_causal=self.base.config._attn_implementation == "sdpa",
                           static_len=static_len)
 
-    def hidden(self, tokens: torch.Tensor, caches: MedusaCache) -> torch.Tensor:
-        """Normed last hidden states, (1, T, H), for the forward ``caches.ctx`` began."""
+    def transposes(self, rows: int) -> bool:
+        """Whether ``rows_product`` pays for ``rows`` rows: 2-64 of them, on a CPU."""
+        return transposes(rows, self.device)
+
+    @torch.inference_mode()
+    def hidden(self, tokens, caches: MedusaCache, transposed: bool = False) -> torch.Tensor:
+        """Normed last hidden states (T, H) of ``tokens`` (T,), for the forward ``caches.ctx`` began."""
         ctx = caches.ctx
-        out = self.base.model(input_ids=tokens, attention_mask=ctx.mask, position_ids=ctx.positions,
-                              use_cache=True, **{self._cache_arg: caches})
-        return out.last_hidden_state
+        tokens = torch.as_tensor(tokens if torch.is_tensor(tokens) else np.asarray(tokens), dtype=torch.long)
+        with swapped_class(self._linears, RowsLinear if transposed else None):
+            out = self.base.model(input_ids=tokens.to(self.device).view(1, -1), attention_mask=ctx.mask,
+                                  position_ids=ctx.positions, use_cache=True, **{self._cache_arg: caches})
+        return out.last_hidden_state[0]
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -164,75 +177,26 @@ class MedusaModel:
             return rows_product(h, self.lm_head.weight, self.lm_head.bias)
         return self.lm_head(h)
 
-    @torch.inference_mode()
-    def project(self, h: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        """(1+D, ..., V): base logits then those of the first ``depth`` heads (all if
-        None), in one matmul (shared layout). Next-token heads first need the base
-        model's argmax at ``h``: two passes over lm_head."""
-        if self.heads is None:
-            return self.logits(h)[None]
-        draft = self.draft()
-        if not self.heads.config.next_token:
-            return self.heads.project(h, self.lm_head, num=depth, draft=draft)
-        logits = self.logits(h)
-        rows = self.heads.project(h, self.lm_head, base=False, num=depth, next_embeds=self._next_embeds(logits),
-                                  draft=draft)
-        return torch.cat([logits[None], rows])
-
-    def _next_embeds(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """Embeddings of the base model's argmax, for next-token heads (else None)."""
-        if not self.heads.config.next_token:
-            return None
-        return self.base.get_input_embeddings()(logits.argmax(-1))
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.get_input_embeddings()(ids)
 
     @torch.inference_mode()
-    def propose(self, h: torch.Tensor, depth: int | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """What a decoding step needs at ``h`` (..., H): the base logits (..., V) and
-        the first ``depth`` heads' top-``k`` guesses (D, ..., k), best first.
-
-        The guesses equal ``topk_ids(project(h, depth)[1:], k)`` but, with a draft
-        vocabulary, the heads' full rows are never built: the top-k is taken over
-        the draft's scores and mapped to token ids.
-        """
-        draft = self.draft()  # None without heads
-        if draft is None:
-            rows = self.project(h, depth)
-            return rows[0], topk_ids(rows[1:], k)
-        ids, w = draft
-        logits = self.logits(h)
-        states = torch.stack(self.heads.states(h, depth, self._next_embeds(logits)))  # (D, ..., H)
-        return logits, ids[topk_ids(states @ w.T, k)]
+    def draft_rows(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return idx, self.lm_head.weight[idx].contiguous()
 
     @torch.inference_mode()
-    def draft(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The heads' draft vocabulary and its lm_head rows (built on first use), or None."""
-        if self.heads is None or self.heads.draft_vocab is None:
-            return None
-        if self._draft is None:
-            ids = torch.as_tensor(self.heads.draft_vocab, dtype=torch.long, device=self.device)
-            self._draft = (ids, self.lm_head.weight[ids].contiguous())
-        return self._draft
-
-    def with_tree(self, tree) -> "MedusaModel":
-        return MedusaModel(self.base, self.heads, load_tree(tree, self.heads.num_heads if self.heads else None),
-                           self.model_id)
+    def propose(self, h, depth, k):
+        return super().propose(h, depth, k)
 
     @torch.inference_mode()
-    def forward(self, ctx: CacheContext, caches: MedusaCache, tokens, tree: TreeBuffers | None = None) -> torch.Tensor:
-        """Run ``tokens`` laid out as ``tree`` (contiguous if None) over the cache.
+    def project(self, h, depth=None):
+        return super().project(h, depth)
 
-        tokens: (T,) ids. Returns the normed hidden states, (T, H). The caller
-        commits the kept tokens with ``ctx.commit``.
-        """
-        tokens = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens,
-                                 dtype=torch.long).to(self.device)
-        if tree is None or tree.is_chain:
-            ctx.begin(n=tokens.shape[0])
-        else:
-            ctx.begin(tree.depths, tree.mask)
-        prev = RowsLinear.transposed
-        RowsLinear.transposed = tree is not None and transposes(tokens.numel(), tokens.device)
-        try:
-            return self.hidden(tokens.view(1, -1), caches)[0]
-        finally:
-            RowsLinear.transposed = prev
+    def verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
+        """On CUDA, the verify forward replays a CUDA graph (``GraphedVerifier``)."""
+        from .graphs import GraphedVerifier, use_graphs
+
+        if use_graphs(self, fast_path):
+            return GraphedVerifier(self, ctx, caches, tree, policy)
+        return super().verifier(ctx, caches, tree, policy, fast_path)

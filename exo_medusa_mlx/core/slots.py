@@ -63,14 +63,16 @@ class SlotMap:
 
     def plan_forward(self, depths: np.ndarray | None = None, tree_mask: np.ndarray | None = None,
                      n: int = 1) -> ForwardPlan:
-        """A tree (depths, tree_mask) or ``n`` contiguous tokens after the committed ones."""
+        """A tree (depths, tree_mask) or ``n`` contiguous tokens after the committed ones.
+
+        A chain tree (node i at depth i) is planned as contiguous tokens."""
         if depths is None:
             depths = np.arange(n)
         depths = np.asarray(depths, dtype=np.int64)
         T = len(depths)
         q = self.committed + depths
-        chain = tree_mask is None
         tri = np.tri(T, dtype=bool)
+        chain = tree_mask is None or (np.array_equal(depths, np.arange(T)) and np.array_equal(tree_mask, tri))
         if chain:
             tree_mask = tri
         if self.window is None:
@@ -112,3 +114,21 @@ class SlotMap:
         slot_pos[plan.dst] = plan.positions
         self.slot_pos = slot_pos
         self.committed += plan.count
+
+
+def run_committed(ctx: SlotMap, caches, n: int, run, settle=None, step: int = PREFILL_STEP) -> list:
+    """Run ``n`` contiguous tokens in chunks of ``step``, committing each chunk.
+
+    ``run(s, e)`` computes tokens ``s:e`` after ``ctx.begin`` placed them;
+    ``settle(out)`` runs after each commit (MLX evaluates there, bounding the graph).
+    Returns the chunks' outputs. The one prefill loop: decoding and the exo shards use it.
+    """
+    outs = []
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        ctx.begin(n=e - s)
+        outs.append(run(s, e))
+        ctx.commit(caches, np.arange(e - s))
+        if settle is not None:
+            settle(outs[-1])
+    return outs

@@ -74,6 +74,21 @@ class MedusaConfig:
         return d
 
 
+def module_keys(cfg: MedusaConfig) -> dict[str, str]:
+    """Reference checkpoint key -> parameter name in our heads modules (both backends name them alike)."""
+    keys = {}
+    for i in range(cfg.num_heads):
+        if cfg.next_token:
+            for part in ("weight", "bias"):
+                keys[f"{i}.next_token.{part}"] = f"heads.{i}.next_token.{part}"
+        for j in range(cfg.num_layers):
+            for part in ("weight", "bias"):
+                keys[f"{i}.{j}.linear.{part}"] = f"heads.{i}.blocks.{j}.linear.{part}"
+        if cfg.own_lm_head:
+            keys[f"{i}.{cfg.num_layers}.weight"] = f"heads.{i}.lm_head.weight"
+    return keys
+
+
 def layout_from_keys(weights: dict[str, Any], source: str) -> tuple[int, int, bool, bool]:
     """(num_heads, num_layers, own_lm_head, next_token) counted from the keys, not the config."""
     blocks: dict[int, set[int]] = {}

@@ -144,6 +144,9 @@ def build_tree(
     )
 
 
+ROOT_ONLY = build_tree([])  # plain decoding: every step verifies the root alone
+
+
 def chain(n: int) -> list[list[int]]:
     """The chain tree of ``n`` guesses: each head's top-1 after the previous."""
     return [[0] * d for d in range(1, n + 1)]
@@ -203,22 +206,9 @@ def save_tree(path: str | Path, choices: Sequence[Sequence[int]], **info) -> Non
         tmp.unlink(missing_ok=True)
 
 
-def load_tree(
-    spec: str | Sequence[Sequence[int]] | TreeBuffers,
-    num_heads: int | None = None,
-    candidates: int | None = None,
-) -> TreeBuffers:
+def load_tree(spec: str | Sequence[Sequence[int]] | TreeBuffers) -> TreeBuffers:
     """Resolve ``spec`` (preset, file, choices or buffers) and build its buffers.
 
-    ``candidates``: how many tokens each head chooses among (its vocabulary or draft).
+    Whether the heads can fill the tree is the model's check (``MedusaBase.check_tree``).
     """
-    if isinstance(spec, TreeBuffers):
-        if num_heads is not None and spec.depth > num_heads:
-            raise ValueError(f"tree is {spec.depth} deep but the model has {num_heads} Medusa heads")
-        tree = spec
-    else:
-        tree = build_tree(tree_choices(spec), num_heads=num_heads)
-    if candidates is not None and tree.topk > candidates:
-        raise ValueError(f"tree asks for the heads' rank-{tree.topk - 1} guess but they choose among "
-                         f"{candidates} tokens: use smaller ranks in the tree")
-    return tree
+    return spec if isinstance(spec, TreeBuffers) else build_tree(tree_choices(spec))

@@ -1,0 +1,39 @@
+"""The array primitives the neutral code (``core/base.py``) needs, on MLX."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+
+def topk_ids(logits: mx.array, k: int) -> mx.array:
+    """Indices of the k largest logits, best first. logits: (..., V) -> (..., k)."""
+    if k == 1:
+        return mx.argmax(logits, axis=-1, keepdims=True)
+    idx = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+    vals = mx.take_along_axis(logits, idx, axis=-1)
+    return mx.take_along_axis(idx, mx.argsort(-vals, axis=-1), axis=-1)
+
+
+def to_numpy(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)  # numpy has no bfloat16
+
+
+class MLXOps:
+    stack = staticmethod(mx.stack)
+    concat = staticmethod(mx.concatenate)
+    topk = staticmethod(topk_ids)
+
+    @staticmethod
+    def argmax(a: mx.array) -> mx.array:
+        return mx.argmax(a, axis=-1)
+
+    @staticmethod
+    def scatter_vocab(sub: mx.array, ids: mx.array, vocab_size: int) -> mx.array:
+        rows = mx.full(sub.shape[:-1] + (vocab_size,), -mx.inf, dtype=sub.dtype)
+        return mx.put_along_axis(rows, mx.broadcast_to(ids, sub.shape), sub, axis=-1)
+
+    @staticmethod
+    def numpy(*arrays) -> tuple:
+        mx.eval([a for a in arrays if a is not None])
+        return tuple(None if a is None else to_numpy(a) for a in arrays)

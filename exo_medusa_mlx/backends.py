@@ -1,0 +1,42 @@
+"""Which backend runs a model, resolved once: ``auto`` is MLX where it is installed, else torch.
+
+Every entry point that loads a model for decoding (``mlx_medusa generate``, the
+server, the tools) goes through ``resolve_backend`` and ``load``; nothing here
+imports MLX or torch until a backend is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BACKENDS = ("mlx", "torch")
+
+
+def resolve_backend(name: str = "auto") -> str:
+    """"mlx" or "torch" for ``name`` ("auto", "mlx" or "torch")."""
+    if name == "auto":
+        return "mlx" if importlib.util.find_spec("mlx") is not None else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"backend '{name}' is not one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def load(backend: str = "auto", model: str | None = None, heads: str | Path | None = None, tree=None,
+         dtype: str | None = None, device: str | None = None):
+    """(MedusaModel, tokenizer) on ``backend``; ``dtype`` by name (float32, float16, bfloat16).
+
+    ``device`` is torch's (default CUDA when available); MLX uses its default device.
+    """
+    backend = resolve_backend(backend)
+    if backend == "torch":
+        from .torch_compat.loading import load as torch_load
+
+        return torch_load(model, heads=heads, tree=tree, dtype=dtype, device=device)
+    if device is not None:
+        raise ValueError("--device is for --backend torch; MLX uses its default device")
+    import mlx.core as mx
+
+    from .loading import load as mlx_load
+
+    return mlx_load(model, heads=heads, tree=tree, dtype=getattr(mx, dtype) if dtype else None)

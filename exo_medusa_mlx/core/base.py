@@ -1,0 +1,227 @@
+"""What both backends' ``MedusaModel`` and ``MedusaHeads`` share, over a few array primitives.
+
+A backend subclasses ``MedusaBase`` and ``HeadsBase`` and gives them ``ops`` (an
+``ArrayOps``: stack, concat, argmax, top-k, scatter, to-numpy) plus the model
+primitives the base cannot know: ``hidden`` (the base model's layers over the
+cache), ``logits``, ``embed``, ``draft_rows``, ``make_cache``, ``transposes`` and,
+for heads, ``named_arrays`` / ``assign``. Everything else, proposing, the heads'
+projection and the checkpoint key mapping, is written here once.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from .heads_format import DRAFT_KEY, module_keys, write_heads
+from .step import Verifier
+from .tree import TreeBuffers, load_tree
+
+
+class ArrayOps(Protocol):
+    """The array functions the neutral code needs; each backend gives one (``array_ops.py``)."""
+
+    def stack(self, xs: list) -> Any: ...  # along a new first axis
+    def concat(self, xs: list) -> Any: ...  # along the first axis
+    def argmax(self, a) -> Any: ...  # over the last axis
+    def topk(self, a, k: int) -> Any: ...  # indices of the k largest over the last axis, best first
+    def scatter_vocab(self, sub, ids, vocab_size: int) -> Any: ...  # (..., V') -> (..., V), -inf elsewhere
+    def numpy(self, *arrays) -> tuple: ...  # evaluated together; None stays None
+
+
+@contextmanager
+def swapped_class(modules: list, cls: type | None):
+    """Run with every module in ``modules`` of class ``cls`` (None: unchanged), then restore.
+
+    How a per-call choice reaches modules inside a model we do not own (the
+    transposed product in mlx-lm's or transformers' linears) without leaving the
+    model changed between calls.
+    """
+    if cls is None or not modules:
+        yield
+        return
+    before = [type(m) for m in modules]
+    for m in modules:
+        m.__class__ = cls
+    try:
+        yield
+    finally:
+        for m, c in zip(modules, before):
+            m.__class__ = c
+
+
+class MedusaBase:
+    """A base model with Medusa heads and a tree; ``heads`` None means plain decoding.
+
+    Subclasses are dataclasses with the fields ``base``, ``heads``, ``tree``,
+    ``model_id`` and call ``_init_medusa()`` from ``__post_init__``.
+    """
+
+    ops: ClassVar[ArrayOps]
+    verify_rows_max: ClassVar[int] = 64  # beyond this many rows, both products cost about the same
+
+    def _init_medusa(self) -> None:
+        self._draft = None
+        self.check_tree(self.tree)
+
+    # ------------------------------------------------------------ trees
+
+    def check_tree(self, tree: TreeBuffers) -> TreeBuffers:
+        """``tree``, if these heads can fill it; a one-line error otherwise."""
+        if tree.size == 1:
+            return tree
+        if self.heads is None:
+            raise ValueError(f"a {tree.size}-node tree needs Medusa heads, and this model has none: "
+                             "pass --heads, or decode plainly (--no-medusa)")
+        if tree.depth > self.heads.num_heads:
+            raise ValueError(f"tree is {tree.depth} deep but the heads give {self.heads.num_heads} guesses; "
+                             "use a shallower tree")
+        if tree.topk > self.heads.config.candidates:
+            raise ValueError(f"tree asks for the heads' rank-{tree.topk - 1} guess but they choose among "
+                             f"{self.heads.config.candidates} tokens: use smaller ranks in the tree")
+        return tree
+
+    def with_tree(self, tree) -> "MedusaBase":
+        """The same model and heads with another tree (preset, file, choices or buffers)."""
+        out = replace(self, tree=load_tree(tree))
+        out._draft = self._draft
+        return out
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, ctx, caches, tokens, tree: TreeBuffers | None = None):
+        """Run ``tokens`` (T,) laid out as ``tree`` (contiguous if None) over the cache.
+
+        Returns the normed hidden states, (T, H). The caller commits the kept
+        tokens with ``ctx.commit``. A tree forward of a few tokens multiplies the
+        transposed way where that is faster (``transposes``).
+        """
+        T = len(tokens)
+        if tree is None:
+            ctx.begin(n=T)
+        else:
+            ctx.begin(tree.depths, tree.mask)
+        return self.hidden(tokens, caches, transposed=tree is not None and self.transposes(T))
+
+    def verifier(self, ctx, caches, tree: TreeBuffers, policy, fast_path: bool | None = None) -> Verifier:
+        """The step's verifier; a backend returns its fast path where it pays."""
+        return Verifier(self, ctx, caches, tree, policy)
+
+    def settle(self, caches) -> None:
+        """After a prefill chunk is committed (MLX evaluates, to bound the graph)."""
+
+    def argmax(self, a):
+        return self.ops.argmax(a)
+
+    def to_numpy(self, *arrays) -> tuple:
+        return self.ops.numpy(*arrays)
+
+    # ------------------------------------------------------------ heads
+
+    def project(self, h, depth: int | None = None):
+        """(1+D, ..., V): base logits then those of the first ``depth`` heads (all if
+        None), in one matmul (shared layout). Next-token heads first need the base
+        model's argmax at ``h``: two passes over lm_head."""
+        if self.heads is None:
+            return self.logits(h)[None]
+        draft = self.draft()
+        if not self.heads.config.next_token:
+            return self.heads.project(h, self.lm_head, num=depth, draft=draft)
+        logits = self.logits(h)
+        rows = self.heads.project(h, self.lm_head, base=False, num=depth, next_embeds=self._next_embeds(logits),
+                                  draft=draft)
+        return self.ops.concat([logits[None], rows])
+
+    def _next_embeds(self, logits):
+        """Embeddings of the base model's argmax, for next-token heads (else None)."""
+        if not self.heads.config.next_token:
+            return None
+        return self.embed(self.ops.argmax(logits))
+
+    def propose(self, h, depth: int | None, k: int):
+        """What a decoding step needs at ``h`` (..., H): the base logits (..., V) and
+        the first ``depth`` heads' top-``k`` guesses (D, ..., k), best first.
+
+        The guesses equal ``topk(project(h, depth)[1:], k)`` but, with a draft
+        vocabulary, the heads' full rows are never built: the top-k is taken over
+        the draft's scores and mapped to token ids.
+        """
+        draft = self.draft()  # None without heads
+        if draft is None:
+            rows = self.project(h, depth)
+            return rows[0], self.ops.topk(rows[1:], k)
+        ids, w = draft
+        logits = self.logits(h)
+        states = self.ops.stack(self.heads.states(h, depth, self._next_embeds(logits)))  # (D, ..., H)
+        return logits, ids[self.ops.topk(states @ w.T, k)]
+
+    def draft(self):
+        """The heads' draft vocabulary and its lm_head rows (built on first use), or None."""
+        if self.heads is None or self.heads.draft_vocab is None:
+            return None
+        if self._draft is None:
+            self._draft = self.draft_rows(self.heads.draft_vocab)
+        return self._draft
+
+
+class HeadsBase:
+    """K heads over the base model's last (normed) hidden state; head i guesses the
+    token at t+2+i (the base lm_head gives t+1). Subclasses hold ``config``,
+    ``heads`` (modules with ``blocks``, optional ``next_token`` and ``lm_head``) and
+    ``draft_vocab`` (token ids the guesses are scored over, or None)."""
+
+    ops: ClassVar[ArrayOps]
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    def states(self, h, num: int | None = None, next_embeds=None) -> list:
+        """The first ``num`` heads' hidden states at ``h`` (before any lm_head), each (..., H)."""
+        if self.config.next_token and next_embeds is None:
+            raise ValueError("these heads read the base model's next token: pass next_embeds")
+        return [head(h, next_embeds if self.config.next_token else None) for head in list(self.heads)[:num]]
+
+    def project(self, h, lm_head, base: bool = True, num: int | None = None, next_embeds=None, draft=None):
+        """Logits of the base head and every Medusa head at ``h``.
+
+        h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
+        (without ``base``: (K, ..., V), the heads' alone). ``num``: only the first
+        ``num`` heads (a tree ``num`` deep reads no others). With the shared layout,
+        all hidden states go through ``lm_head`` in one matmul. ``next_embeds``
+        (..., H): embeddings of the base model's next token at ``h``, which
+        next-token heads need. ``draft``: (ids, lm_head rows of those ids), to
+        score the guesses over the draft vocabulary alone (the other logits are
+        -inf); a second, smaller pass.
+        """
+        heads = list(self.heads)[:num]
+        hs = self.states(h, num, next_embeds)
+        if draft is not None:
+            ids, w = draft
+            rows = self.ops.scatter_vocab(self.ops.stack(hs) @ w.T, ids, self.config.vocab_size)
+        elif not self.config.own_lm_head:
+            return lm_head(self.ops.stack([h] + hs if base else hs))
+        else:
+            rows = self.ops.stack([head.lm_head(x) for head, x in zip(heads, hs)])
+        return self.ops.concat([lm_head(h)[None], rows]) if base else rows
+
+    # ------------------------------------------------------------ checkpoints
+
+    def reference_weights(self) -> dict[str, np.ndarray]:
+        """Weights under the reference key layout (float32 numpy)."""
+        arrays = self.named_arrays()
+        out = {ref: arrays[name] for ref, name in module_keys(self.config).items()}
+        if self.draft_vocab is not None:
+            out[DRAFT_KEY] = self.draft_vocab
+        return out
+
+    def load_reference_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self.assign({name: weights[ref] for ref, name in module_keys(self.config).items()})
+        self.draft_vocab = np.asarray(weights[DRAFT_KEY]) if DRAFT_KEY in weights else None
+
+    def save(self, folder: str | Path) -> Path:
+        return write_heads(folder, self.reference_weights(), self.config)

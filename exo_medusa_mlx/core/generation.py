@@ -1,0 +1,157 @@
+"""``stream_generate`` / ``generate`` in mlx-lm's shape, for either backend's model (no mlx, no torch).
+
+``generate_step`` (``core/step.py``) yields ``Step``s, the tokens each verification
+step emits; ``stream_steps`` turns them into one ``GenerationResponse`` per token,
+stopping at EOS or ``max_tokens`` inside a step. The model supplies what differs
+by backend: ``eos_ids``, ``detokenizer``, ``max_context`` and its memory counters.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .accept import make_policy
+from .slots import DEFAULT_KEEP
+from .step import ROOT_ONLY, Step, generate_step
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text piece
+    token: int
+    accepted: int  # tokens emitted by this token's verification step
+    finish_reason: str | None  # "stop" (EOS), "length", or None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    steps: int  # verification steps so far
+    mean_accepted: float  # tokens per verification step so far
+
+
+def encode_prompt(tokenizer, prompt) -> np.ndarray:
+    """A string (tokenised as mlx-lm does) or token ids, checked."""
+    if isinstance(prompt, str):
+        bos = getattr(tokenizer, "bos_token", None)
+        ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    else:
+        ids = prompt
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        raise ValueError("prompt is empty: give at least one token")
+    return ids
+
+
+def check_request(ids: np.ndarray, context: int | None, max_tokens: int) -> None:
+    if context and len(ids) >= context:
+        raise ValueError(f"prompt has {len(ids)} tokens, the model's context is {context}: shorten the prompt")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens {max_tokens} must be at least 1")
+
+
+def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok, max_tokens: int,
+                 peak_memory: Callable[[], float], tic: float) -> Iterator[GenerationResponse]:
+    """One response per token from a step generator; ``tic`` is when the prefill began."""
+    detok.reset()
+    n, n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0, 0.0, tic
+    for step in steps:
+        if step.tree_size == 0:
+            prompt_tps = prompt_tokens / max(time.perf_counter() - tic, 1e-9)
+            gen_start = time.perf_counter()
+        else:
+            n_steps += 1
+            n_verified += len(step.tokens)
+        for tok in step.tokens:
+            finish = None
+            if tok in eos:
+                finish = "stop"
+            else:
+                detok.add_token(tok)
+                n += 1
+                if n == max_tokens:
+                    finish = "length"
+            if finish:
+                detok.finalize()
+            elapsed = max(time.perf_counter() - gen_start, 1e-9)
+            yield GenerationResponse(
+                text=detok.last_segment, token=tok, accepted=len(step.tokens), finish_reason=finish,
+                prompt_tokens=prompt_tokens, prompt_tps=prompt_tps, generation_tokens=n,
+                # The first token comes from the prefill, as in mlx-lm's count.
+                generation_tps=(n - 1) / elapsed if n > 1 else 0.0,
+                peak_memory=peak_memory(), steps=n_steps,
+                mean_accepted=n_verified / n_steps if n_steps else 0.0,
+            )
+            if finish:
+                return
+
+
+def collect(responses: Iterable[GenerationResponse], verbose: bool = False) -> str:
+    """``generate``'s body: the whole text, optionally streamed with a stats line."""
+    text, last = "", None
+    for last in responses:
+        if verbose:
+            print(last.text, end="", flush=True)
+        text += last.text
+    if verbose and last is not None:
+        print()
+        print_stats(last)
+    return text
+
+
+def print_stats(r: GenerationResponse, file=sys.stdout) -> None:
+    print("=" * 10, file=file)
+    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
+    print(f"Medusa: {r.mean_accepted:.2f} tokens per step over {r.steps} steps", file=file)
+    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
+
+
+def apply_template(tokenizer, prompt: str, system: str | None, use_template: bool):
+    """The user message in the chat template (ids), or the raw prompt string."""
+    if not use_template or getattr(tokenizer, "chat_template", None) is None:
+        return prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stream_generate(model, tokenizer, prompt, max_tokens: int = DEFAULT_MAX_TOKENS, temp: float = 0.0,
+                    top_p: float = 1.0, seed: int | None = None, medusa: bool = True,
+                    max_kv_size: int | None = None, keep: int = DEFAULT_KEEP, acceptance: str = "auto",
+                    tree=None) -> Iterator[GenerationResponse]:
+    """Yield one response per generated token; stops at EOS or ``max_tokens``.
+
+    Args:
+        model, tokenizer: from either backend's ``load``.
+        prompt: a string or token ids.
+        medusa: False decodes plainly through the same code (the baseline).
+        max_kv_size: committed-token window (sink ``keep`` tokens plus the most recent);
+            None keeps every token.
+        acceptance: "auto" (greedy at temp 0, exact sampling above), "greedy",
+            "exact" or "typical" (the reference's heuristic).
+        tree: override the model's tree for this call.
+    """
+    ids = encode_prompt(tokenizer, prompt)
+    check_request(ids, model.max_context, max_tokens)
+    policy = make_policy(temp, top_p, acceptance, seed)
+    if tree is not None:
+        model = model.with_tree(tree)
+    model.reset_peak_memory()
+    tic = time.perf_counter()
+    steps = generate_step(ids, model, policy, max_kv_size=max_kv_size, keep=keep,
+                          tree=None if medusa else ROOT_ONLY)
+    yield from stream_steps(steps, len(ids), set(model.eos_ids(tokenizer)), model.detokenizer(tokenizer),
+                            max_tokens, model.peak_memory_gb, tic)
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """Generate a complete response; ``kwargs`` as ``stream_generate``."""
+    return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)

@@ -1,0 +1,41 @@
+"""The array primitives the neutral code (``core/base.py``) needs, on torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest logits, best first. logits: (..., V) -> (..., k)."""
+    return torch.topk(logits, k, dim=-1, sorted=True).indices
+
+
+def to_numpy(a: torch.Tensor) -> np.ndarray:
+    a = a.detach()
+    return (a.float() if a.dtype in (torch.bfloat16, torch.float16) else a).cpu().numpy()
+
+
+class TorchOps:
+    topk = staticmethod(topk_ids)
+
+    @staticmethod
+    def stack(xs: list) -> torch.Tensor:
+        return torch.stack(xs)
+
+    @staticmethod
+    def concat(xs: list) -> torch.Tensor:
+        return torch.cat(xs)
+
+    @staticmethod
+    def argmax(a: torch.Tensor) -> torch.Tensor:
+        return a.argmax(dim=-1)
+
+    @staticmethod
+    def scatter_vocab(sub: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        rows = sub.new_full(sub.shape[:-1] + (vocab_size,), float("-inf"))
+        return rows.index_copy(-1, ids, sub)
+
+    @staticmethod
+    def numpy(*arrays) -> tuple:
+        return tuple(None if a is None else to_numpy(a) for a in arrays)

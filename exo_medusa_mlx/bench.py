@@ -132,21 +132,17 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
     acceptance for Medusa): speeds and accepted lengths, not token equality, then count."""
     from tqdm import tqdm
 
-    from .generate import apply_template, stream_generate
+    from .core.generation import apply_template, stream_generate
     from .loading import load
 
     med, tokenizer = load(model, heads=heads, tree=tree)
     if med.heads is None:
         raise ValueError("bench needs Medusa heads: pass --heads (the default model's shipped heads are used when present)")
-    from mlx_lm import load as mlx_lm_load
-
     from .default_model import resolve_model_path
 
     path = resolve_model_path(model)
-    pristine, _ = mlx_lm_load(str(path))  # mlx-lm's model untouched by our RoPE wrapper
-    pristine.set_dtype(med.base.model.embed_tokens.weight.dtype)
-    runners = {
-        "a": lambda ids: _mlx_lm(pristine, tokenizer, ids, max_tokens, temp),
+    runners = {  # (a) runs mlx-lm on the same model object: our wrapper leaves it as loaded between calls
+        "a": lambda ids: _mlx_lm(med.base, tokenizer, ids, max_tokens, temp),
         "b": lambda ids: _ours(med, tokenizer, ids, max_tokens, False, stream_generate, temp),
         "c": lambda ids: _ours(med, tokenizer, ids, max_tokens, True, stream_generate, temp),
     }

@@ -128,16 +128,8 @@ class MedusaModel(MedusaBase):
         return len(self.base.model.layers)
 
     @property
-    def vocab_size(self) -> int:
-        return self.base.args.vocab_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.base.args.hidden_size
-
-    @property
-    def max_context(self) -> int | None:
-        return getattr(self.base.args, "max_position_embeddings", None)
+    def config(self):
+        return self.base.args
 
     @property
     def device(self) -> mx.Device:

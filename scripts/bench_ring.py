@@ -15,7 +15,7 @@ import sys
 import time
 
 import exo_medusa_mlx  # noqa: F401  (before mlx: the BLAS)
-from exo_medusa_mlx.generate import apply_template
+from exo_medusa_mlx.core.generation import apply_template
 from exo_medusa_mlx.ring.launcher import LocalRing, load_tokenizer
 
 PROMPT = "Explain in a few sentences why the sky is blue."

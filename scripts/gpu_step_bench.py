@@ -21,7 +21,8 @@ from exo_medusa_mlx.core.step import generate_step, prefill
 from exo_medusa_mlx.torch_compat.graphs import GraphedVerifier
 from exo_medusa_mlx.torch_compat.heads import MedusaHeads
 from exo_medusa_mlx.torch_compat.model import MedusaModel
-from exo_medusa_mlx.core.tree import build_tree, chain, load_tree
+from exo_medusa_mlx.core.accept import make_policy
+from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, chain, load_tree
 
 SHAPES = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -68,35 +69,34 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.cache_len)
     out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "shape": args.shape, "cache_len": args.cache_len,
            "torch": torch.__version__, "verify_ms": {}}
+    heads = MedusaHeads(MedusaConfig(num_heads=4, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)).to(
+        dev, torch.bfloat16)
     with torch.inference_mode():
         for n, spec in TREES.items():
             tree = load_tree(spec) if isinstance(spec, str) else build_tree(spec)
-            model = MedusaModel(base, None, tree)
+            model = MedusaModel(base)  # the forward of the tree's tokens (chains beyond the heads' depth too)
             row = {}
             for mode in modes:
                 ctx, caches = model.make_cache()
                 prefill(model, ctx, caches, prompt)
-                toks = torch.randint(0, cfg.vocab_size, (tree.size,), device=dev)
+                toks = np.random.default_rng(n).integers(0, cfg.vocab_size, tree.size)
                 if mode == "eager":
                     def fn():
                         h = model.forward(ctx, caches, toks, tree)
                         return model.logits(h)
                 else:
-                    ctx.static_len = -(-(ctx.used + tree.size + 256) // 256) * 256
-                    verify = GraphedVerifier(model, ctx, caches, tree)
+                    verify = GraphedVerifier(model, ctx, caches, tree, make_policy())
 
                     def fn():
-                        return verify(toks)
+                        return verify.verify(toks)
                 row[mode] = round(timed(fn, args.iters), 3)
             out["verify_ms"][tree.size] = row
             print(f"N={tree.size:4d}  " + "   ".join(f"{m} {v:7.2f} ms" for m, v in row.items()), flush=True)
         # Whole loops through generate_step: plain decoding, then Medusa with random heads on mc_sim_7b_63.
-        heads = MedusaHeads(MedusaConfig(num_heads=4, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)).to(
-            dev, torch.bfloat16)
         for name, model, medusa in (("plain", MedusaModel(base, None, build_tree([])), False),
                                     ("medusa-64", MedusaModel(base, heads, load_tree("mc_sim_7b_63")), True)):
             for graphs in (False, True) if dev == "cuda" else (False,):
-                steps = generate_step(prompt, model, medusa=medusa, graphs=graphs)
+                steps = generate_step(prompt, model, tree=None if medusa else ROOT_ONLY, fast_path=graphs)
                 next(steps)
                 for _ in range(3):
                     next(steps)

@@ -54,5 +54,35 @@ class OracleHeads:
         """rows: (1+K, V) at the last committed position (``one``), or (1+K, T, V) at each node in flight."""
         if one:  # after a commit: the bonus/root sits at ``committed``
             return rig(rows[:, None], [self.ctx.committed], self.future, self.ranks, self.rng)[:, 0]
-        # before the commit: the token after node n sits at its position + 1
-        return rig(rows, self.positions + 1, self.future, self.ranks, self.rng)
+        # the token after row n sits at its position + 1 (the rows are the last ones in flight, or
+        # after a prefill the prompt's last position)
+        return rig(rows, self.positions[-rows.shape[1]:] + 1, self.future, self.ranks, self.rng)
+
+
+class OracleEngine:
+    """Mixin for either backend's exo engine: the last shard's heads know the greedy continuation
+    ``future``, so ring passes accept deep into the tree and commits gather non-contiguous nodes.
+    A subclass gives ``back(rows, like)``: numpy rows to the backend's array."""
+
+    def __init__(self, downloader, future, ranks, **kw):
+        super().__init__(downloader, **kw)
+        self.future, self.ranks, self.passes = future, ranks, 0
+        self.rng = np.random.default_rng(0)
+
+    def _load_backend(self, *args):
+        loaded = super()._load_backend(*args)
+        model, real = loaded.model, loaded.model.project
+
+        def project(h, depth=None):  # rows: (1+D, T, V) at the rows the last shard reads
+            rows = real(h, depth)
+            nexts = self.row_positions[-rows.shape[1]:] + 1
+            return self.back(rig(model.to_numpy(rows)[0], nexts, self.future, self.ranks, self.rng), rows)
+
+        model.project = project
+        return loaded
+
+    def _step(self, sess, h, req, tokens, committed, state):
+        # The tree's nodes, or a plain run's last position (committed already).
+        self.row_positions = committed + req.depths if req.is_tree else np.array([committed + h.shape[0] - 1])
+        self.passes += 1
+        return super()._step(sess, h, req, tokens, committed, state)

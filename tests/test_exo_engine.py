@@ -14,13 +14,12 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from exo_medusa_mlx.core.accept import make_policy
-from exo_medusa_mlx.array_ops import topk_ids
 from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step
 from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard, run_ring, run_ring_async
 from exo_medusa_mlx.exo import state as st
 from exo_medusa_mlx.model import MedusaModel
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
-from oracle import rig
+import oracle
 from tiny import CONFIGS, VOCAB, OracleMedusa, random_heads
 
 PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
@@ -68,23 +67,12 @@ def ring(downloader, model_id, n_shards, engine_cls=MedusaMLXInferenceEngine, **
     return [(engine_cls(downloader, **kw), Shard(model_id, a, b, N_LAYERS)) for a, b in SPLITS[n_shards]]
 
 
-class OracleEngine(MedusaMLXInferenceEngine):
-    """The last shard with tiny.OracleMedusa's heads: they know the greedy continuation, so
-    passes accept deep into the tree and commits gather non-contiguous nodes."""
+class OracleEngine(oracle.OracleEngine, MedusaMLXInferenceEngine):
+    """The last shard with heads that know the greedy continuation (``oracle.OracleEngine``)."""
 
-    def __init__(self, downloader, future, ranks, **kw):
-        super().__init__(downloader, **kw)
-        self.future, self.ranks, self.passes = future, ranks, 0
-        self.rng = np.random.default_rng(0)
-
-    def _propose(self, h, positions):
-        tree = self._loaded.tree
-        rows = np.array(self._loaded.model.project(h, tree.depth))  # (1+D, [T,] V)
-        self.passes += 1
-        one = h.ndim == 1
-        got = rig(rows[:, None] if one else rows, [positions] if one else positions, self.future, self.ranks, self.rng)
-        got = mx.array(got[:, 0] if one else got)
-        return got[0], topk_ids(got[1:], tree.topk)
+    @staticmethod
+    def back(rows, like):
+        return mx.array(rows)
 
 
 _BUILT: dict[str, SimpleNamespace] = {}

@@ -15,6 +15,7 @@ import pytest
 import exo_medusa_mlx.exo as exo_pkg
 from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard
 from exo_medusa_mlx.exo import state as st
+from exo_medusa_mlx.exo import wire
 from exo_medusa_mlx.exo.node_hook import process_result
 from exo_medusa_mlx.exo.registry import register_with_exo
 from exo_medusa_mlx.exo.ring import check_ring
@@ -67,7 +68,7 @@ def last_shard_output() -> dict:
 
 def test_state_round_trips_through_the_wire():
     out = last_shard_output()
-    back = st.decode_state(st.encode_state(out))
+    back = wire.decode_state(wire.encode_state(out))
     assert set(back) == set(out)
     for k, v in out.items():
         if isinstance(v, np.ndarray):
@@ -81,18 +82,18 @@ def test_state_round_trips_through_the_wire():
     req = st.parse_request(nxt, TREE.size)
     assert req.is_tree and req.positions[0] == 20 and req.settings == st.Settings(0.7, 0.9, "exact", 3, True)
     t = np.random.default_rng(0).normal(size=(1, 3, 8)).astype(np.float16)
-    assert np.array_equal(st.decode_tensor(st.encode_tensor(t)), t)
+    assert np.array_equal(wire.decode_tensor(wire.encode_tensor(t)), t)
 
 
 def test_malformed_state_fails_in_one_line():
-    good = st.encode_state({st.DEPTHS: TREE.depths, st.TREE_MASK: TREE.mask})
+    good = wire.encode_state({st.DEPTHS: TREE.depths, st.TREE_MASK: TREE.mask})
     tensor = good["tensor_data"][st.DEPTHS]
     cases = [
         ({**good, "other_data_json": "{not json"}, "not valid JSON"),
         ({**good, "other_data_json": "[1, 2]"}, "must hold an object"),
         ({**good, "tensor_data": {st.DEPTHS: {**tensor, "dtype": "bfloat16"}}}, "dtype 'bfloat16'"),
         ({**good, "tensor_data": {st.DEPTHS: {**tensor, "shape": [3]}}}, "needs 24 bytes"),
-        ({**good, "tensor_data": {**good["tensor_data"], st.DEPTHS: st.encode_tensor(TREE.depths * 1.5)}},
+        ({**good, "tensor_data": {**good["tensor_data"], st.DEPTHS: wire.encode_tensor(TREE.depths * 1.5)}},
          r"\['medusa_depths'\]: expected non-empty int array"),
         ({**good, "tensor_data": {st.DEPTHS: tensor}}, "come together"),
         ({**good, "other_data_json": json.dumps({st.DEPTHS: 1})}, "both a tensor and a JSON value"),
@@ -100,18 +101,18 @@ def test_malformed_state_fails_in_one_line():
         ({**good, "other_data_json": json.dumps({st.SEED: "7"})}, "expected int"),
         ("nope", "must be a dict"),
     ]
-    for wire, msg in cases:
+    for encoded, msg in cases:
         with pytest.raises(ValueError, match=msg) as e:
-            st.decode_state(wire)
+            wire.decode_state(encoded)
         assert "\n" not in str(e.value)
     bad_tree = TREE.mask.copy()
     bad_tree[3, 1] = True  # node 3 sees a second ancestor: depths disagree
     with pytest.raises(ValueError, match="not a tree"):
         st.parse_request({st.DEPTHS: TREE.depths, st.TREE_MASK: bad_tree})
     with pytest.raises(ValueError, match="cannot travel"):
-        st.encode_state({"x": [1, 2]})
+        wire.encode_state({"x": [1, 2]})
     with pytest.raises(ValueError, match="dtype object cannot travel"):
-        st.encode_state({"x": np.array([None])})
+        wire.encode_state({"x": np.array([None])})
     with pytest.raises(ValueError, match="not a Medusa last shard's output"):
         st.next_request({st.EMITTED: np.array([1])})
 

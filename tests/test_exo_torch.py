@@ -17,10 +17,9 @@ from exo_medusa_mlx.exo import state as st  # noqa: E402
 from exo_medusa_mlx.exo.torch_engine import MedusaTorchInferenceEngine  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.core.step import generate_step as torch_generate_step  # noqa: E402
-from exo_medusa_mlx.torch_compat.array_ops import topk_ids  # noqa: E402
 from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices  # noqa: E402
 from test_exo_engine import N, N_LAYERS, PROMPT, OracleEngine, built, exo_engine_test, reference  # noqa: E402
-from oracle import rig  # noqa: E402
+import oracle  # noqa: E402
 from tiny import CONFIGS  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models; shared cores (see test_torch_tiny)
@@ -55,24 +54,12 @@ def llama(tmp_path_factory):
     return built("llama", tmp_path_factory)
 
 
-class TorchOracleEngine(MedusaTorchInferenceEngine):
-    """A torch last shard whose heads know the greedy continuation (as tiny.OracleMedusa): the
-    true token at a rank drawn from ``ranks``, so commits keep deep, non-contiguous nodes."""
+class TorchOracleEngine(oracle.OracleEngine, MedusaTorchInferenceEngine):
+    """The last shard with heads that know the greedy continuation (``oracle.OracleEngine``)."""
 
-    def __init__(self, downloader, future, ranks, **kw):
-        super().__init__(downloader, **kw)
-        self.future, self.ranks, self.passes = future, ranks, 0
-        self.rng = np.random.default_rng(0)
-
-    def _propose(self, h, positions):
-        tree = self._loaded.tree
-        rows = self._loaded.model.project(h, tree.depth)  # (1+D, [T,] V)
-        self.passes += 1
-        one = h.dim() == 1
-        got = rig(rows.float().cpu().numpy()[:, None] if one else rows.float().cpu().numpy(),
-                  [positions] if one else positions, self.future, self.ranks, self.rng)
-        got = torch.from_numpy(got[:, 0] if one else got).to(rows)
-        return got[0], topk_ids(got[1:], tree.topk)
+    @staticmethod
+    def back(rows, like):
+        return torch.from_numpy(rows).to(like)
 
 
 # --------------------------------------------------------------------------- exactness
@@ -149,11 +136,11 @@ def test_a_shard_holds_only_its_layers(family):
     base = engine._loaded.model.base
     held = lambda m: not any(p.is_meta for p in m.parameters())  # noqa: E731
     assert [held(layer) for layer in base.model.layers] == [False, False, True, True]
-    assert held(base.model.norm) and held(base.lm_head) and engine._loaded.has_heads
+    assert held(base.model.norm) and held(base.lm_head) and engine.model.heads is not None
     first, shard0 = mixed_ring(family, ("torch", "mlx"))[0]
     asyncio.run(first.ensure_shard(shard0))
     base0 = first._loaded.model.base
-    assert held(base0.model.embed_tokens) and not held(base0.model.norm) and not first._loaded.has_heads
+    assert held(base0.model.embed_tokens) and not held(base0.model.norm) and first.model.heads is None
     if not CONFIGS[family.name]["tie_word_embeddings"]:
         assert not held(base0.lm_head)
 

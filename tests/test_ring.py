@@ -20,7 +20,7 @@ import grpc  # noqa: E402
 from exo_medusa_mlx.exo import state as st  # noqa: E402
 from exo_medusa_mlx.ring import node_service_pb2 as pb  # noqa: E402
 from exo_medusa_mlx.ring import node_service_pb2_grpc as pb_grpc  # noqa: E402
-from exo_medusa_mlx.ring import wire  # noqa: E402
+from exo_medusa_mlx.ring import proto  # noqa: E402
 from exo_medusa_mlx.ring.client import RingError  # noqa: E402
 from exo_medusa_mlx.ring.launcher import LocalRing  # noqa: E402
 
@@ -41,7 +41,7 @@ def heads():
 def reference(heads) -> dict:
     """Single-process MLX tokens: the text prompt (raw) and the chat-templated one, N each."""
     from exo_medusa_mlx.core.step import generate_step
-    from exo_medusa_mlx.generate import apply_template, encode_prompt
+    from exo_medusa_mlx.core.generation import apply_template, encode_prompt
     from exo_medusa_mlx.heads import load_heads
     from exo_medusa_mlx.loading import load
     from exo_medusa_mlx.model import MedusaModel
@@ -124,15 +124,15 @@ def test_three_processes_equal_a_single_process_medusa_off(ring, ref):
 
 def test_malformed_messages_are_refused_and_the_node_keeps_serving(ring, ref):
     first, middle, last = ring.nodes
-    route = [pb.Peer(address=last.address, shard=wire.shard_to_proto(last.shard))]
+    route = [pb.Peer(address=last.address, shard=proto.shard_to_proto(last.shard))]
     good = np.zeros((1, 3, 576), np.float32)
 
     def send(tensor=None, state=None, shard=middle.shard, to=middle, route=route, channel_opts=None, **tensor_kw):
-        t = tensor if tensor is not None else wire.tensor_to_proto(good)
+        t = tensor if tensor is not None else proto.tensor_to_proto(good)
         for k, v in tensor_kw.items():
             setattr(t, k, v)
-        request = pb.TensorRequest(shard=wire.shard_to_proto(shard), tensor=t, request_id="bad", route=route,
-                                   inference_state=state if state is not None else wire.state_to_proto({}))
+        request = pb.TensorRequest(shard=proto.shard_to_proto(shard), tensor=t, request_id="bad", route=route,
+                                   inference_state=state if state is not None else proto.state_to_proto({}))
         with pytest.raises(grpc.RpcError) as info:
             stub(to.address, **(channel_opts or {})).SendTensor(request, timeout=30)
         return info.value.code(), info.value.details()
@@ -142,8 +142,8 @@ def test_malformed_messages_are_refused_and_the_node_keeps_serving(ring, ref):
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
         assert fragment in details and (kw.get("to") or middle).address in details, details
 
-    expect_invalid("hidden states of shape (1, T, 576)", tensor=wire.tensor_to_proto(np.zeros((1, 3, 577), np.float32)))
-    expect_invalid("hidden states of shape (1, T, 576)", tensor=wire.tensor_to_proto(np.zeros((1, 3, 576))))  # float64
+    expect_invalid("hidden states of shape (1, T, 576)", tensor=proto.tensor_to_proto(np.zeros((1, 3, 577), np.float32)))
+    expect_invalid("hidden states of shape (1, T, 576)", tensor=proto.tensor_to_proto(np.zeros((1, 3, 576))))  # float64
     expect_invalid("tensor dtype 'float128' is not one of", dtype="float128")
     expect_invalid("tensor dtype 'bfloat16' is not one of", dtype="bfloat16")
     expect_invalid("needs 6912 bytes, got 6908", tensor_data=good.tobytes()[:-4])
@@ -151,13 +151,13 @@ def test_malformed_messages_are_refused_and_the_node_keeps_serving(ring, ref):
     expect_invalid("not valid JSON", state=pb.InferenceState(other_data_json="{not json"))
     expect_invalid("must hold an object", state=pb.InferenceState(other_data_json="[1, 2]"))
     expect_invalid("tensor_list_data", state=pb.InferenceState(
-        tensor_list_data={"x": pb.TensorList(tensors=[wire.tensor_to_proto(good)])}))
+        tensor_list_data={"x": pb.TensorList(tensors=[proto.tensor_to_proto(good)])}))
     expect_invalid("expected non-empty int array", state=pb.InferenceState(
-        tensor_data={st.DEPTHS: wire.tensor_to_proto(np.zeros(3, np.float32))}))
+        tensor_data={st.DEPTHS: proto.tensor_to_proto(np.zeros(3, np.float32))}))
     expect_invalid("holds", shard=first.shard)  # not this node's layers
     expect_invalid("route ends at layer 19", route=[])
     expect_invalid("token ids of shape (1, T)", to=first, shard=first.shard, route=[
-        pb.Peer(address=n.address, shard=wire.shard_to_proto(n.shard)) for n in (middle, last)])
+        pb.Peer(address=n.address, shard=proto.shard_to_proto(n.shard)) for n in (middle, last)])
     # Over the 256 MiB limit: refused by gRPC itself (a client with no send limit).
     code, _ = send(tensor=pb.Tensor(tensor_data=b"\0" * (257 << 20), shape=[1, 1, 1], dtype="uint8"))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -22,7 +22,7 @@ pytest.importorskip("torch")
 from exo_medusa_mlx.exo import Shard  # noqa: E402
 from exo_medusa_mlx.exo import state as st  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel  # noqa: E402
-from exo_medusa_mlx.ring import node, wire  # noqa: E402
+from exo_medusa_mlx.ring import node, proto  # noqa: E402
 from exo_medusa_mlx.ring.client import NodeInfo, RingClient  # noqa: E402
 from exo_medusa_mlx.ring.launcher import partition_layers  # noqa: E402
 from exo_medusa_mlx.core.tree import build_tree, tree_choices  # noqa: E402
@@ -162,17 +162,17 @@ def test_partition_layers():
 def test_wire_round_trip_and_refusals():
     state = {**st.initial_state(0.5, 0.9, "typical", 3, True), st.COMMIT: np.array([0, 2]),
              st.POSITIONS: np.arange(5, 8), "exo_key": "kept"}
-    back = wire.state_from_proto(wire.state_to_proto(state))
+    back = proto.state_from_proto(proto.state_to_proto(state))
     assert back.keys() == state.keys()
     assert all(np.array_equal(back[k], v) if isinstance(v, np.ndarray) else back[k] == v for k, v in state.items())
     x = np.random.default_rng(0).normal(size=(1, 3, 8)).astype(np.float32)
-    assert np.array_equal(wire.tensor_from_proto(wire.tensor_to_proto(x)), x)
+    assert np.array_equal(proto.tensor_from_proto(proto.tensor_to_proto(x)), x)
     s = Shard("m", 2, 5, 8)
-    assert wire.shard_from_proto(wire.shard_to_proto(s)) == s
+    assert proto.shard_from_proto(proto.shard_to_proto(s)) == s
     with pytest.raises(ValueError, match="outside its 8 layers"):
-        wire.shard_from_proto(wire.pb.Shard(model_id="m", start_layer=5, end_layer=8, n_layers=8))
+        proto.shard_from_proto(proto.pb.Shard(model_id="m", start_layer=5, end_layer=8, n_layers=8))
     with pytest.raises(ValueError, match="cannot travel"):
-        wire.state_to_proto({"obj": object()})
+        proto.state_to_proto({"obj": object()})
 
 
 def test_defaults_bind_loopback_and_clients_check_the_ring():

@@ -8,8 +8,9 @@ import pytest
 
 from exo_medusa_mlx.distill import DATA_DIR, read_prompts
 from exo_medusa_mlx.core.tree import build_tree
-from exo_medusa_mlx.tune import (conditional_accuracy, empirical_accept_length, grow_tree, latency_table,
-                                 measure_latency, topk_accuracy)
+from exo_medusa_mlx.core.growth import (conditional_accuracy, empirical_accept_length, grow_tree, latency_table,
+                                        topk_accuracy)
+from exo_medusa_mlx.tune import measure_latency
 
 # Head accuracies shaped like trained heads': each rank and each depth less likely.
 ACC = np.array([
@@ -107,7 +108,7 @@ def test_prompt_sets_are_disjoint():
 
 
 def test_shipped_heads_lossless_on_default_model():
-    from exo_medusa_mlx.loading import SHIPPED_HEADS
+    from exo_medusa_mlx.core.heads_format import SHIPPED_HEADS
 
     assert (SHIPPED_HEADS / "medusa_lm_head.safetensors").is_file(), f"shipped heads missing in {SHIPPED_HEADS}"
     from exo_medusa_mlx.generate import stream_generate
@@ -123,11 +124,11 @@ def test_shipped_heads_lossless_on_default_model():
     runs = list(stream_generate(model, tok, ids, max_tokens=30))
     assert [r.token for r in runs] == plain
     assert runs[-1].mean_accepted > 1.1  # the heads are used and sometimes right
-    # Pipelined greedy decoding (the GPU default), here on the CPU: the same tokens.
+    # Lookahead greedy decoding (the GPU default), here on the CPU: the same tokens.
     from exo_medusa_mlx.core.step import generate_step
 
     out = []
-    for step in generate_step(ids, model, pipelined=True):
+    for step in generate_step(ids, model, fast_path=True):
         out += step.tokens
         if len(out) >= 30:
             break
@@ -147,7 +148,7 @@ def test_default_tree_per_backend(tmp_path):
 
 
 def test_gather_fraction_counts_commits_out_of_place():
-    from exo_medusa_mlx.tune import gather_fraction
+    from exo_medusa_mlx.core.growth import gather_fraction
 
     # nodes: root 0, [0] 1, [1] 2, [0, 0] 3
     ranks = np.array([[0, 0], [0, 5], [1, 0], [3, 0], [-1, -1]])

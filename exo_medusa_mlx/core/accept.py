@@ -160,11 +160,11 @@ Acceptor = Callable[[TreeBuffers, np.ndarray, np.ndarray], Acceptance]
 
 @dataclass
 class Policy:
-    """How a run picks tokens: the acceptor, what it needs, and the first token's rule."""
+    """How a run picks tokens: the acceptor, and what it needs. The first token after
+    the prompt is the acceptance of the root-only tree at the prompt's last position."""
 
     accept: Acceptor
     needs_logits: bool  # False: the acceptor takes argmax ids (T,), True: logits (T, V)
-    first: Callable[[np.ndarray], int]  # logits (V,) after the prompt -> token
 
 
 def make_policy(temp: float = 0.0, top_p: float = 1.0, acceptance: str = "auto",
@@ -182,14 +182,8 @@ def make_policy(temp: float = 0.0, top_p: float = 1.0, acceptance: str = "auto",
     if seed is not None and seed < 0:
         raise ValueError(f"seed {seed} must be a non-negative integer")
     if acceptance == "greedy" or (acceptance == "auto" and temp == 0):
-        return Policy(greedy_accept, False, lambda row: int(np.argmax(row)))
+        return Policy(greedy_accept, False)
     if temp == 0:
         raise ValueError(f"acceptance '{acceptance}' samples: give --temp > 0, or use greedy")
-    rng = np.random.default_rng(seed)
-
-    def first(row: np.ndarray) -> int:
-        p = target_probs(row, temp, top_p)
-        return int(rng.choice(p.shape[-1], p=p))
-
     make = make_typical_acceptor if acceptance == "typical" else make_exact_acceptor
-    return Policy(make(temp, top_p, rng), True, first)
+    return Policy(make(temp, top_p, np.random.default_rng(seed)), True)

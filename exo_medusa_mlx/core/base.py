@@ -68,6 +68,18 @@ class MedusaBase:
         self._draft = None
         self.check_tree(self.tree)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size  # ``config``: the base model's (mlx-lm's args, transformers' config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def max_context(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
     # ------------------------------------------------------------ trees
 
     def check_tree(self, tree: TreeBuffers) -> TreeBuffers:

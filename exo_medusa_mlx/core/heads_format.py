@@ -29,7 +29,7 @@ HEADS_PT_FILE = "medusa_lm_head.pt"
 CONFIG_FILE = "config.json"
 
 # Heads trained for the default model, used when no --heads is given for it.
-SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped" / "smollm2-135m-instruct"
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "shipped" / "smollm2-135m-instruct"
 
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 _NEXT_KEY = re.compile(r"^(\d+)\.next_token\.(weight|bias)$")
@@ -239,11 +239,21 @@ def write_heads(folder: str | Path, weights: dict[str, np.ndarray], cfg: MedusaC
     return folder
 
 
-def default_heads_for(model: str | None) -> Path | None:
-    """Heads shipped in the package for the default model (``model is None``), if any."""
-    if model is None and (SHIPPED_HEADS / HEADS_FILE).is_file():
-        return SHIPPED_HEADS
+def find_heads(folder: Path) -> Path | None:
+    """Medusa heads that come with a model folder: ``folder/medusa/`` or heads files in ``folder``."""
+    for cand in (folder / "medusa", folder):
+        if (cand / HEADS_FILE).is_file() or (cand / HEADS_PT_FILE).is_file():
+            return cand
     return None
+
+
+def default_heads_for(model: str | None) -> Path | None:
+    """The heads a model comes with: those shipped in the package for the default model
+    (``model is None``), or those in a local model folder (``find_heads``)."""
+    if model is None:
+        return SHIPPED_HEADS if (SHIPPED_HEADS / HEADS_FILE).is_file() else None
+    folder = Path(model).expanduser()
+    return find_heads(folder) if folder.is_dir() else None
 
 
 def default_tree_for(heads_path: Path | None, backend: str = "mlx") -> str | Path:

@@ -44,14 +44,17 @@ def lay_out(tree: TreeBuffers, root: int, guesses: np.ndarray | None) -> np.ndar
     return flat[tree.tree_indices].astype(np.int64)
 
 
-def advance(policy: Policy, tree: TreeBuffers, tokens: np.ndarray, v: Verified) -> tuple[Acceptance, np.ndarray]:
-    """Accept from a verified tree and lay out the next one from the last kept node.
+def advance(policy: Policy, tree: TreeBuffers, tokens: np.ndarray, v: Verified,
+            next_tree: TreeBuffers | None = None) -> tuple[Acceptance, np.ndarray]:
+    """Accept from a verified ``tree`` and lay out the next tree (``next_tree``, default the
+    same) from the last kept node. After a prefill the verified tree is ``ROOT_ONLY``: the
+    prompt's last position, whose verdict gives the first token.
 
     Returns the acceptance (nodes to commit, tokens to emit) and the next tree's tokens.
     """
     acc = policy.accept(tree, tokens, v.verdict)
     guesses = None if v.guesses is None else v.guesses[:, int(acc.nodes[-1])]
-    return acc, lay_out(tree, acc.tokens[-1], guesses)
+    return acc, lay_out(tree if next_tree is None else next_tree, acc.tokens[-1], guesses)
 
 
 def read(model, h, tree: TreeBuffers, logits: bool) -> Verified:
@@ -108,10 +111,10 @@ def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: i
     policy = policy or make_policy()
     tree = model.tree if tree is None else model.check_tree(tree)
     ctx, caches = model.make_cache(max_kv_size, keep)
-    first = read(model, prefill(model, ctx, caches, prompt), tree, logits=True)  # (V,), (D, k)
-    root = policy.first(first.verdict)
-    yield Step([root], 0)
-    tokens = lay_out(tree, root, first.guesses)
+    h = prefill(model, ctx, caches, prompt)[None]  # (1, H): the prompt's last position
+    acc, tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, policy.needs_logits),
+                          tree)
+    yield Step(acc.tokens, 0)
     verifier = model.verifier(ctx, caches, tree, policy, fast_path)
     while True:
         acc, nxt = advance(policy, tree, tokens, verifier.verify(tokens))

@@ -13,18 +13,10 @@ from pathlib import Path
 from typing import Mapping
 
 from ..default_model import DEFAULT_MODEL_ID
-from ..core.heads_format import HEADS_FILE, HEADS_PT_FILE
+from ..core.heads_format import default_heads_for, find_heads
 from .shard import Shard, as_shard
 
 DEFAULT_MODEL_ALIASES = (DEFAULT_MODEL_ID, "smollm2-135m")
-
-
-def find_heads(folder: Path) -> Path | None:
-    """Medusa heads shipped with a model folder: ``folder/medusa/`` or heads files in ``folder``."""
-    for cand in (folder / "medusa", folder):
-        if (cand / HEADS_FILE).is_file() or (cand / HEADS_PT_FILE).is_file():
-            return cand
-    return None
 
 
 def config_layers(folder: Path) -> int | None:
@@ -82,11 +74,7 @@ class LocalShardDownloader:
             return self.heads[model_id]
         folder = folder if folder is not None else self.model_path(model_id)
         found = find_heads(folder)
-        if found is None and model_id in DEFAULT_MODEL_ALIASES:
-            from ..loading import default_heads_for
-
-            found = default_heads_for(None)
-        return found
+        return default_heads_for(None) if found is None and model_id in DEFAULT_MODEL_ALIASES else found
 
     def tree_spec(self, model_id: str):
         return self.trees.get(model_id)

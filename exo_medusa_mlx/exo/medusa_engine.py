@@ -1,19 +1,16 @@
-"""The backend-neutral Medusa shard engine: sessions, the ring protocol, verify and propose.
+"""The backend-neutral Medusa shard engine: exo's engine contract, the ring logic, and the last shard's step.
 
-A backend (MLX here, torch next) subclasses ``MedusaShardEngine`` and supplies
-the array work, all called on the engine's one worker thread:
+Each shard runs its layers over a per-request cache; the last shard verifies,
+accepts and proposes with the one Medusa step (``core/step.py``); what travels
+between shards is ``state.py``'s protocol. A backend subclass supplies a short
+list of hooks, all called on the engine's one worker thread:
 
-- ``_load_backend(shard, path, heads, tree) -> Loaded``: the shard's layers (and, on
-  the last shard, the norm, lm_head, heads and tree), the tokenizer, sizes.
-- ``_new_cache()``: a ``(ctx, caches)`` pair for the shard's layers (``ctx`` a
-  ``SlotMap`` with ``begin``/``commit``, as in ``cache.py``).
-- ``_forward(sess, x, req)``: this shard's layers on ``x`` (ids on the first shard,
-  hidden states otherwise; normed on the last), committing a plain pass at once
-  and leaving a tree pass in scratch. Returns backend hidden states (T, H).
-- ``_commit(sess, nodes)``, ``_logits(h)`` (T, V), ``_propose(h, positions)`` (base
-  logits (..., V), the heads' top-k guesses (D, ..., k); D: the tree's depth),
-  ``_lay_out(guesses, root, tree)`` -> (T',) int64 tree tokens, ``_argmax(a)``,
-  ``_numpy(a)``, ``_hidden_numpy(h)`` (1, T, H) for the wire.
+- ``_load_backend(shard, path, heads, tree) -> Loaded``: the shard's model (its
+  layers; on the last shard the norm, lm_head, heads and tree) and tokenizer;
+- ``_new_cache()``: a ``(ctx, caches)`` pair for the shard's layers;
+- ``_device_array(x)``: a numpy input (ids, or hidden states) on the device;
+- ``_layers(h, sess, transposed)``: the shard's layers over ``h`` (1, T, H) as
+  ``sess.ctx`` placed it.
 """
 
 from __future__ import annotations
@@ -21,25 +18,25 @@ from __future__ import annotations
 import asyncio
 import functools
 import weakref
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..core.accept import Policy, make_policy, target_probs
-from ..core.slots import DEFAULT_KEEP, PREFILL_STEP
+from ..core.accept import make_policy, target_probs
 from ..core.generation import encode_prompt
-from ..core.tree import TreeBuffers, build_tree
+from ..core.slots import DEFAULT_KEEP, run_committed
+from ..core.step import ROOT_ONLY, Verified, advance, read
 from . import state as st
-from .downloader import LocalShardDownloader, find_heads
+from ..core.heads_format import find_heads
+from .downloader import LocalShardDownloader
 from .engine import InferenceEngine, InferenceState
+from .sessions import Session, Sessions
 from .shard import Shard, as_shard
 from .worker import WorkerThread
 
 DEFAULT_MAX_SESSIONS = 4  # requests whose caches are kept (least recently used goes first)
-ROOT_ONLY = build_tree([])
 
 
 @dataclass
@@ -48,28 +45,7 @@ class Loaded:
 
     shard: Shard
     tokenizer: Any
-    hidden_size: int
-    vocab_size: int
-    tree: TreeBuffers  # the tree the last shard proposes (root alone without heads)
-    has_heads: bool
-    model: Any  # the backend's model object
-
-
-@dataclass
-class Session:
-    """One request's caches on this shard, and (last shard) its sampling policy."""
-
-    ctx: Any
-    caches: list
-    pending: tuple[np.ndarray, np.ndarray] | None = None  # (depths, mask) of a tree forward not yet committed
-    policy: Policy | None = None
-    use_heads: bool = False
-    settings: st.Settings = field(default_factory=st.Settings)
-    passes: int = 0  # passes verified (last shard)
-
-
-def _describe(x) -> str:
-    return f"{x.dtype} array of shape {tuple(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
+    model: Any  # the backend's MedusaModel (only the shard's weights are real)
 
 
 class MedusaShardEngine(InferenceEngine):
@@ -89,21 +65,14 @@ class MedusaShardEngine(InferenceEngine):
     def __init__(self, shard_downloader=None, *, medusa: bool = True, heads: str | Path | None = None,
                  tree=None, max_kv_size: int | None = None, keep: int = DEFAULT_KEEP,
                  max_sessions: int = DEFAULT_MAX_SESSIONS, dtype=None):
-        if max_sessions < 1:
-            raise ValueError(f"max_sessions {max_sessions} must be at least 1")
+        self._sessions = Sessions(max_sessions)
         self.shard_downloader = shard_downloader if shard_downloader is not None else LocalShardDownloader()
         self.shard: Shard | None = None
         self.tokenizer = None
         self.session: dict[str, Any] = {}
-        self.medusa = medusa
-        self.heads = heads
-        self.tree = tree
-        self.max_kv_size = max_kv_size
-        self.keep = keep
-        self.max_sessions = max_sessions
-        self.dtype = dtype
+        self.medusa, self.heads, self.tree = medusa, heads, tree
+        self.max_kv_size, self.keep, self.dtype = max_kv_size, keep, dtype
         self._loaded: Loaded | None = None
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._rng = np.random.default_rng()
         # All array work on one thread, as exo's MLX engine does; shut down with the engine or at exit.
         self._executor = WorkerThread(type(self).__name__, self._worker_exit)
@@ -113,8 +82,6 @@ class MedusaShardEngine(InferenceEngine):
         """Stop the worker thread (after the work queued so far); the engine is unusable after."""
         self._executor.shutdown()
 
-    # ----------------------------------------------------------------- plumbing
-
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
 
@@ -122,6 +89,12 @@ class MedusaShardEngine(InferenceEngine):
     def engine_name(self) -> str:
         """The name exo's downloaders look model cards up by: the class name."""
         return type(self).__name__
+
+    @property
+    def model(self):
+        return self._loaded.model
+
+    # ----------------------------------------------------------------- shards and sessions
 
     async def ensure_shard(self, shard: Shard) -> None:
         shard = as_shard(shard)
@@ -145,15 +118,14 @@ class MedusaShardEngine(InferenceEngine):
         if self.shard == shard:
             return
         self._sessions.clear()
-        self._loaded = None
-        self.shard = None
+        self._loaded, self.shard = None, None
         self._loaded = self._load_backend(shard, path, heads if shard.is_last_layer() else None, tree)
         self.tokenizer = self._loaded.tokenizer
         self.shard = shard
 
     async def finish_request(self, request_id: str) -> bool:
         """Free a finished request's caches; True if it had any."""
-        return await self._run(lambda: self._sessions.pop(request_id, None) is not None)
+        return await self._run(lambda: self._sessions.pop(request_id) is not None)
 
     async def clear_session(self) -> None:
         self.session = {}
@@ -178,14 +150,14 @@ class MedusaShardEngine(InferenceEngine):
         """A token from the last position of logits (1, T, V), shape (1,)."""
         x = np.asarray(x)
         if x.ndim != 3 or x.shape[0] != 1:
-            raise ValueError(f"sample takes logits of shape (1, T, V), got {_describe(x)}")
+            raise ValueError(f"sample takes logits of shape (1, T, V), got {st._describe(x)}")
         row = x[0, -1].astype(np.float32)
         if temp == 0:
             return np.array([int(np.argmax(row))])
         p = target_probs(row, temp, top_p)
         return np.array([int(self._rng.choice(p.shape[-1], p=p))])
 
-    # ----------------------------------------------------------------- inference
+    # ----------------------------------------------------------------- a pass
 
     async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray,
                            inference_state: InferenceState | None = None
@@ -194,194 +166,104 @@ class MedusaShardEngine(InferenceEngine):
         await self.ensure_shard(shard)
         return await self._run(self._infer, request_id, shard, input_data, inference_state)
 
-    def _check_input(self, shard: Shard, x) -> np.ndarray:
-        if not isinstance(x, np.ndarray) and hasattr(x, "__array__"):
-            x = np.asarray(x)
-        where = f"shard {shard.start_layer}-{shard.end_layer} of '{shard.model_id}'"
-        L = self._loaded
-        if shard.is_first_layer():
-            ok = isinstance(x, np.ndarray) and x.dtype.kind in "iu" and x.ndim == 2 and x.shape[0] == 1
-            if not ok or x.shape[1] == 0:
-                raise ValueError(f"{where}: input must be token ids of shape (1, T), int, got {_describe(x)}")
-            if x.min() < 0 or x.max() >= L.vocab_size:
-                raise ValueError(f"{where}: token ids must be in [0, {L.vocab_size}), got {x.min()}..{x.max()}")
-            return x.astype(np.int64)
-        ok = (isinstance(x, np.ndarray) and x.dtype in (np.float32, np.float16) and x.ndim == 3
-              and x.shape[0] == 1 and x.shape[1] > 0 and x.shape[2] == L.hidden_size)
-        if not ok:
-            raise ValueError(f"{where}: input must be hidden states of shape (1, T, {L.hidden_size}), "
-                             f"float32 or float16, got {_describe(x)}")
-        return x
-
     def _infer(self, request_id: str, shard: Shard, x, state):
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if shard != self.shard:  # another call switched the engine's shard meanwhile
             raise ValueError(f"this engine now holds {self.shard}, not {shard}; one engine serves one shard at a time")
-        x = self._check_input(shard, x)
-        T = x.shape[1]
-        req = st.parse_request(state, T)
+        x = st.check_input(shard, x, self.model.hidden_size, self.model.vocab_size)
+        req = st.parse_request(state, x.shape[1])
         tokens = x[0] if shard.is_first_layer() else req.tokens
         if shard.is_first_layer() and req.tokens is not None and not np.array_equal(req.tokens, tokens):
             raise ValueError(f"inference_state['{st.TOKENS}'] differs from the input token ids")
         sess = self._sessions.get(request_id)
-        self._check_step(request_id, sess, req, shard, tokens)
+        st.check_pass(request_id, req, shard, sess is not None, sess.ctx.committed if sess else 0,
+                      sess.pending if sess else None)
+        if shard.is_last_layer():
+            self._check_last(request_id, req, tokens, sess)
         if sess is None:
-            sess = self._new_session(request_id, req.settings)
-        else:
-            self._sessions.move_to_end(request_id)
+            ctx, caches = self._new_cache()
+            sess = self._sessions.add(request_id, Session(ctx, caches, req.settings))
         try:
             if req.commit is not None:
-                self._commit(sess, req.commit)
+                sess.ctx.commit(sess.caches, req.commit)
                 sess.pending = None
             committed = sess.ctx.committed
             h = self._forward(sess, x, req)
             if req.is_tree:
                 sess.pending = (req.depths, req.tree_mask)
             if shard.is_last_layer():
-                return self._verify_and_propose(sess, h, req, tokens, committed, state)
+                return self._step(sess, h, req, tokens, committed, state)
             out_state = state
             if req.is_tree and req.tokens is None:
                 out_state = {**state, st.TOKENS: tokens}
-            return self._hidden_numpy(h), out_state
+            return self.model.to_numpy(h)[0][None], out_state
         except Exception:
             # A failure after the caches were touched leaves them unknown: drop this request only.
-            self._sessions.pop(request_id, None)
+            self._sessions.pop(request_id)
             raise
 
-    def _check_step(self, request_id: str, sess: Session | None, req: st.StepRequest, shard: Shard, tokens) -> None:
-        """Everything that can be wrong with this pass, checked before any cache is touched."""
-        if sess is None:
-            started = req.commit is not None or req.is_tree or (req.positions is not None and req.positions[0] > 0)
-            if started:
-                raise ValueError(f"unknown request id '{request_id}' on shard {shard.start_layer}-{shard.end_layer}: "
-                                 "it has no cache here (finished, evicted or never started); start it with a prompt")
-            committed = 0
+    def _check_last(self, request_id: str, req: st.StepRequest, tokens, sess: Session | None) -> None:
+        if sess is None or sess.policy is None:
+            s = req.settings
+            make_policy(s.temp, s.top_p, s.acceptance, s.seed)  # raises on a bad combination
+            tree = self.model.tree if (self.medusa if s.medusa is None else s.medusa) else ROOT_ONLY
         else:
-            committed = sess.ctx.committed
-            if req.commit is not None:
-                if sess.pending is None:
-                    raise ValueError(f"request '{request_id}': inference_state['{st.COMMIT}'] given but no tree "
-                                     "forward is pending on this shard")
-                self._check_path(request_id, req.commit, *sess.pending)
-                committed += len(req.commit)
-            elif sess.pending is not None:
-                raise ValueError(f"request '{request_id}': the last tree forward is not committed; this pass must "
-                                 f"carry inference_state['{st.COMMIT}']")
-        if req.positions is not None and req.positions[0] != committed:
-            raise ValueError(f"request '{request_id}': shard {shard.start_layer}-{shard.end_layer} is at position "
-                             f"{committed} but this pass starts at {req.positions[0]}: the ring is out of sync "
-                             "(a lost or repeated pass)")
-        if shard.is_last_layer():
-            if req.is_tree:
-                if tokens is None:
-                    raise ValueError(f"request '{request_id}': a tree pass reaching the last shard needs "
-                                     f"inference_state['{st.TOKENS}']")
-                tree = self._loaded.tree
-                if not (np.array_equal(req.depths, tree.depths) and np.array_equal(req.tree_mask, tree.mask)):
-                    raise ValueError(f"request '{request_id}': the tree in inference_state ({len(req.depths)} nodes) "
-                                     f"is not the one this shard proposes ({tree.size} nodes)")
-            if sess is None or sess.policy is None:
-                s = req.settings
-                make_policy(s.temp, s.top_p, s.acceptance, s.seed)  # raises on a bad combination
+            tree = sess.tree
+        st.check_tree_pass(request_id, req, tokens, tree)
 
-    @staticmethod
-    def _check_path(request_id: str, nodes: np.ndarray, depths: np.ndarray, mask: np.ndarray) -> None:
-        T = len(depths)
-        ok = nodes.max() < T and all(
-            mask[b, a] and depths[b] == depths[a] + 1 for a, b in zip(nodes[:-1], nodes[1:]))
-        if not ok:
-            raise ValueError(f"request '{request_id}': inference_state['{st.COMMIT}'] {nodes.tolist()} is not a "
-                             f"root-to-node path of the pending {T}-node tree")
+    def _forward(self, sess: Session, x: np.ndarray, req: st.StepRequest):
+        """This shard's layers over the pass, (T, H) (normed on the last shard). A tree pass stays
+        in scratch until the next pass commits it; a plain run is committed at once, in chunks."""
+        h = self._device_array(x)
+        if self.shard.is_first_layer():
+            h = self.model.embed(h)  # (1, T, H)
+        ctx, T = sess.ctx, h.shape[1]
+        if req.is_tree:
+            ctx.begin(req.depths, req.tree_mask)
+            out = self._layers(h, sess, self.model.transposes(T))[0]
+        else:
+            outs = run_committed(ctx, sess.caches, T, lambda s, e: self._layers(h[:, s:e], sess, False)[0],
+                                 lambda o: self.model.settle(sess.caches))
+            out = outs[0] if len(outs) == 1 else self.model.ops.concat(outs)
+        return self.model.base.model.norm(out) if self.shard.is_last_layer() else out
 
-    def _new_session(self, request_id: str, settings: st.Settings) -> Session:
-        ctx, caches = self._new_cache()
-        sess = Session(ctx, caches, settings=settings)
-        self._sessions[request_id] = sess
-        while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)
-        return sess
+    def _step(self, sess: Session, h, req: st.StepRequest, tokens, committed: int, state):
+        """The last shard: accept from this pass, emit, and lay out the next pass (``core.step``).
 
-    # ----------------------------------------------------------------- the last shard
-
-    def _verify_and_propose(self, sess: Session, h, req: st.StepRequest, tokens, committed: int, state):
-        """Accept from this pass, emit, and lay out the next pass. ``committed``: position of this pass's root."""
-        L = self._loaded
+        A plain run (the prompt, or one token) is committed already: its last
+        position is verified as a root-only tree, as after ``generate_step``'s prefill.
+        ``committed``: position of this pass's first token. Returns the pass's logits,
+        (1, T, V), and the state for the next pass.
+        """
         if sess.policy is None:
             s = sess.settings
             sess.policy = make_policy(s.temp, s.top_p, s.acceptance, s.seed)
-            sess.use_heads = L.has_heads and (self.medusa if s.use_heads is None else s.use_heads)
-        policy = sess.policy
-        T = h.shape[0]
-        commit = None
-        if req.is_tree:
-            # With heads, every node's guesses (as generate_step): the next ones come
-            # from the node kept.
-            if sess.use_heads:
-                logits, every = self._propose(h, committed + req.depths + 1)  # (T, V), (D, T, k)
-            else:
-                logits = self._logits(h)  # (T, V)
-            verdict = self._numpy(logits) if policy.needs_logits else self._numpy(self._argmax(logits))
-            acc = policy.accept(L.tree, tokens, verdict)
-            emitted, last, commit = acc.tokens, int(acc.nodes[-1]), acc.nodes
-            root_pos = committed + len(acc.nodes)
-            guesses = every[:, last] if sess.use_heads else None
-        elif sess.passes == 0:  # the prompt: the first token, as generate_step does
-            logits = self._logits(h)  # (T, V)
-            root_pos = committed + T
-            first, guesses = self._propose(h[-1], root_pos) if sess.use_heads else (logits[-1], None)
-            emitted = [policy.first(self._numpy(first))]
-        else:  # a plain step: verify the root alone
-            logits = self._logits(h)  # (T, V)
-            root_pos = committed + T
-            last = logits[-1:]
-            verdict = self._numpy(last) if policy.needs_logits else self._numpy(self._argmax(last))
-            emitted = policy.accept(ROOT_ONLY, np.zeros(1, dtype=np.int64), verdict).tokens
-            guesses = self._propose(h[-1], root_pos)[1] if sess.use_heads else None
+            sess.tree = self.model.tree if (self.medusa if s.medusa is None else s.medusa) else ROOT_ONLY
+        tree, policy = sess.tree, sess.policy
+        rows = h if req.is_tree else h[-1:]
+        v = read(self.model, rows, tree, logits=True)
+        # exo's contract: the last shard returns the logits of every position of the pass.
+        logits = v.verdict if req.is_tree else self.model.to_numpy(self.model.logits(h))[0]
+        if not policy.needs_logits:
+            v = Verified(v.verdict.argmax(-1), v.guesses)
+        acc, nxt = advance(policy, tree if req.is_tree else ROOT_ONLY,
+                           tokens if req.is_tree else np.zeros(1, dtype=np.int64), v, tree)
         sess.passes += 1
-
-        root = int(emitted[-1])
+        root_pos = committed + (len(acc.nodes) if req.is_tree else h.shape[0])
         out = {k: v for k, v in (state or {}).items() if not k.startswith("medusa_")}
         out.update(st.settings_state(sess.settings))
-        out[st.EMITTED] = np.asarray(emitted, dtype=np.int64)
-        if commit is not None:
-            out[st.NEXT + "commit"] = np.asarray(commit, dtype=np.int64)
-        if sess.use_heads:
-            tree = L.tree
-            out[st.NEXT + "tokens"] = self._lay_out(guesses, root, tree)
+        out[st.EMITTED] = np.asarray(acc.tokens, dtype=np.int64)
+        if req.is_tree:
+            out[st.NEXT + "commit"] = np.asarray(acc.nodes, dtype=np.int64)
+        out[st.NEXT + "tokens"] = nxt
+        out[st.NEXT + "positions"] = (root_pos + tree.depths).astype(np.int64)
+        if tree.size > 1:
             out[st.NEXT + "depths"] = tree.depths.astype(np.int64)
             out[st.NEXT + "tree_mask"] = tree.mask.copy()
-            out[st.NEXT + "positions"] = (root_pos + tree.depths).astype(np.int64)
-        else:
-            out[st.NEXT + "tokens"] = np.array([root], dtype=np.int64)
-            out[st.NEXT + "positions"] = np.array([root_pos], dtype=np.int64)
-        return self._numpy(logits).astype(np.float32)[None], out
+        return logits.astype(np.float32)[None], out
 
     # ----------------------------------------------------------------- backend hooks
-
-    def _layer_pass(self, sess: Session, h, req: st.StepRequest, concat, settle=None):
-        """This shard's layers over ``h`` (1, T, H): a tree pass stays in scratch until
-        the next pass commits it; a plain pass is committed at once, in prefill chunks
-        (as ``decode.prefill``). ``concat`` joins chunk outputs; ``settle(out, sess)``
-        runs after each chunk (MLX evaluates there to bound the graph)."""
-        T = h.shape[1]
-        ctx = sess.ctx
-        if req.is_tree:
-            # A chain runs as contiguous tokens, as MedusaModel.forward does.
-            if np.array_equal(req.depths, np.arange(T)):
-                ctx.begin(n=T)
-            else:
-                ctx.begin(req.depths, req.tree_mask)
-            return self._layers(h, sess)
-        outs = []
-        for s in range(0, T, PREFILL_STEP):
-            chunk = h[:, s : s + PREFILL_STEP]
-            ctx.begin(n=chunk.shape[1])
-            outs.append(self._layers(chunk, sess))
-            ctx.commit(sess.caches, np.arange(chunk.shape[1]))
-            if settle is not None:
-                settle(outs[-1], sess)
-        return outs[0] if len(outs) == 1 else concat(outs)
 
     def _load_backend(self, shard: Shard, path: Path, heads, tree) -> Loaded:
         raise NotImplementedError
@@ -389,32 +271,8 @@ class MedusaShardEngine(InferenceEngine):
     def _new_cache(self):
         raise NotImplementedError
 
-    def _forward(self, sess: Session, x: np.ndarray, req: st.StepRequest):
+    def _device_array(self, x: np.ndarray):
         raise NotImplementedError
 
-    def _commit(self, sess: Session, nodes: np.ndarray) -> None:
-        sess.ctx.commit(sess.caches, nodes)
-
-    def _logits(self, h):
-        raise NotImplementedError
-
-    def _propose(self, h, positions):
-        """At hidden states h, (H,) or (T, H): the base logits, (V,) or (T, V), and the top-k
-        guesses of the D heads the tree reads, (D, k) or (D, T, k) (``MedusaModel.propose``).
-
-        ``positions``: where the next root sits after each state (an int for one).
-        """
-        raise NotImplementedError
-
-    def _lay_out(self, guesses, root: int, tree: TreeBuffers) -> np.ndarray:
-        """The next pass's tree tokens from the root and the guesses (D, k), (T,) int64."""
-        raise NotImplementedError
-
-    def _argmax(self, a):
-        raise NotImplementedError
-
-    def _numpy(self, a) -> np.ndarray:
-        raise NotImplementedError
-
-    def _hidden_numpy(self, h) -> np.ndarray:
+    def _layers(self, h, sess: Session, transposed: bool):
         raise NotImplementedError

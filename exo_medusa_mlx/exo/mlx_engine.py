@@ -15,16 +15,13 @@ import mlx.core as mx
 import numpy as np
 
 from ..cache import make_cache
+from ..core.heads_format import default_tree_for
+from ..core.tree import ROOT_ONLY, load_tree
 from ..heads import load_heads
-from ..loading import default_tree_for
 from ..model import MedusaModel
-from ..core.tree import TreeBuffers, build_tree, load_tree
-from . import state as st
-from .medusa_engine import Loaded, MedusaShardEngine, Session
+from .medusa_engine import Loaded, MedusaShardEngine
+from .sessions import Session
 from .shard import Shard
-
-# numpy has no bfloat16: such hidden states travel as float32 (lossless) and are cast back.
-_WIRE_DTYPE = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.float32}
 
 
 def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None):
@@ -41,14 +38,10 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
         dtype = mx.float32  # as loading.load: bf16/fp16 skip BLAS on CPU
     if dtype is not None:
         base.set_dtype(dtype)
-    medusa_heads = None
+    medusa_heads, buffers = None, ROOT_ONLY
     if heads is not None:
         medusa_heads = load_heads(heads, base.args.hidden_size, base.args.vocab_size, dtype=dtype or mx.float32)
-    if medusa_heads is not None:
-        buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads)), medusa_heads.num_heads,
-                            medusa_heads.config.candidates)
-    else:
-        buffers = build_tree([])
+        buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads)))
     model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id)
     inner = base.model
     params = [inner.layers[i].parameters() for i in range(shard.start_layer, shard.end_layer + 1)]
@@ -76,60 +69,28 @@ class MedusaMLXInferenceEngine(MedusaShardEngine):
     def _load_backend(self, shard: Shard, path: Path, heads, tree) -> Loaded:
         model, tokenizer = load_shard_model(shard, path, heads, tree, self.dtype)
         self._dtype = model.base.model.norm.weight.dtype  # what hidden states are computed in
-        return Loaded(shard, tokenizer, model.hidden_size, model.vocab_size, model.tree,
-                      model.heads is not None, model)
+        return Loaded(shard, tokenizer, model)
 
     def _new_cache(self):
         return make_cache(self.shard.get_layer_count(), self.max_kv_size, self.keep)
 
-    def _layers(self, h: mx.array, sess: Session) -> mx.array:
-        inner = self._loaded.model.base.model
+    def _device_array(self, x: np.ndarray) -> mx.array:
+        if x.dtype.kind in "iu":
+            return mx.array(x.astype(np.int32))
+        return mx.array(x).astype(self._dtype)  # bfloat16 travels as float32 (numpy has none)
+
+    def _layers(self, h: mx.array, sess: Session, transposed: bool) -> mx.array:
+        layers = self.model.base.model.layers[self.shard.start_layer : self.shard.end_layer + 1]
         mask = sess.caches[0].make_mask(h.shape[1])
-        for layer, c in zip(inner.layers[self.shard.start_layer : self.shard.end_layer + 1], sess.caches):
-            h = layer(h, mask, cache=c)
+        with self.model.placed(sess.caches, transposed):
+            for layer, c in zip(layers, sess.caches):
+                h = layer(h, mask, cache=c)
         return h
-
-    def _forward(self, sess: Session, x: np.ndarray, req: st.StepRequest) -> mx.array:
-        inner = self._loaded.model.base.model
-        first, last = self.shard.is_first_layer(), self.shard.is_last_layer()
-        if first:
-            h = inner.embed_tokens(mx.array(x.astype(np.int32)))  # (1, T, H)
-        else:
-            h = mx.array(x).astype(self._dtype)
-        out = self._layer_pass(sess, h, req, lambda outs: mx.concatenate(outs, axis=1),
-                               lambda o, sess: mx.eval(o, [c.state for c in sess.caches]))
-        if last:
-            out = inner.norm(out)
-        return out[0]  # (T, H)
-
-    def _logits(self, h: mx.array) -> mx.array:
-        return self._loaded.model.logits(h)
-
-    def _propose(self, h: mx.array, positions) -> tuple[mx.array, mx.array]:
-        tree = self._loaded.tree
-        return self._loaded.model.propose(h, tree.depth, tree.topk)
-
-    def _lay_out(self, guesses: mx.array, root: int, tree: TreeBuffers) -> np.ndarray:
-        if tree.size == 1:
-            return np.array([root], dtype=np.int64)
-        flat = mx.concatenate([mx.array([root]), guesses.reshape(-1).astype(mx.int32)])
-        return np.array(flat[mx.array(tree.tree_indices)]).astype(np.int64)
-
-    def _argmax(self, a: mx.array) -> mx.array:
-        return mx.argmax(a, axis=-1)
-
-    def _numpy(self, a: mx.array) -> np.ndarray:
-        if a.dtype == mx.bfloat16:
-            a = a.astype(mx.float32)
-        return np.array(a)
-
-    def _hidden_numpy(self, h: mx.array) -> np.ndarray:
-        return np.array(h.astype(mx.float32) if h.dtype == mx.bfloat16 else h)[None]
 
     async def load_checkpoint(self, shard: Shard, path: str | Path) -> None:
         """Load weights (safetensors, mlx-lm names) over the shard's model; missing names are kept."""
         await self.ensure_shard(shard)
-        await self._run(self._loaded.model.base.load_weights, str(path), False)
+        await self._run(self.model.base.load_weights, str(path), False)
 
     async def save_checkpoint(self, shard: Shard, path: str | Path) -> None:
         """Write this shard's weights (its layers, and the embedding / norm / lm_head it holds)."""
@@ -144,7 +105,7 @@ class MedusaMLXInferenceEngine(MedusaShardEngine):
                 keep += ("model.embed_tokens.",)
             if s.is_last_layer():
                 keep += ("model.norm.", "lm_head.")
-            weights = {k: v for k, v in tree_flatten(self._loaded.model.base.parameters()) if k.startswith(keep)}
+            weights = {k: v for k, v in tree_flatten(self.model.base.parameters()) if k.startswith(keep)}
             mx.save_safetensors(str(path), weights)
 
         await self._run(save)

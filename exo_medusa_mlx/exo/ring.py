@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from . import state as st
+from . import wire
 from .node_hook import eos_ids, on_request_finished, process_result
 from .shard import as_shard
 
@@ -38,7 +39,7 @@ def check_ring(shards) -> None:
 
 def _over_wire(x: np.ndarray, state: dict | None):
     """What exo's gRPC hop does to a tensor and its state: bytes and JSON, and back."""
-    return st.decode_tensor(st.encode_tensor(np.asarray(x))), st.decode_state(st.encode_state(state))
+    return wire.decode_tensor(wire.encode_tensor(np.asarray(x))), wire.decode_state(wire.encode_state(state))
 
 
 async def run_ring_async(engines_and_shards: Sequence, prompt, max_tokens: int, medusa: bool = True, *,

@@ -1,38 +1,12 @@
-"""The Medusa ring protocol: what travels in exo's ``inference_state``.
+"""The Medusa ring protocol (``PROTOCOL.md``): the keys of exo's ``inference_state``, parsed and checked.
 
-A ring pass carries T tokens: a plain run (the prompt, or one token when Medusa
-is off) or a Medusa tree. Every shard keeps a tree forward's K/V in a scratch
-region until the next pass says which nodes were accepted; a plain run is
-committed at once. Only numpy arrays and JSON scalars travel (exo's wire format:
-arrays as tensors, everything else as one JSON string).
-
-Into every shard (arrays; int arrays are int64, T = tokens in this pass):
-
-- ``medusa_commit`` (A,) int: nodes of the previous tree forward to keep, root
-  first; every shard commits them before this forward.
-- ``medusa_depths`` (T,) int: marks a tree forward; depth of each token, root 0.
-- ``medusa_tree_mask`` (T, T) bool: token i sees token j (itself, its ancestors).
-- ``medusa_positions`` (T,) int: absolute positions, committed + depths; each
-  shard checks them against its own cache (a lost or repeated pass fails loudly).
-- ``medusa_tokens`` (T,) int: the tree's tokens, for the last shard to verify
-  (the first shard adds them).
-
-Settings (JSON, read by the last shard when it first sees the request):
-``medusa_temp`` float, ``medusa_top_p`` float, ``medusa_acceptance`` str
-(auto/greedy/exact/typical), ``medusa_seed`` int or null, ``medusa_use_heads`` bool.
-
-Out of the last shard: ``medusa_emitted`` (n,) int, the tokens this pass emits
-(accepted candidates then the bonus token; the first pass: the token after the
-prompt), and the next pass as ``medusa_next_tokens`` (T',) int plus
-``medusa_next_positions`` / ``medusa_next_commit`` / ``medusa_next_depths`` /
-``medusa_next_tree_mask``. ``next_request`` turns them into the next pass's
-input; the ``next_`` names keep a node that echoes the state unchanged (stock
-exo) from confusing them with the current pass.
+Every check of a pass that needs no model runs here, before a shard touches its
+cache: well-formed keys (``parse_request``), and whether the pass fits the
+request's cache on this shard (``check_pass``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,13 +24,10 @@ TEMP = "medusa_temp"
 TOP_P = "medusa_top_p"
 ACCEPTANCE = "medusa_acceptance"
 SEED = "medusa_seed"
-USE_HEADS = "medusa_use_heads"
-SETTINGS = (TEMP, TOP_P, ACCEPTANCE, SEED, USE_HEADS)
+MEDUSA = "medusa_enabled"
+SETTINGS = (TEMP, TOP_P, ACCEPTANCE, SEED, MEDUSA)
 ACCEPTANCES = ("auto", "greedy", "exact", "typical")
 
-# Wire dtypes numpy can rebuild with np.frombuffer (no object or bfloat16).
-WIRE_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-               "float16", "float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -65,7 +36,7 @@ class Settings:
     top_p: float = 1.0
     acceptance: str = "auto"
     seed: int | None = None
-    use_heads: bool | None = None  # None: the engine's default
+    medusa: bool | None = None  # None: the engine's default
 
 
 @dataclass(frozen=True)
@@ -121,14 +92,14 @@ def parse_settings(state: dict) -> Settings:
     top_p = _scalar(state, TOP_P, (float, int), 1.0)
     acceptance = _scalar(state, ACCEPTANCE, (str,), "auto")
     seed = _scalar(state, SEED, (int,), None)
-    use_heads = _scalar(state, USE_HEADS, (bool,), None)
+    medusa = _scalar(state, MEDUSA, (bool,), None)
     if temp is None or temp < 0:
         raise ValueError(f"inference_state['{TEMP}']: temperature {temp!r} must be a number >= 0")
     if top_p is None or not 0.0 < top_p <= 1.0:
         raise ValueError(f"inference_state['{TOP_P}']: top-p {top_p!r} must be in (0, 1]")
     if acceptance not in ACCEPTANCES:
         raise ValueError(f"inference_state['{ACCEPTANCE}']: '{acceptance}' is not one of {', '.join(ACCEPTANCES)}")
-    return Settings(float(temp), float(top_p), acceptance, seed, use_heads)
+    return Settings(float(temp), float(top_p), acceptance, seed, medusa)
 
 
 def parse_request(state: dict | None, T: int | None = None) -> StepRequest:
@@ -171,14 +142,14 @@ def parse_request(state: dict | None, T: int | None = None) -> StepRequest:
 def initial_state(temp: float = 0.0, top_p: float = 1.0, acceptance: str = "auto", seed: int | None = None,
                   medusa: bool | None = None) -> dict[str, Any]:
     """The first pass's state: the sampling settings the last shard applies."""
-    state = {TEMP: float(temp), TOP_P: float(top_p), ACCEPTANCE: acceptance, SEED: seed, USE_HEADS: medusa}
+    state = {TEMP: float(temp), TOP_P: float(top_p), ACCEPTANCE: acceptance, SEED: seed, MEDUSA: medusa}
     parse_settings(state)
     return state
 
 
 def settings_state(settings: Settings) -> dict[str, Any]:
     return {TEMP: settings.temp, TOP_P: settings.top_p, ACCEPTANCE: settings.acceptance,
-            SEED: settings.seed, USE_HEADS: settings.use_heads}
+            SEED: settings.seed, MEDUSA: settings.medusa}
 
 
 def emitted_tokens(state: dict | None) -> np.ndarray | None:
@@ -202,76 +173,74 @@ def next_request(state: dict) -> tuple[np.ndarray, dict[str, Any]]:
     return tokens.reshape(1, -1), nxt
 
 
-# --------------------------------------------------------------------------- wire format
+# --------------------------------------------------------------------------- checks of one pass
 
 
-def encode_tensor(a: np.ndarray) -> dict[str, Any]:
-    """exo's ``Tensor`` message as a dict: raw C-order bytes, shape, ``str(dtype)``."""
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"expected a numpy array, got {type(a).__name__}")
-    if str(a.dtype) not in WIRE_DTYPES:
-        raise ValueError(f"dtype {a.dtype} cannot travel; use one of {', '.join(WIRE_DTYPES)}")
-    return {"tensor_data": np.ascontiguousarray(a).tobytes(), "shape": list(a.shape), "dtype": str(a.dtype)}
+def where(shard) -> str:
+    return f"shard {shard.start_layer}-{shard.end_layer} of '{shard.model_id}'"
 
 
-def decode_tensor(t: dict[str, Any]) -> np.ndarray:
-    if not isinstance(t, dict) or not {"tensor_data", "shape", "dtype"} <= set(t):
-        raise ValueError("tensor must be a dict with tensor_data, shape and dtype")
-    data, shape, dtype = t["tensor_data"], t["shape"], t["dtype"]
-    if dtype not in WIRE_DTYPES:
-        raise ValueError(f"tensor dtype '{dtype}' is not one of {', '.join(WIRE_DTYPES)}")
-    if not isinstance(data, (bytes, bytearray)):
-        raise ValueError(f"tensor_data must be bytes, got {type(data).__name__}")
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise ValueError(f"tensor shape must be a list of non-negative ints, got {shape!r}")
-    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    if size != len(data):
-        raise ValueError(f"tensor of shape {list(shape)} and dtype {dtype} needs {size} bytes, got {len(data)}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+def check_input(shard, x, hidden_size: int, vocab_size: int) -> np.ndarray:
+    """The pass's input: token ids (1, T) on the first shard, hidden states (1, T, H) elsewhere."""
+    if not isinstance(x, np.ndarray) and hasattr(x, "__array__"):
+        x = np.asarray(x)
+    if shard.is_first_layer():
+        ok = isinstance(x, np.ndarray) and x.dtype.kind in "iu" and x.ndim == 2 and x.shape[0] == 1
+        if not ok or x.shape[1] == 0:
+            raise ValueError(f"{where(shard)}: input must be token ids of shape (1, T), int, got {_describe(x)}")
+        if x.min() < 0 or x.max() >= vocab_size:
+            raise ValueError(f"{where(shard)}: token ids must be in [0, {vocab_size}), got {x.min()}..{x.max()}")
+        return x.astype(np.int64)
+    ok = (isinstance(x, np.ndarray) and x.dtype in (np.float32, np.float16) and x.ndim == 3
+          and x.shape[0] == 1 and x.shape[1] > 0 and x.shape[2] == hidden_size)
+    if not ok:
+        raise ValueError(f"{where(shard)}: input must be hidden states of shape (1, T, {hidden_size}), "
+                         f"float32 or float16, got {_describe(x)}")
+    return x
 
 
-def encode_state(state: dict | None) -> dict[str, Any]:
-    """exo's ``InferenceState`` as a dict: arrays in ``tensor_data``, the rest as one JSON string."""
-    if state is None:
-        state = {}
-    if not isinstance(state, dict):
-        raise ValueError(f"inference_state must be a dict or None, got {type(state).__name__}")
-    parse_request(state)
-    tensors, other = {}, {}
-    for k, v in state.items():
-        if not isinstance(k, str):
-            raise ValueError(f"inference_state key {k!r} must be a string")
-        if isinstance(v, np.ndarray):
-            try:
-                tensors[k] = encode_tensor(v)
-            except ValueError as e:
-                raise ValueError(f"inference_state['{k}']: {e}") from None
-        elif v is None or isinstance(v, (bool, int, float, str)):
-            other[k] = v
-        else:
-            raise ValueError(f"inference_state['{k}']: {type(v).__name__} cannot travel; use a numpy array "
-                             "or a JSON scalar")
-    return {"tensor_data": tensors, "other_data_json": json.dumps(other, allow_nan=False)}
+def check_pass(request_id: str, req: StepRequest, shard, known: bool, committed: int,
+               pending: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """Whether this pass fits the request's cache on this shard, checked before the cache is touched.
+
+    ``known``: the shard holds a cache for the request; ``committed``: its position;
+    ``pending``: (depths, mask) of its tree forward not yet committed.
+    """
+    name = f"shard {shard.start_layer}-{shard.end_layer}"
+    if not known:
+        if req.commit is not None or req.is_tree or (req.positions is not None and req.positions[0] > 0):
+            raise ValueError(f"unknown request id '{request_id}' on {name}: it has no cache here (finished, "
+                             "evicted or never started); start it with a prompt")
+    elif req.commit is not None:
+        if pending is None:
+            raise ValueError(f"request '{request_id}': inference_state['{COMMIT}'] given but no tree forward "
+                             "is pending on this shard")
+        check_path(request_id, req.commit, *pending)
+        committed += len(req.commit)
+    elif pending is not None:
+        raise ValueError(f"request '{request_id}': the last tree forward is not committed; this pass must carry "
+                         f"inference_state['{COMMIT}']")
+    if req.positions is not None and req.positions[0] != committed:
+        raise ValueError(f"request '{request_id}': {name} is at position {committed} but this pass starts at "
+                         f"{req.positions[0]}: the ring is out of sync (a lost or repeated pass)")
 
 
-def decode_state(wire: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of ``encode_state``, validated (a malformed state fails here, in one line)."""
-    if not isinstance(wire, dict) or not isinstance(wire.get("tensor_data", {}), dict):
-        raise ValueError("wire inference_state must be a dict with a 'tensor_data' dict and 'other_data_json'")
-    text = wire.get("other_data_json") or "{}"
-    try:
-        other = json.loads(text)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"inference_state other_data_json is not valid JSON: {e}") from None
-    if not isinstance(other, dict):
-        raise ValueError(f"inference_state other_data_json must hold an object, got {type(other).__name__}")
-    state = dict(other)
-    for k, t in wire.get("tensor_data", {}).items():
-        if k in state:
-            raise ValueError(f"inference_state['{k}'] is both a tensor and a JSON value")
-        try:
-            state[k] = decode_tensor(t)
-        except ValueError as e:
-            raise ValueError(f"inference_state['{k}']: {e}") from None
-    parse_request(state)
-    return state
+def check_path(request_id: str, nodes: np.ndarray, depths: np.ndarray, mask: np.ndarray) -> None:
+    """``nodes`` is a root-to-node path of the pending tree (depths, mask)."""
+    T = len(depths)
+    ok = nodes.max() < T and all(mask[b, a] and depths[b] == depths[a] + 1 for a, b in zip(nodes[:-1], nodes[1:]))
+    if not ok:
+        raise ValueError(f"request '{request_id}': inference_state['{COMMIT}'] {nodes.tolist()} is not a "
+                         f"root-to-node path of the pending {T}-node tree")
+
+
+def check_tree_pass(request_id: str, req: StepRequest, tokens, tree) -> None:
+    """On the last shard: a tree pass has its ``tokens`` and is the tree this shard proposes."""
+    if not req.is_tree:
+        return
+    if tokens is None:
+        raise ValueError(f"request '{request_id}': a tree pass reaching the last shard needs "
+                         f"inference_state['{TOKENS}']")
+    if not (np.array_equal(req.depths, tree.depths) and np.array_equal(req.tree_mask, tree.mask)):
+        raise ValueError(f"request '{request_id}': the tree in inference_state ({len(req.depths)} nodes) "
+                         f"is not the one this shard proposes ({tree.size} nodes)")

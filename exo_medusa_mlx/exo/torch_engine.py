@@ -18,13 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.heads_format import default_tree_for
+from ..core.tree import ROOT_ONLY, load_tree
 from ..torch_compat.cache import make_cache
+from ..torch_compat.generate import load_tokenizer
 from ..torch_compat.heads import load_heads
-from ..torch_compat.loading import default_device, default_dtype, default_tree_for, parse_dtype
+from ..torch_compat.loading import default_device, default_dtype, parse_dtype
 from ..torch_compat.model import MedusaModel
-from ..core.tree import TreeBuffers, build_tree, load_tree
-from . import state as st
-from .medusa_engine import Loaded, MedusaShardEngine, Session
+from .medusa_engine import Loaded, MedusaShardEngine
+from .sessions import Session
 from .shard import Shard
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -63,7 +65,7 @@ def _shard_prefixes(shard: Shard, tied: bool) -> tuple[str, ...]:
 def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None, device=None):
     """(MedusaModel, tokenizer) holding only ``shard``'s weights; the other layers stay on meta."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     device = torch.device(device) if device is not None else default_device()
@@ -73,13 +75,10 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     if n != shard.n_layers:
         raise ValueError(f"shard of '{shard.model_id}' says {shard.n_layers} layers but {path} has {n}; "
                          f"use n_layers={n}")
-    medusa_heads = None
+    medusa_heads, buffers = None, ROOT_ONLY
     if heads is not None:
         medusa_heads = load_heads(heads, config.hidden_size, config.vocab_size, dtype=dtype, device=device)
-        tree = tree if tree is not None else str(default_tree_for(Path(heads), "torch"))  # tree files are named by string
-        buffers = load_tree(tree, medusa_heads.num_heads, medusa_heads.config.candidates)
-    else:
-        buffers = build_tree([])
+        buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads), "torch"))
     # Next-token heads read the embedding of the base model's next token on the last shard.
     next_token = medusa_heads is not None and medusa_heads.config.next_token
     with torch.device("meta"):
@@ -117,30 +116,7 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
     model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, _with_eos_ids(tokenizer, path)
-
-
-class ShardTokenizer:
-    """transformers' tokenizer plus ``eos_token_ids`` as mlx-lm's wrapper has them, so both
-    backends stop on the same tokens. Everything else is the tokenizer's."""
-
-    def __init__(self, tokenizer, eos_token_ids: list[int]):
-        self._tokenizer = tokenizer
-        self.eos_token_ids = eos_token_ids
-
-    def __getattr__(self, name: str):
-        return getattr(self._tokenizer, name)
-
-
-def _with_eos_ids(tokenizer, path: Path) -> ShardTokenizer:
-    """mlx-lm's rule: config.json's own ``eos_token_id`` (one or several; not transformers'
-    per-family defaults) plus the tokenizer's."""
-    eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
-    ids = {int(e) for e in np.atleast_1d(eos)} if eos is not None else set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ShardTokenizer(tokenizer, sorted(ids))
+    return model, load_tokenizer(path)
 
 
 class MedusaTorchInferenceEngine(MedusaShardEngine):
@@ -161,66 +137,37 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
         layer = model.base.model.layers[shard.start_layer]
         params = inspect.signature(layer.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        return Loaded(shard, tokenizer, model.hidden_size, model.vocab_size, model.tree,
-                      model.heads is not None, model)
+        return Loaded(shard, tokenizer, model)
 
     def _new_cache(self):
-        base = self._loaded.model.base
+        base = self.model.base
         return make_cache(self.shard.n_layers, self.max_kv_size, self.keep, device=self.device, dtype=self._dtype,
                           implicit_causal=base.config._attn_implementation == "sdpa")
 
-    def _layers(self, h: torch.Tensor, sess: Session) -> torch.Tensor:
+    def _infer(self, *args):
+        with torch.inference_mode():
+            return super()._infer(*args)
+
+    def _device_array(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        return t if x.dtype.kind in "iu" else t.to(self._dtype)
+
+    def _layers(self, h: torch.Tensor, sess: Session, transposed: bool) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
-        base = self._loaded.model.base
-        inner = base.model
+        base = self.model.base
         ctx, caches = sess.ctx, sess.caches
         # As the model's own forward: the cache's 4D tree mask passes through untouched, a
         # first prompt chunk gets sdpa's implicit causal mask.
         mask = create_causal_mask(config=base.config, inputs_embeds=h, attention_mask=ctx.mask,
                                   **{self._cache_arg: caches}, position_ids=ctx.positions)
-        rope = inner.rotary_emb(h, ctx.positions)
-        for i in range(self.shard.start_layer, self.shard.end_layer + 1):
-            h = inner.layers[i](h, attention_mask=mask, position_ids=ctx.positions, use_cache=True,
-                                position_embeddings=rope, **{self._cache_arg: caches})
+        rope = base.model.rotary_emb(h, ctx.positions)
+        layers = base.model.layers[self.shard.start_layer : self.shard.end_layer + 1]
+        with self.model.placed(caches, transposed):
+            for layer in layers:
+                h = layer(h, attention_mask=mask, position_ids=ctx.positions, use_cache=True,
+                          position_embeddings=rope, **{self._cache_arg: caches})
         return h
-
-    @torch.inference_mode()
-    def _forward(self, sess: Session, x: np.ndarray, req: st.StepRequest) -> torch.Tensor:
-        inner = self._loaded.model.base.model
-        if self.shard.is_first_layer():
-            h = inner.embed_tokens(torch.from_numpy(x).to(self.device))  # (1, T, H)
-        else:
-            h = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self._dtype)
-        out = self._layer_pass(sess, h, req, lambda outs: torch.cat(outs, dim=1))
-        if self.shard.is_last_layer():
-            out = inner.norm(out)
-        return out[0]  # (T, H)
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self._loaded.model.logits(h)
-
-    def _propose(self, h: torch.Tensor, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        tree = self._loaded.tree
-        return self._loaded.model.propose(h, tree.depth, tree.topk)
-
-    @torch.inference_mode()
-    def _lay_out(self, guesses: torch.Tensor, root: int, tree: TreeBuffers) -> np.ndarray:
-        if tree.size == 1:
-            return np.array([root], dtype=np.int64)
-        flat = torch.cat([guesses.new_tensor([root]), guesses.reshape(-1)])
-        return flat[torch.from_numpy(tree.tree_indices).to(flat.device)].cpu().numpy().astype(np.int64)
-
-    def _argmax(self, a: torch.Tensor) -> torch.Tensor:
-        return a.argmax(dim=-1)
-
-    def _numpy(self, a: torch.Tensor) -> np.ndarray:
-        if a.dtype in (torch.bfloat16, torch.float16):
-            a = a.float()
-        return a.detach().cpu().numpy()
-
-    def _hidden_numpy(self, h: torch.Tensor) -> np.ndarray:
-        return h.detach().float().cpu().numpy()[None]  # (1, T, H) float32: numpy has no bfloat16
 
     async def load_checkpoint(self, shard: Shard, path: str | Path) -> None:
         """Load weights (safetensors, Hugging Face names) over the shard's layers; other names are ignored."""
@@ -229,7 +176,7 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
         def load():
             from safetensors.torch import load_file
 
-            base = self._loaded.model.base
+            base = self.model.base
             keep = _shard_prefixes(self.shard, bool(getattr(base.config, "tie_word_embeddings", False)))
             own = dict(base.named_parameters(remove_duplicate=False))  # tied lm_head too
             with torch.no_grad():
@@ -246,7 +193,7 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
         def save():
             from safetensors.torch import save_file
 
-            base = self._loaded.model.base
+            base = self.model.base
             keep = _shard_prefixes(self.shard, False)
             weights = {k: v.detach().clone() for k, v in base.state_dict().items()
                        if k.startswith(keep) and not v.is_meta}

@@ -2,7 +2,7 @@
 
 ``node`` serves one shard (``mlx_medusa node``), ``client.RingClient`` drives a
 request through running nodes, ``launcher.LocalRing`` starts local node processes
-(``mlx_medusa ring``). ``node_service.proto`` is the schema; ``wire`` converts
+(``mlx_medusa ring``). ``node_service.proto`` is the schema; ``proto`` converts
 its messages to numpy arrays and ``inference_state`` dicts, validated.
 
 ``node_service_pb2.py`` and ``node_service_pb2_grpc.py`` are generated (grpcio-tools

@@ -23,9 +23,8 @@ from ..exo.node_hook import process_result
 from ..exo.shard import Shard
 from . import node_service_pb2 as pb
 from . import node_service_pb2_grpc as pb_grpc
-from . import wire
-from .node import ORIGIN_KEY, HOP_MARGIN_S
-from .wire import describe
+from . import proto
+from .proto import HOP_MARGIN_S, ORIGIN_KEY, describe
 
 DEFAULT_TIMEOUT_S = 60.0  # per pass, for the whole ring
 FINISH_TIMEOUT_S = 2.0
@@ -128,7 +127,7 @@ class RingClient:
 
     def _stub(self, address: str) -> pb_grpc.NodeServiceStub:
         if address not in self._channels:
-            self._channels[address] = grpc.insecure_channel(address, options=wire.CHANNEL_OPTIONS)
+            self._channels[address] = grpc.insecure_channel(address, options=proto.CHANNEL_OPTIONS)
         return pb_grpc.NodeServiceStub(self._channels[address])
 
     def _drop(self, address: str) -> None:
@@ -143,7 +142,7 @@ class RingClient:
             return RingError(e.details(), e.code(), origin)
         if e.code() == grpc.StatusCode.UNAVAILABLE:
             self._drop(node.address)
-        what = wire.peer_failure(e.code(), timeout)
+        what = proto.peer_failure(e.code(), timeout)
         return RingError(f"{node} {what} ({e.code().name}: {e.details()})", e.code(), node.address)
 
     def health(self, timeout: float = 5.0) -> list[pb.HealthCheckResponse]:
@@ -157,7 +156,7 @@ class RingClient:
         return out
 
     def _route(self) -> list[pb.Peer]:
-        return [pb.Peer(address=n.address, shard=wire.shard_to_proto(n.shard)) for n in self.nodes[1:]]
+        return [pb.Peer(address=n.address, shard=proto.shard_to_proto(n.shard)) for n in self.nodes[1:]]
 
     def _call(self, method: str, request) -> pb.PassResult:
         first = self.nodes[0]
@@ -180,7 +179,7 @@ class RingClient:
         rid = request_id or uuid.uuid4().hex
         eos = None if eos_token_ids is None else [int(i) for i in eos_token_ids]
         state = st.initial_state(temp, top_p, acceptance, seed, medusa)
-        shard0 = wire.shard_to_proto(self.nodes[0].shard)
+        shard0 = proto.shard_to_proto(self.nodes[0].shard)
         totals = [NodeTotals(n.address, n.backend, n.shard.start_layer, n.shard.end_layer) for n in self.nodes]
         tokens: list[int] = []
         compute = prompt_s = 0.0
@@ -190,13 +189,13 @@ class RingClient:
         try:
             if isinstance(prompt, str):
                 request = pb.PromptRequest(shard=shard0, prompt=prompt, request_id=rid,
-                                           inference_state=wire.state_to_proto(state), route=self._route())
+                                           inference_state=proto.state_to_proto(state), route=self._route())
                 result = self._call("SendPrompt", request)
                 prompt_ids = list(result.prompt_tokens)
             else:
                 prompt_ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
-                request = pb.TensorRequest(shard=shard0, tensor=wire.tensor_to_proto(np.array([prompt_ids])),
-                                           request_id=rid, inference_state=wire.state_to_proto(state),
+                request = pb.TensorRequest(shard=shard0, tensor=proto.tensor_to_proto(np.array([prompt_ids])),
+                                           request_id=rid, inference_state=proto.state_to_proto(state),
                                            route=self._route())
                 result = self._call("SendTensor", request)
             while True:
@@ -218,8 +217,8 @@ class RingClient:
                 if step.finished:
                     break
                 passes += 1
-                request = pb.TensorRequest(shard=shard0, tensor=wire.tensor_to_proto(step.next_input),
-                                           request_id=rid, inference_state=wire.state_to_proto(step.next_state),
+                request = pb.TensorRequest(shard=shard0, tensor=proto.tensor_to_proto(step.next_input),
+                                           request_id=rid, inference_state=proto.state_to_proto(step.next_state),
                                            route=self._route())
                 result = self._call("SendTensor", request)
         finally:
@@ -233,7 +232,7 @@ class RingClient:
     def _result_state(self, result: pb.PassResult) -> dict:
         last = self.nodes[-1]
         try:
-            out_state = wire.state_from_proto(result.inference_state)
+            out_state = proto.state_from_proto(result.inference_state)
         except ValueError as e:
             raise RingError(f"{last} returned a malformed inference_state: {e}", node=last.address) from None
         if st.emitted_tokens(out_state) is None:

@@ -298,12 +298,18 @@ def _csv(text: str, n: int, what: str, cast=str) -> list:
 
 
 def load_tokenizer(model: str):
-    """mlx-lm's tokenizer wrapper (a streaming detokenizer, the config's EOS ids) for the model folder."""
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
-
+    """The model folder's tokenizer with a streaming detokenizer and the config's EOS ids: mlx-lm's
+    wrapper where MLX is installed, else the torch backend's (the same ids and text)."""
+    from ..backends import resolve_backend
     from ..exo.downloader import LocalShardDownloader
 
     folder = LocalShardDownloader().model_path(model)
+    if resolve_backend("auto") == "torch":
+        from ..torch_compat.generate import load_tokenizer as torch_load_tokenizer
+
+        return torch_load_tokenizer(folder)
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
     config = json.loads((folder / "config.json").read_text())
     return mlx_load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
 
@@ -330,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         ring.start()
         tokenizer = load_tokenizer(args.model)
-        from ..generate import apply_template
+        from ..core.generation import apply_template
 
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         # Token ids with the template applied; raw text is encoded by the first node (exo's SendPrompt).

@@ -31,11 +31,9 @@ import numpy as np
 from ..exo.shard import Shard
 from . import node_service_pb2 as pb
 from . import node_service_pb2_grpc as pb_grpc
-from . import wire
-from .wire import describe
+from . import proto
+from .proto import HOP_MARGIN_S, ORIGIN_KEY, describe
 
-ORIGIN_KEY = "ring-origin"  # trailing metadata: the address of the node an error is about
-HOP_MARGIN_S = 1.0  # each forward gets the caller's remaining time less this
 NO_DEADLINE_HOP_S = 60.0  # a forward's deadline when the caller set none: every RPC has one
 MIN_HOP_S = 0.1
 BACKENDS = ("mlx", "torch")
@@ -68,7 +66,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
             shard = self._own_shard(request.shard)
             if not shard.is_first_layer():
                 raise ValueError(f"{self.name} is not the first shard: send the prompt to the node holding layer 0")
-            state = wire.state_from_proto(request.inference_state) if request.HasField("inference_state") else None
+            state = proto.state_from_proto(request.inference_state) if request.HasField("inference_state") else None
             ids = np.asarray(await self.engine.encode(shard, request.prompt)).reshape(1, -1)
             result = await self._pass(request.request_id, ids, state, request.route, context, 0.0)
             result.prompt_tokens.extend(ids[0].tolist())
@@ -80,8 +78,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
         async def run():
             t0 = time.perf_counter()
             self._own_shard(request.shard)
-            x = wire.tensor_from_proto(request.tensor)
-            state = wire.state_from_proto(request.inference_state) if request.HasField("inference_state") else None
+            x = proto.tensor_from_proto(request.tensor)
+            state = proto.state_from_proto(request.inference_state) if request.HasField("inference_state") else None
             return await self._pass(request.request_id, x, state, request.route, context, time.perf_counter() - t0)
 
         return await self._guard(run(), context)
@@ -92,20 +90,20 @@ class NodeService(pb_grpc.NodeServiceServicer):
         return pb.Empty()
 
     async def HealthCheck(self, request: pb.HealthCheckRequest, context) -> pb.HealthCheckResponse:
-        return pb.HealthCheckResponse(is_healthy=True, shard=wire.shard_to_proto(self.shard), backend=self.backend,
+        return pb.HealthCheckResponse(is_healthy=True, shard=proto.shard_to_proto(self.shard), backend=self.backend,
                                       pid=os.getpid())
 
     # ----------------------------------------------------------------- the pass
 
     def _own_shard(self, msg: pb.Shard) -> Shard:
-        shard = wire.shard_from_proto(msg)
+        shard = proto.shard_from_proto(msg)
         if shard != self.shard:
             raise ValueError(f"{self.name} holds {self.shard}, not {shard}")
         return shard
 
     def _route(self, route) -> list[tuple[str, Shard]]:
         """The peers after this node, checked to hold the rest of the model's layers in order."""
-        peers = [(p.address, wire.shard_from_proto(p.shard)) for p in route]
+        peers = [(p.address, proto.shard_from_proto(p.shard)) for p in route]
         expect = self.shard.end_layer + 1
         for address, s in peers:
             if not address:
@@ -124,17 +122,17 @@ class NodeService(pb_grpc.NodeServiceServicer):
         t0 = time.perf_counter()
         out, out_state = await self.engine.infer_tensor(request_id, self.shard, x, state)
         t1 = time.perf_counter()
-        stats = pb.NodeStats(address=self.address, shard=wire.shard_to_proto(self.shard), backend=self.backend,
+        stats = pb.NodeStats(address=self.address, shard=proto.shard_to_proto(self.shard), backend=self.backend,
                              tokens=int(np.shape(x)[1]), compute_s=t1 - t0, decode_s=decode_s)
         if not peers:
-            result = pb.PassResult(inference_state=wire.state_to_proto(out_state))
+            result = pb.PassResult(inference_state=proto.state_to_proto(out_state))
             stats.encode_s = time.perf_counter() - t1
             result.stats.append(stats)
             return result
         (address, shard), rest = peers[0], peers[1:]
-        request = pb.TensorRequest(shard=wire.shard_to_proto(shard), tensor=wire.tensor_to_proto(out),
-                                   request_id=request_id, inference_state=wire.state_to_proto(out_state),
-                                   route=[pb.Peer(address=a, shard=wire.shard_to_proto(s)) for a, s in rest])
+        request = pb.TensorRequest(shard=proto.shard_to_proto(shard), tensor=proto.tensor_to_proto(out),
+                                   request_id=request_id, inference_state=proto.state_to_proto(out_state),
+                                   route=[pb.Peer(address=a, shard=proto.shard_to_proto(s)) for a, s in rest])
         t2 = time.perf_counter()
         stats.encode_s = t2 - t1
         reply = await self._forward(address, shard, request, context)
@@ -146,7 +144,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
         timeout = NO_DEADLINE_HOP_S if remaining is None else max(MIN_HOP_S, remaining - HOP_MARGIN_S)
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=wire.CHANNEL_OPTIONS)
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=proto.CHANNEL_OPTIONS)
         try:
             return await pb_grpc.NodeServiceStub(channel).SendTensor(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
@@ -158,7 +156,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
             if e.code() == grpc.StatusCode.UNAVAILABLE and self._channels.get(address) is channel:
                 del self._channels[address]
                 await channel.close()
-            what = wire.peer_failure(e.code(), timeout)
+            what = proto.peer_failure(e.code(), timeout)
             raise RingNodeError(e.code(), f"{describe(address, shard)} {what} ({e.code().name}: {e.details()})",
                                 address) from None
 
@@ -208,7 +206,7 @@ def resolve_heads_and_tree(model: str, heads: str | None, tree: str | None,
     from pathlib import Path
 
     from ..exo.downloader import LocalShardDownloader
-    from ..loading import default_tree_for
+    from ..core.heads_format import default_tree_for
 
     if heads is None:
         found = LocalShardDownloader().heads_path(model)
@@ -259,7 +257,7 @@ async def serve(args) -> None:
     engine = make_engine(args.backend, args.model, heads, tree, args.max_kv_size, args.device)
     await engine.ensure_shard(shard)  # load before serving: a ready node answers at once
 
-    server = grpc.aio.server(options=wire.SERVER_OPTIONS)
+    server = grpc.aio.server(options=proto.SERVER_OPTIONS)
     try:
         port = server.add_insecure_port(format_address(args.host, args.port))
     except RuntimeError as e:

@@ -8,6 +8,7 @@ import torch
 
 from ..core.heads_format import default_heads_for, default_tree_for
 from ..core.tree import ROOT_ONLY, load_tree, tree_choices
+from .generate import load_tokenizer
 from .heads import load_heads
 from .model import MedusaModel
 
@@ -46,9 +47,10 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
         device: default CUDA when available, else CPU.
 
     Returns:
-        (MedusaModel, tokenizer): the tokenizer is transformers' own.
+        (MedusaModel, tokenizer): transformers' tokenizer with mlx-lm's ``eos_token_ids`` and
+        ``detokenizer`` (``TokenizerWrapper``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..default_model import resolve_model_path
 
@@ -60,7 +62,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
     dtype = parse_dtype(dtype) or default_dtype(device)
     base = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     base = base.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_tokenizer(path)
     medusa_heads = None
     if heads_path is not None:
         medusa_heads = load_heads(heads_path, base.config.hidden_size, base.config.vocab_size,

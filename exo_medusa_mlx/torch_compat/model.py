@@ -102,16 +102,8 @@ class MedusaModel(MedusaBase):
         return self.base.config.num_hidden_layers
 
     @property
-    def vocab_size(self) -> int:
-        return self.base.config.vocab_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.base.config.hidden_size
-
-    @property
-    def max_context(self) -> int | None:
-        return getattr(self.base.config, "max_position_embeddings", None)
+    def config(self):
+        return self.base.config
 
     @property
     def device(self) -> torch.device:
@@ -131,13 +123,17 @@ class MedusaModel(MedusaBase):
         return [] if eos is None else [int(e) for e in np.atleast_1d(eos)]
 
     def eos_ids(self, tokenizer) -> list[int]:
+        """The wrapper's (config.json's and the tokenizer's); for a bare transformers tokenizer, the
+        generation config's and the tokenizer's."""
+        if getattr(tokenizer, "eos_token_ids", None) is not None:
+            return list(tokenizer.eos_token_ids)
         own = getattr(tokenizer, "eos_token_id", None)
         return sorted(set(self.eos_token_ids) | ({int(own)} if own is not None else set()))
 
     def detokenizer(self, tokenizer):
         from .generate import StreamingDetokenizer
 
-        return StreamingDetokenizer(tokenizer)
+        return getattr(tokenizer, "detokenizer", None) or StreamingDetokenizer(tokenizer)
 
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
@@ -160,12 +156,17 @@ class MedusaModel(MedusaBase):
         """Whether ``rows_product`` pays for ``rows`` rows: 2-64 of them, on a CPU."""
         return transposes(rows, self.device)
 
+    def placed(self, caches=None, transposed: bool = False):
+        """Within: the decoder layers' linears are ``RowsLinear`` if ``transposed`` (as
+        MLX's ``placed``; the tree's positions reach transformers as ``position_ids``)."""
+        return swapped_class(self._linears, RowsLinear if transposed else None)
+
     @torch.inference_mode()
     def hidden(self, tokens, caches: MedusaCache, transposed: bool = False) -> torch.Tensor:
         """Normed last hidden states (T, H) of ``tokens`` (T,), for the forward ``caches.ctx`` began."""
         ctx = caches.ctx
         tokens = torch.as_tensor(tokens if torch.is_tensor(tokens) else np.asarray(tokens), dtype=torch.long)
-        with swapped_class(self._linears, RowsLinear if transposed else None):
+        with self.placed(caches, transposed):
             out = self.base.model(input_ids=tokens.to(self.device).view(1, -1), attention_mask=ctx.mask,
                                   position_ids=ctx.positions, use_cache=True, **{self._cache_arg: caches})
         return out.last_hidden_state[0]

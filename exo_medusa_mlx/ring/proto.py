@@ -1,19 +1,20 @@
-"""Protobuf messages <-> numpy arrays, shards and ``inference_state`` dicts, validated.
+"""The ring's gRPC transport: protobuf messages <-> exo's wire dicts (``exo/wire.py``), channel options,
+and what node and client share about errors.
 
-The checks are ``exo.state``'s (dtype from a fixed list, byte count against the
-shape, JSON that parses to an object, the Medusa keys well formed); this module
-only moves fields between protobuf and the dicts those functions take. Nothing
-but JSON and raw array bytes is ever decoded.
+The checks are ``exo.wire``'s and ``exo.state``'s; this module only moves fields
+between protobuf and the dicts those functions take.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..exo import state as st
+from ..exo import wire
 from ..exo.shard import Shard
 from . import node_service_pb2 as pb
 
+ORIGIN_KEY = "ring-origin"  # trailing metadata: the address of the node an error is about
+HOP_MARGIN_S = 1.0  # each forward gets the caller's remaining time less this
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # exo's limit, on every server and channel
 # Fail fast on a dead peer, and reconnect quickly to a restarted one.
 CHANNEL_OPTIONS = [
@@ -41,17 +42,17 @@ def shard_from_proto(msg: pb.Shard) -> Shard:
 
 
 def tensor_to_proto(a: np.ndarray) -> pb.Tensor:
-    return pb.Tensor(**st.encode_tensor(a))
+    return pb.Tensor(**wire.encode_tensor(a))
 
 
 def tensor_from_proto(msg: pb.Tensor) -> np.ndarray:
-    return st.decode_tensor({"tensor_data": msg.tensor_data, "shape": list(msg.shape), "dtype": msg.dtype})
+    return wire.decode_tensor({"tensor_data": msg.tensor_data, "shape": list(msg.shape), "dtype": msg.dtype})
 
 
 def state_to_proto(state: dict | None) -> pb.InferenceState:
-    wire = st.encode_state(state)
-    return pb.InferenceState(tensor_data={k: pb.Tensor(**t) for k, t in wire["tensor_data"].items()},
-                             other_data_json=wire["other_data_json"])
+    encoded = wire.encode_state(state)
+    return pb.InferenceState(tensor_data={k: pb.Tensor(**t) for k, t in encoded["tensor_data"].items()},
+                             other_data_json=encoded["other_data_json"])
 
 
 def state_from_proto(msg: pb.InferenceState) -> dict:
@@ -60,7 +61,7 @@ def state_from_proto(msg: pb.InferenceState) -> dict:
                          "used by Medusa engines; send arrays in tensor_data")
     tensors = {k: {"tensor_data": t.tensor_data, "shape": list(t.shape), "dtype": t.dtype}
                for k, t in msg.tensor_data.items()}
-    return st.decode_state({"tensor_data": tensors, "other_data_json": msg.other_data_json})
+    return wire.decode_state({"tensor_data": tensors, "other_data_json": msg.other_data_json})
 
 
 def peer_failure(code, timeout: float | None) -> str:

@@ -21,11 +21,11 @@ from contextlib import contextmanager
 import mlx.core as mx
 import openai
 import pytest
-import uvicorn
 from mlx.utils import tree_flatten
 
 from exo_medusa_mlx import load, stream_generate
-from exo_medusa_mlx.server import Scheduler, Settings, create_app
+from exo_medusa_mlx.server import Scheduler, Settings
+from exo_medusa_mlx.server.main import make_server
 from exo_medusa_mlx.server.stops import StopMatcher
 from exo_medusa_mlx.streaming import chat_ids, encode_prompt
 from tiny import CONFIGS, VOCAB, random_heads, tiny_base
@@ -81,10 +81,10 @@ def serving(folder, *, backend="mlx", queue_size=32, time_limit=300.0, **setting
         loader = load if folder is None else (lambda: load(str(folder), heads=folder / "medusa", tree=TREE))
         gen, on_exit = stream_generate, mx.clear_streams
     scheduler = Scheduler(loader, gen, queue_size, time_limit, on_exit)
-    app = create_app(scheduler, Settings(settings.pop("model_id", MODEL_ID), **settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = make_server(scheduler, Settings(settings.pop("model_id", MODEL_ID), **settings), "127.0.0.1", 0,
+                         "warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -364,6 +364,34 @@ def test_disconnect_stops_the_generation(server):
     outcome, tokens = _wait_finished(scheduler, before + 1)
     assert outcome == "cancelled" and tokens < 480
     assert post(url, "/v1/chat/completions", GOOD)[0] == 200
+
+
+def test_shutdown_ends_running_and_queued_generations(folder):
+    out = {}
+
+    def stream(url):
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "t5 t6", "max_tokens": 480, "stream": True}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        out["first"] = resp.readline()
+        out["stream"] = resp.read()
+
+    with serving(folder) as (url, scheduler):
+        running = threading.Thread(target=stream, args=(url,))
+        running.start()
+        while "first" not in out:
+            time.sleep(0.01)
+        queued = ThreadPoolExecutor(1).submit(post, url, "/v1/completions", {"prompt": "t5", "max_tokens": 480})
+        time.sleep(0.3)
+        tic = time.monotonic()
+    assert time.monotonic() - tic < 4  # not the 5 s uvicorn waits before it cancels connections
+    running.join(10)
+    status, body, _ = queued.result(10)
+    assert status == 503 and body["error"]["code"] == "shutting_down"
+    assert b'"code": "shutting_down"' in out["stream"] and b"[DONE]" not in out["stream"]
+    assert [outcome for outcome, _ in scheduler.finished] == ["cancelled", "cancelled"]
 
 
 def test_time_limit_ends_a_request(folder):

@@ -124,6 +124,8 @@ class API:
         try:
             async for last in job.stream():
                 text += last.text
+        except APIError:
+            raise
         except Exception as e:
             raise APIError(500, f"generation failed: {e}", type="server_error") from None
         finally:
@@ -146,7 +148,8 @@ class API:
                         yield sse(shape.usage_chunk(d))
             yield DONE
         except Exception as e:  # headers are sent: the error goes in the stream, as OpenAI's does
-            yield sse(APIError(500, f"generation failed: {e}", type="server_error").body())
+            error = e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}", type="server_error")
+            yield sse(error.body())
         finally:
             job.cancel()  # StreamingResponse cancels this generator when the client disconnects
 

@@ -80,12 +80,26 @@ def check_args(args) -> None:
         raise ValueError(f"--top-p {args.top_p} must be in (0, 1]")
 
 
+def make_server(scheduler, settings, host: str, port: int, log_level: str = "info"):
+    """A uvicorn server for the app whose shutdown first ends the running and queued generations
+    (their clients get a 503 error), so it need not wait for them or cancel their connections."""
+    import uvicorn
+
+    from .app import create_app
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            scheduler.cancel_all()
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(create_app(scheduler, settings), host=host, port=port, log_level=log_level,
+                                 timeout_graceful_shutdown=5))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
-    from .app import Settings, create_app
+    from .app import Settings
     from .scheduler import Scheduler
 
     try:
@@ -104,8 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger(__name__).info("serving %s (Medusa: %s) on http://%s:%d", settings.model_id, medusa,
                                      args.host, args.port)
     try:
-        uvicorn.run(create_app(scheduler, settings), host=args.host, port=args.port,
-                    log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+        make_server(scheduler, settings, args.host, args.port, args.log_level.lower()).run()
     finally:
         scheduler.close()
 

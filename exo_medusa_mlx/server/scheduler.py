@@ -52,13 +52,16 @@ class Job:
 
     def put(self, item: Delta | BaseException) -> None:
         """From the worker thread."""
-        self._loop.call_soon_threadsafe(self._deltas.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(self._deltas.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody reads any more
+            self.cancelled.set()
 
-    def cancel(self) -> None:
-        """From the event loop: the worker stops at its next step, ``stream`` ends now."""
+    def cancel(self, error: APIError | None = None) -> None:
+        """From the event loop: the worker stops at its next step; ``stream`` ends now (raising ``error``)."""
         if not self.cancelled.is_set():
             self.cancelled.set()
-            self._deltas.put_nowait(None)
+            self._deltas.put_nowait(error)
 
     async def stream(self) -> AsyncIterator[Delta]:
         """Deltas as they come (those that arrived together as one); ends after the finishing one."""
@@ -110,6 +113,7 @@ class Scheduler:
         self.queue_size, self.time_limit = queue_size, time_limit
         self._stream_generate, self._gen_kwargs = stream_generate, gen_kwargs
         self._slots = threading.BoundedSemaphore(queue_size + 1)
+        self._jobs: set[Job] = set()  # queued or running
         self.finished: deque[tuple[str, int]] = deque(maxlen=1024)  # (outcome, tokens) of recent jobs
 
     def submit(self, args: GenerationArgs) -> Job:
@@ -118,8 +122,15 @@ class Scheduler:
             raise APIError(503, f"the server is busy ({self.queue_size} requests waiting): retry later",
                            code="queue_full", type="server_error", headers={"Retry-After": "1"})
         job = Job(args, asyncio.get_running_loop())
+        self._jobs.add(job)
         self._worker.submit(self._run, job)
         return job
+
+    def cancel_all(self) -> None:
+        """On the event loop, when the server shuts down: every job ends at its next step with a 503."""
+        error = APIError(503, "the server is shutting down", code="shutting_down", type="server_error")
+        for job in list(self._jobs):
+            job.cancel(error)
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
@@ -132,6 +143,7 @@ class Scheduler:
             log.exception("generation failed")
             job.put(e)
         finally:
+            self._jobs.discard(job)
             self.finished.append((outcome, tokens))
             self._slots.release()
 

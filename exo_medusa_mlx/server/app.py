@@ -99,8 +99,7 @@ class API:
         job = self.scheduler.submit(args)
         if req.stream:
             shape.include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._events(job, shape), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _JobStream(self._events(job, shape), job)
         return await self._whole(request, job, shape)
 
     def _max_tokens(self, n_prompt: int, prompt_field: str, name: str, value: int | None) -> int:
@@ -150,8 +149,6 @@ class API:
         except Exception as e:  # headers are sent: the error goes in the stream, as OpenAI's does
             error = e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}", type="server_error")
             yield sse(error.body())
-        finally:
-            job.cancel()  # StreamingResponse cancels this generator when the client disconnects
 
     def _authorize(self, request: Request) -> None:
         key = self.settings.api_key
@@ -175,6 +172,21 @@ class API:
             if len(body) > limit:
                 raise too_large
         return bytes(body)
+
+
+class _JobStream(StreamingResponse):
+    """A job's server-sent events; however the response ends (a client that left cancels it), so does the job."""
+
+    def __init__(self, events, job: Job):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:

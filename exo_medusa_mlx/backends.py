@@ -40,3 +40,13 @@ def load(backend: str = "auto", model: str | None = None, heads: str | Path | No
     from .loading import load as mlx_load
 
     return mlx_load(model, heads=heads, tree=tree, dtype=getattr(mx, dtype) if dtype else None)
+
+
+def thread_exit(backend: str):
+    """What a thread that ran the backend's array work must call before it ends (MLX frees the
+    thread's streams, or their cleanup can race interpreter shutdown), or None."""
+    if resolve_backend(backend) == "mlx":
+        import mlx.core as mx
+
+        return mx.clear_streams
+    return None

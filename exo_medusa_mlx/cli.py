@@ -12,6 +12,7 @@ COMMANDS = {
     "bench": "exo_medusa_mlx.bench",
     "node": "exo_medusa_mlx.ring.node",
     "ring": "exo_medusa_mlx.ring.launcher",
+    "server": "exo_medusa_mlx.server.main",
 }
 
 

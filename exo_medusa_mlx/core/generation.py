@@ -119,6 +119,11 @@ def apply_template(tokenizer, prompt: str, system: str | None, use_template: boo
     if not use_template or getattr(tokenizer, "chat_template", None) is None:
         return prompt
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return chat_ids(tokenizer, messages)
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Messages in the tokenizer's chat template, ready for the assistant's answer (ids)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
 

@@ -33,8 +33,9 @@ from ..slots import DEFAULT_KEEP, PREFILL_STEP
 from ..streaming import encode_prompt
 from ..tree import TreeBuffers, build_tree
 from . import state as st
-from .downloader import LocalShardDownloader, find_heads
+from .downloader import LocalShardDownloader
 from .engine import InferenceEngine, InferenceState
+from .heads_source import shard_heads
 from .shard import Shard, as_shard
 from .worker import WorkerThread
 
@@ -128,18 +129,8 @@ class MedusaShardEngine(InferenceEngine):
         if self.shard == shard:
             return
         path = Path(await self.shard_downloader.ensure_shard(shard, self.engine_name))
-        heads, tree = self._heads_and_tree(shard.model_id, path)
+        heads, tree = await shard_heads(self, shard, path)
         await self._run(self._load, shard, path, heads, tree)
-
-    def _heads_and_tree(self, model_id: str, path: Path):
-        dl = self.shard_downloader
-        heads = self.heads
-        if heads is None:
-            heads = dl.heads_path(model_id, path) if hasattr(dl, "heads_path") else find_heads(path)
-        tree = self.tree
-        if tree is None and hasattr(dl, "tree_spec"):
-            tree = dl.tree_spec(model_id)
-        return heads, tree
 
     def _load(self, shard: Shard, path: Path, heads, tree) -> None:
         if self.shard == shard:
@@ -238,6 +229,10 @@ class MedusaShardEngine(InferenceEngine):
             h = self._forward(sess, x, req)
             if req.is_tree:
                 sess.pending = (req.depths, req.tree_mask)
+            if not st.speaks_protocol(state):  # stock exo's node: what exo's own engines return, no state
+                if shard.is_last_layer():
+                    return self._numpy(self._logits(h)).astype(np.float32)[None], None
+                return self._hidden_numpy(h), None
             if shard.is_last_layer():
                 return self._verify_and_propose(sess, h, req, tokens, committed, state)
             out_state = state

@@ -148,13 +148,10 @@ class ExoNode:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
+        """Killed: exo's graceful shutdown waits seconds for its gRPC server, and tests need none."""
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.kill()
+        self.proc.wait()
         self._out.close()
 
 

@@ -5,7 +5,7 @@
 - ``process_inference_result``: on the shard holding the last layer, a pass in our
   protocol emits its tokens through ``node_hook.process_result`` (several per pass, cut at
   EOS and ``--max-generate-tokens``), hands exo's API and the peers only the tokens new in
-  this pass (exo's API appends whatever it receives), and forwards the next pass's input
+  this pass, in pass order (exo's API appends whatever it receives), and forwards the next pass's input
   with its state to the first shard. Every other pass runs exo's own code.
 - ``start``: every node frees a request's caches when it finishes (its own result or a
   peer's broadcast); the last node prints one line per request: tokens, ring passes,
@@ -35,12 +35,28 @@ def _ours(engine) -> bool:
     return isinstance(engine, MedusaShardEngine)
 
 
-def _spawn(node, coro) -> None:
+def _spawn(node, coro) -> asyncio.Task:
     """A task the node keeps a reference to until it is done (asyncio holds tasks weakly)."""
     tasks = node.__dict__.setdefault("_medusa_tasks", set())
     task = asyncio.create_task(coro)
     tasks.add(task)
     task.add_done_callback(tasks.discard)
+    return task
+
+
+async def _after(previous: asyncio.Task | None, coro) -> None:
+    if previous is not None:
+        await previous  # exo's broadcast_result reports its own errors and never raises
+    await coro
+
+
+def _broadcast_in_order(node, request_id: str, tokens: list[int], finished: bool) -> None:
+    """Each pass's tokens reach the peers after the previous pass's: several tokens per pass
+    would otherwise arrive scrambled, or after the final message, should two sends overtake."""
+    last = node.__dict__.setdefault("_medusa_broadcasts", {})
+    last[request_id] = _spawn(node, _after(last.get(request_id), node.broadcast_result(request_id, tokens, finished)))
+    if finished:
+        del last[request_id]  # the task itself still runs
 
 
 def _free_on_finish(node, request_id: str, tokens, is_finished: bool) -> None:
@@ -59,7 +75,7 @@ async def medusa_result(node, shard, result: np.ndarray, request_id: str, infere
     stats = node.__dict__.setdefault("_medusa_passes", {})
     stats[request_id] = stats.get(request_id, 0) + 1
     node.trigger_on_token_callbacks(request_id, step.tokens, step.finished)
-    _spawn(node, node.broadcast_result(request_id, step.tokens, step.finished))
+    _broadcast_in_order(node, request_id, step.tokens, step.finished)
     if step.finished:
         node.buffered_token_output[request_id] = (buffered, True)
         node.outstanding_requests.pop(request_id, None)

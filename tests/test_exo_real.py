@@ -28,7 +28,8 @@ from exo_medusa_mlx.exo.node_hook import process_result
 from exo_medusa_mlx.model import MedusaModel
 from exo_real import (MAX_TOKENS, ExoNode, chat, exo_env, exo_source, free_ports, python_launch, seed_download,
                       wait_for_ring, write_topology)
-from test_exo_engine import N, N_LAYERS, PROMPT, llama, reference, save_hf_folder, tiny_base  # noqa: F401
+from test_exo_engine import (N, N_LAYERS, PROMPT, OracleEngine, llama, reference, save_hf_folder,  # noqa: F401
+                             tiny_base)
 from test_exo_stock import stock_ring
 from tiny import random_heads
 
@@ -169,6 +170,47 @@ def test_exos_serializer_branches(exo_src, llama, monkeypatch, branch):
     assert isinstance(back["extra"], np.ndarray) and back["extra"].tolist() == [1.5, 2.5] and back["n"] == 3
     with pytest.raises(ValueError, match="medusa_positions"):
         from_proto(to_proto(node_service_pb2, {**state, st.POSITIONS: np.array([3, 7])}))
+
+
+class Quiet:
+    """exo's gRPC server and discovery for a node alone: nothing to serve, no peers."""
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def discover_peers(self, wait_for_peers: int = 0) -> list:
+        return []
+
+
+def test_hooked_node_streams_new_tokens_and_frees_caches(exo_src, llama, capsys):
+    """exo's own Node, installed, alone: heads that know the greedy continuation make passes
+    of several tokens; the API's callback must see each token once, the caches go at the end."""
+    from exo.inference.shard import Shard as ExoShard
+    from exo.orchestration.node import Node
+    from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
+
+    install(quiet=True)
+    plain = reference(MedusaModel(llama.base, None), n=N + 8, medusa=False)
+    engine = OracleEngine(llama.dl, np.concatenate([PROMPT, plain]), (0, 1), tree="cpu-8")
+
+    async def ask():
+        node = Node("solo", Quiet(), engine, Quiet(), llama.dl, max_generate_tokens=N,
+                    partitioning_strategy=RingMemoryWeightedPartitioningStrategy())
+        await node.start()
+        got, done = [], asyncio.Event()
+        node.on_token.register("api").on_next(lambda rid, tokens, fin: (got.extend(tokens), fin and done.set()))
+        await node.process_prompt(ExoShard(llama.name, 0, 0, N_LAYERS), " ".join(f"t{i}" for i in PROMPT), "r")
+        await asyncio.wait_for(done.wait(), 120)
+        await asyncio.sleep(0.1)  # the caches are freed by a task the finish started
+        return got
+
+    assert asyncio.run(ask()) == plain[:N]
+    assert engine.request_ids == []
+    tokens, passes = map(int, re.search(r"request r: (\d+) tokens in (\d+) ring passes", capsys.readouterr().out).groups())
+    assert tokens == N and passes < N / 2
 
 
 def test_install_is_idempotent_and_says_what_it_did(exo_src, capsys):

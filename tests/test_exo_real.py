@@ -149,8 +149,8 @@ def test_exos_serializer_branches(exo_src, llama, monkeypatch, branch):
         monkeypatch.setattr(grpc_peer_handle, "mx", mx)
         monkeypatch.setattr(grpc_server, "mx", mx)
     peer, server = GRPCPeerHandle("p", "127.0.0.1:1", "test", None), GRPCServer(None, "127.0.0.1", 1)
-    stock_out = getattr(GRPCPeerHandle.serialize_inference_state, "__wrapped__", GRPCPeerHandle.serialize_inference_state)
-    stock_in = getattr(GRPCServer.deserialize_inference_state, "__wrapped__", GRPCServer.deserialize_inference_state)
+    stock_out, stock_in = (getattr(f, "__wrapped__", f) for f in (GRPCPeerHandle.serialize_inference_state,
+                                                                 GRPCServer.deserialize_inference_state))
 
     def stock_hop(state):
         return stock_in(server, stock_out(peer, state))
@@ -209,7 +209,8 @@ def test_hooked_node_streams_new_tokens_and_frees_caches(exo_src, llama, capsys)
 
     assert asyncio.run(ask()) == plain[:N]
     assert engine.request_ids == []
-    tokens, passes = map(int, re.search(r"request r: (\d+) tokens in (\d+) ring passes", capsys.readouterr().out).groups())
+    said = re.search(r"request r: (\d+) tokens in (\d+) ring passes", capsys.readouterr().out)
+    tokens, passes = map(int, said.groups())
     assert tokens == N and passes < N / 2
 
 
@@ -281,7 +282,8 @@ def test_exo_ring_answers_as_plain_decoding(exo_src, plain_answers, tmp_path, ri
                                  tmp_path / f"{node_id}.log", "--wait-for-peers", str(n - 1)))
         for node in nodes:
             wait_for_ring(node, n)
-        answers = [chat(nodes[0], CARD, q) for q in QUESTIONS]
+        # Asked at the node holding the first layers, then at the last one (it forwards the prompt).
+        answers = [chat(node, CARD, q) for node, q in zip((nodes[0], nodes[-1]), QUESTIONS)]
     finally:
         for node in nodes:
             node.stop()

@@ -75,11 +75,12 @@ def test_local_downloader_has_exos_on_progress():
 
 
 def test_model_cards_give_torch_float_weights():
-    cards = {
-        "llama-3.2-1b": {"layers": 16, "repo": {"MLXDynamicShardInferenceEngine": "mlx-community/Llama-3.2-1B-Instruct-4bit",
-                                                "TinygradDynamicShardInferenceEngine": "unsloth/Llama-3.2-1B-Instruct"}},
-        "qwen-2.5-0.5b": {"layers": 28, "repo": {"MLXDynamicShardInferenceEngine": "mlx-community/Qwen2.5-0.5B-Instruct-4bit"}},
-        "gemma2-9b": {"layers": 42, "repo": {"MLXDynamicShardInferenceEngine": "mlx-community/gemma-2-9b-it-4bit"}},
+    mlx, tinygrad = "MLXDynamicShardInferenceEngine", "TinygradDynamicShardInferenceEngine"
+    cards = {  # as in exo's models.py
+        "llama-3.2-1b": {"layers": 16, "repo": {mlx: "mlx-community/Llama-3.2-1B-Instruct-4bit",
+                                                tinygrad: "unsloth/Llama-3.2-1B-Instruct"}},
+        "qwen-2.5-0.5b": {"layers": 28, "repo": {mlx: "mlx-community/Qwen2.5-0.5B-Instruct-4bit"}},
+        "gemma2-9b": {"layers": 42, "repo": {mlx: "mlx-community/gemma-2-9b-it-4bit"}},
     }
     added, corrected = add_model_cards(cards, OURS)
     assert corrected == ["qwen-2.5-0.5b: 28 -> 24"] and cards["qwen-2.5-0.5b"]["layers"] == 24

@@ -30,13 +30,14 @@ _NODE = "exo.orchestration.node"
 class Installation:
     """What ``install`` found and changed."""
 
+    engines: tuple[str, ...]  # our engine names exo now builds
     registration: str  # register_with_exo's account
     patched: tuple[str, ...]  # exo functions this call replaced
     already: bool  # an earlier call had installed everything
 
     def __str__(self) -> str:
         if self.already:
-            return "exo-medusa: already installed in exo (nothing changed)"
+            return f"exo-medusa: already installed in exo (engines {', '.join(self.engines)}); nothing changed"
         return f"exo-medusa: {self.registration}; patched {', '.join(self.patched)}"
 
 
@@ -79,7 +80,7 @@ def install(quiet: bool = False) -> Installation:
     patched = exo_node.patch_node(node.Node)
     patched += _patch(peer.GRPCPeerHandle, "serialize_inference_state", _serializer(pb2))
     patched += _patch(server.GRPCServer, "deserialize_inference_state", _deserializer())
-    done = Installation(reg.detail, tuple(patched), already=not patched)
+    done = Installation(reg.engines, reg.detail, tuple(patched), already=not patched)
     if not quiet:
         print(done, flush=True)
     return done

@@ -191,7 +191,8 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
         if self.shard.is_first_layer():
             h = inner.embed_tokens(torch.from_numpy(x).to(self.device))  # (1, T, H)
         else:
-            h = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self._dtype)
+            # exo's gRPC server hands over read-only np.frombuffer arrays: torch wants writable ones.
+            h = torch.from_numpy(np.require(x, requirements="CW")).to(self.device, self._dtype)
         out = self._layer_pass(sess, h, req, lambda outs: torch.cat(outs, dim=1))
         if self.shard.is_last_layer():
             out = inner.norm(out)

@@ -13,6 +13,7 @@ COMMANDS = {
     "node": "exo_medusa_mlx.ring.node",
     "ring": "exo_medusa_mlx.ring.launcher",
     "server": "exo_medusa_mlx.server.main",
+    "exo": "exo_medusa_mlx.exo.launch",
 }
 
 

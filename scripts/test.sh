@@ -5,6 +5,11 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh test || exit 1
 # shellcheck disable=SC1091
 . .venv/bin/activate
+# exo 0.0.x's source for tests/test_exo_real.py, where it sits beside the checkout.
+if [ -z "${EXO_SRC:-}" ] && [ -d ../shared/exo-0.0.x ]; then
+  EXO_SRC="$(cd ../shared/exo-0.0.x && pwd)"
+  export EXO_SRC
+fi
 # The test extra is installed: a module skipped for a missing import would hide a feature.
 EXO_MEDUSA_REQUIRE_ALL=1 python -m pytest -q "$@"
 rc=$?

@@ -109,8 +109,11 @@ def test_malformed_state_fails_in_one_line():
     bad_tree[3, 1] = True  # node 3 sees a second ancestor: depths disagree
     with pytest.raises(ValueError, match="not a tree"):
         st.parse_request({st.DEPTHS: TREE.depths, st.TREE_MASK: bad_tree})
-    with pytest.raises(ValueError, match="cannot travel"):
-        wire.encode_state({"x": [1, 2]})
+    with pytest.raises(ValueError, match="only arrays, lists of arrays and JSON values travel"):
+        wire.encode_state({"x": object()})
+    # exo's own state may carry JSON values and lists of arrays: they travel too.
+    back = wire.decode_state(wire.encode_state({"x": [1, 2], "y": [np.arange(3), np.ones((2, 2))]}))
+    assert back["x"] == [1, 2] and [a.tolist() for a in back["y"]] == [[0, 1, 2], [[1.0, 1.0], [1.0, 1.0]]]
     with pytest.raises(ValueError, match="dtype object cannot travel"):
         wire.encode_state({"x": np.array([None])})
     with pytest.raises(ValueError, match="not a Medusa last shard's output"):

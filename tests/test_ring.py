@@ -150,8 +150,8 @@ def test_malformed_messages_are_refused_and_the_node_keeps_serving(ring, ref):
     expect_invalid("non-negative ints", tensor=pb.Tensor(tensor_data=b"", shape=[1, -3, 576], dtype="float32"))
     expect_invalid("not valid JSON", state=pb.InferenceState(other_data_json="{not json"))
     expect_invalid("must hold an object", state=pb.InferenceState(other_data_json="[1, 2]"))
-    expect_invalid("tensor_list_data", state=pb.InferenceState(
-        tensor_list_data={"x": pb.TensorList(tensors=[proto.tensor_to_proto(good)])}))
+    expect_invalid("['x']: tensor dtype 'float128'", state=pb.InferenceState(
+        tensor_list_data={"x": pb.TensorList(tensors=[pb.Tensor(tensor_data=b"", shape=[0], dtype="float128")])}))
     expect_invalid("expected non-empty int array", state=pb.InferenceState(
         tensor_data={st.DEPTHS: proto.tensor_to_proto(np.zeros(3, np.float32))}))
     expect_invalid("holds", shard=first.shard)  # not this node's layers

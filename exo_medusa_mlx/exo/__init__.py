@@ -3,11 +3,13 @@
 ``Shard`` and ``InferenceEngine`` mirror exo 0.0.x's contract;
 ``MedusaMLXInferenceEngine`` runs one shard on MLX; ``MedusaTorchInferenceEngine``
 (imported on first use) on PyTorch. ``state`` holds the ring protocol,
-``ring.run_ring`` an in-process ring, ``registry.register_with_exo`` the exo hookup.
+``ring.run_ring`` an in-process ring, ``registry.register_with_exo`` the exo hookup,
+``install()`` the hookup with Medusa (``mlx_medusa exo`` runs exo's node after it).
 """
 
 from .downloader import LocalShardDownloader
 from .engine import InferenceEngine
+from .hookup import install
 from .ring import run_ring, run_ring_async
 from .shard import Shard
 
@@ -18,6 +20,7 @@ __all__ = [
     "MedusaMLXInferenceEngine",
     "MedusaTorchInferenceEngine",
     "Shard",
+    "install",
     "run_ring",
     "run_ring_async",
 ]

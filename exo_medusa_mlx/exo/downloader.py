@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from ..default_model import DEFAULT_MODEL_ID
 from ..core.heads_format import default_heads_for, find_heads
@@ -30,6 +30,35 @@ def config_layers(folder: Path) -> int | None:
     return n if isinstance(n, int) else None
 
 
+class _Callback:
+    def __init__(self):
+        self.observers: list[Callable] = []
+
+    def on_next(self, fn: Callable) -> None:
+        self.observers.append(fn)
+
+    def set(self, *args) -> None:
+        for fn in self.observers:
+            fn(*args)
+
+
+class ProgressCallbacks:
+    """exo's progress callback shape: ``register(name).on_next(fn)``, ``trigger_all(shard, event)``."""
+
+    def __init__(self):
+        self.callbacks: dict[str, _Callback] = {}
+
+    def register(self, name: str) -> _Callback:
+        return self.callbacks.setdefault(name, _Callback())
+
+    def deregister(self, name: str) -> None:
+        self.callbacks.pop(name, None)
+
+    def trigger_all(self, *args) -> None:
+        for callback in list(self.callbacks.values()):
+            callback.set(*args)
+
+
 class LocalShardDownloader:
     """Model ids to local Hugging Face folders; the default model is always served.
 
@@ -44,6 +73,13 @@ class LocalShardDownloader:
         self.models = {k: Path(v) for k, v in (models or {}).items()}
         self.heads = {k: Path(v) for k, v in (heads or {}).items()}
         self.trees = dict(trees or {})
+        self._progress = ProgressCallbacks()
+
+    @property
+    def on_progress(self) -> ProgressCallbacks:
+        """Where exo's main registers its download-progress broadcast; local folders never
+        download, so nothing is triggered."""
+        return self._progress
 
     def register(self, model_id: str, folder: str | Path, heads: str | Path | None = None, tree=None) -> None:
         self.models[model_id] = Path(folder)

@@ -63,6 +63,16 @@ class InferenceEngine(ABC):
         tokens = await self.encode(shard, prompt)
         return await self.infer_tensor(request_id, shard, np.asarray(tokens).reshape(1, -1), inference_state)
 
+    async def train(self, request_id: str, shard: Shard, inputs, targets, lengths, *args, **kwargs):
+        """exo's training step (``exo train``): not offered; the base model stays frozen."""
+        raise NotImplementedError(f"{type(self).__name__} does not train in exo; train Medusa heads with "
+                                  "`mlx_medusa train`")
+
+    async def evaluate(self, request_id: str, shard: Shard, inputs, targets, lengths, *args, **kwargs):
+        """exo's evaluation step (``exo eval``): not offered."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate in exo; `mlx_medusa train` reports "
+                                  "the heads' validation accuracy")
+
     async def save_session(self, key: str, value: Any) -> None:
         if not hasattr(self, "session"):
             self.session = {}

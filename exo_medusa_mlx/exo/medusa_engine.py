@@ -29,9 +29,9 @@ from ..core.generation import encode_prompt
 from ..core.slots import DEFAULT_KEEP, run_committed
 from ..core.step import ROOT_ONLY, Verified, advance, read
 from . import state as st
-from ..core.heads_format import find_heads
 from .downloader import LocalShardDownloader
 from .engine import InferenceEngine, InferenceState
+from .heads_source import shard_heads
 from .sessions import Session, Sessions
 from .shard import Shard, as_shard
 from .worker import WorkerThread
@@ -101,18 +101,8 @@ class MedusaShardEngine(InferenceEngine):
         if self.shard == shard:
             return
         path = Path(await self.shard_downloader.ensure_shard(shard, self.engine_name))
-        heads, tree = self._heads_and_tree(shard.model_id, path)
+        heads, tree = await shard_heads(self, shard, path)
         await self._run(self._load, shard, path, heads, tree)
-
-    def _heads_and_tree(self, model_id: str, path: Path):
-        dl = self.shard_downloader
-        heads = self.heads
-        if heads is None:
-            heads = dl.heads_path(model_id, path) if hasattr(dl, "heads_path") else find_heads(path)
-        tree = self.tree
-        if tree is None and hasattr(dl, "tree_spec"):
-            tree = dl.tree_spec(model_id)
-        return heads, tree
 
     def _load(self, shard: Shard, path: Path, heads, tree) -> None:
         if self.shard == shard:
@@ -192,9 +182,12 @@ class MedusaShardEngine(InferenceEngine):
             h = self._forward(sess, x, req)
             if req.is_tree:
                 sess.pending = (req.depths, req.tree_mask)
+            stock = not st.speaks_protocol(state)  # stock exo's node: what exo's own engines return, no state
             if shard.is_last_layer():
+                if stock:
+                    return self.model.to_numpy(self.model.logits(h))[0].astype(np.float32)[None], None
                 return self._step(sess, h, req, tokens, committed, state)
-            out_state = state
+            out_state = None if stock else state
             if req.is_tree and req.tokens is None:
                 out_state = {**state, st.TOKENS: tokens}
             return self.model.to_numpy(h)[0][None], out_state

@@ -8,15 +8,16 @@ patching that table at runtime, once, before the node starts:
 - ``get_inference_engine`` is wrapped to build ours (and is replaced in the exo
   modules that imported it by name);
 - every model card gains repo entries under our class names (exo looks a repo up
-  by the engine's class name), copied from the MLX and torch/tinygrad entries,
-  plus a card for the default model;
+  by the engine's class name): ``cards.add_model_cards``;
+- our engines become virtual subclasses of exo's ``InferenceEngine`` ABC;
 - ``select_best_inference_engine`` on exo's node classes is guarded: exo rebuilds
   the engine from class-name-derived names on every topology change and would
   silently replace ours.
 
 Without exo installed it does nothing and returns a falsy ``Registration`` saying so.
-The node must also handle several tokens per ring pass: see ``node_hook`` and
-``NODE_HOOK.md``.
+With registration alone, a stock node runs our engines plainly, one token per pass;
+``install.install()`` adds the node change for Medusa (``NODE_HOOK.md``) and a state
+serializer that carries our state.
 """
 
 from __future__ import annotations
@@ -28,15 +29,14 @@ import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+from .cards import add_model_cards
+from .engine import InferenceEngine
+
 ENTRY_POINT_GROUP = "exo.inference_engines"
 ENGINES = {  # name -> "module:Class"; the package resolves the torch engine lazily, with a clear error
     "medusa-mlx": "exo_medusa_mlx.exo:MedusaMLXInferenceEngine",
     "medusa-torch": "exo_medusa_mlx.exo:MedusaTorchInferenceEngine",
 }
-DEFAULT_CARD = "smollm2-135m"
-# exo's own engine class names, whose card repos ours reuse.
-_MLX_REPO_FROM = ("MLXDynamicShardInferenceEngine",)
-_TORCH_REPO_FROM = ("TorchDynamicShardInferenceEngine", "TinygradDynamicShardInferenceEngine")
 _NODE_MODULES = ("exo.orchestration.node", "exo.orchestration.standard_node")
 _MARK = "__exo_medusa_wrapped__"
 
@@ -98,32 +98,25 @@ def _wrap_get_engine(ie, table: dict[str, str]) -> None:
             module.get_inference_engine = get_inference_engine
 
 
-def _add_model_cards(table: dict[str, str]) -> int:
+def _add_model_cards(table: dict[str, str]) -> tuple[int, list[str]]:
     try:
         models = importlib.import_module("exo.models")
     except ImportError:
-        return 0
+        return 0, []
     cards = getattr(models, "model_cards", None)
     if not isinstance(cards, dict):
-        return 0
-    from ..default_model import DEFAULT_MODEL_ID
+        return 0, []
+    return add_model_cards(cards, {name: value.partition(":")[2] for name, value in table.items()})
 
-    ours = {name: value.partition(":")[2] for name, value in table.items()}
-    cards.setdefault(DEFAULT_CARD, {"layers": 30, "repo": {}})
-    cards[DEFAULT_CARD]["repo"].update({cls: DEFAULT_MODEL_ID for cls in ours.values()})
-    added = 0
-    for card in cards.values():
-        repo = card.get("repo") if isinstance(card, dict) else None
-        if not isinstance(repo, dict):
-            continue
-        mlx_repo = next((repo[k] for k in _MLX_REPO_FROM if k in repo), None)
-        torch_repo = next((repo[k] for k in _TORCH_REPO_FROM if k in repo), None)
-        for name, cls in ours.items():
-            src = mlx_repo if "mlx" in name else torch_repo or mlx_repo
-            if src is not None and cls not in repo:
-                repo[cls] = src
-                added += 1
-    return added
+
+def _register_abc(ie) -> bool:
+    """Our engines as virtual subclasses of exo's ``InferenceEngine`` (``isinstance`` holds)."""
+    exo_abc = getattr(ie, "InferenceEngine", None)
+    if exo_abc is None or not hasattr(exo_abc, "register"):
+        return False
+    if not issubclass(InferenceEngine, exo_abc):
+        exo_abc.register(InferenceEngine)
+    return True
 
 
 def _is_ours(engine) -> bool:
@@ -182,7 +175,9 @@ def register_with_exo() -> Registration:
     table = engine_table()
     ie.inference_engine_classes.update({name: value.partition(":")[2] for name, value in table.items()})
     _wrap_get_engine(ie, table)
-    cards = _add_model_cards(table)
+    cards, corrected = _add_model_cards(table)
     nodes = _guard_nodes()
-    return Registration(True, f"registered {', '.join(table)} with exo ({cards} model card repos added, "
-                              f"{nodes} node classes guarded)", tuple(table))
+    abc = "our engines are exo InferenceEngines" if _register_abc(ie) else "exo has no InferenceEngine ABC"
+    fixed = f", layer counts corrected: {'; '.join(corrected)}" if corrected else ""
+    return Registration(True, f"registered {', '.join(table)} with exo ({cards} model card repos added{fixed}, "
+                              f"{nodes} node classes guarded, {abc})", tuple(table))

@@ -3,6 +3,9 @@
 Every check of a pass that needs no model runs here, before a shard touches its
 cache: well-formed keys (``parse_request``), and whether the pass fits the
 request's cache on this shard (``check_pass``).
+
+A pass whose state carries no ``medusa_`` key comes from stock exo's node: the engines
+then run it plainly and return no state (``speaks_protocol``).
 """
 
 from __future__ import annotations
@@ -137,6 +140,14 @@ def parse_request(state: dict | None, T: int | None = None) -> StepRequest:
     if commit is not None and (commit[0] != 0 or (commit < 0).any()):
         raise ValueError(f"inference_state['{COMMIT}']: accepted nodes start at the root (0), got {commit.tolist()}")
     return StepRequest(commit, depths, tree_mask, positions, tokens, parse_settings(state))
+
+
+def speaks_protocol(state: dict | None) -> bool:
+    """Whether a pass follows this protocol: its state carries a ``medusa_`` key (a node that
+    speaks it puts ``initial_state`` in the first pass). Stock exo's passes carry none; the
+    engines then decode as exo's own engines do and return no state, which exo's serializer
+    could not carry."""
+    return isinstance(state, dict) and any(isinstance(k, str) and k.startswith("medusa_") for k in state)
 
 
 def initial_state(temp: float = 0.0, top_p: float = 1.0, acceptance: str = "auto", seed: int | None = None,

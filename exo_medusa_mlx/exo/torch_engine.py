@@ -149,7 +149,8 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
             return super()._infer(*args)
 
     def _device_array(self, x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        # exo's gRPC server hands over read-only np.frombuffer arrays: torch wants writable ones.
+        t = torch.from_numpy(np.require(x, requirements="CW")).to(self.device)
         return t if x.dtype.kind in "iu" else t.to(self._dtype)
 
     def _layers(self, h: torch.Tensor, sess: Session, transposed: bool) -> torch.Tensor:

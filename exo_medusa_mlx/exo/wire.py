@@ -1,9 +1,10 @@
 """exo's wire format for arrays and ``inference_state``, as dicts: bytes, shapes, dtypes and one JSON string.
 
 exo's ``Tensor`` is raw C-order bytes, a shape and ``str(dtype)``; its
-``InferenceState`` carries arrays as tensors and everything else as one JSON
-object. These functions build and check those dicts; ``ring/proto.py`` moves them
-in and out of protobuf messages. Nothing but JSON and raw array bytes is decoded.
+``InferenceState`` carries arrays as tensors, lists of arrays as tensor lists and
+everything else as one JSON object. These functions build and check those dicts
+and the messages of either our ring's or exo's protobuf module (the same shapes).
+Nothing but JSON and raw array bytes is decoded: no pickle.
 """
 
 from __future__ import annotations
@@ -45,34 +46,57 @@ def decode_tensor(t: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 
+def _is_array(v) -> bool:
+    """A numpy array or scalar, or another framework's array numpy can read (MLX's)."""
+    return isinstance(v, (np.ndarray, np.generic)) or (
+        hasattr(v, "__array__") and hasattr(v, "shape") and hasattr(v, "dtype"))
+
+
+def _tensor(key: str, v) -> dict[str, Any]:
+    try:
+        return encode_tensor(np.asarray(v))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"inference_state['{key}']: {e}") from None
+
+
 def encode_state(state: dict | None) -> dict[str, Any]:
-    """exo's ``InferenceState`` as a dict: arrays in ``tensor_data``, the rest as one JSON string."""
+    """exo's ``InferenceState`` as a dict: arrays in ``tensor_data``, lists of arrays in
+    ``tensor_list_data``, the rest as one JSON object. Our protocol's keys are checked first."""
     if state is None:
         state = {}
     if not isinstance(state, dict):
         raise ValueError(f"inference_state must be a dict or None, got {type(state).__name__}")
     parse_request(state)
-    tensors, other = {}, {}
+    tensors, lists, other = {}, {}, {}
     for k, v in state.items():
         if not isinstance(k, str):
             raise ValueError(f"inference_state key {k!r} must be a string")
-        if isinstance(v, np.ndarray):
-            try:
-                tensors[k] = encode_tensor(v)
-            except ValueError as e:
-                raise ValueError(f"inference_state['{k}']: {e}") from None
-        elif v is None or isinstance(v, (bool, int, float, str)):
-            other[k] = v
+        if _is_array(v):
+            tensors[k] = _tensor(k, v)
+        elif isinstance(v, list) and v and all(_is_array(a) for a in v):
+            lists[k] = [_tensor(k, a) for a in v]
         else:
-            raise ValueError(f"inference_state['{k}']: {type(v).__name__} cannot travel; use a numpy array "
-                             "or a JSON scalar")
-    return {"tensor_data": tensors, "other_data_json": json.dumps(other, allow_nan=False)}
+            other[k] = v
+    try:
+        text = json.dumps(other, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"inference_state: {e}; only arrays, lists of arrays and JSON values travel") from None
+    return {"tensor_data": tensors, "tensor_list_data": lists, "other_data_json": text}
+
+
+def _array(key: str, t) -> np.ndarray:
+    try:
+        return decode_tensor(t)
+    except ValueError as e:
+        raise ValueError(f"inference_state['{key}']: {e}") from None
 
 
 def decode_state(wire: dict[str, Any]) -> dict[str, Any]:
     """The inverse of ``encode_state``, validated (a malformed state fails here, in one line)."""
-    if not isinstance(wire, dict) or not isinstance(wire.get("tensor_data", {}), dict):
-        raise ValueError("wire inference_state must be a dict with a 'tensor_data' dict and 'other_data_json'")
+    if not isinstance(wire, dict) or not isinstance(wire.get("tensor_data", {}), dict) \
+            or not isinstance(wire.get("tensor_list_data", {}), dict):
+        raise ValueError("wire inference_state must be a dict with 'tensor_data' and 'tensor_list_data' dicts and "
+                         "'other_data_json'")
     text = wire.get("other_data_json") or "{}"
     try:
         other = json.loads(text)
@@ -81,12 +105,37 @@ def decode_state(wire: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(other, dict):
         raise ValueError(f"inference_state other_data_json must hold an object, got {type(other).__name__}")
     state = dict(other)
-    for k, t in wire.get("tensor_data", {}).items():
+    arrays = {k: _array(k, t) for k, t in wire.get("tensor_data", {}).items()}
+    arrays |= {k: [_array(k, t) for t in ts] for k, ts in wire.get("tensor_list_data", {}).items()}
+    for k, v in arrays.items():
         if k in state:
             raise ValueError(f"inference_state['{k}'] is both a tensor and a JSON value")
-        try:
-            state[k] = decode_tensor(t)
-        except ValueError as e:
-            raise ValueError(f"inference_state['{k}']: {e}") from None
+        state[k] = v
     parse_request(state)
     return state
+
+
+# ----------------------------------------------------------------- protobuf (ours and exo's: the same messages)
+
+
+def _tensor_dict(t) -> dict[str, Any]:
+    return {"tensor_data": t.tensor_data, "shape": list(t.shape), "dtype": t.dtype}
+
+
+def state_to_proto(pb2, state: dict | None):
+    """``state`` as the ``InferenceState`` message of ``pb2`` (ours or exo's ``node_service_pb2``)."""
+    encoded = encode_state(state)
+    msg = pb2.InferenceState(other_data_json=encoded["other_data_json"])
+    for k, t in encoded["tensor_data"].items():
+        msg.tensor_data[k].CopyFrom(pb2.Tensor(**t))
+    for k, ts in encoded["tensor_list_data"].items():
+        msg.tensor_list_data[k].tensors.extend(pb2.Tensor(**t) for t in ts)
+    return msg
+
+
+def state_from_proto(msg) -> dict[str, Any]:
+    """The inverse of ``state_to_proto``, validated (``decode_state``)."""
+    return decode_state({"tensor_data": {k: _tensor_dict(t) for k, t in msg.tensor_data.items()},
+                         "tensor_list_data": {k: [_tensor_dict(t) for t in tl.tensors]
+                                              for k, tl in msg.tensor_list_data.items()},
+                         "other_data_json": msg.other_data_json})

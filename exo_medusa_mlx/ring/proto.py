@@ -50,18 +50,11 @@ def tensor_from_proto(msg: pb.Tensor) -> np.ndarray:
 
 
 def state_to_proto(state: dict | None) -> pb.InferenceState:
-    encoded = wire.encode_state(state)
-    return pb.InferenceState(tensor_data={k: pb.Tensor(**t) for k, t in encoded["tensor_data"].items()},
-                             other_data_json=encoded["other_data_json"])
+    return wire.state_to_proto(pb, state)
 
 
 def state_from_proto(msg: pb.InferenceState) -> dict:
-    if len(msg.tensor_list_data):
-        raise ValueError(f"inference_state tensor_list_data ({', '.join(sorted(msg.tensor_list_data))}) is not "
-                         "used by Medusa engines; send arrays in tensor_data")
-    tensors = {k: {"tensor_data": t.tensor_data, "shape": list(t.shape), "dtype": t.dtype}
-               for k, t in msg.tensor_data.items()}
-    return wire.decode_state({"tensor_data": tensors, "other_data_json": msg.other_data_json})
+    return wire.state_from_proto(msg)
 
 
 def peer_failure(code, timeout: float | None) -> str:

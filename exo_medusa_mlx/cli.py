@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": "exo_medusa_mlx.bench",
     "node": "exo_medusa_mlx.ring.node",
     "ring": "exo_medusa_mlx.ring.launcher",
+    "launch": "exo_medusa_mlx.launch",
 }
 
 

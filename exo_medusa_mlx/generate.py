@@ -78,22 +78,27 @@ def generate(model: MedusaModel, tokenizer, prompt, verbose: bool = False, **kwa
     return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)
 
 
-def _load(args):
+def _load(args, lazy: bool = False):
     from .loading import load
 
     dtype = getattr(mx, args.dtype) if args.dtype else None
-    return load(args.model, heads=args.heads, tree=args.tree, dtype=dtype)
+    return load(args.model, heads=args.heads, tree=args.tree, dtype=dtype, lazy=lazy)
 
 
 def main(argv=None) -> None:
-    args = setup_arg_parser().parse_args(argv)
+    from . import distributed
+
+    parser = setup_arg_parser()
+    distributed.add_arguments(parser)
+    args = parser.parse_args(argv)
     if args.backend == "torch" or (args.backend == "auto" and importlib.util.find_spec("mlx") is None):
         from .torch_compat.generate import main as torch_main
 
         return torch_main(argv)
     if args.device:
         sys.exit("error: --device is for --backend torch; MLX uses its default device")
-    run_cli(args, _load, stream_generate, lambda model: {"backend": "mlx", "device": str(mx.default_device())})
+    extra = lambda model: {"backend": "mlx", "device": str(mx.default_device())}  # noqa: E731
+    (distributed.run_cli if args.parallel else run_cli)(args, _load, stream_generate, extra)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ class MedusaEngine(Engine):
             self._agree_on_tasks()
             while self._active is None and self._queue:
                 task = self._queue.popleft()
-                if not self.should_cancel(task.task_id):  # cancelled while queued
+                if self.should_cancel(task.task_id):  # cancelled while queued: done, as exo ends it
+                    out.append((task.task_id, FinishedResponse()))
+                else:
                     out += self._start(task)
         if self._active is not None:
             out += self._advance()
@@ -214,6 +216,7 @@ class MedusaEngine(Engine):
             self._agree_on_cancellations()
             if self.should_cancel(a.task.task_id):
                 self._active = None
+                out.append((a.task.task_id, FinishedResponse()))
         return out
 
     @staticmethod

@@ -287,6 +287,8 @@ def run_cli(args, load, stream_generate, extra=None) -> None:
 
     if args.parallel != "pipeline" and args.pipeline_split != "even":
         sys.exit("error: --pipeline-split is for --parallel pipeline")
+    if args.prompt == "-":
+        sys.exit("error: --prompt - (stdin) reaches one rank only; with --parallel give the prompt as text")
     try:
         comm = init(args.dist_timeout)
         if comm.rank != 0:  # rank 0 prints; the others are silent

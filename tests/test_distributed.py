@@ -16,8 +16,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from distributed_worker import decode, load_case
@@ -130,13 +130,21 @@ def last_json(p) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def generate_args(folder: Path) -> list[str]:
+    return ["generate", "--model", str(folder), "--heads", str(folder / "medusa"), "--tree", "cpu-8",
+            "--prompt", "t1 t5 t9 t3 t7", "--max-tokens", "24", "--json", "--ignore-chat-template"]
+
+
+@pytest.fixture(scope="module")
+def one_process(folders):
+    # llama: the word-level test tokenizer loads as itself (for qwen2, as a Qwen2Tokenizer)
+    return last_json(cli(*generate_args(folders["llama"])))
+
+
 @pytest.mark.parametrize("parallel", dist.PARALLEL_MODES)
-def test_cli_launch_equals_one_process(folders, parallel):
-    folder = folders["llama"]  # the word-level test tokenizer loads as itself for llama (as Qwen2Tokenizer for qwen2)
-    common = ["generate", "--model", str(folder), "--heads", str(folder / "medusa"), "--tree", "cpu-8",
-              "--prompt", "t1 t5 t9 t3 t7", "--max-tokens", "24", "--json", "--ignore-chat-template"]
-    one = last_json(cli(*common))
-    p = cli(*common, "--parallel", parallel, ranks=2)
+def test_cli_launch_equals_one_process(folders, one_process, parallel):
+    one = one_process
+    p = cli(*generate_args(folders["llama"]), "--parallel", parallel, ranks=2)
     two = last_json(p)
     assert two["tokens"] == one["tokens"] and len(one["tokens"]) == 24
     assert two["ranks"] == 2 and two["parallel"] == parallel and two["comm_seconds"] > 0
@@ -162,6 +170,7 @@ def test_cli_default_model_pipeline_equals_one_process():
     (["generate", "--parallel", "pipeline"], "MLX_RANK and MLX_HOSTFILE are not set"),
     (["generate", "--parallel", "tensor", "--pipeline-split", "2,1"], "--pipeline-split is for --parallel pipeline"),
     (["launch", "-n", "2"], "no command to launch"),
+    (["generate", "--parallel", "pipeline", "--prompt", "-"], "reaches one rank only"),
 ])
 def test_bad_flags_give_one_line_errors(args, msg):
     p = cli(*args, check=False)
@@ -169,9 +178,22 @@ def test_bad_flags_give_one_line_errors(args, msg):
 
 
 def test_tensor_parallel_refuses_indivisible_heads():
-    # The default model has 9 attention heads: not over 2 ranks.
-    p = cli("generate", "--max-tokens", "2", "--parallel", "tensor", ranks=2, check=False)
-    assert p.returncode != 0 and "num_attention_heads (9)" in p.stderr and "Traceback" not in p.stderr
+    base = tiny_base("llama")  # 4 attention heads, 2 key/value heads: not over 3 ranks
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\), num_key_value_heads \(2\) divisible by 3"):
+        dist.tensor(base, SimpleNamespace(size=3))
+
+
+def test_bench_distributed_runs_one_and_two_ranks(folders, tmp_path):
+    folder = folders["llama"]
+    p = cli("bench", "--distributed", "--model", str(folder), "--heads", str(folder / "medusa"), "--tree", "cpu-8",
+            "--limit", "1", "--max-tokens", "8", "--ranks", "1,2", "--parallel", "pipeline", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "bench_distributed.json").read_text())["rows"]
+    assert [(r["ranks"], r["parallel"]) for r in rows] == [(1, "-"), (2, "pipeline")]
+    for r in rows:
+        res = r["result"]
+        assert res["same_tokens"] and res["off"]["generation_tps"] > 0 and res["on"]["mean_accepted"] >= 1.0
+    assert len(rows[1]["result"]["on"]["comm_ms_per_step"]) == 2  # each rank's waiting time
+    assert "| 2 | pipeline |" in p.stdout
 
 
 # --------------------------------------------------------------------------- failures

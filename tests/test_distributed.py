@@ -60,6 +60,9 @@ def folders(tmp_path_factory):
 def two_ranks(folders, tmp_path_factory):
     """Every case decoded on 2 ranks, in one launch: ({name: case}, [rank0 results, rank1 results])."""
     cases = [c for f in FAMILIES for p in dist.PARALLEL_MODES for c in cases_for(folders[f], f, p)]
+    for family, split in (("llama", "3,1"), ("qwen2", "memory")):  # 3,1: rank 1's one layer receives and sends
+        c = next(c for c in cases if c["name"] == f"{family}-pipeline-oracle")
+        cases.append({**c, "name": f"{family}-pipeline-split", "split": split})
     cases.append({"name": "engine", "engine": True, "folder": str(folders["llama"]), "parallel": "pipeline",
                   "text": "t1 t5 t9 t3 t7", "n": 20})
     out = tmp_path_factory.mktemp("ranks")
@@ -76,6 +79,13 @@ def two_ranks(folders, tmp_path_factory):
 def test_greedy_split_equals_one_process(two_ranks, family, parallel, kind):
     cases, ranks = two_ranks
     name = f"{family}-{parallel}-{kind}"
+    assert ranks[0][name]["tokens"] == ranks[1][name]["tokens"] == cases[name]["ref"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uneven_and_memory_splits_equal_one_process(two_ranks, family):
+    cases, ranks = two_ranks
+    name = f"{family}-pipeline-split"
     assert ranks[0][name]["tokens"] == ranks[1][name]["tokens"] == cases[name]["ref"]
 
 
@@ -194,6 +204,18 @@ def test_bench_distributed_runs_one_and_two_ranks(folders, tmp_path):
         assert res["same_tokens"] and res["off"]["generation_tps"] > 0 and res["on"]["mean_accepted"] >= 1.0
     assert len(rows[1]["result"]["on"]["comm_ms_per_step"]) == 2  # each rank's waiting time
     assert "| 2 | pipeline |" in p.stdout
+
+
+def test_pipeline_split_weights():
+    two = SimpleNamespace(size=2)
+    assert dist.split_weights("even", two) is None
+    assert dist.split_weights("2,1", two) == [2.0, 1.0]
+    for bad, msg in (("1", "1 weights for 2 ranks"), ("a,b", "use even, memory")):
+        with pytest.raises(ValueError, match=msg):
+            dist.split_weights(bad, two)
+    assert dist.memory_gb() > 0.1
+    with pytest.raises(ValueError, match="--dist-timeout 0"):
+        dist.Watchdog(0, 0)
 
 
 # --------------------------------------------------------------------------- failures

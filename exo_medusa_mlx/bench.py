@@ -336,10 +336,17 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", action="store_true", help="Latency-curve mode: one forward of N tokens over a cache")
     p.add_argument("--cache-len", type=int, default=256)
     p.add_argument("--out", default="runs/bench", help="Folder for bench.json, bench.md, bench.png")
+    p.add_argument("--distributed", action="store_true",
+                   help="Medusa on/off over 1, 2, 3 loopback ranks of MLX distributed (--distributed --help)")
     return p
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--distributed" in argv:
+        from .bench_distributed import main as distributed_main
+
+        return distributed_main([a for a in argv if a != "--distributed"])
     args = setup_arg_parser().parse_args(argv)
     if not set(args.methods) <= set("abcdef"):
         sys.exit(f"error: --methods '{args.methods}' must be letters among a-f")

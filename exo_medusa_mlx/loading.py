@@ -12,7 +12,7 @@ from .heads import load_heads
 from .model import MedusaModel
 
 
-def load(model: str | None = None, heads: str | Path | None = None, tree=None, dtype=None):
+def load(model: str | None = None, heads: str | Path | None = None, tree=None, dtype=None, lazy: bool = False):
     """Load a model for Medusa decoding.
 
     Args:
@@ -22,6 +22,8 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
         tree: preset name, JSON file or choices; None for the heads' tuned tree or
             the CPU default.
         dtype: weights' dtype; default float32 on CPU (bf16/fp16 skip BLAS there).
+        lazy: leave the base model's weights unread until used (a pipeline rank keeps
+            and reads only its own layers).
 
     Returns:
         (MedusaModel, tokenizer)
@@ -34,7 +36,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
     # Resolved first (even without heads), so a bad --tree fails before the model loads.
     choices = tree_choices(tree if tree is not None else default_tree_for(heads_path))
     path = resolve_model_path(model)
-    base, tokenizer = mlx_load(str(path))
+    base, tokenizer = mlx_load(str(path), lazy=lazy)
     if dtype is None and mx.default_device() == mx.cpu:
         dtype = mx.float32
     if dtype is not None:

@@ -24,28 +24,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..exo.shard import Shard
+from ..exo.shard import Shard, partition_layers  # noqa: F401 (partition_layers: imported from here)
 from .client import DEFAULT_TIMEOUT_S, NodeInfo, RingClient, RingError
 from .node import BACKENDS
 
 START_TIMEOUT_S = 300.0  # loading a shard on a busy CPU
 STOP_GRACE_S = 5.0
-
-
-def partition_layers(n_layers: int, weights: Sequence[float]) -> list[tuple[int, int]]:
-    """Contiguous (start, end) layer ranges, inclusive, sized in proportion to ``weights`` (one layer at least)."""
-    n = len(weights)
-    if n < 1 or n > n_layers:
-        raise ValueError(f"cannot split {n_layers} layers over {n} nodes: give 1 to {n_layers} nodes")
-    if any(w <= 0 for w in weights):
-        raise ValueError(f"partition weights must be positive, got {list(weights)}")
-    total, acc, bounds = float(sum(weights)), 0.0, [0]
-    for i, w in enumerate(weights[:-1]):
-        acc += w
-        b = round(n_layers * acc / total)
-        bounds.append(min(max(b, bounds[-1] + 1), n_layers - (n - 1 - i)))  # each node keeps a layer
-    bounds.append(n_layers)
-    return [(a, b - 1) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class _Node:

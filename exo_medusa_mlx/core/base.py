@@ -25,8 +25,9 @@ from .tree import TreeBuffers, load_tree
 class ArrayOps(Protocol):
     """The array functions the neutral code needs; each backend gives one (``array_ops.py``)."""
 
-    def stack(self, xs: list) -> Any: ...  # along a new first axis
-    def concat(self, xs: list) -> Any: ...  # along the first axis
+    def stack(self, xs: list, axis: int = 0) -> Any: ...
+    def concat(self, xs: list, axis: int = 0) -> Any: ...
+    def take(self, a, idx: np.ndarray) -> Any: ...  # a[..., idx]: the last axis gathered
     def argmax(self, a) -> Any: ...  # over the last axis
     def topk(self, a, k: int) -> Any: ...  # indices of the k largest over the last axis, best first
     def scatter_vocab(self, sub, ids, vocab_size: int) -> Any: ...  # (..., V') -> (..., V), -inf elsewhere
@@ -171,6 +172,45 @@ class MedusaBase:
         states = self.ops.stack(self.heads.states(h, depth, self._next_embeds(logits)))  # (D, ..., H)
         return logits, ids[self.ops.topk(states @ w.T, k)]
 
+    def propose_tree(self, h, tree: TreeBuffers):
+        """What a verification step needs at ``h`` (..., H): the base logits (..., V) and, per row,
+        the next tree's tokens (..., T) with the row's argmax as its root.
+
+        Independent heads' guesses are laid out by ``tree.tree_indices`` (the one lay-out);
+        hydra heads guess depth by depth, each node's children from the path to it.
+        """
+        if self.heads is not None and self.heads.config.hydra:
+            return self._hydra_tree(h, tree)
+        logits, guesses = self.propose(h, tree.depth, tree.topk)  # (..., V), (D, ..., k)
+        root = self.ops.argmax(logits)[..., None]
+        flat = self.ops.concat([root] + [guesses[d] for d in range(guesses.shape[0])], axis=-1)  # (..., 1+D*k)
+        return logits, self.ops.take(flat, tree.tree_indices)
+
+    def _hydra_tree(self, h, tree: TreeBuffers):
+        logits = self.logits(h)
+        toks = self.ops.argmax(logits)[..., None]  # (..., 1): node 0, the root
+        for d in range(tree.depth):  # nodes are sorted by depth: depth d+1's follow those found so far
+            kids = np.flatnonzero(tree.depths == d + 1)
+            parents = np.unique(tree.parents[kids])  # the depth-d nodes with children
+            path = ancestors(tree, parents)  # (P, d+1): root .. parent
+            embeds = [self.embed(self.ops.take(toks, path[:, j])) for j in range(d + 1)]  # each (..., P, H)
+            states = self.heads.heads[d](h[..., None, :], embeds)  # (..., P, H)
+            ranks = np.array([tree.choices[c - 1][-1] for c in kids])
+            k = int(ranks.max()) + 1
+            top = self._top_tokens(states, d, k)  # (..., P, k)
+            slot = np.searchsorted(parents, tree.parents[kids]) * k + ranks
+            toks = self.ops.concat([toks, self.ops.take(top.reshape(*top.shape[:-2], -1), slot)], axis=-1)
+        return logits, toks
+
+    def _top_tokens(self, states, d: int, k: int):
+        """The k best token ids of head ``d`` at ``states`` (..., H), best first: (..., k)."""
+        draft = self.draft()
+        if draft is not None:
+            ids, w = draft
+            return ids[self.ops.topk(states @ w.T, k)]
+        lm_head = self.heads.heads[d].lm_head if self.heads.config.own_lm_head else self.logits
+        return self.ops.topk(lm_head(states), k)
+
     def draft(self):
         """The heads' draft vocabulary and its lm_head rows (built on first use), or None."""
         if self.heads is None or self.heads.draft_vocab is None:
@@ -178,6 +218,14 @@ class MedusaBase:
         if self._draft is None:
             self._draft = self.draft_rows(self.heads.draft_vocab)
         return self._draft
+
+
+def ancestors(tree: TreeBuffers, nodes: np.ndarray) -> np.ndarray:
+    """(len(nodes), d+1) node ids from the root down to each of ``nodes`` (all at depth d)."""
+    out = [np.asarray(nodes)]
+    while (out[-1] > 0).any():
+        out.append(tree.parents[out[-1]])
+    return np.stack(out[::-1], axis=1)
 
 
 class HeadsBase:
@@ -193,10 +241,24 @@ class HeadsBase:
         return len(self.heads)
 
     def states(self, h, num: int | None = None, next_embeds=None) -> list:
-        """The first ``num`` heads' hidden states at ``h`` (before any lm_head), each (..., H)."""
+        """The first ``num`` heads' hidden states at ``h`` (before any lm_head), each (..., H), for
+        heads independent of each other's guesses (not hydra: see ``path_states``)."""
+        if self.config.hydra:
+            raise ValueError("hydra heads read the tokens of the path they extend: use path_states")
         if self.config.next_token and next_embeds is None:
             raise ValueError("these heads read the base model's next token: pass next_embeds")
-        return [head(h, next_embeds if self.config.next_token else None) for head in list(self.heads)[:num]]
+        embeds = [next_embeds] if self.config.next_token else None
+        return [head(h, embeds) for head in list(self.heads)[:num]]
+
+    def path_states(self, h, path_embeds: list, num: int | None = None) -> list:
+        """Each head's hidden state given the tokens before its guess, as in training (teacher
+        forcing) and on an accepted path. ``path_embeds``: embeddings of the root (the base
+        model's next token) and of the tokens after it, each (..., H); head d reads the first
+        d+1 (hydra), the root alone (next-token) or none."""
+        heads = list(self.heads)[:num]
+        if not self.config.hydra:
+            return self.states(h, num, path_embeds[0] if self.config.next_token else None)
+        return [head(h, path_embeds[: d + 1]) for d, head in enumerate(heads)]
 
     def project(self, h, lm_head, base: bool = True, num: int | None = None, next_embeds=None, draft=None):
         """Logits of the base head and every Medusa head at ``h``.

@@ -239,9 +239,9 @@ class MedusaShardEngine(InferenceEngine):
         # exo's contract: the last shard returns the logits of every position of the pass.
         logits = v.verdict if req.is_tree else self.model.to_numpy(self.model.logits(h))[0]
         if not policy.needs_logits:
-            v = Verified(v.verdict.argmax(-1), v.guesses)
+            v = Verified(v.verdict.argmax(-1), v.drafts)
         acc, nxt = advance(policy, tree if req.is_tree else ROOT_ONLY,
-                           tokens if req.is_tree else np.zeros(1, dtype=np.int64), v, tree)
+                           tokens if req.is_tree else np.zeros(1, dtype=np.int64), v)
         sess.passes += 1
         root_pos = committed + (len(acc.nodes) if req.is_tree else h.shape[0])
         out = {k: v for k, v in (state or {}).items() if not k.startswith("medusa_")}

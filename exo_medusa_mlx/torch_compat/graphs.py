@@ -47,10 +47,10 @@ class GraphedVerifier(Verifier):
     def _run(self):
         h = self.model.hidden(self.tokens, self.caches)  # (T, H)
         if self.tree.size > 1:
-            logits, guesses = self.model.propose(h, self.tree.depth, self.tree.topk)
+            logits, drafts = self.model.propose_tree(h, self.tree)
         else:
-            logits, guesses = self.model.lm_head(h), None
-        return (logits if self.policy.needs_logits else logits.argmax(-1)), guesses
+            logits, drafts = self.model.lm_head(h), None
+        return (logits if self.policy.needs_logits else logits.argmax(-1)), drafts
 
     def _capture(self) -> None:
         self.graph = None

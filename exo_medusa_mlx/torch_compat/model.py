@@ -186,6 +186,7 @@ class MedusaModel(MedusaBase):
         idx = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         return idx, self.lm_head.weight[idx].contiguous()
 
+    # Inference mode (no autograd bookkeeping) for the neutral methods that run the heads.
     @torch.inference_mode()
     def propose(self, h, depth, k):
         return super().propose(h, depth, k)
@@ -193,6 +194,10 @@ class MedusaModel(MedusaBase):
     @torch.inference_mode()
     def project(self, h, depth=None):
         return super().project(h, depth)
+
+    @torch.inference_mode()
+    def propose_tree(self, h, tree):
+        return super().propose_tree(h, tree)
 
     def verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
         """On CUDA, the verify forward replays a CUDA graph (``GraphedVerifier``)."""

@@ -11,7 +11,7 @@ projection and the checkpoint key mapping, is written here once.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from .heads_format import DRAFT_KEY, module_keys, write_heads
 from .step import Verifier
-from .tree import TreeBuffers, load_tree
+from .tree import ROOT_ONLY, TreeBuffers, load_tree
 
 
 class ArrayOps(Protocol):
@@ -55,17 +55,22 @@ def swapped_class(modules: list, cls: type | None):
             m.__class__ = c
 
 
+@dataclass
 class MedusaBase:
     """A base model with Medusa heads and a tree; ``heads`` None means plain decoding.
 
-    Subclasses are dataclasses with the fields ``base``, ``heads``, ``tree``,
-    ``model_id`` and call ``_init_medusa()`` from ``__post_init__``.
+    Subclasses set up their backend in ``__post_init__``, then call ``super().__post_init__()``.
     """
+
+    base: Any  # the backend's own model (mlx-lm's, transformers')
+    heads: Any = None  # the backend's MedusaHeads
+    tree: TreeBuffers = field(default=ROOT_ONLY)
+    model_id: str | None = None
 
     ops: ClassVar[ArrayOps]
     verify_rows_max: ClassVar[int] = 64  # beyond this many rows, both products cost about the same
 
-    def _init_medusa(self) -> None:
+    def __post_init__(self) -> None:
         self._draft = None
         self.check_tree(self.tree)
 

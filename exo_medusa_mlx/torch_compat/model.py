@@ -8,17 +8,13 @@ the per-token positions), and the K/V through ``MedusaCache``.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..core.base import MedusaBase, swapped_class
-from ..core.tree import ROOT_ONLY, TreeBuffers
 from .array_ops import TorchOps
 from .cache import DEFAULT_KEEP, CacheContext, MedusaCache, make_cache
-from .heads import MedusaHeads
 
 # Families whose attention takes the 4D mask and position_ids as given and whose
 # ``model.model`` returns normed hidden states: checked by tests.
@@ -75,14 +71,8 @@ def check_supported(base: nn.Module) -> None:
                          f"load the model with attn_implementation='sdpa' or 'eager'")
 
 
-@dataclass
 class MedusaModel(MedusaBase):
     """A transformers causal LM with Medusa heads and a tree attached (``heads`` None: plain decoding)."""
-
-    base: nn.Module
-    heads: MedusaHeads | None = None
-    tree: TreeBuffers = field(default=ROOT_ONLY)
-    model_id: str | None = None
 
     ops = TorchOps
 
@@ -95,7 +85,7 @@ class MedusaModel(MedusaBase):
         # transformers 5.2x renamed ``past_key_values`` to ``cache``; earlier 5.x take the old name.
         params = inspect.signature(self.base.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._init_medusa()
+        super().__post_init__()
 
     @property
     def num_layers(self) -> int:

@@ -9,7 +9,7 @@ heads) per token. Every timed step ends with its verdict on the host, as decodin
 needs. Modes: ``dynamic`` (the step's default verifier, host-built mask),
 ``static`` (the fast path's static step, device-side step data, eager) and
 ``graph`` (the same replayed from a CUDA graph; CUDA only). Without CUDA the same
-code runs at tiny sizes in float32 (``--size tiny``; tests/test_gpu_step_bench.py).
+code runs at tiny sizes in float32 (``--size tiny``; tests/test_gpu_scripts.py).
 
     python scripts/gpu_step_bench.py [--shapes llama-7b smollm2-135m] [--json out.json]
 

@@ -1,6 +1,10 @@
-"""scripts/gpu_step_bench.py keeps working: the same code paths at tiny sizes on a CPU (on CUDA,
-the graphed ones too), its hand-written reference is a real Llama (== transformers' logits), and the
-fast paths give the dynamic step's tokens. Timings are printed by the script, never asserted."""
+"""The GPU scripts keep working at tiny sizes (on a CPU; on CUDA the graphed paths too).
+
+scripts/gpu_step_bench.py: every path runs, its hand-written reference is a real Llama
+(== transformers' logits) and the fast paths give the dynamic step's tokens;
+scripts/gpu_e2e.py: Medusa gives plain decoding's tokens on each backend. Timings
+are printed by the scripts, never asserted.
+"""
 
 from __future__ import annotations
 
@@ -58,3 +62,20 @@ def test_reference_decodes_as_transformers(bench):
 def test_the_128_token_tree(bench):
     tree = bench.tree_of(128)
     assert tree.size == 128 and tree.depth == 4 and {bench.tree_of(n).size for n in bench.SIZES} == set(bench.SIZES)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_e2e_gives_plain_tokens_on_each_backend(backend, tmp_path):
+    """scripts/gpu_e2e.py on a tiny model folder with heads: Medusa's tokens == plain decoding's."""
+    pytest.importorskip("mlx")  # the tiny folder is built from an MLX model
+    from test_exo_engine import save_hf_folder, tiny_base
+    from tiny import random_heads
+
+    folder = save_hf_folder(tmp_path / "llama", "llama", tiny_base("llama"), random_heads(4))
+    spec = importlib.util.spec_from_file_location("gpu_e2e", SCRIPT.with_name("gpu_e2e.py"))
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    out = e2e.main(["--backend", backend, "--model", str(folder), "--tree", "default", "--tree", "cpu-16",
+                    "--limit", "2", "--max-tokens", "12"])
+    assert set(out["methods"]) == {"plain", "default", "cpu-16"}
+    assert all(r["identical"] == "2/2" and r["tok_per_s"] > 0 for r in out["methods"].values())

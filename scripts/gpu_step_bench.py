@@ -51,6 +51,7 @@ class ReferenceLlama:
     gate/up weights, HF's RoPE layout (so transformers' weights load as they are), a bool mask
     ``causal[pos]`` over all ``S`` slots. ``step(tokens, pos)`` -> logits (T, V)."""
 
+    @torch.no_grad()
     def __init__(self, hf, S: int):
         c, m = hf.config, hf.model
         self.nh, self.nkv, self.eps = c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps

@@ -141,8 +141,8 @@ class Frozen(CacheContext):
         return super().__getattribute__(name)
 
 
-@pytest.mark.parametrize("window", [None, 16])
-def test_the_run_a_graph_captures_reads_no_host_state(base, window, monkeypatch):
+@pytest.mark.parametrize("family,window", [("llama", None), ("llama", 16), ("qwen3", 16)])
+def test_the_run_a_graph_captures_reads_no_host_state(family, window, monkeypatch):
     real = StaticVerifier._run
     runs = [0]
 
@@ -156,7 +156,7 @@ def test_the_run_a_graph_captures_reads_no_host_state(base, window, monkeypatch)
             self.ctx.__class__ = cls
 
     monkeypatch.setattr(StaticVerifier, "_run", frozen_run)
-    model = MedusaModel(base, random_heads(), load_tree("mc_sim_7b_63"))
+    model = MedusaModel(random_model(CONFIGS[family]), random_heads(), load_tree("mc_sim_7b_63"))
     want = take(generate_step(PROMPT, model, max_kv_size=window, fast_path=False), 30)
     assert take(generate_step(PROMPT, model, max_kv_size=window, fast_path=True), 30) == want
     assert runs[0] == want[1] - 1  # every verify step ran frozen (the first step is the prefill's)

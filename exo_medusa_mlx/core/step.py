@@ -56,12 +56,16 @@ def read(model, h, tree: TreeBuffers, logits: bool) -> Verified:
     ``logits``: the policy samples, so the verdict is the logits, not their argmax.
     ``tree``: the tree the next step verifies (only the heads it reads are run).
     """
+    return Verified(*model.to_numpy(*read_arrays(model, h, tree, logits)))
+
+
+def read_arrays(model, h, tree: TreeBuffers, logits: bool) -> tuple:
+    """``read`` before the copy to the host: the backend's arrays (what a CUDA graph returns)."""
     if tree.size > 1:
         out, drafts = model.propose_tree(h, tree)  # (T, V), (T, T')
     else:
         out, drafts = model.logits(h), None
-    verdict, drafts = model.to_numpy(out if logits else model.argmax(out), drafts)
-    return Verified(verdict, drafts)
+    return out if logits else model.argmax(out), drafts
 
 
 class Verifier:
@@ -90,7 +94,7 @@ def prefill(model, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP):
 
 def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: int | None = None,
                   keep: int = DEFAULT_KEEP, tree: TreeBuffers | None = None,
-                  fast_path: bool | None = None) -> Iterator[Step]:
+                  fast_path: bool | None = None, max_tokens: int | None = None) -> Iterator[Step]:
     """Yield the tokens each step emits, forever; the caller stops it.
 
     Args:
@@ -100,10 +104,12 @@ def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: i
         max_kv_size: committed-token window (``keep`` sink tokens plus the most recent); None: unbounded.
         tree: the tree to verify (default the model's; ``ROOT_ONLY`` decodes plainly).
         fast_path: the backend's fast verifier (MLX lookahead, CUDA graphs); None: where it pays.
+        max_tokens: the most tokens the caller will take, if known: sizes a fast path's static cache.
     """
     policy = policy or make_policy()
     tree = model.tree if tree is None else model.check_tree(tree)
     ctx, caches = model.make_cache(max_kv_size, keep)
+    ctx.planned = None if max_tokens is None else len(prompt) + max_tokens
     h = prefill(model, ctx, caches, prompt)[None]  # (1, H): the prompt's last position
     acc, tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, policy.needs_logits))
     yield Step(acc.tokens, 0)
@@ -115,4 +121,4 @@ def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: i
         tokens = nxt
 
 
-__all__ = ["ROOT_ONLY", "Step", "Verified", "Verifier", "advance", "generate_step", "prefill", "read"]
+__all__ = ["ROOT_ONLY", "Step", "Verified", "Verifier", "advance", "generate_step", "prefill", "read", "read_arrays"]

@@ -136,11 +136,9 @@ class MedusaModel(MedusaBase):
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
-    def make_cache(self, max_kv_size: int | None = None, keep: int = DEFAULT_KEEP,
-                   static_len: int | None = None) -> tuple[CacheContext, MedusaCache]:
+    def make_cache(self, max_kv_size: int | None = None, keep: int = DEFAULT_KEEP) -> tuple[CacheContext, MedusaCache]:
         return make_cache(self.num_layers, max_kv_size, keep, device=self.device, dtype=self.dtype,
-                          implicit_causal=self.base.config._attn_implementation == "sdpa",
-                          static_len=static_len)
+                          implicit_causal=self.base.config._attn_implementation == "sdpa")
 
     def transposes(self, rows: int) -> bool:
         """Whether ``rows_product`` pays for ``rows`` rows: 2-64 of them, on a CPU."""
@@ -190,9 +188,11 @@ class MedusaModel(MedusaBase):
         return super().propose_tree(h, tree)
 
     def verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
-        """On CUDA, the verify forward replays a CUDA graph (``GraphedVerifier``)."""
-        from .graphs import GraphedVerifier, use_graphs
+        """The fast path (``graphs.fast_verifier``): on CUDA the static step replayed from a CUDA
+        graph; on a CPU when asked (``fast_path=True``), the same static step run eagerly."""
+        from .graphs import fast_verifier
 
-        if use_graphs(self, fast_path):
-            return GraphedVerifier(self, ctx, caches, tree, policy)
+        cls = fast_verifier(self.device, fast_path)
+        if cls is not None:
+            return cls(self, ctx, caches, tree, policy)
         return super().verifier(ctx, caches, tree, policy, fast_path)

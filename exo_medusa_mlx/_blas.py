@@ -30,7 +30,9 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["preload_blas", "blas_info", "cache_root"]
+from .core.machine import cache_root
+
+__all__ = ["preload_blas", "blas_info"]
 
 _INFO: str | None = None
 _HANDLES: list[ctypes.CDLL] = []  # keep the libraries loaded for the process lifetime
@@ -46,15 +48,6 @@ FORWARD(cblas_sgemm, float, float)
 FORWARD(cblas_dgemm, double, double)
 FORWARD(cblas_cgemm, void, const void *)
 """
-
-
-def cache_root() -> Path:
-    """``$EXO_MEDUSA_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/exo_medusa_mlx``."""
-    env = os.environ.get("EXO_MEDUSA_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(xdg).expanduser() / "exo_medusa_mlx"
 
 
 def _openblas() -> Path | None:

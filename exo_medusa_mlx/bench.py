@@ -36,14 +36,9 @@ def machine() -> dict:
     import mlx.core as mx
 
     from ._blas import blas_info
+    from .core.machine import cpu_name
 
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "mlx": mx.__version__,
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(), "mlx": mx.__version__,
             "mlx_device": str(mx.default_device()), "blas": blas_info(), "python": platform.python_version()}
     try:
         import torch

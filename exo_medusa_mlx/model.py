@@ -148,7 +148,7 @@ class MedusaModel(MedusaBase):
 
     def transposes(self, rows: int) -> bool:
         """Whether a verification forward of ``rows`` tokens multiplies the transposed way."""
-        return 1 < rows <= self.verify_rows_max and mx.default_device() == mx.cpu
+        return self.rows_product and 1 < rows <= self.verify_rows_max and mx.default_device() == mx.cpu
 
     @contextmanager
     def placed(self, caches, transposed: bool = False):

@@ -66,6 +66,7 @@ class MedusaBase:
     heads: Any = None  # the backend's MedusaHeads
     tree: TreeBuffers = field(default=ROOT_ONLY)
     model_id: str | None = None
+    rows_product: bool = True  # verification forwards may multiply the transposed way (``transposes``)
 
     ops: ClassVar[ArrayOps]
     verify_rows_max: ClassVar[int] = 64  # beyond this many rows, both products cost about the same

@@ -141,8 +141,8 @@ class MedusaModel(MedusaBase):
                           implicit_causal=self.base.config._attn_implementation == "sdpa")
 
     def transposes(self, rows: int) -> bool:
-        """Whether ``rows_product`` pays for ``rows`` rows: 2-64 of them, on a CPU."""
-        return transposes(rows, self.device)
+        """Whether ``rows_product`` pays for ``rows`` rows: 2-64 of them, on a CPU (unless turned off)."""
+        return self.rows_product and transposes(rows, self.device)
 
     def placed(self, caches=None, transposed: bool = False):
         """Within: the decoder layers' linears are ``RowsLinear`` if ``transposed`` (as
@@ -162,7 +162,7 @@ class MedusaModel(MedusaBase):
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head(h); 2-64 rows on a CPU through ``rows_product`` (one row: transformers' own product)."""
-        if transposes(h.numel() // h.shape[-1], h.device):
+        if self.transposes(h.numel() // h.shape[-1]):
             return rows_product(h, self.lm_head.weight, self.lm_head.bias)
         return self.lm_head(h)
 

@@ -113,6 +113,7 @@ class TuneOptions:
     output: str | None = None
     num_prompts: int = 8
     max_tokens: int = 128
+    pass_overhead_ms: float = 0.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TuneOptions":
@@ -129,6 +130,8 @@ class TuneOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.num_prompts < 0:
             raise ValueError(f"--num-prompts {self.num_prompts} must not be negative (0 skips the generation check)")
+        if not 0.0 <= self.pass_overhead_ms < 1e6:  # also refuses NaN
+            raise ValueError(f"--pass-overhead-ms {self.pass_overhead_ms} must be a number of milliseconds >= 0")
         if self.model is not None and self.heads is None:
             raise ValueError("--heads is required with --model")
 
@@ -155,6 +158,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="Tree JSON to write (default: HEADS/tree.json, or HEADS/tree.<backend>.json but for MLX)")
     p.add_argument("--num-prompts", type=int, default=d.num_prompts, help="Held-out prompts for the real generation check (0: skip)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="Tokens per prompt in the generation check")
+    p.add_argument("--pass-overhead-ms", type=float, default=d.pass_overhead_ms,
+                   help="A fixed cost every step pays on top of its compute: a ring's transport per pass "
+                        "(scripts/bench_ring.py prints it); the tree is then saved as tree.ring.json")
     return p
 
 
@@ -210,6 +216,7 @@ def step_costs(model, opts: TuneOptions, ranks, longest) -> dict:
                                       opts.context, opts.repeats)
         step = {n: curve[n] + gather * gather_fraction(ranks, longest[: n - 1])
                 for n in range(2, opts.max_nodes + 1) if n in curve} | {1: plain}
+        step = {n: t + opts.pass_overhead_ms / 1e3 for n, t in step.items()}  # a ring pass's transport
         out[rows] = {"curve": curve, "host": host, "step": step}
     return out
 
@@ -259,7 +266,8 @@ def run(opts: TuneOptions) -> dict:
     backend = backends.resolve_backend(opts.backend)
     heads_dir = Path(opts.heads) if opts.heads else SHIPPED_HEADS
     folder = heads_dir if heads_dir.is_dir() else heads_dir.parent
-    out = Path(opts.output) if opts.output else folder / ("tree.json" if backend == "mlx" else f"tree.{backend}.json")
+    name = "tree" + (".ring" if opts.pass_overhead_ms else "") + ("" if backend == "mlx" else f".{backend}")
+    out = Path(opts.output) if opts.output else folder / f"{name}.json"
     if out.is_dir() or not out.parent.is_dir():
         raise ValueError(f"--output {out}: pass a file path in an existing folder")  # before minutes of measuring
     ranks = recorded_ranks(folder) if backend != "mlx" else None
@@ -271,7 +279,7 @@ def run(opts: TuneOptions) -> dict:
     top, cond = print_accuracy(ranks, opts.topk)
     result = choose_tree(model, opts, ranks, cond)
     choices = result.pop("choices")
-    result.update(backend=backend, max_nodes=opts.max_nodes, min_nodes=opts.min_nodes, context=opts.context,
+    result.update(backend=backend, pass_overhead_ms=opts.pass_overhead_ms, max_nodes=opts.max_nodes, min_nodes=opts.min_nodes, context=opts.context,
                   heldout_rows=int(len(ranks)),
                   head_topk_accuracy=[[round(float(a), 4) for a in row] for row in top],
                   head_conditional_accuracy=[[round(float(a), 4) for a in row] for row in cond])

@@ -290,15 +290,17 @@ def default_heads_for(model: str | None) -> Path | None:
     return find_heads(folder) if folder.is_dir() else None
 
 
-def default_tree_for(heads_path: Path | None, backend: str = "mlx") -> str | Path:
-    """The tree tuned with the heads (``tree.json`` beside them; for the torch
-    backend ``tree.torch.json`` first, if there is one), else the CPU default.
-    The backends' latency curves differ, so their best trees may too."""
+def default_tree_for(heads_path: Path | None, backend: str = "mlx", ring: bool = False) -> str | Path:
+    """The tree tuned with the heads: ``tree[.ring][.<backend>].json`` beside them, the most
+    specific first (``tree.ring.*``: tuned for a ring's per-pass cost, read by ring nodes;
+    ``.<backend>``: the backends' latency curves differ), else the CPU default."""
     from .tree import DEFAULT_TREE
 
     if heads_path is not None:
         folder = heads_path if heads_path.is_dir() else heads_path.parent
-        for name in ([f"tree.{backend}.json"] if backend != "mlx" else []) + ["tree.json"]:
+        kinds = ["ring.", ""] if ring else [""]
+        backends = [f"{backend}.", ""] if backend != "mlx" else [""]
+        for name in (f"tree.{k}{b}json" for k in kinds for b in backends):
             if (folder / name).is_file():
                 return folder / name
     return DEFAULT_TREE

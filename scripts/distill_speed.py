@@ -1,0 +1,82 @@
+"""Rows per second of self-distillation, one sequence at a time against the continuous batch,
+on the same prompts in one run; and whether the batch gives the base model's own rows.
+
+    python scripts/distill_speed.py --num-prompts 8 --max-tokens 32 --batch-size 8
+
+Prints rows/s of both (and of another version's pass with ``--previous FILE``, a copy of an
+older ``exo_medusa_mlx/distill.py``, e.g. ``git show 541bb0a:exo_medusa_mlx/distill.py``),
+how many prompts got token-identical answers, and how far the batched rows' hidden states
+and labels are from one plain forward over each prompt and its answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+
+import exo_medusa_mlx  # noqa: F401  (preloads OpenBLAS; must come before mlx)
+from exo_medusa_mlx.distill import self_distill
+from exo_medusa_mlx.prompts import DEFAULT_PROMPTS, Excluded, chat_ids, eos_ids, mix_prompts, read_prompts
+from exo_medusa_mlx.train_data import load_base
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def timed(distill, base, lm_head, prompts, eos, max_tokens, batch_size, temp):
+    """({index: Row}, seconds, rows) of one pass."""
+    tic = time.perf_counter()
+    rows = dict(distill(base, lm_head, prompts, eos, max_tokens, batch_size, temp=temp))
+    return rows, time.perf_counter() - tic, sum(len(r.labels) for r in rows.values())
+
+
+def forward_gap(base, lm_head, prompt: list[int], row) -> tuple[float, int]:
+    """(max |hidden - plain forward's|, labels that differ) of one sequence's rows."""
+    ids = prompt + row.nexts[:-1]
+    h = base.model(mx.array(ids)[None])[0, len(prompt) - 1 :]  # (n, H): the rows' positions
+    labels = np.array(mx.argmax(lm_head(h), axis=-1))
+    return float(np.abs(np.array(h) - np.stack(row.hidden)).max()), int((labels != np.array(row.labels)).sum())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--model", default=None, help="Base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8, help="Sequences of the batched pass")
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--previous", default=None, help="Another distill.py whose self_distill to time as well")
+    args = p.parse_args(argv)
+    base, lm_head, tokenizer, model_id = load_base(args.model)
+    texts = mix_prompts([("train prompts", read_prompts(DEFAULT_PROMPTS))], Excluded(), log=lambda *_: None)
+    prompts = [chat_ids(tokenizer, t) for t in texts[: args.num_prompts]]
+    eos = eos_ids(tokenizer)
+    timed(self_distill, base, lm_head, prompts[:2], eos, 4, 2, 0.0)  # warm-up
+    passes = {"sequential (batch 1)": (self_distill, 1), f"batched (batch {args.batch_size})": (self_distill, args.batch_size)}
+    if args.previous:
+        spec = importlib.util.spec_from_file_location("previous_distill", args.previous)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        passes[f"previous {args.previous} (batch {args.batch_size})"] = (old.self_distill, args.batch_size)
+    print(f"{model_id}: {len(prompts)} prompts, up to {args.max_tokens} tokens, temp {args.temp}")
+    results = {}
+    for name, (fn, bs) in passes.items():
+        rows, seconds, n = timed(fn, base, lm_head, prompts, eos, args.max_tokens, bs, args.temp)
+        results[name] = rows
+        print(f"{name}: {n} rows in {seconds:.2f} s, {n / seconds:.1f} rows/s")
+    seq, bat = (results[k] for k in list(passes)[:2])
+    same = [i for i in seq if seq[i].nexts == bat[i].nexts]
+    print(f"answers token-identical, batched vs sequential: {len(same)} of {len(seq)} prompts")
+    for i in sorted(set(seq) - set(same)):
+        a, b = seq[i].nexts, bat[i].nexts
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        print(f"  prompt {i}: first differs at answer token {k} of {len(a)}/{len(b)}")
+    gaps = [forward_gap(base, lm_head, prompts[i], bat[i]) for i in sorted(bat)]
+    print(f"batched rows against one plain forward over prompt + answer: max |hidden diff| "
+          f"{max(g for g, _ in gaps):.2e}, labels differing {sum(d for _, d in gaps)} of "
+          f"{sum(len(r.labels) for r in bat.values())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -22,6 +23,7 @@ from .shards import (SPLITS, Row, ShardWriter, check_folder, done_sequences, ite
 
 TEACHER_TOPK = 8  # base-model top-k kept per row, for --loss kl
 TOPK_BLOCK = 128  # vocabulary block of the two-stage top-k
+MIN_PREFIX = 4  # shorter shared prompt prefixes are not worth a separate pass
 # 2: shards hold the token fed after each row. Since then teacher_probs are the top-k's own softmax
 # (the KL loss renormalises them anyway, so older shards train the same) and shards list their sequences.
 CACHE_VERSION = 2
@@ -67,34 +69,38 @@ def sample(logits: np.ndarray, temp: float, seed: int, index: list[int], step: l
     return np.minimum((cdf <= u[:, None]).sum(axis=-1), logits.shape[-1] - 1)
 
 
-def _advance(lm_head, h: mx.array, rows: list[Row], live: list[bool], temp: float, seed: int,
-             greedy: set[int], states: bool) -> np.ndarray:
-    """Label, sample and record one position of each row (h: (b, H)); return the tokens fed next."""
+def _outputs(lm_head, h: mx.array, states: bool) -> dict[str, mx.array]:
+    """The lazy outputs of one position of each row: logits, argmax, and with ``states`` the top-k."""
     logits = lm_head(h)  # (b, V)
-    if states:
-        label, ids, vals = top_k(logits, TEACHER_TOPK)
-        mx.eval(h, label, ids, vals)
-    else:
-        label = mx.argmax(logits, axis=-1)
-    lab = np.array(label)
+    if not states:
+        return {"logits": logits, "label": mx.argmax(logits, axis=-1)}
+    label, ids, vals = top_k(logits, TEACHER_TOPK)
+    return {"logits": logits, "label": label, "ids": ids, "vals": vals, "h": h}
+
+
+def _record(out: dict, rows: list[Row], live: list[bool], temp: float, seed: int, greedy: set[int]) -> np.ndarray:
+    """Label, sample and record one position of each live row (``out``: evaluated ``_outputs``);
+    return the tokens fed next."""
+    lab = np.array(out["label"])
     tok = lab.copy()
     picks = [j for j, r in enumerate(rows) if live[j] and temp > 0 and r.index not in greedy]
     if picks:
-        tok[picks] = sample(np.array(logits[mx.array(picks)]), temp, seed, [rows[j].index for j in picks],
+        tok[picks] = sample(np.array(out["logits"][mx.array(picks)]), temp, seed, [rows[j].index for j in picks],
                             [len(rows[j].nexts) for j in picks])
+    states = "h" in out
     if states:
-        h_np, ids_np, vals_np = np.array(h), np.array(ids), np.array(vals)
-        order = np.argsort(-vals_np, axis=-1, kind="stable")  # best first
-        ids_np, vals_np = np.take_along_axis(ids_np, order, -1), np.take_along_axis(vals_np, order, -1)
-        probs = np.exp(vals_np - vals_np[:, :1])
+        h, ids, vals = np.array(out["h"]), np.array(out["ids"]), np.array(out["vals"])
+        order = np.argsort(-vals, axis=-1, kind="stable")  # best first
+        ids, vals = np.take_along_axis(ids, order, -1), np.take_along_axis(vals, order, -1)
+        probs = np.exp(vals - vals[:, :1])
         probs /= probs.sum(-1, keepdims=True)
     for j, row in enumerate(rows):
         if live[j]:
             row.nexts.append(int(tok[j]))
             if states:
                 row.labels.append(int(lab[j]))
-                row.hidden.append(h_np[j])
-                row.ids.append(ids_np[j])
+                row.hidden.append(h[j])
+                row.ids.append(ids[j])
                 row.probs.append(probs[j])
     return tok
 
@@ -108,74 +114,156 @@ def _left_pad(seqs: list[list[int]]) -> tuple[mx.array, list[int]]:
     return mx.array([[0] * p + list(s) for p, s in zip(pad, seqs)], dtype=mx.int32), pad
 
 
-def _compact(batch: list[Row], finished: set[int], cache, y):
-    """Drop finished rows from the batch, its caches and its fed tokens."""
-    keep = [j for j in range(len(batch)) if j not in finished]
-    if not keep:
-        return [], None, None
-    if len(keep) < len(batch):
-        k = mx.array(keep)
-        for c in cache:
-            c.filter(k)
-        y = y[k]
-    return [batch[j] for j in keep], cache, y
+def shared_prefix(base, prompts: list[list[int]]) -> tuple[int, list] | None:
+    """(P, per-layer (keys, values)) of the prefix all ``prompts`` share (a chat template's
+    system turn), run once; None when it is shorter than MIN_PREFIX. Every prompt keeps one
+    token past it, so its last hidden state comes from the batch."""
+    from mlx_lm.models.cache import KVCache
+
+    P = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
+    if P < MIN_PREFIX:
+        return None
+    cache = [KVCache() for _ in base.model.layers]
+    base.model(mx.array(prompts[0][:P])[None], cache=cache)
+    kv = [(c.keys[..., :P, :], c.values[..., :P, :]) for c in cache]  # (1, n_kv, P, D)
+    mx.eval(kv)
+    return P, kv
+
+
+def _prefill(base, seqs: list[list[int]], prefix) -> tuple[mx.array, list]:
+    """Hidden states at each prompt's last token, (b, H), and the batch's caches (left-padded,
+    as BatchKVCache wants). With a shared ``prefix``, only the rest of each prompt is run:
+    right-padded after the prefix's cached keys, then rolled left-padded (``finalize``, as
+    mlx-lm's BatchGenerator does with prompt caches)."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    if prefix is None:
+        x, pad = _left_pad(seqs)
+        cache = [BatchKVCache(pad) for _ in base.model.layers]
+        return base.model(x, cache=cache)[:, -1], cache
+    P, kv = prefix
+    b, tails = len(seqs), [s[P:] for s in seqs]
+    lengths = [len(t) for t in tails]
+    right = [max(lengths) - n for n in lengths]
+    cache = [BatchKVCache([0] * b) for _ in base.model.layers]
+    for c, (k, v) in zip(cache, kv):
+        c.update_and_fetch(mx.broadcast_to(k, (b, *k.shape[1:])), mx.broadcast_to(v, (b, *v.shape[1:])))
+        c.prepare(right_padding=right)
+    x = mx.array([t + [0] * r for t, r in zip(tails, right)], dtype=mx.int32)
+    h = base.model(x, cache=cache)  # (b, L, H)
+    h = h[mx.arange(b), mx.array(lengths) - 1]
+    for c in cache:
+        c.finalize()
+    return h, cache
+
+
+class _Lane:
+    """One continuous batch on its own MLX stream: a CPU stream runs on its own thread, so two
+    lanes keep two cores busy where MLX's element-wise ops use one.
+
+    Prompts join the lane when it is half empty (prefill, then BatchKVCache ``extend``).
+    A finished row stays in the batch, its outputs ignored, until an eighth of the lane
+    is finished: each ``filter`` copies every layer's cache.
+    """
+
+    def __init__(self, stream, size: int):
+        self.stream, self.size = stream, size
+        self.batch: list[Row] = []  # the rows in the cache, in batch order
+        self.finished: set[int] = set()  # batch positions whose answer is done
+        self.cache = self.y = None  # per-layer BatchKVCache; y: (B,) the last tokens, not yet fed
+        self.first, self.rows = 0, []  # the rows the planned step makes, from batch position first
+
+    def _compact(self) -> None:
+        keep = [j for j in range(len(self.batch)) if j not in self.finished]
+        if not keep:
+            self.batch, self.cache, self.y = [], None, None
+        elif len(keep) < len(self.batch):
+            k = mx.array(keep)
+            for c in self.cache:
+                c.filter(k)
+            self.batch, self.y = [self.batch[j] for j in keep], self.y[k]
+        self.finished = set()
+
+    def plan(self, base, lm_head, queue: deque, prompts, prefix, states: bool) -> dict | None:
+        """Build (lazily) this step's outputs: prefill new prompts, or one token for every row."""
+        with mx.stream(self.stream):
+            if queue and len(self.batch) - len(self.finished) <= self.size // 2:
+                self._compact()
+                new = [Row(queue.popleft()) for _ in range(min(self.size - len(self.batch), len(queue)))]
+                h, fresh = _prefill(base, [prompts[r.index] for r in new], prefix)
+                if self.cache is None:
+                    self.cache = fresh
+                else:
+                    for c, n in zip(self.cache, fresh):
+                        c.extend(n)
+                self.first, self.rows = len(self.batch), new
+                self.batch = self.batch + new
+            elif len(self.finished) < len(self.batch):
+                if len(self.finished) >= max(self.size // 8, 1):
+                    self._compact()
+                h = base.model(self.y[:, None], cache=self.cache)[:, 0]  # (B, H) at the fed tokens
+                self.first, self.rows = 0, self.batch
+            else:
+                return None
+            return _outputs(lm_head, h, states)
+
+    def record(self, out: dict, eos, max_tokens, temp, seed, greedy) -> tuple[list[Row], int]:
+        """Record the evaluated step; return the rows it finished and the rows it made."""
+        live = [self.first + j not in self.finished for j in range(len(self.rows))]
+        tok = _record(out, self.rows, live, temp, seed, greedy)
+        fed = mx.array(tok.astype(np.int32))
+        self.y = fed if self.first == 0 else mx.concatenate([self.y, fed])
+        done = []
+        for j, row in enumerate(self.rows):
+            if live[j] and (int(tok[j]) in eos or len(row.nexts) >= max_tokens):
+                self.finished.add(self.first + j)
+                done.append(row)
+        return done, sum(live)
 
 
 def self_distill(base, lm_head, prompts: list[list[int]], eos: set[int], max_tokens: int, batch_size: int,
                  temp: float = 0.0, seed: int = 0, progress=None, greedy: set[int] | None = None,
-                 indices: list[int] | None = None, states: bool = True):
-    """Generate the base model's answers in a continuous batch; yield (index, Row) as each finishes.
+                 indices: list[int] | None = None, states: bool = True, lanes: int = 1):
+    """Generate the base model's answers in continuous batches; yield (index, Row) as each finishes.
 
     Answers are sampled at ``temp`` (greedy at 0), except for the prompt indices in
     ``greedy``; ``indices`` picks the prompts to answer (default all). A row of a
     sequence is the last prompt position or a response token but the last: the
     hidden state there, the base model's argmax (``labels``; the next token when
     greedy), the token fed after it (``nexts``) and the top-k. With ``states`` off
-    only ``nexts`` (the answer) is kept.
-
-    Prompts join the batch shortest first, left-padded, when it is half empty
-    (mlx-lm's BatchKVCache ``extend``). A finished row stays in the batch, its
-    outputs ignored, until an eighth of the batch is finished: each ``filter``
-    copies every layer's cache. ``progress(n)`` is told the rows each step makes.
+    only ``nexts`` (the answer) is kept. ``batch_size`` sequences run at once, split
+    over ``lanes`` MLX streams (see _Lane; with more than one, each GEMM gets one
+    BLAS thread). Prompts join shortest first; their shared prefix runs once.
+    ``progress(n)`` is told the rows each step makes.
     """
-    from mlx_lm.models.cache import BatchKVCache
+    from ._blas import set_blas_threads
 
     greedy = greedy or set()
     queue = deque(sorted(range(len(prompts)) if indices is None else indices, key=lambda i: len(prompts[i])))
-    batch: list[Row] = []  # the rows in the cache, in batch order
-    finished: set[int] = set()  # batch positions whose answer is done
-    cache = y = None  # per-layer BatchKVCache; y: (B,) the last tokens, not yet fed
-    while queue or len(finished) < len(batch):
-        if queue and len(batch) - len(finished) <= batch_size // 2:
-            batch, cache, y = _compact(batch, finished, cache, y)
-            finished = set()
-            new = [Row(queue.popleft()) for _ in range(min(batch_size - len(batch), len(queue)))]
-            x, pad = _left_pad([prompts[r.index] for r in new])
-            fresh = [BatchKVCache(pad) for _ in base.model.layers]
-            h = base.model(x, cache=fresh)[:, -1]  # (b, H) at each prompt's last token
-            if cache is None:
-                cache = fresh
-            else:
-                for c, n in zip(cache, fresh):
-                    c.extend(n)
-            first, rows = len(batch), new
-            batch = batch + new
-        else:
-            if len(finished) >= max(batch_size // 8, 1):
-                batch, cache, y = _compact(batch, finished, cache, y)
-                finished = set()
-            h = base.model(y[:, None], cache=cache)[:, 0]  # (B, H) at the fed tokens
-            first, rows = 0, batch
-        live = [first + j not in finished for j in range(len(rows))]
-        tok = _advance(lm_head, h, rows, live, temp, seed, greedy, states)
-        fed = mx.array(tok.astype(np.int32))
-        y = fed if first == 0 else mx.concatenate([y, fed])
-        if progress is not None:
-            progress(sum(live))
-        for j, row in enumerate(rows):
-            if live[j] and (int(tok[j]) in eos or len(row.nexts) >= max_tokens):
-                finished.add(first + j)
-                yield row.index, row
+    if not queue:
+        return
+    prefix = shared_prefix(base, [prompts[i] for i in queue])
+    lanes = max(min(lanes, batch_size), 1) if mx.default_device() == mx.cpu else 1  # a GPU needs no lanes
+    pool = [_Lane(mx.new_stream(mx.cpu) if lanes > 1 else mx.default_stream(mx.default_device()),
+                  batch_size // lanes + (k < batch_size % lanes)) for k in range(lanes)]
+    threads = set_blas_threads(1) if lanes > 1 else None
+    try:
+        while True:
+            outs = [lane.plan(base, lm_head, queue, prompts, prefix, states) for lane in pool]
+            if not any(o is not None for o in outs):
+                return
+            mx.eval([o for o in outs if o is not None])
+            for lane, out in zip(pool, outs):
+                if out is None:
+                    continue
+                finished, made = lane.record(out, eos, max_tokens, temp, seed, greedy)
+                if progress is not None:
+                    progress(made)
+                for row in finished:
+                    yield row.index, row
+    finally:
+        if threads is not None:
+            set_blas_threads(threads)
 
 
 def relabel(base, lm_head, docs: list[tuple[list[int], int]], batch_size: int, indices: list[int] | None = None):
@@ -240,7 +328,7 @@ def _open_cache(folder: Path, key: str) -> tuple[dict | None, dict | None]:
 def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[list[int]] | None = None,
                 eos: set[int] | None = None, docs: list[tuple[list[int], int]] | None = None,
                 val_split: float = 0.0, max_tokens: int = 160, batch_size: int = 32, temp: float = 0.0,
-                seed: int = 0, samples: int = 1, log=print) -> dict:
+                seed: int = 0, samples: int = 1, lanes: int = 1, log=print) -> dict:
     """Run the frozen model once over the data and write shards to ``folder``; reuse them if ``key`` matches.
 
     ``prompts`` (token ids, chat template applied) are self-distilled, stopping at
@@ -248,8 +336,8 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
     fraction of the sequences, drawn with ``seed``, goes to the val split. With
     ``samples`` > 1 each prompt is answered that many times, greedily first and
     then sampled at ``temp``; the split is drawn by prompt, so no val prompt is
-    trained on. A killed run resumes after its last complete shard. Returns the
-    cache's meta.
+    trained on. ``lanes``: see self_distill. A killed run resumes after its last
+    complete shard. Returns the cache's meta.
     """
     if samples < 1 or (samples > 1 and (prompts is None or temp <= 0)):
         raise ValueError(f"samples per prompt {samples}: must be 1, or more with prompts and a temperature > 0")
@@ -279,7 +367,7 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
     writers = {s: ShardWriter(folder, s, splits[s], on_flush=save_progress) for s in SPLITS}
     save_progress()
     made = _fill(writers, val, todo, len(done), prompts, docs, base, lm_head, eos, max_tokens, batch_size, temp,
-                 seed, samples)
+                 seed, samples, lanes)
     seconds = time.perf_counter() - tic
     meta = {"key": key, "data": what, "hidden_size": int(base.args.hidden_size),
             "seconds": round(before + seconds, 1), "rows_per_s": round(made / max(seconds, 1e-9), 1),
@@ -296,7 +384,7 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
 
 
 def _fill(writers, val, todo, done, prompts, docs, base, lm_head, eos, max_tokens, batch_size, temp, seed,
-          samples) -> int:
+          samples, lanes) -> int:
     """Stream the sequences ``todo`` into the writers; return the rows made."""
     tic = time.perf_counter()
     made = [0]
@@ -308,7 +396,7 @@ def _fill(writers, val, todo, done, prompts, docs, base, lm_head, eos, max_token
     n = len(prompts) if prompts is not None else len(docs)
     if prompts is not None:
         stream = self_distill(base, lm_head, prompts * samples, eos or set(), max_tokens, batch_size, temp, seed,
-                              progress, greedy=set(range(n)) if samples > 1 else None, indices=todo)
+                              progress, greedy=set(range(n)) if samples > 1 else None, indices=todo, lanes=lanes)
     else:
         stream = relabel(base, lm_head, docs, batch_size, indices=todo)
     with tqdm(total=done + len(todo), initial=done, desc="frozen model",

@@ -71,7 +71,7 @@ def accept(texts: list[str], seen: set[str], excluded: Excluded, dropped: Counte
     return kept
 
 
-def model_writer(base, lm_head, tokenizer, batch_size: int, temp: float = WRITE_TEMP):
+def model_writer(base, lm_head, tokenizer, batch_size: int, temp: float = WRITE_TEMP, lanes: int = 1):
     """``write(instructions, seed) -> texts``: the base model's sampled answers, in one continuous batch."""
     from .distill import self_distill
 
@@ -79,7 +79,7 @@ def model_writer(base, lm_head, tokenizer, batch_size: int, temp: float = WRITE_
         ids = [chat_ids(tokenizer, s) for s in instructions]
         eos = eos_ids(tokenizer)
         out = dict(self_distill(base, lm_head, ids, eos, WRITE_MAX_TOKENS, batch_size, temp=temp, seed=seed,
-                                states=False))
+                                states=False, lanes=lanes))
         return [tokenizer.decode([t for t in out[i].nexts if t not in eos]) for i in range(len(ids))]
 
     return write

@@ -222,6 +222,7 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
 
 MAX_TOKENS = 160  # answer length of self-distillation
 GEN_BATCH_SIZE = 128  # sequences the frozen model runs at once
+GEN_LANES = 2  # MLX streams they are split over on a CPU (one per core of a 2-core CPU)
 SEQ_LEN = 512  # --data documents are cut to this many tokens
 VAL_SPLIT = 0.05
 NUM_HEADS = 4
@@ -241,11 +242,13 @@ class TrainOptions:
     add_prompts: list[str] = field(default_factory=list)
     self_instruct: int = 0
     self_instruct_seeds: str | None = None
+    self_instruct_dir: str | None = None
     num_prompts: int | None = None
     max_tokens: int = MAX_TOKENS
     temp: float = 0.0
     samples_per_prompt: int = 1
     gen_batch_size: int = GEN_BATCH_SIZE
+    gen_lanes: int = GEN_LANES
     seq_len: int = SEQ_LEN
     cache_dir: str | None = None
     val_split: float = VAL_SPLIT
@@ -275,7 +278,8 @@ class TrainOptions:
 
     def validate(self) -> None:
         """Flag errors before any work (ValueError naming the flag)."""
-        for name in ("num_heads", "num_layers", "batch_size", "max_tokens", "gen_batch_size", "seq_len", "iters"):
+        for name in ("num_heads", "num_layers", "batch_size", "max_tokens", "gen_batch_size", "gen_lanes", "seq_len",
+                     "iters"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("warmup", "steps_per_eval", "save_every", "weight_decay", "noise", "self_instruct"):
@@ -306,8 +310,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="More prompts to self-distil, one {\"prompt\": ...} a line (repeatable)")
     p.add_argument("--self-instruct", type=int, default=0, metavar="N",
                    help="Also answer N prompts the base model writes itself from seed topics and tasks "
-                        "(kept in OUTPUT/self_instruct; a rerun continues them)")
+                        "(kept in --self-instruct-dir; a rerun continues them)")
     p.add_argument("--self-instruct-seeds", default=None, help="Seed topics and tasks (JSON; default the shipped ones)")
+    p.add_argument("--self-instruct-dir", default=None,
+                   help="Where the written prompts are kept (default OUTPUT/self_instruct); share it between runs")
     p.add_argument("--num-prompts", type=int, default=None,
                    help="Use only the first N prompts (of --prompts and --add-prompts) or documents")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="Response length for self-distillation")
@@ -315,6 +321,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=int, default=1,
                    help="Responses per prompt: the first greedy, the others sampled at --temp (> 0)")
     p.add_argument("--gen-batch-size", type=int, default=GEN_BATCH_SIZE, help="Sequences per batch in the frozen model's pass")
+    p.add_argument("--gen-lanes", type=int, default=GEN_LANES,
+                   help="On a CPU, split that batch over N MLX streams, one thread each (MLX's element-wise ops "
+                        "use one core per stream); GEMMs then get one BLAS thread each")
     p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="Cut --data documents to this many tokens")
     p.add_argument("--cache-dir", default=None,
                    help="Hidden-state shards (default: OUTPUT/cache); reused when the data matches, resumed when unfinished")

@@ -45,15 +45,16 @@ def prompt_sources(opts) -> list[tuple[str, list[str]]]:
 def training_prompts(opts, sources, base, lm_head, tokenizer, model_id: str, out: Path, log=print) -> list[str]:
     """The prompts to answer: the sources mixed (deduplicated, held-out and bench prompts
     dropped), the first --num-prompts of them, then --self-instruct prompts written by the
-    base model (saved in OUTPUT/self_instruct, continued by a rerun)."""
+    base model (saved in --self-instruct-dir, continued by a rerun)."""
     excluded = Excluded()
     mixed = mix_prompts(sources, excluded, log)[: opts.num_prompts]
     if not mixed:
         raise ValueError("no training prompts left after dropping held-out and duplicate ones: add prompts")
     if opts.self_instruct:
-        write = model_writer(base, lm_head, tokenizer, opts.gen_batch_size)
+        write = model_writer(base, lm_head, tokenizer, opts.gen_batch_size, lanes=opts.gen_lanes)
         mixed = mixed + write_prompts(
-            write, opts.self_instruct, out / "self_instruct", examples=mixed, seen={normalize(p) for p in mixed},
+            write, opts.self_instruct, Path(opts.self_instruct_dir or out / "self_instruct"), examples=mixed,
+            seen={normalize(p) for p in mixed},
             excluded=excluded, settings={"model": model_id, "temp": WRITE_TEMP}, batch_size=opts.gen_batch_size,
             seed=opts.seed, seeds=opts.self_instruct_seeds or SEEDS, log=log)
     return mixed
@@ -76,4 +77,4 @@ def build_data(opts, sources, base, lm_head, tokenizer, model_id: str, out: Path
     return build_cache(cache_dir, base, lm_head, prompts=[chat_ids(tokenizer, p) for p in prompts],
                        eos=eos_ids(tokenizer), key=key, val_split=opts.val_split, max_tokens=opts.max_tokens,
                        batch_size=opts.gen_batch_size, temp=opts.temp, seed=opts.seed,
-                       samples=opts.samples_per_prompt, log=log)
+                       samples=opts.samples_per_prompt, lanes=opts.gen_lanes, log=log)

@@ -11,16 +11,16 @@ import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 
 import exo_medusa_mlx.shards as shards
-from exo_medusa_mlx.distill import TEACHER_TOPK, build_cache, sample, self_distill, top_k
+from exo_medusa_mlx.distill import TEACHER_TOPK, build_cache, sample, self_distill, shared_prefix, top_k
 from exo_medusa_mlx.model import base_lm_head
 from tiny import VOCAB, tiny_base
 
 EOS = 3
 
 
-def _prompts(n, seed=0):
+def _prompts(n, seed=0, prefix=()):
     rng = np.random.default_rng(seed)
-    return [rng.integers(4, VOCAB, int(rng.integers(3, 12))).tolist() for _ in range(n)]
+    return [list(prefix) + rng.integers(4, VOCAB, int(rng.integers(3, 12))).tolist() for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,15 @@ def test_sample_follows_softmax_and_depends_only_on_its_key():
     np.testing.assert_array_equal(again, got[[4, 3, 2, 1, 0]])  # any batch, any order
 
 
-def test_rows_are_the_base_models_own(base):
+@pytest.mark.parametrize("lanes, prefix", [(1, ()), (2, (5, 9, 17, 33, 40, 61))])
+def test_rows_are_the_base_models_own(base, lanes, prefix):
     """Every row (hidden state, argmax label, top-k) of the continuous batch equals one plain
-    forward over the prompt and its answer; answers equal mlx-lm's greedy decoding."""
+    forward over the prompt and its answer; answers equal mlx-lm's greedy decoding. Also
+    with two lanes (streams) and a prefix all prompts share (run once, then rolled)."""
     lm = base_lm_head(base)
-    prompts = _prompts(9, seed=3)
-    got = dict(self_distill(base, lm, prompts, {EOS}, 20, batch_size=4))
+    prompts = _prompts(9, seed=3, prefix=prefix)
+    assert (shared_prefix(base, prompts) or (0,))[0] == len(prefix)
+    got = dict(self_distill(base, lm, prompts, {EOS}, 20, batch_size=4, lanes=lanes))
     assert sorted(got) == list(range(9))
     for i, p in enumerate(prompts):
         row = got[i]
@@ -76,7 +79,8 @@ def test_rows_are_the_base_models_own(base):
 def test_sampled_answers_do_not_depend_on_the_batch(base):
     lm = base_lm_head(base)
     prompts = _prompts(6, seed=4)
-    runs = [dict(self_distill(base, lm, prompts, {EOS}, 14, batch_size=b, temp=1.0, seed=5)) for b in (1, 3, 6)]
+    runs = [dict(self_distill(base, lm, prompts, {EOS}, 14, batch_size=b, temp=1.0, seed=5, lanes=n))
+            for b, n in ((1, 1), (3, 1), (6, 2))]
     for i in range(6):
         assert runs[0][i].nexts == runs[1][i].nexts == runs[2][i].nexts, i
     assert any(r.nexts != r.labels for r in runs[0].values())  # sampled, not greedy
@@ -140,3 +144,24 @@ def test_killed_build_resumes_from_its_last_complete_shard(base, tmp_path, monke
     assert build_cache(folder, base, lm, **kw) == meta  # finished: reused
     with pytest.raises(ValueError, match="other data"):
         build_cache(folder, base, lm, **{**kw, "key": "other"})
+
+
+def test_speed_script_runs_and_checks_the_rows(tmp_path, capsys):
+    """scripts/distill_speed.py on a tiny model folder: both passes, the same answers, and the
+    batched rows equal to one plain forward."""
+    import importlib.util
+    from pathlib import Path
+
+    from test_exo_engine import save_hf_folder
+    from test_exo_engine import tiny_base as tiny_base4
+
+    folder = save_hf_folder(tmp_path / "model", "llama", tiny_base4("llama"))
+    path = Path(__file__).parent.parent / "scripts" / "distill_speed.py"
+    spec = importlib.util.spec_from_file_location("distill_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--model", str(folder), "--num-prompts", "4", "--max-tokens", "6", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert "sequential (batch 1):" in out and "batched (batch 4, 2 lanes):" in out and "rows per CPU-second" in out
+    assert "token-identical, batched vs sequential: 4 of 4 prompts" in out
+    assert "labels differing 0 of" in out

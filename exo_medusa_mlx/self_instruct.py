@@ -1,8 +1,10 @@
 """Prompts at scale without a network (self-instruct): the base model writes new prompts
-from seed topics x task templates, shown a few training prompts as examples, in batches.
-What it writes is cleaned, filtered (length, language, junk), deduplicated by normalised
-text, kept apart from the held-out and bench prompts, and appended to a file as each
-batch finishes, so a killed run continues where it stopped.
+by continuing a list of training prompts from a seed start ("Write a short poem about
+{topic}", "How can I", ...) and topic, in batches. A small model completes a list far
+better than it follows an instruction to write one. What it writes is cleaned, filtered
+(length, language, junk), deduplicated by normalised text, kept apart from the held-out
+and bench prompts, and appended to a file as each batch finishes, so a killed run
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -16,45 +18,40 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .prompts import DATA_DIR, Excluded, chat_ids, eos_ids, junk_reason, normalize
+from .prompts import DATA_DIR, Excluded, eos_ids, junk_reason, normalize
 from .shards import write_json
 
 SEEDS = DATA_DIR / "self_instruct_seeds.json"
-EXAMPLES = 3  # training prompts shown per written prompt
-WRITE_MAX_TOKENS = 48
+EXAMPLES = 4  # training prompts shown before each written one
+WRITE_MAX_TOKENS = 40
 WRITE_TEMP = 0.9
 MAX_ROUNDS_FACTOR = 4  # give up after this many times the rounds the count needs (filters dropping most)
+LIST_HEAD = "Requests that users typed to an AI assistant:\n"
 _LEAD = re.compile(r"^\s*(?:[-*•]|\d+[.)]|(?:new\s+)?(?:request|question|prompt|task|instruction)\s*:)\s*", re.I)
 
 
 def load_seeds(path: str | Path = SEEDS) -> tuple[list[str], list[str]]:
-    """(topics, task templates with a ``{topic}`` slot) from a seeds file."""
+    """(topics, starts) from a seeds file; a start may hold a ``{topic}`` slot."""
     path = Path(path)
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"self-instruct seeds {path}: unreadable ({e})") from None
-    topics, tasks = d.get("topics"), d.get("tasks")
-    ok = all(isinstance(x, list) and x and all(isinstance(s, str) and s.strip() for s in x) for x in (topics, tasks))
-    if not ok or not all("{topic}" in t for t in tasks):
-        raise ValueError(f"self-instruct seeds {path}: need non-empty 'topics' and 'tasks' string lists, "
-                         "each task with a {topic} slot")
-    return topics, tasks
+    topics, starts = d.get("topics"), d.get("starts")
+    if not all(isinstance(x, list) and x and all(isinstance(s, str) and s.strip() for s in x) for x in (topics, starts)):
+        raise ValueError(f"self-instruct seeds {path}: need non-empty 'topics' and 'starts' lists of strings")
+    return topics, starts
 
 
-def writing_prompt(topic: str, task: str, examples: list[str]) -> str:
-    """The instruction that asks the base model for one new prompt."""
-    shown = "\n".join(f"- {e}" for e in examples)
-    return (f"Here are some requests that people send to an AI assistant:\n{shown}\n\n"
-            f"Write one new request of your own: {task.format(topic=topic)}. "
-            "Reply with the request only, in one line.")
+def writing_context(examples: list[str], start: str) -> str:
+    """The text the base model continues: a list of example prompts, then the new one's start."""
+    return LIST_HEAD + "".join(f"- {e}\n" for e in examples) + f"- {start}"
 
 
 def clean(text: str) -> str:
-    """The first line of what the model wrote, without list marks, labels or quotes."""
+    """The first line of a written prompt, without quotes or list marks."""
     line = next((l for l in text.strip().splitlines() if l.strip()), "")
-    line = _LEAD.sub("", line).strip()
-    return line.strip("\"'“”").strip()
+    return _LEAD.sub("", line).strip().strip("\"'“”").strip()
 
 
 def accept(texts: list[str], seen: set[str], excluded: Excluded, dropped: Counter) -> list[str]:
@@ -72,15 +69,18 @@ def accept(texts: list[str], seen: set[str], excluded: Excluded, dropped: Counte
 
 
 def model_writer(base, lm_head, tokenizer, batch_size: int, temp: float = WRITE_TEMP, lanes: int = 1):
-    """``write(instructions, seed) -> texts``: the base model's sampled answers, in one continuous batch."""
+    """``write(contexts, seed) -> continuations``: the base model's sampled continuation of each
+    text (plain text, no chat template) up to the end of its line, in one continuous batch."""
     from .distill import self_distill
 
-    def write(instructions: list[str], seed: int) -> list[str]:
-        ids = [chat_ids(tokenizer, s) for s in instructions]
-        eos = eos_ids(tokenizer)
-        out = dict(self_distill(base, lm_head, ids, eos, WRITE_MAX_TOKENS, batch_size, temp=temp, seed=seed,
+    vocab = getattr(tokenizer, "vocab", None) or {}
+    stops = eos_ids(tokenizer) | {i for i in vocab.values() if "\n" in tokenizer.decode([i])}
+
+    def write(contexts: list[str], seed: int) -> list[str]:
+        ids = [tokenizer.encode(c) for c in contexts]
+        out = dict(self_distill(base, lm_head, ids, stops, WRITE_MAX_TOKENS, batch_size, temp=temp, seed=seed,
                                 states=False, lanes=lanes))
-        return [tokenizer.decode([t for t in out[i].nexts if t not in eos]) for i in range(len(ids))]
+        return [tokenizer.decode([t for t in out[i].nexts if t not in stops]) for i in range(len(ids))]
 
     return write
 
@@ -88,14 +88,14 @@ def model_writer(base, lm_head, tokenizer, batch_size: int, temp: float = WRITE_
 def write_prompts(write, count: int, folder: str | Path, *, examples: list[str], seen: set[str],
                   excluded: Excluded, settings: dict, batch_size: int, seed: int = 0,
                   seeds: str | Path = SEEDS, log=print) -> list[str]:
-    """``count`` new prompts written by ``write`` (see ``model_writer``), saved in ``folder``.
+    """``count`` new prompts: seed starts continued by ``write`` (see ``model_writer``), saved in ``folder``.
 
-    Each round asks for ``batch_size`` prompts, one per (topic, task, examples) drawn
+    Each round asks for ``batch_size`` prompts, one per (start, topic, examples) drawn
     with (seed, round); the kept ones are appended to ``folder/prompts.jsonl``. A
     folder written with other settings is refused; the same settings continue it.
     ``seen``: normalised prompts already in the mix (grows).
     """
-    topics, tasks = load_seeds(seeds)
+    topics, starts_ = load_seeds(seeds)
     if not examples:
         raise ValueError("self-instruct needs training prompts to show as examples")
     folder = Path(folder)
@@ -109,11 +109,12 @@ def write_prompts(write, count: int, folder: str | Path, *, examples: list[str],
     bar = tqdm(total=count, initial=min(len(kept), count), desc="self-instruct", unit="prompt")
     while len(kept) < count and state["rounds"] < max_rounds:
         rng = np.random.default_rng([seed, state["rounds"]])
-        jobs = [writing_prompt(topics[rng.integers(len(topics))], tasks[rng.integers(len(tasks))],
-                               [examples[i] for i in rng.choice(len(examples), min(EXAMPLES, len(examples)),
-                                                                replace=False)])
-                for _ in range(batch_size)]
-        new = accept(write(jobs, int(rng.integers(2**31))), seen, excluded, dropped)
+        starts = [starts_[rng.integers(len(starts_))].format(topic=topics[rng.integers(len(topics))])
+                  for _ in range(batch_size)]
+        shown = [[examples[i] for i in rng.choice(len(examples), min(EXAMPLES, len(examples)), replace=False)]
+                 for _ in range(batch_size)]
+        written = write([writing_context(e, s) for e, s in zip(shown, starts)], int(rng.integers(2**31)))
+        new = accept([s + w for s, w in zip(starts, written)], seen, excluded, dropped)
         with open(folder / "prompts.jsonl", "a", encoding="utf-8") as f:
             f.writelines(json.dumps({"prompt": p}) + "\n" for p in new)
         state["rounds"] += 1

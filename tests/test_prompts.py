@@ -68,50 +68,62 @@ def test_clean_takes_the_first_line_without_marks():
 
 
 def _writer(outputs, calls):
-    """A fake model: round r answers with outputs[r] (the instructions are recorded)."""
-    def write(instructions, seed):
-        calls.append((instructions, seed))
+    """A fake model: round r continues the contexts with outputs[r], then with junk."""
+    def write(contexts, seed):
+        calls.append((contexts, seed))
         out = outputs[len(calls) - 1] if len(calls) <= len(outputs) else []
-        return (out + ["t1 t2 t3 t4 t5 t6"] * len(instructions))[: len(instructions)]
+        return (out + [" t1 t2 t3 t4 t5 t6"] * len(contexts))[: len(contexts)]
     return write
 
 
-def test_self_instruct_keeps_clean_new_prompts_and_continues(tmp_path):
+@pytest.fixture
+def seeds(tmp_path):
+    f = tmp_path / "seeds.json"
+    f.write_text(json.dumps({"topics": ["owls"], "starts": ["Write"]}))
+    return f
+
+
+def test_self_instruct_keeps_clean_new_prompts_and_continues(tmp_path, seeds):
+    held, train = "Write a short poem about a lighthouse in a storm.", "Write a short speech to welcome new employees."
+    assert held in HELD and train in TRAIN
     excluded = Excluded()
     seen = {normalize(p) for p in TRAIN}
-    rounds = [["1. Describe a day on Mars.", HELD[2], TRAIN[0], "Describe a day on MARS!"],
-              ["Question: How do owls hunt at night?", "Why do cats purr so much?", "x"]]
+    w = len("Write")
+    rounds = [[" a haiku about rain.", held[w:], train[w:], " a HAIKU about rain!"],
+              [" a song about snow\nand more", " me a letter from the moon.", " x"]]
     calls = []
-    kw = dict(examples=TRAIN[:10], excluded=excluded, settings={"model": "m"}, batch_size=4, seed=1,
+    kw = dict(examples=TRAIN[:10], excluded=excluded, settings={"model": "m"}, batch_size=4, seed=1, seeds=seeds,
               log=lambda *_: None)
     got = write_prompts(_writer(rounds, calls), 3, tmp_path / "si", seen=set(seen), **kw)
-    assert got == ["Describe a day on Mars.", "How do owls hunt at night?", "Why do cats purr so much?"]
+    assert got == ["Write a haiku about rain.", "Write a song about snow", "Write me a letter from the moon."]
     assert len(calls) == 2 and all(len(c[0]) == 4 for c in calls)
-    assert all(e not in c for c in calls[0][0] for e in HELD)  # held-out prompts are never shown
+    for context in calls[0][0]:  # a list of shown training prompts, then the start
+        lines = context.splitlines()
+        assert lines[-1] == "- Write" and all(l[2:] in TRAIN[:10] for l in lines[1:-1]) and len(lines) == 6
     lines = (tmp_path / "si" / "prompts.jsonl").read_text().splitlines()
     assert [json.loads(l)["prompt"] for l in lines] == got
-    topics, tasks = load_seeds()
-    assert any(t in calls[0][0][0] for t in topics)
 
     # A rerun asking for more continues with the next round; the kept prompts are reused.
     with open(tmp_path / "si" / "prompts.jsonl", "a") as f:
         f.write('{"prompt": "cut by a ki')  # a line cut by a kill
     more = []
-    got4 = write_prompts(_writer([["Plan a picnic for six friends."]], more), 4, tmp_path / "si",
+    got4 = write_prompts(_writer([[" owls are quiet.", " owls are quiet."]], more), 4, tmp_path / "si",
                          seen=set(seen), **kw)
-    assert got4 == got + ["Plan a picnic for six friends."]
-    assert len(more) == 1 and more[0][1] != calls[0][1]  # round 2: other topics, another seed
+    assert got4 == got + ["Write owls are quiet."]
+    assert len(more) == 1 and more[0][1] != calls[0][1]  # round 2: other draws, another seed
     assert write_prompts(_writer([], []), 2, tmp_path / "si", seen=set(seen), **kw) == got[:2]
     with pytest.raises(ValueError, match="other settings"):
         write_prompts(_writer([], []), 2, tmp_path / "si", seen=set(seen), **{**kw, "seed": 2})
 
 
-def test_self_instruct_gives_up_when_everything_is_junk(tmp_path):
+def test_self_instruct_gives_up_when_everything_is_junk(tmp_path, seeds):
     logged, calls = [], []
     got = write_prompts(_writer([], calls), 5, tmp_path / "si", examples=TRAIN[:5], seen=set(),
-                        excluded=Excluded(), settings={}, batch_size=4, log=logged.append)
+                        excluded=Excluded(), settings={}, batch_size=4, seeds=seeds, log=logged.append)
     assert got == [] and len(calls) == 4 * 2 + 1
     assert "0 of 5 prompts" in logged[-1] and "language" in logged[-1]
+    topics, starts = load_seeds()
+    assert len(topics) * len(starts) >= 1000 and any("{topic}" in s for s in starts)
 
 
 def test_self_instruct_with_a_tiny_model_writes_in_batches(tmp_path):
@@ -126,6 +138,7 @@ def test_self_instruct_with_a_tiny_model_writes_in_batches(tmp_path):
     texts = write(["t5 t6 t7", "t8 t9", "t10", "t11 t12"], seed=0)
     assert len(texts) == 4 and all(isinstance(t, str) and t for t in texts)
     assert texts == write(["t5 t6 t7", "t8 t9", "t10", "t11 t12"], seed=0)  # seeded
+    assert texts != write(["t5 t6 t7", "t8 t9", "t10", "t11 t12"], seed=1)
     assert accept(texts, set(), Excluded(), Counter()) == []  # word-level junk ("t5 t6 ...") is dropped
 
 
@@ -135,14 +148,21 @@ def test_training_prompts_mix_user_and_written_prompts_without_heldout(tmp_path,
 
     user = tmp_path / "mine.jsonl"
     user.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Sing me a song about dust.", HELD[5], TRAIN[3]]))
-    monkeypatch.setattr(TD, "model_writer", lambda *a, **k: _writer([[BENCH[0], "Invent a new board game."]], []))
+    seeds = tmp_path / "seeds.json"
+    seeds.write_text(json.dumps({"topics": ["owls"], "starts": ["Write"]}))
+    bench = "Write a short poem about the sea at night."
+    assert bench in BENCH
+    written = [bench[len("Write"):], " a riddle about a lost umbrella."]
+    monkeypatch.setattr(TD, "model_writer", lambda *a, **k: _writer([written], []))
     opts = TrainOptions(output=str(tmp_path / "out"), add_prompts=[str(user)], self_instruct=1, gen_batch_size=2,
-                        num_prompts=None)
+                        self_instruct_seeds=str(seeds))
     sources = TD.prompt_sources(opts)
     got = TD.training_prompts(opts, sources, None, None, None, "m", tmp_path / "out", log=lambda *_: None)
-    assert got[: len(TRAIN)] == TRAIN and got[len(TRAIN) :] == ["Sing me a song about dust.", "Invent a new board game."]
+    assert got[: len(TRAIN)] == TRAIN
+    assert got[len(TRAIN) :] == ["Sing me a song about dust.", "Write a riddle about a lost umbrella."]
     excluded = Excluded()
     assert not [p for p in got if p in excluded]
+    assert (tmp_path / "out" / "self_instruct" / "prompts.jsonl").is_file()
     opts = SimpleNamespace(**{**vars(opts), "add_prompts": [str(tmp_path / "bad.jsonl")]})
     (tmp_path / "bad.jsonl").write_text("not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: not valid JSON"):

@@ -11,8 +11,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from .distill import build_cache, cache_key
-from .prompts import DEFAULT_PROMPTS, Excluded, chat_ids, eos_ids, mix_prompts, normalize, read_documents, \
-    read_jsonl_prompts, read_prompts
+from .prompts import (DEFAULT_PROMPTS, Excluded, chat_ids, eos_ids, mix_prompts, normalize, read_documents,
+                      read_jsonl_prompts, read_prompts)
 from .self_instruct import SEEDS, WRITE_TEMP, load_seeds, model_writer, write_prompts
 
 

@@ -127,7 +127,6 @@ def test_self_instruct_gives_up_when_everything_is_junk(tmp_path, seeds):
 
 
 def test_self_instruct_with_a_tiny_model_writes_in_batches(tmp_path):
-    from exo_medusa_mlx.model import base_lm_head
     from exo_medusa_mlx.self_instruct import model_writer
     from exo_medusa_mlx.train_data import load_base
     from test_exo_engine import save_hf_folder

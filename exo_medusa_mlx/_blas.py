@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .core.machine import cache_root
 
-__all__ = ["preload_blas", "blas_info"]
+__all__ = ["preload_blas", "blas_info", "set_blas_threads"]
 
 _INFO: str | None = None
 _HANDLES: list[ctypes.CDLL] = []  # keep the libraries loaded for the process lifetime
@@ -186,3 +186,19 @@ def _torch_first() -> None:
 def blas_info() -> str:
     """Short description of the BLAS MLX uses, e.g. ``openblas 0.3.31 (cmeel, patched, Haswell, 2 threads)``."""
     return preload_blas()
+
+
+def set_blas_threads(n: int) -> int | None:
+    """Set the threads of MLX's OpenBLAS GEMMs; return the previous count (None without OpenBLAS).
+
+    Self-distillation runs two MLX streams, one GEMM thread each, on a 2-core CPU.
+    """
+    if not _HANDLES:
+        return None
+    lib = _HANDLES[0]
+    try:
+        prev = int(lib.scipy_openblas_get_num_threads())
+        lib.scipy_openblas_set_num_threads(int(n))
+    except AttributeError:
+        return None
+    return prev

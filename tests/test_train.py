@@ -371,6 +371,9 @@ def test_resume_refuses_another_layout_and_a_broken_state(base, tmp_path):
     (["--epochs", "0"], "--epochs 0.0 must be positive"),
     (["--warmup", "-5"], "--warmup must not be negative"),
     (["--learning-rate", "-1"], "--learning-rate -1.0 must be positive"),
+    (["--self-instruct", "-1"], "--self-instruct must not be negative"),
+    (["--data", "d.txt", "--add-prompts", "p.jsonl"], "--add-prompts and --self-instruct add prompts"),
+    (["--add-prompts", "missing.jsonl"], "prompt file missing.jsonl not found"),
 ])
 def test_train_flags_are_checked_before_any_work(tmp_path, argv, message, capsys):
     from exo_medusa_mlx.train import main
@@ -390,3 +393,20 @@ def test_train_output_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--output .* is a file"):
         main(["-o", str(f), "--iters", "1"])
     assert f.read_text() == "keep me"
+
+
+def test_train_options_mirror_the_flags(tmp_path, capsys):
+    """One TrainOptions field per flag, with the parser's defaults; a bad --add-prompts line
+    fails before the model loads or the output folder is made."""
+    from dataclasses import fields
+
+    from exo_medusa_mlx.train import TrainOptions, main, setup_arg_parser
+
+    p = setup_arg_parser()
+    assert {a.dest for a in p._actions if a.dest != "help"} == {f.name for f in fields(TrainOptions)}
+    assert TrainOptions.from_args(p.parse_args(["-o", "x"])) == TrainOptions(output="x")
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": 3}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["-o", str(tmp_path / "out"), "--add-prompts", str(bad)])
+    assert "mine.jsonl:2: expected" in str(e.value.code) and not (tmp_path / "out").exists()

@@ -39,29 +39,34 @@ from .train_data import build_data, load_base, prompt_sources
 HEAD_DECAY = 0.8  # head i's loss weight is HEAD_DECAY ** i
 
 
-def head_logits(heads: MedusaHeads, lm_head, h: mx.array, next_embeds: mx.array | None = None,
-                draft=None) -> mx.array:
-    """(K, B, V) logits of every head at hidden states h: (B, H); ``draft``: (ids, rows), see
-    ``MedusaHeads.project``."""
-    return heads.project(h, lm_head, base=False, next_embeds=next_embeds, draft=draft)
+def head_logits(heads: MedusaHeads, lm_head, h: mx.array, embeds: list | None = None, draft=None) -> mx.array:
+    """(K, B, V) logits of every head at hidden states h: (B, H); ``embeds``: ``path_embeds``;
+    ``draft``: (ids, rows), see ``MedusaHeads.project``."""
+    return heads.project(h, lm_head, base=False, draft=draft, path_embeds=embeds)
 
 
-def next_embeds(heads: MedusaHeads, embed, batch: dict) -> mx.array | None:
-    """Embeddings of the tokens fed after the batch's rows, for next-token heads (else None)."""
-    if not heads.config.next_token:
+def path_embeds(heads: MedusaHeads, embed, batch: dict) -> list | None:
+    """What the heads read beside the hidden state, as in decoding on an accepted path (teacher
+    forcing): the embedding of the token fed after each row (next-token heads: the root),
+    and for hydra heads those of the tokens after it (the rows' targets; head d reads d+1)."""
+    if not (heads.config.next_token or heads.config.hydra):
         return None
     if embed is None:
-        raise ValueError("next-token heads need the base model's embedding (embed=)")
-    return embed(mx.array(batch["next"]))
+        raise ValueError("next-token and hydra heads need the base model's embedding (embed=)")
+    out = [embed(mx.array(batch["next"]))]
+    if heads.config.hydra:
+        t = np.maximum(batch["targets"], 0)  # -1 past a sequence's end: those rows' later heads are masked
+        out += [embed(mx.array(t[:, j])) for j in range(heads.num_heads - 1)]
+    return out
 
 
-def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_probs=None, next_embeds=None):
+def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_probs=None, embeds=None):
     """Weighted CE (or top-k KL to the base model) summed over heads; also per-head loss and top-1.
 
-    targets: (B, K) with -1 where the sequence ends; teacher_*: (B, K, k); next_embeds:
-    (B, H), the fed tokens' embeddings, for next-token heads.
+    targets: (B, K) with -1 where the sequence ends; teacher_*: (B, K, k); embeds:
+    ``path_embeds`` (next-token and hydra heads).
     """
-    logits = head_logits(heads, lm_head, h, next_embeds).astype(mx.float32)  # (K, B, V)
+    logits = head_logits(heads, lm_head, h, embeds).astype(mx.float32)  # (K, B, V)
     t = targets.T  # (K, B)
     valid = (t >= 0).astype(mx.float32)
     lse = mx.logsumexp(logits, axis=-1)
@@ -77,10 +82,10 @@ def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_p
     return (weights * per_head).sum(), (per_head, top1)
 
 
-def target_ranks(heads: MedusaHeads, lm_head, h: mx.array, targets: mx.array,
-                 next_embeds: mx.array | None = None, draft=None) -> mx.array:
+def target_ranks(heads: MedusaHeads, lm_head, h: mx.array, targets: mx.array, embeds: list | None = None,
+                 draft=None) -> mx.array:
     """Rank of each target among its head's logits (0 = top-1; -1 where no target). (B, K)."""
-    logits = head_logits(heads, lm_head, h, next_embeds, draft).astype(mx.float32)  # (K, B, V)
+    logits = head_logits(heads, lm_head, h, embeds, draft).astype(mx.float32)  # (K, B, V)
     t = targets.T
     tl = mx.take_along_axis(logits, mx.maximum(t, 0)[..., None], axis=-1)
     rank = mx.where(tl[..., 0] > -mx.inf, (logits > tl).sum(-1), logits.shape[-1])  # outside a draft: never
@@ -94,7 +99,7 @@ def evaluate(heads, lm_head, folder: Path, files: list[str], batch_size: int, to
     counts = np.zeros(heads.num_heads)
     for b in iterate_batches(folder, files, heads.num_heads, batch_size):
         r = target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
-                         next_embeds(heads, embed, b), draft)
+                         path_embeds(heads, embed, b), draft)
         r = np.array(r)
         for k in range(max(topk)):
             hits[:, k] += ((r >= 0) & (r <= k)).sum(0)
@@ -179,7 +184,7 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
             h = h + noise * rms * mx.random.normal(h.shape)
         teacher = [mx.array(b["teacher_ids"]), mx.array(b["teacher_probs"])] if loss == "kl" else [None, None]
         (value, (per_head, top1)), grads = step_fn(heads, lm_head, h, mx.array(b["targets"]), *teacher,
-                                                   next_embeds(heads, embed, b))
+                                                   path_embeds(heads, embed, b))
         opt.update(heads, grads)
         mx.eval(heads.parameters(), opt.state, value, per_head, top1)
         return float(value), np.array(per_head), np.array(top1)
@@ -257,6 +262,7 @@ class TrainOptions:
     num_layers: int = 1
     layout: str = "shared"
     next_token: bool = False
+    hydra: bool = False
     draft_vocab: int = 0
     loss: str = "ce"
     learning_rate: float = LEARNING_RATE
@@ -295,6 +301,8 @@ class TrainOptions:
             raise ValueError("--add-prompts and --self-instruct add prompts to self-distil: not with --data")
         if not 0 <= self.val_split < 1:
             raise ValueError(f"--val-split {self.val_split} must be in [0, 1)")
+        if self.next_token and self.hydra:
+            raise ValueError("--next-token and --hydra are two layouts: hydra heads read the next token too")
         if self.draft_vocab and self.layout == "own":
             raise ValueError("--draft-vocab needs heads that share the base lm_head (--layout shared)")
 
@@ -336,6 +344,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--next-token", action="store_true",
                    help="Heads also read the embedding of the base model's next token (its argmax, known before "
                         "the heads run); costs a second pass over lm_head per step, not the reference layout")
+    p.add_argument("--hydra", action="store_true",
+                   help="Sequentially dependent heads: head d also reads the embeddings of the d+1 tokens on the "
+                        "path it extends (the root, then the guesses before its own), as Hydra's heads do")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="Score the heads' guesses over the N tokens the model emits most in the data (a cheaper "
                         "pass over part of lm_head; pays with --next-token on a CPU); 0: the whole vocabulary")
@@ -379,6 +390,7 @@ def run(args: TrainOptions | argparse.Namespace) -> dict:
     base, lm_head, tokenizer, model_id = load_base(opts.model)
     cfg = MedusaConfig(num_heads=opts.num_heads, hidden_size=base.args.hidden_size, vocab_size=base.args.vocab_size,
                        num_layers=opts.num_layers, own_lm_head=opts.layout == "own", next_token=opts.next_token,
+                       hydra=opts.hydra,
                        base_model=model_id)
     if opts.draft_vocab:
         check_draft_size(opts.draft_vocab, cfg.vocab_size)  # before the data is built
@@ -395,7 +407,7 @@ def run(args: TrainOptions | argparse.Namespace) -> dict:
     if init is not None:
         init_from(heads, *init)
         print(f"starting from {opts.init_from} ({init[1].num_heads} heads, {init[1].num_layers} layers"
-              f"{', next-token' if init[1].next_token else ''})")
+              f"{', ' + init[1].layout if init[1].layout != 'medusa' else ''})")
     tic = time.perf_counter()
     metrics = train(heads, lm_head, cache_dir, meta, steps=steps, batch_size=opts.batch_size, lr=opts.learning_rate,
                     warmup=opts.warmup if opts.warmup is not None else max(steps // 20, 1), loss=opts.loss,

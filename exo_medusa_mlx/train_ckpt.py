@@ -31,8 +31,10 @@ def saved_heads(path: str | Path, cfg: MedusaConfig) -> tuple[dict[str, np.ndarr
         raise ValueError(f"--init-from {path}: those heads use the {want} lm_head layout; pass --layout {want}")
     if saved.draft_vocab_size:
         weights = {k: v for k, v in weights.items() if k != DRAFT_KEY}  # --draft-vocab makes a new one
-    if saved.next_token and not cfg.next_token:
-        raise ValueError(f"--init-from {path}: those heads read the next token; pass --next-token")
+    if saved.next_token and not (cfg.next_token or cfg.hydra):
+        raise ValueError(f"--init-from {path}: those heads read the next token; pass --next-token (or --hydra)")
+    if saved.hydra and not cfg.hydra:
+        raise ValueError(f"--init-from {path}: those heads are hydra heads; pass --hydra")
     if saved.num_layers > cfg.num_layers:
         raise ValueError(f"--init-from {path}: those heads have {saved.num_layers} layers; pass --num-layers "
                          f"{saved.num_layers} or more")
@@ -44,8 +46,9 @@ def init_from(heads: MedusaHeads, weights: dict[str, np.ndarray], saved: MedusaC
 
     The saved heads fill the first heads and blocks; a block beyond the saved depth
     starts as the identity (W = 0, b = 0: x + SiLU(0) = x), so deeper heads begin
-    exactly where the saved ones were; so do next-token maps that plain saved heads
-    lack (zero: the token is ignored at first). Extra heads keep their fresh weights.
+    exactly where the saved ones were; so do next-token and hydra path maps that the
+    saved heads lack (zero: the tokens are ignored at first). A hydra head's map of the
+    root starts from a next-token head's map. Extra heads keep their fresh weights.
     """
     merged = heads.reference_weights()
     n = heads.config.num_layers
@@ -53,6 +56,11 @@ def init_from(heads: MedusaHeads, weights: dict[str, np.ndarray], saved: MedusaC
         for part in ("weight", "bias") if heads.config.next_token else ():
             key = f"{i}.next_token.{part}"
             merged[key] = weights[key] if saved.next_token else np.zeros_like(merged[key])
+        for j in range(i + 1 if heads.config.hydra else 0):
+            for part in ("weight", "bias"):
+                key, root = f"{i}.path.{j}.{part}", f"{i}.next_token.{part}"
+                merged[key] = (weights[key] if saved.hydra else weights[root] if saved.next_token and j == 0
+                               else np.zeros_like(merged[key]))
         for j in range(n):
             for part in ("weight", "bias"):
                 key = f"{i}.{j}.linear.{part}"

@@ -43,10 +43,10 @@ def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: i
     import mlx.core as mx
 
     from .distill import iterate_batches
-    from .train import next_embeds, target_ranks
+    from .train import path_embeds, target_ranks
 
     out = [np.array(target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
-                                 next_embeds(heads, embed, b), draft))
+                                 path_embeds(heads, embed, b), draft))
            for b in iterate_batches(folder, files, heads.num_heads, batch_size)]
     return np.concatenate(out)
 

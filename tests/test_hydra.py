@@ -93,7 +93,7 @@ def test_hydra_checkpoints_say_their_layout(tmp_path):
     assert again.config.layout == "hydra"
     h = mx.random.normal((2, H))
     embeds = [mx.random.normal((2, H)) for _ in range(3)]
-    for a, b in zip(heads.path_states(h, embeds), again.path_states(h, embeds)):
+    for a, b in zip(heads.states(h, path_embeds=embeds), again.states(h, path_embeds=embeds)):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6)
     for drop, msg in (("2.path.1.bias", "missing tensor '2.path.1.bias'"), (None, "both next-token and hydra")):
         bad = dict(weights)

@@ -246,27 +246,28 @@ class HeadsBase:
     def num_heads(self) -> int:
         return len(self.heads)
 
-    def states(self, h, num: int | None = None, next_embeds=None) -> list:
-        """The first ``num`` heads' hidden states at ``h`` (before any lm_head), each (..., H), for
-        heads independent of each other's guesses (not hydra: see ``path_states``)."""
+    def states(self, h, num: int | None = None, next_embeds=None, path_embeds: list | None = None) -> list:
+        """The first ``num`` heads' hidden states at ``h`` (before any lm_head), each (..., H).
+
+        ``path_embeds``: embeddings of the root (the base model's next token) and of the
+        tokens after it, each (..., H): head d reads the first d+1 (hydra), the root
+        alone (next-token; or give it as ``next_embeds``) or none. Training feeds the true
+        tokens (teacher forcing): on an accepted path they are the guesses.
+        """
+        heads = list(self.heads)[:num]
         if self.config.hydra:
-            raise ValueError("hydra heads read the tokens of the path they extend: use path_states")
+            if path_embeds is None:
+                raise ValueError("hydra heads read the tokens of the path they extend: pass path_embeds")
+            return [head(h, path_embeds[: d + 1]) for d, head in enumerate(heads)]
+        if next_embeds is None and path_embeds is not None:
+            next_embeds = path_embeds[0]
         if self.config.next_token and next_embeds is None:
             raise ValueError("these heads read the base model's next token: pass next_embeds")
         embeds = [next_embeds] if self.config.next_token else None
-        return [head(h, embeds) for head in list(self.heads)[:num]]
+        return [head(h, embeds) for head in heads]
 
-    def path_states(self, h, path_embeds: list, num: int | None = None) -> list:
-        """Each head's hidden state given the tokens before its guess, as in training (teacher
-        forcing) and on an accepted path. ``path_embeds``: embeddings of the root (the base
-        model's next token) and of the tokens after it, each (..., H); head d reads the first
-        d+1 (hydra), the root alone (next-token) or none."""
-        heads = list(self.heads)[:num]
-        if not self.config.hydra:
-            return self.states(h, num, path_embeds[0] if self.config.next_token else None)
-        return [head(h, path_embeds[: d + 1]) for d, head in enumerate(heads)]
-
-    def project(self, h, lm_head, base: bool = True, num: int | None = None, next_embeds=None, draft=None):
+    def project(self, h, lm_head, base: bool = True, num: int | None = None, next_embeds=None, draft=None,
+                path_embeds: list | None = None):
         """Logits of the base head and every Medusa head at ``h``.
 
         h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
@@ -274,12 +275,13 @@ class HeadsBase:
         ``num`` heads (a tree ``num`` deep reads no others). With the shared layout,
         all hidden states go through ``lm_head`` in one matmul. ``next_embeds``
         (..., H): embeddings of the base model's next token at ``h``, which
-        next-token heads need. ``draft``: (ids, lm_head rows of those ids), to
+        next-token heads need (``path_embeds``: the path's, for hydra heads; see
+        ``states``). ``draft``: (ids, lm_head rows of those ids), to
         score the guesses over the draft vocabulary alone (the other logits are
         -inf); a second, smaller pass.
         """
         heads = list(self.heads)[:num]
-        hs = self.states(h, num, next_embeds)
+        hs = self.states(h, num, next_embeds, path_embeds)
         if draft is not None:
             ids, w = draft
             rows = self.ops.scatter_vocab(self.ops.stack(hs) @ w.T, ids, self.config.vocab_size)

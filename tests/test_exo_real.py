@@ -1,4 +1,4 @@
-"""Our engines in exo 0.0.x's own code (EXO_SRC, else ../shared/exo-0.0.x/: see exo_real.py).
+"""Our engines in exo 0.0.x's own code (EXO_SRC, else ../shared/exo-0.0.x/: see exo/exo_harness.py).
 
 In this process, on a tiny model: exo's own ``test_inference_engine()`` through exo's
 downloader, with heads beside the model, from a heads repo in the model card, or none;
@@ -20,14 +20,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from exo_medusa_mlx.default_model import DEFAULT_MODEL_ID, default_model_path
+from exo_medusa_mlx.default_model import default_model_path
 from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard, install
 from exo_medusa_mlx.exo import state as st
 from exo_medusa_mlx.exo.wire import state_from_proto as from_proto, state_to_proto as to_proto
 from exo_medusa_mlx.exo.node_hook import process_result
 from exo_medusa_mlx.model import MedusaModel
-from exo_real import (MAX_TOKENS, ExoNode, chat, exo_env, exo_source, free_ports, python_launch, seed_download,
-                      wait_for_ring, write_topology)
+from exo_medusa_mlx.exo.exo_harness import EXO_MODULES, MEDUSA, STOCK, ExoRing, exo_source, seed_download
 from test_exo_engine import (N, N_LAYERS, PROMPT, OracleEngine, llama, reference, save_hf_folder,  # noqa: F401
                              tiny_base)
 from test_exo_stock import stock_ring
@@ -41,7 +40,6 @@ pytestmark = pytest.mark.skipif(SRC is None, reason=WHY)
 
 OURS = ("MedusaMLXInferenceEngine", "MedusaTorchInferenceEngine")
 QUESTIONS = ("What is the capital of France?", "Write a haiku about the sea.")
-CARD = "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +49,7 @@ def exo_src():
     os.environ.setdefault("DEV", "PYTHON")
     sys.path.insert(0, str(SRC))
     try:
-        for name in ("exo.orchestration.node", "exo.networking.grpc.grpc_server", "exo.api.chatgpt_api",
-                     "exo.download.new_shard_download"):
+        for name in EXO_MODULES:
             importlib.import_module(name)
     except ImportError as e:
         if os.environ.get("EXO_MEDUSA_REQUIRE_ALL") == "1":
@@ -235,17 +232,13 @@ def test_install_is_idempotent_and_says_what_it_did(exo_src, capsys):
 
 # --------------------------------------------------------------------------- exo/main.py processes
 
-STOCK = python_launch("import runpy, sys; from exo_medusa_mlx.exo.registry import register_with_exo; "
-                      "print(register_with_exo(), flush=True); sys.argv = ['exo', *sys.argv[1:]]; "
-                      "runpy.run_module('exo.main', run_name='__main__')")
-MEDUSA = [sys.executable, "-m", "exo_medusa_mlx.cli", "exo"]
+MAX_TOKENS = 12  # per chat request: short, and enough for several Medusa passes
 RINGS = {  # engines in ring order: the first holds the first layers
     "stock-mlx-2": (STOCK, ["medusa-mlx", "medusa-mlx"]),
     "stock-mixed-3": (STOCK, ["medusa-mlx", "medusa-torch", "medusa-mlx"]),
     "medusa-mlx-2": (MEDUSA, ["medusa-mlx", "medusa-mlx"]),
     "medusa-mixed-2": (MEDUSA, ["medusa-mlx", "medusa-torch"]),  # torch verifies and proposes
 }
-PASSES = re.compile(r"exo-medusa: request \S+: (\d+) tokens in (\d+) ring passes")
 
 
 @pytest.fixture(scope="module")
@@ -268,32 +261,17 @@ def plain_answers():
 @pytest.mark.parametrize("ring", RINGS)
 def test_exo_ring_answers_as_plain_decoding(exo_src, plain_answers, tmp_path, ring):
     launch, engines = RINGS[ring]
-    home = tmp_path / "exo-home"
-    env = exo_env(exo_src, home)
-    seed_download(home, DEFAULT_MODEL_ID, default_model_path())
-    n = len(engines)
-    ids = [f"node{n - i}" for i in range(n)]  # exo orders nodes of equal memory by id, descending
-    ports = free_ports(2 * n)
-    topology = write_topology(home / "topology.json", dict(zip(ids, ports)))
-    nodes = []
-    try:
-        for i, (node_id, engine) in enumerate(zip(ids, engines)):
-            nodes.append(ExoNode(launch, node_id, ports[i], ports[n + i], topology, engine, env,
-                                 tmp_path / f"{node_id}.log", "--wait-for-peers", str(n - 1)))
-        for node in nodes:
-            wait_for_ring(node, n)
+    with ExoRing(exo_src, tmp_path / "exo-home", launch, engines, max_tokens=MAX_TOKENS) as nodes:
         # Asked at the node holding the first layers, then at the last one (it forwards the prompt).
-        answers = [chat(node, CARD, q) for node, q in zip((nodes[0], nodes[-1]), QUESTIONS)]
-    finally:
-        for node in nodes:
-            node.stop()
-    logs = "".join(node.text() for node in nodes)
-    assert answers == plain_answers, logs[-4000:]
-    passes = [tuple(map(int, m)) for m in PASSES.findall(logs)]
+        replies = [nodes.ask(q, at) for at, q in zip((0, -1), QUESTIONS)]
+        passes = nodes.passes(expect=[r.request_id for r in replies] if launch is MEDUSA else ())
+        logs = nodes.logs()
+    assert [r.text for r in replies] == plain_answers, logs[-4000:]
     if launch is STOCK:
-        assert passes == []
+        assert passes == {}
         return
-    assert len(passes) == len(QUESTIONS), logs[-4000:]
-    tokens, ring_passes = map(sum, zip(*passes))
+    assert sorted(passes) == sorted(r.request_id for r in replies), logs[-4000:]
+    assert [passes[r.request_id][0] for r in replies] == [r.tokens for r in replies]
+    tokens, ring_passes = map(sum, zip(*passes.values()))
     print(f"{ring}: {tokens} tokens in {ring_passes} ring passes ({tokens / ring_passes:.2f} per pass)")
     assert tokens / ring_passes > 1.0

@@ -33,6 +33,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
     heads_path = Path(heads) if heads is not None else default_heads_for(model)
     # Resolved first (even without heads), so a bad --tree fails before the model loads.
     choices = tree_choices(tree if tree is not None else default_tree_for(heads_path))
+    buffers = load_tree(choices)  # its size cap too, before the model loads
     path = resolve_model_path(model)
     base, tokenizer = mlx_load(str(path))
     if dtype is None and mx.default_device() == mx.cpu:
@@ -43,5 +44,5 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
     if heads_path is not None:
         medusa_heads = load_heads(heads_path, base.args.hidden_size, base.args.vocab_size,
                                   dtype=dtype or mx.float32)
-    buffers = load_tree(choices) if medusa_heads is not None else ROOT_ONLY
+    buffers = buffers if medusa_heads is not None else ROOT_ONLY
     return MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None), tokenizer

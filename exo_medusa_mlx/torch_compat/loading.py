@@ -57,6 +57,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
     heads_path = Path(heads) if heads is not None else default_heads_for(model)
     # Resolved first (even without heads), so a bad --tree fails before the model loads.
     choices = tree_choices(tree if tree is not None else default_tree_for(heads_path, "torch"))
+    buffers = load_tree(choices)  # its size cap too, before the model loads
     path = resolve_model_path(model)
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
@@ -67,5 +68,5 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
     if heads_path is not None:
         medusa_heads = load_heads(heads_path, base.config.hidden_size, base.config.vocab_size,
                                   dtype=dtype, device=device)
-    buffers = load_tree(choices) if medusa_heads is not None else ROOT_ONLY
+    buffers = buffers if medusa_heads is not None else ROOT_ONLY
     return MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None), tokenizer

@@ -249,3 +249,15 @@ def test_server_refuses_bad_bodies_in_one_line(raw, fragment):
     with pytest.raises(APIError) as e:
         parse(CompletionRequest, raw)
     assert e.value.status == 400 and fragment in e.value.message and "\n" not in e.value.message
+
+
+@pytest.mark.parametrize("host,token,warned", [("0.0.0.0", None, True), ("0.0.0.0", "t", False),
+                                               ("127.0.0.1", None, False), ("::1", None, False)])
+def test_node_warns_when_it_binds_beyond_loopback_without_a_token(host, token, warned, capsys, monkeypatch):
+    from exo_medusa_mlx.ring import node
+
+    monkeypatch.delenv("MLX_MEDUSA_RING_TOKEN", raising=False)
+    args = node.setup_arg_parser().parse_args(["--host", host] + (["--token", token] if token else []))
+    node.check_args(args)
+    err = capsys.readouterr().err
+    assert ("warning: binding 0.0.0.0 without a token" in err) == warned, err

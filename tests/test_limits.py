@@ -215,3 +215,14 @@ def test_argparse_types_refuse_bad_values(fn, text):
 def test_one_line_keeps_errors_short():
     text = cli_args.one_line(ValueError("Missing 9000 parameters:\n" + "model.layers.1.x, " * 10_000))
     assert "\n" not in text and len(text) <= cli_args.MAX_ERROR_CHARS and "more characters" in text
+
+
+def test_heads_that_are_not_finite_are_never_written(tmp_path):
+    heads = random_heads(2)
+    weights = heads.reference_weights()
+    weights["0.0.linear.weight"] = np.full_like(weights["0.0.linear.weight"], np.nan)
+    from exo_medusa_mlx.core.heads_format import write_heads
+
+    with pytest.raises(ValueError, match=r"heads weights 0.0.linear.weight hold NaN or infinite values"):
+        write_heads(tmp_path / "out", weights, heads.config)
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib
-import json
 import os
 import signal
 import threading

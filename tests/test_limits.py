@@ -15,7 +15,7 @@ import pytest
 
 from exo_medusa_mlx import cli_args
 from exo_medusa_mlx.core.limits import Cancelled, CancelToken, LimitError, Limits, check_prompt_text
-from exo_medusa_mlx.core.model_files import check_model_folder, check_safetensors
+from exo_medusa_mlx.core.model_files import check_model_folder, check_safetensors, config_context
 from exo_medusa_mlx.core.slots import run_committed
 from exo_medusa_mlx.core.step import ROOT_ONLY
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
@@ -188,6 +188,11 @@ def test_model_files_are_checked_by_their_headers(tiny, tmp_path):
     cut.write_bytes(weights.read_bytes()[:-1])
     with pytest.raises(ValueError, match=f"is truncated: its tensors need {weights.stat().st_size} bytes"):
         check_safetensors(cut)
+    # mlx-lm's args for some models (gemma, mixtral...) lack the context; the engine reads the config's.
+    assert config_context({"max_position_embeddings": 8192}) == 8192
+    assert config_context({"n_positions": 1024}) == 1024
+    assert config_context({"text_config": {"max_position_embeddings": 4096}}) == 4096
+    assert config_context({"max_position_embeddings": True}) is None
     (tmp_path / "config.json").write_text(json.dumps("a string"))
     with pytest.raises(ValueError, match="holds a JSON str, not an object"):
         check_model_folder(tmp_path)

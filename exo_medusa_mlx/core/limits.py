@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 MAX_TREE_NODES = 256  # root included; mc_sim_7b_63 has 64, a GPU gains little beyond a few hundred
 MAX_TREE_RANK = 4096  # a path's rank r asks the heads for their top r+1
+UNKNOWN_CONTEXT = 131072  # a ring shard's cap on positions when neither the model nor its config states one
 
 
 class LimitError(ValueError):

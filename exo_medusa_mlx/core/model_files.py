@@ -81,3 +81,17 @@ def check_model_folder(folder: str | Path) -> dict:
         raise ValueError(f"{folder / 'config.json'} says num_hidden_layers {n} but the weights hold "
                          f"{max(layers) + 1} layers: fix the config or the weights")
     return config
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def config_context(config: dict) -> int | None:
+    """The context length a model config states (its text model's, for multimodal ones), or None."""
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, dict):
+            for key in CONTEXT_KEYS:
+                n = cfg.get(key)
+                if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                    return n
+    return None

@@ -31,8 +31,8 @@ import numpy as np
 
 from ..core.accept import make_policy, target_probs
 from ..core.generation import encode_prompt
-from ..core.limits import CancelToken, Limits, check_prompt_text
-from ..core.model_files import check_model_folder
+from ..core.limits import UNKNOWN_CONTEXT, CancelToken, Limits, check_prompt_text
+from ..core.model_files import check_model_folder, config_context
 from ..core.slots import DEFAULT_KEEP, SlotMap, run_committed
 from ..core.step import ROOT_ONLY, Verified, advance, lay_out, read
 from . import state as st
@@ -84,6 +84,7 @@ class MedusaShardEngine(InferenceEngine):
         self._rng = np.random.default_rng()
         self._passes: set[CancelToken] = set()  # passes queued or running
         self._check = None  # the running pass's CancelToken.check (worker thread only)
+        self._context = UNKNOWN_CONTEXT  # the loaded model's (``_load``)
         # All array work on one thread, as exo's MLX engine does; shut down with the engine or at exit.
         self._executor = WorkerThread(type(self).__name__, self._worker_exit)
         weakref.finalize(self, self._executor.shutdown)
@@ -119,7 +120,7 @@ class MedusaShardEngine(InferenceEngine):
     @property
     def limits(self) -> Limits:
         """The loaded model's limits for one request on this engine."""
-        return Limits(self.model.max_context, self.max_kv_size)
+        return Limits(self._context, self.max_kv_size)
 
     def _layer_done(self, h) -> None:
         """After each of a pass's layers: stop there if the pass was cancelled."""
@@ -150,8 +151,10 @@ class MedusaShardEngine(InferenceEngine):
             return
         self._sessions.clear()
         self._loaded, self.shard = None, None
-        check_model_folder(path)  # a config that is not an object, a truncated weights file: one line
+        config = check_model_folder(path)  # a config that is not an object, a truncated weights file: one line
         self._loaded = self._load_backend(shard, path, heads if shard.is_last_layer() else None, tree)
+        # mlx-lm's args for some models do not carry the context: the config does, else a cap.
+        self._context = self._loaded.model.max_context or config_context(config) or UNKNOWN_CONTEXT
         self.tokenizer = self._loaded.tokenizer
         self.shard = shard
 
@@ -172,7 +175,7 @@ class MedusaShardEngine(InferenceEngine):
 
     async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
         await self.ensure_shard(shard)
-        check_prompt_text(self.tokenizer, prompt, self.model.max_context)  # before minutes of tokenizing
+        check_prompt_text(self.tokenizer, prompt, self.limits.context)  # before minutes of tokenizing
         return await self._run(encode_prompt, self.tokenizer, prompt)
 
     async def decode(self, shard: Shard, tokens: np.ndarray) -> str:
@@ -315,8 +318,7 @@ class MedusaShardEngine(InferenceEngine):
 
     def _fits(self, root_pos: int, tree) -> bool:
         """Whether a tree rooted at ``root_pos`` stays inside the context (always, with a window)."""
-        context = self.model.max_context
-        return context is None or self.max_kv_size is not None or root_pos + tree.depth < context
+        return self.max_kv_size is not None or root_pos + tree.depth < self._context
 
     # ----------------------------------------------------------------- backend hooks
 

@@ -381,11 +381,11 @@ def room(model: str, prompt_tokens: int, max_tokens: int, max_kv_size: int | Non
     """``max_tokens``, cut to what the context leaves after the prompt when the cache keeps every token
     (the nodes refuse a pass past the context); a note says so."""
     from ..core.limits import Limits
-    from ..core.model_files import read_config
+    from ..core.model_files import config_context, read_config
     from ..exo.downloader import LocalShardDownloader
 
-    context = read_config(LocalShardDownloader().model_path(model)).get("max_position_embeddings")
-    if not isinstance(context, int):
+    context = config_context(read_config(LocalShardDownloader().model_path(model)))
+    if context is None:
         return max_tokens
     Limits(context, max_kv_size).check_prompt(prompt_tokens)
     if max_kv_size is None and prompt_tokens + max_tokens > context:

@@ -30,7 +30,9 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["preload_blas", "blas_info", "cache_root"]
+from .core.machine import cache_root
+
+__all__ = ["preload_blas", "blas_info", "set_blas_threads"]
 
 _INFO: str | None = None
 _HANDLES: list[ctypes.CDLL] = []  # keep the libraries loaded for the process lifetime
@@ -46,15 +48,6 @@ FORWARD(cblas_sgemm, float, float)
 FORWARD(cblas_dgemm, double, double)
 FORWARD(cblas_cgemm, void, const void *)
 """
-
-
-def cache_root() -> Path:
-    """``$EXO_MEDUSA_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/exo_medusa_mlx``."""
-    env = os.environ.get("EXO_MEDUSA_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(xdg).expanduser() / "exo_medusa_mlx"
 
 
 def _openblas() -> Path | None:
@@ -193,3 +186,19 @@ def _torch_first() -> None:
 def blas_info() -> str:
     """Short description of the BLAS MLX uses, e.g. ``openblas 0.3.31 (cmeel, patched, Haswell, 2 threads)``."""
     return preload_blas()
+
+
+def set_blas_threads(n: int) -> int | None:
+    """Set the threads of MLX's OpenBLAS GEMMs; return the previous count (None without OpenBLAS).
+
+    Self-distillation runs two MLX streams, one GEMM thread each, on a 2-core CPU.
+    """
+    if not _HANDLES:
+        return None
+    lib = _HANDLES[0]
+    try:
+        prev = int(lib.scipy_openblas_get_num_threads())
+        lib.scipy_openblas_set_num_threads(int(n))
+    except AttributeError:
+        return None
+    return prev

@@ -20,9 +20,19 @@ def to_numpy(a: mx.array) -> np.ndarray:
 
 
 class MLXOps:
-    stack = staticmethod(mx.stack)
-    concat = staticmethod(mx.concatenate)
     topk = staticmethod(topk_ids)
+
+    @staticmethod
+    def stack(xs: list, axis: int = 0) -> mx.array:
+        return mx.stack(xs, axis=axis)
+
+    @staticmethod
+    def concat(xs: list, axis: int = 0) -> mx.array:
+        return mx.concatenate(xs, axis=axis)
+
+    @staticmethod
+    def take(a: mx.array, idx: np.ndarray) -> mx.array:
+        return mx.take(a, mx.array(np.asarray(idx), dtype=mx.int32), axis=-1)
 
     @staticmethod
     def argmax(a: mx.array) -> mx.array:

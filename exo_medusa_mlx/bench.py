@@ -39,14 +39,9 @@ def machine() -> dict:
     import mlx.core as mx
 
     from ._blas import blas_info
+    from .core.machine import cpu_name
 
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "mlx": mx.__version__,
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(), "mlx": mx.__version__,
             "mlx_device": str(mx.default_device()), "blas": blas_info(), "python": platform.python_version()}
     try:
         import torch
@@ -372,10 +367,17 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", action="store_true", help="Latency-curve mode: one forward of N tokens over a cache")
     p.add_argument("--cache-len", type=positive_int, default=256)
     p.add_argument("--out", default="runs/bench", help="Folder for bench.json, bench.md, bench.png")
+    p.add_argument("--distributed", action="store_true",
+                   help="Medusa on/off over 1, 2, 3 loopback ranks of MLX distributed (--distributed --help)")
     return p
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--distributed" in argv:
+        from .bench_distributed import main as distributed_main
+
+        return distributed_main([a for a in argv if a != "--distributed"])
     args = setup_arg_parser().parse_args(argv)
     if not set(args.methods) <= set("abcdef"):
         sys.exit(f"error: --methods '{args.methods}' must be letters among a-f")

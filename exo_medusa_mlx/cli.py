@@ -14,6 +14,7 @@ COMMANDS = {
     "ring": "exo_medusa_mlx.ring.launcher",
     "server": "exo_medusa_mlx.server.main",
     "exo": "exo_medusa_mlx.exo.launch",
+    "launch": "exo_medusa_mlx.launch",
 }
 
 

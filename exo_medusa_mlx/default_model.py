@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._blas import cache_root
+from .core.machine import cache_root
 from .core.model_files import check_model_folder
 
 __all__ = [

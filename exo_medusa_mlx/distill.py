@@ -1,12 +1,14 @@
-"""Data for Medusa head training: the base model's own responses (self-distillation)
-or a text/JSONL file relabelled with its predictions, run once through the frozen
-model into hidden-state shards on disk (``build_cache``), and read back in batches.
+"""Data for Medusa head training: the frozen base model's own answers to many prompts at
+once (self-distillation, continuous batching over mlx-lm's model), or text relabelled
+with its predictions, streamed into hidden-state shards (``build_cache``) that a killed
+run resumes from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -15,81 +17,92 @@ import mlx.core as mx
 import numpy as np
 from tqdm.auto import tqdm
 
-DATA_DIR = Path(__file__).parent / "data"
-DEFAULT_PROMPTS = DATA_DIR / "train_prompts.json"
-SHARD_ROWS = 8192  # rows per shard (a shard never splits a sequence)
-TEACHER_TOPK = 8  # base-model top-k probabilities kept per row, for --loss kl
-MIX_SHARDS = 4  # shards shuffled together in training
-CACHE_VERSION = 2  # 2: shards hold the token fed after each row ("next_tokens")
+from .prompts import DATA_DIR, DEFAULT_PROMPTS, chat_ids, eos_ids, read_documents, read_prompts  # noqa: F401
+from .shards import (SPLITS, Row, ShardWriter, check_folder, done_sequences, iterate_batches,  # noqa: F401
+                     load_shard, shard_files, write_json)
+
+TEACHER_TOPK = 8  # base-model top-k kept per row, for --loss kl
+TOPK_BLOCK = 128  # vocabulary block of the two-stage top-k
+MIN_PREFIX = 4  # shorter shared prompt prefixes are not worth a separate pass
+# 2: shards hold the token fed after each row. Since then teacher_probs are the top-k's own softmax
+# (the KL loss renormalises them anyway, so older shards train the same) and shards list their sequences.
+CACHE_VERSION = 2
 
 
-
-# --------------------------------------------------------------------------- data sources
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """A JSON list of strings (or of {"prompt": ...}), or JSONL with "prompt"."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        items = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"prompt file {path} is not valid JSON/JSONL: {e}") from None
-    if not isinstance(items, list):
-        items = [None]
-    prompts = [x if isinstance(x, str) else x.get("prompt") if isinstance(x, dict) else None for x in items]
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ValueError(f"prompt file {path} must hold a non-empty list of strings or {{\"prompt\": str}} objects")
-    return prompts
+# --------------------------------------------------------------------------- one step's outputs
 
 
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None) is None:
-        return tokenizer.encode(prompt)
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
+def top_k(logits: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
+    """Argmax (the first of equal maxima, as ``mx.argmax``) and the exact top-k (ids, values) per row.
 
-
-def eos_ids(tokenizer) -> set[int]:
-    return set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-
-
-def read_documents(path: str | Path, tokenizer, seq_len: int) -> list[tuple[list[int], int]]:
-    """(token ids, first trained position) per document of a text or JSONL file.
-
-    JSONL lines hold "text", "messages" (chat, all trained) or "prompt" and
-    "completion" (only the completion trained). A plain text file is split on
-    blank lines. Documents are cut to ``seq_len`` tokens.
+    Ranking the whole vocabulary costs more than the lm_head itself on a CPU, so
+    this ranks blocks: the k blocks with the largest maxima hold the k largest
+    values, and only their k * TOPK_BLOCK candidates are ranked. logits: (B, V).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} not found")
-    text = path.read_text(encoding="utf-8")
-    docs = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            if "text" in rec:
-                docs.append((tokenizer.encode(rec["text"]), 0))
-            elif "messages" in rec:
-                docs.append((list(tokenizer.apply_chat_template(rec["messages"])), 0))
-            elif "prompt" in rec and "completion" in rec:
-                p = chat_ids(tokenizer, rec["prompt"])
-                docs.append((p + tokenizer.encode(rec["completion"], add_special_tokens=False), len(p) - 1))
-            else:
-                raise ValueError(f"{path}:{n}: expected 'text', 'messages' or 'prompt'+'completion'")
-    else:
-        docs = [(tokenizer.encode(t.strip()), 0) for t in text.split("\n\n") if t.strip()]
-    docs = [(ids[:seq_len], start) for ids, start in docs if start < min(len(ids), seq_len) - 2]
-    if not docs:
-        raise ValueError(f"{path}: no document has 3 or more tokens to train on")
-    return docs
+    B, V = logits.shape
+    nb = -(-V // TOPK_BLOCK)
+    if nb <= k:  # a small vocabulary: rank it whole
+        ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
+        return mx.argmax(logits, axis=-1), ids, mx.take_along_axis(logits, ids, axis=-1)
+    if V % TOPK_BLOCK:
+        logits = mx.pad(logits, [(0, 0), (0, nb * TOPK_BLOCK - V)], constant_values=-mx.inf)
+    blocks = logits.reshape(B, nb, TOPK_BLOCK)
+    bmax = blocks.max(axis=-1)  # (B, nb)
+    best = mx.argpartition(-bmax, kth=k - 1, axis=-1)[:, :k]  # (B, k) blocks
+    cand = mx.take_along_axis(blocks, best[..., None], axis=1).reshape(B, k * TOPK_BLOCK)
+    j = mx.argpartition(-cand, kth=k - 1, axis=-1)[:, :k]
+    ids = mx.take_along_axis(best, j // TOPK_BLOCK, axis=-1) * TOPK_BLOCK + j % TOPK_BLOCK
+    first = mx.argmax(bmax, axis=-1)  # the first block holding the maximum holds its first index
+    inner = mx.argmax(mx.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0], axis=-1)
+    return first * TOPK_BLOCK + inner, ids, mx.take_along_axis(cand, j, axis=-1)
+
+
+def sample(logits: np.ndarray, temp: float, seed: int, index: list[int], step: list[int]) -> np.ndarray:
+    """One token per row from softmax(logits / temp), by the inverse CDF.
+
+    Row j's uniform draw depends only on (seed, index[j], step[j]), so a sequence
+    samples the same path in any batch, and a resumed run redraws what was lost.
+    """
+    z = np.exp((logits - logits.max(axis=-1, keepdims=True)) / temp)  # (b, V)
+    cdf = np.cumsum(z, axis=-1, dtype=np.float64)
+    u = np.array([np.random.default_rng([seed, i, s]).random() for i, s in zip(index, step)]) * cdf[:, -1]
+    return np.minimum((cdf <= u[:, None]).sum(axis=-1), logits.shape[-1] - 1)
+
+
+def _outputs(lm_head, h: mx.array, states: bool) -> dict[str, mx.array]:
+    """The lazy outputs of one position of each row: logits, argmax, and with ``states`` the top-k."""
+    logits = lm_head(h)  # (b, V)
+    if not states:
+        return {"logits": logits, "label": mx.argmax(logits, axis=-1)}
+    label, ids, vals = top_k(logits, TEACHER_TOPK)
+    return {"logits": logits, "label": label, "ids": ids, "vals": vals, "h": h}
+
+
+def _record(out: dict, rows: list[Row], live: list[bool], temp: float, seed: int, greedy: set[int]) -> np.ndarray:
+    """Label, sample and record one position of each live row (``out``: evaluated ``_outputs``);
+    return the tokens fed next."""
+    lab = np.array(out["label"])
+    tok = lab.copy()
+    picks = [j for j, r in enumerate(rows) if live[j] and temp > 0 and r.index not in greedy]
+    if picks:
+        tok[picks] = sample(np.array(out["logits"][mx.array(picks)]), temp, seed, [rows[j].index for j in picks],
+                            [len(rows[j].nexts) for j in picks])
+    states = "h" in out
+    if states:
+        h, ids, vals = np.array(out["h"]), np.array(out["ids"]), np.array(out["vals"])
+        order = np.argsort(-vals, axis=-1, kind="stable")  # best first
+        ids, vals = np.take_along_axis(ids, order, -1), np.take_along_axis(vals, order, -1)
+        probs = np.exp(vals - vals[:, :1])
+        probs /= probs.sum(-1, keepdims=True)
+    for j, row in enumerate(rows):
+        if live[j]:
+            row.nexts.append(int(tok[j]))
+            if states:
+                row.labels.append(int(lab[j]))
+                row.hidden.append(h[j])
+                row.ids.append(ids[j])
+                row.probs.append(probs[j])
+    return tok
 
 
 # --------------------------------------------------------------------------- frozen model passes
@@ -101,97 +114,163 @@ def _left_pad(seqs: list[list[int]]) -> tuple[mx.array, list[int]]:
     return mx.array([[0] * p + list(s) for p, s in zip(pad, seqs)], dtype=mx.int32), pad
 
 
-def _teacher(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """Argmax and top-k (ids, probs) of the base model. logits: (B, V)."""
-    ids = mx.argpartition(-logits, kth=TEACHER_TOPK - 1, axis=-1)[:, :TEACHER_TOPK]
-    probs = mx.take_along_axis(mx.softmax(logits, axis=-1), ids, axis=-1)
-    return mx.argmax(logits, axis=-1), ids, probs
+def shared_prefix(base, prompts: list[list[int]]) -> tuple[int, list] | None:
+    """(P, per-layer (keys, values)) of the prefix all ``prompts`` share (a chat template's
+    system turn), run once; None when it is shorter than MIN_PREFIX. Every prompt keeps one
+    token past it, so its last hidden state comes from the batch."""
+    from mlx_lm.models.cache import KVCache
+
+    P = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
+    if P < MIN_PREFIX:
+        return None
+    cache = [KVCache() for _ in base.model.layers]
+    base.model(mx.array(prompts[0][:P])[None], cache=cache)
+    kv = [(c.keys[..., :P, :], c.values[..., :P, :]) for c in cache]  # (1, n_kv, P, D)
+    mx.eval(kv)
+    return P, kv
 
 
-class _Row:
-    """One sequence: its rows (hidden state, base argmax, token that follows, base top-k) so far."""
+def _prefill(base, seqs: list[list[int]], prefix) -> tuple[mx.array, list]:
+    """Hidden states at each prompt's last token, (b, H), and the batch's caches (left-padded,
+    as BatchKVCache wants). With a shared ``prefix``, only the rest of each prompt is run:
+    right-padded after the prefix's cached keys, then rolled left-padded (``finalize``, as
+    mlx-lm's BatchGenerator does with prompt caches)."""
+    from mlx_lm.models.cache import BatchKVCache
 
-    def __init__(self, index: int):
-        self.index = index
-        self.hidden, self.labels, self.nexts, self.ids, self.probs = [], [], [], [], []
+    if prefix is None:
+        x, pad = _left_pad(seqs)
+        cache = [BatchKVCache(pad) for _ in base.model.layers]
+        return base.model(x, cache=cache)[:, -1], cache
+    P, kv = prefix
+    b, tails = len(seqs), [s[P:] for s in seqs]
+    lengths = [len(t) for t in tails]
+    right = [max(lengths) - n for n in lengths]
+    cache = [BatchKVCache([0] * b) for _ in base.model.layers]
+    for c, (k, v) in zip(cache, kv):
+        c.update_and_fetch(mx.broadcast_to(k, (b, *k.shape[1:])), mx.broadcast_to(v, (b, *v.shape[1:])))
+        c.prepare(right_padding=right)
+    x = mx.array([t + [0] * r for t, r in zip(tails, right)], dtype=mx.int32)
+    h = base.model(x, cache=cache)  # (b, L, H)
+    h = h[mx.arange(b), mx.array(lengths) - 1]
+    for c in cache:
+        c.finalize()
+    return h, cache
+
+
+class _Lane:
+    """One continuous batch on its own MLX stream: a CPU stream runs on its own thread, so two
+    lanes keep two cores busy where MLX's element-wise ops use one.
+
+    Prompts join the lane when it is half empty (prefill, then BatchKVCache ``extend``).
+    A finished row stays in the batch, its outputs ignored, until an eighth of the lane
+    is finished: each ``filter`` copies every layer's cache.
+    """
+
+    def __init__(self, stream, size: int):
+        self.stream, self.size = stream, size
+        self.batch: list[Row] = []  # the rows in the cache, in batch order
+        self.finished: set[int] = set()  # batch positions whose answer is done
+        self.cache = self.y = None  # per-layer BatchKVCache; y: (B,) the last tokens, not yet fed
+        self.first, self.rows = 0, []  # the rows the planned step makes, from batch position first
+
+    def _compact(self) -> None:
+        keep = [j for j in range(len(self.batch)) if j not in self.finished]
+        if not keep:
+            self.batch, self.cache, self.y = [], None, None
+        elif len(keep) < len(self.batch):
+            k = mx.array(keep)
+            for c in self.cache:
+                c.filter(k)
+            self.batch, self.y = [self.batch[j] for j in keep], self.y[k]
+        self.finished = set()
+
+    def plan(self, base, lm_head, queue: deque, prompts, prefix, states: bool) -> dict | None:
+        """Build (lazily) this step's outputs: prefill new prompts, or one token for every row."""
+        with mx.stream(self.stream):
+            if queue and len(self.batch) - len(self.finished) <= self.size // 2:
+                self._compact()
+                new = [Row(queue.popleft()) for _ in range(min(self.size - len(self.batch), len(queue)))]
+                h, fresh = _prefill(base, [prompts[r.index] for r in new], prefix)
+                if self.cache is None:
+                    self.cache = fresh
+                else:
+                    for c, n in zip(self.cache, fresh):
+                        c.extend(n)
+                self.first, self.rows = len(self.batch), new
+                self.batch = self.batch + new
+            elif len(self.finished) < len(self.batch):
+                if len(self.finished) >= max(self.size // 8, 1):
+                    self._compact()
+                h = base.model(self.y[:, None], cache=self.cache)[:, 0]  # (B, H) at the fed tokens
+                self.first, self.rows = 0, self.batch
+            else:
+                return None
+            return _outputs(lm_head, h, states)
+
+    def record(self, out: dict, eos, max_tokens, temp, seed, greedy) -> tuple[list[Row], int]:
+        """Record the evaluated step; return the rows it finished and the rows it made."""
+        live = [self.first + j not in self.finished for j in range(len(self.rows))]
+        tok = _record(out, self.rows, live, temp, seed, greedy)
+        fed = mx.array(tok.astype(np.int32))
+        self.y = fed if self.first == 0 else mx.concatenate([self.y, fed])
+        done = []
+        for j, row in enumerate(self.rows):
+            if live[j] and (int(tok[j]) in eos or len(row.nexts) >= max_tokens):
+                self.finished.add(self.first + j)
+                done.append(row)
+        return done, sum(live)
 
 
 def self_distill(base, lm_head, prompts: list[list[int]], eos: set[int], max_tokens: int, batch_size: int,
-                 temp: float = 0.0, seed: int = 0, progress=None, greedy: set[int] | None = None):
-    """Generate the base model's responses in a continuous batch; yield (index, row) per finished prompt.
+                 temp: float = 0.0, seed: int = 0, progress=None, greedy: set[int] | None = None,
+                 indices: list[int] | None = None, states: bool = True, lanes: int = 1):
+    """Generate the base model's answers in continuous batches; yield (index, Row) as each finishes.
 
-    Responses are sampled at ``temp`` (greedy at 0), except those of the prompt
-    indices in ``greedy``, which are always greedy. The labels are always the base
-    model's argmax, so a sampled response still teaches what greedy decoding
-    would say next from there.
-
-    A sequence's rows are the last prompt position and every response token but
-    the last, each with the hidden state there and the base model's argmax (the
-    next token, when greedy). Finished sequences leave the batch (``filter``);
-    new prompts join it (``extend``) once it is half empty, as mlx-lm's
-    BatchGenerator does, but here the hidden states are kept. ``progress(n)`` is
-    told the rows each step makes.
+    Answers are sampled at ``temp`` (greedy at 0), except for the prompt indices in
+    ``greedy``; ``indices`` picks the prompts to answer (default all). A row of a
+    sequence is the last prompt position or a response token but the last: the
+    hidden state there, the base model's argmax (``labels``; the next token when
+    greedy), the token fed after it (``nexts``) and the top-k. With ``states`` off
+    only ``nexts`` (the answer) is kept. ``batch_size`` sequences run at once, split
+    over ``lanes`` MLX streams (see _Lane; with more than one, each GEMM gets one
+    BLAS thread). Prompts join shortest first; their shared prefix runs once.
+    ``progress(n)`` is told the rows each step makes.
     """
-    from mlx_lm.models.cache import BatchKVCache
+    from ._blas import set_blas_threads
 
-    mx.random.seed(seed)
     greedy = greedy or set()
-    queue = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
-    active: list[_Row] = []
-    cache = y = None  # per-layer BatchKVCache of the active rows; y: (B,) their last token, not yet fed
-    while queue or active:
-        if queue and len(active) <= batch_size // 2:
-            idx = [queue.popleft() for _ in range(min(batch_size - len(active), len(queue)))]
-            x, pad = _left_pad([prompts[i] for i in idx])
-            new = [BatchKVCache(pad) for _ in base.model.layers]
-            h = base.model(x, cache=new)[:, -1]  # (b, H) at each prompt's last token
-            if cache is None:
-                cache = new
-            else:
-                for c, n in zip(cache, new):
-                    c.extend(n)
-            rows = [_Row(i) for i in idx]
-            active = active + rows
-            sampled = mx.array([temp > 0 and r.index not in greedy for r in active])
-        else:
-            h = base.model(y[:, None], cache=cache)[:, 0]  # (B, H) at the fed tokens
-            rows = active
-        logits = lm_head(h)
-        label, ids, probs = _teacher(logits)
-        tok = label if temp == 0 else mx.where(sampled[-len(rows):], mx.random.categorical(logits / temp, axis=-1), label)
-        y = tok if rows is active or y is None else mx.concatenate([y, tok])
-        mx.eval(h, y, label, ids, probs)
-        h_np, tok_np, lab, ids_np, pr = (np.array(a) for a in (h, tok, label, ids, probs))
-        if progress is not None:
-            progress(len(rows))
-        for j, row in enumerate(rows):
-            row.hidden.append(h_np[j])
-            row.labels.append(int(lab[j]))
-            row.nexts.append(int(tok_np[j]))
-            row.ids.append(ids_np[j])
-            row.probs.append(pr[j])
-        done = {row.index for j, row in enumerate(rows)
-                if int(tok_np[j]) in eos or len(row.labels) >= max_tokens}
-        if done:
-            keep = [j for j, row in enumerate(active) if row.index not in done]
-            for row in active:
-                if row.index in done:
+    queue = deque(sorted(range(len(prompts)) if indices is None else indices, key=lambda i: len(prompts[i])))
+    if not queue:
+        return
+    prefix = shared_prefix(base, [prompts[i] for i in queue])
+    lanes = max(min(lanes, batch_size), 1) if mx.default_device() == mx.cpu else 1  # a GPU needs no lanes
+    pool = [_Lane(mx.new_stream(mx.cpu) if lanes > 1 else mx.default_stream(mx.default_device()),
+                  batch_size // lanes + (k < batch_size % lanes)) for k in range(lanes)]
+    threads = set_blas_threads(1) if lanes > 1 else None
+    try:
+        while True:
+            outs = [lane.plan(base, lm_head, queue, prompts, prefix, states) for lane in pool]
+            if not any(o is not None for o in outs):
+                return
+            mx.eval([o for o in outs if o is not None])
+            for lane, out in zip(pool, outs):
+                if out is None:
+                    continue
+                finished, made = lane.record(out, eos, max_tokens, temp, seed, greedy)
+                if progress is not None:
+                    progress(made)
+                for row in finished:
                     yield row.index, row
-            active = [active[j] for j in keep]
-            if keep:
-                k = mx.array(keep)
-                for c in cache:
-                    c.filter(k)
-                y, sampled = y[k], sampled[k]
-            else:
-                cache = y = None
+    finally:
+        if threads is not None:
+            set_blas_threads(threads)
 
 
-def relabel(base, lm_head, docs: list[tuple[list[int], int]], batch_size: int):
-    """Run the base model over documents; yield (index, rows) with its own predictions as labels."""
+def relabel(base, lm_head, docs: list[tuple[list[int], int]], batch_size: int, indices: list[int] | None = None):
+    """Run the base model over documents; yield (index, Row) with its own predictions as labels."""
     from mlx_lm.models.cache import BatchKVCache
 
-    order = sorted(range(len(docs)), key=lambda i: len(docs[i][0]))
+    order = sorted(range(len(docs)) if indices is None else indices, key=lambda i: len(docs[i][0]))
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         x, pad = _left_pad([docs[i][0] for i in idx])
@@ -199,63 +278,57 @@ def relabel(base, lm_head, docs: list[tuple[list[int], int]], batch_size: int):
         for j, i in enumerate(idx):
             ids, start = docs[i]
             hj = h[j, pad[j] + start : pad[j] + len(ids)]  # (n, H)
-            label, tids, probs = _teacher(lm_head(hj))
-            mx.eval(hj, label, tids, probs)
-            row = _Row(i)
+            label, tids, vals = top_k(lm_head(hj), TEACHER_TOPK)
+            mx.eval(hj, label, tids, vals)
+            row = Row(i)
             row.hidden, row.labels = list(np.array(hj)), np.array(label).tolist()
             row.nexts = list(ids[start + 1 :]) + row.labels[-1:]  # the text's next token (the last has none)
-            row.ids, row.probs = list(np.array(tids)), list(np.array(probs))
+            v = np.array(vals)
+            p = np.exp(v - v.max(-1, keepdims=True))
+            row.ids, row.probs = list(np.array(tids)), list(p / p.sum(-1, keepdims=True))
             yield i, row
 
 
-# --------------------------------------------------------------------------- shards
-
-
-class ShardWriter:
-    """Buffers sequences and writes ``{split}-NNNNN.safetensors`` shards of about SHARD_ROWS rows."""
-
-    def __init__(self, folder: Path, split: str):
-        self.folder, self.split = folder, split
-        self.buf: list[_Row] = []
-        self.files: list[dict] = []
-
-    def add(self, row: _Row) -> None:
-        if len(row.labels) >= 2:  # one row alone has no head target
-            self.buf.append(row)
-        if sum(len(r.labels) for r in self.buf) >= SHARD_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buf:
-            return
-        from safetensors.numpy import save_file
-
-        hidden = np.concatenate([np.stack(r.hidden) for r in self.buf]).astype(np.float32)
-        if np.isfinite(hidden.astype(np.float16)).all():
-            hidden = hidden.astype(np.float16)  # half the disk; float32 if it would overflow
-        # rows after each one in the same sequence: head i at t is valid iff left[t] >= i + 1
-        left = np.concatenate([np.arange(len(r.labels))[::-1] for r in self.buf])
-        name = f"{self.split}-{len(self.files):05d}.safetensors"
-        save_file({
-            "hidden": hidden,
-            "labels": np.concatenate([r.labels for r in self.buf]).astype(np.int32),
-            "next_tokens": np.concatenate([r.nexts for r in self.buf]).astype(np.int32),
-            "left": left.astype(np.int32),
-            "teacher_ids": np.concatenate([np.stack(r.ids) for r in self.buf]).astype(np.int32),
-            "teacher_probs": np.concatenate([np.stack(r.probs) for r in self.buf]).astype(np.float16),
-        }, str(self.folder / name))
-        self.files.append({"file": name, "rows": int(len(left)), "sequences": len(self.buf)})
-        self.buf = []
+# --------------------------------------------------------------------------- the cache
 
 
 def cache_key(**facts) -> str:
     return hashlib.sha256(json.dumps({**facts, "v": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _open_cache(folder: Path, key: str) -> tuple[dict | None, dict | None]:
+    """(meta of a finished cache with this key, progress of an unfinished one), refusing other data.
+
+    A finished cache, or an unfinished one with complete shards, of other data (or
+    another seed, split, length) is hours of work: never overwritten. Shards without
+    a progress file, or not listed in it, are half-written: deleted.
+    """
+    check_folder(folder)
+    meta_path, progress_path = folder / "meta.json", folder / "progress.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            return meta, None
+        raise ValueError(f"{folder} holds hidden states of other data ({meta.get('data', '?')}; or another "
+                         "--seed, --val-split or --max-tokens, or an older cache format): pass another "
+                         "--cache-dir, or delete that folder")
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else None
+    if progress is not None and progress.get("key") != key and any(progress["splits"].values()):
+        raise ValueError(f"{folder} holds an unfinished cache of other data ({progress.get('data', '?')}): run "
+                         "that command again to finish it, pass another --cache-dir, or delete that folder")
+    if progress is not None and progress.get("key") != key:
+        progress = None
+    listed = {f["file"] for files in (progress or {"splits": {}})["splits"].values() for f in files}
+    for f in shard_files(folder):
+        if f.name not in listed:
+            f.unlink()
+    return None, progress
+
+
 def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[list[int]] | None = None,
                 eos: set[int] | None = None, docs: list[tuple[list[int], int]] | None = None,
                 val_split: float = 0.0, max_tokens: int = 160, batch_size: int = 32, temp: float = 0.0,
-                seed: int = 0, samples: int = 1) -> dict:
+                seed: int = 0, samples: int = 1, lanes: int = 1, log=print) -> dict:
     """Run the frozen model once over the data and write shards to ``folder``; reuse them if ``key`` matches.
 
     ``prompts`` (token ids, chat template applied) are self-distilled, stopping at
@@ -263,56 +336,71 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
     fraction of the sequences, drawn with ``seed``, goes to the val split. With
     ``samples`` > 1 each prompt is answered that many times, greedily first and
     then sampled at ``temp``; the split is drawn by prompt, so no val prompt is
-    trained on. Returns the cache's meta.
+    trained on. ``lanes``: see self_distill. A killed run resumes after its last
+    complete shard. Returns the cache's meta.
     """
     if samples < 1 or (samples > 1 and (prompts is None or temp <= 0)):
         raise ValueError(f"samples per prompt {samples}: must be 1, or more with prompts and a temperature > 0")
     folder = Path(folder)
-    meta_path = folder / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key:
-            return meta
-        # A finished cache of other data (or another seed, split, length): hours of work, never overwritten.
-        raise ValueError(f"{folder} holds hidden states of other data ({meta.get('data', '?')}; or another "
-                         "--seed, --val-split or --max-tokens, or an older cache format): pass another "
-                         "--cache-dir, or delete that folder")
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"cache folder {folder} is a file: pass a folder to --cache-dir")
-    ours = [f for split in ("train", "val") for f in folder.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9].safetensors")]
-    others = sorted(set(folder.iterdir()) - set(ours)) if folder.is_dir() else []
-    if others:
-        raise ValueError(f"cache folder {folder} holds files that are not a hidden-state cache ({others[0].name}): "
-                         "pass an empty or new folder to --cache-dir")
+    meta, progress = _open_cache(folder, key)
+    if meta is not None:
+        return meta
     folder.mkdir(parents=True, exist_ok=True)
-    # No meta.json (written last): shards left by an interrupted run, incomplete, so cleared.
-    for f in ours:
-        f.unlink()
     n = len(prompts) if prompts is not None else len(docs)
     n_val = max(int(round(val_split * n)), 1 if n > 1 else 0) if val_split > 0 else 0
-    val = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
-    if samples > 1:
-        val = {i + j * n for i in val for j in range(samples)}
-        prompts = prompts * samples
-    writers = {"train": ShardWriter(folder, "train"), "val": ShardWriter(folder, "val")}
+    val = {int(i) + j * n for i in np.random.default_rng(seed).permutation(n)[:n_val] for j in range(samples)}
+    if prompts is not None:
+        what = f"self-distilled: {n} prompts, max {max_tokens} tokens, temp {temp}"
+        what += f", {samples} responses each (the first greedy)" if samples > 1 else ""
+    else:
+        what = f"relabelled: {n} documents"
+    splits = progress["splits"] if progress else {s: [] for s in SPLITS}
+    done = done_sequences(folder, splits["train"] + splits["val"])
+    todo = [i for i in range(n * samples) if i not in done]
+    before = progress["seconds"] if progress else 0.0
+    tic = time.perf_counter()
+
+    def save_progress():
+        write_json(folder / "progress.json", {"key": key, "data": what, "seconds": before + time.perf_counter() - tic,
+                                              "splits": {s: w.files for s, w in writers.items()}})
+
+    writers = {s: ShardWriter(folder, s, splits[s], on_flush=save_progress) for s in SPLITS}
+    save_progress()
+    made = _fill(writers, val, todo, len(done), prompts, docs, base, lm_head, eos, max_tokens, batch_size, temp,
+                 seed, samples, lanes)
+    seconds = time.perf_counter() - tic
+    meta = {"key": key, "data": what, "hidden_size": int(base.args.hidden_size),
+            "seconds": round(before + seconds, 1), "rows_per_s": round(made / max(seconds, 1e-9), 1),
+            "splits": {s: w.files for s, w in writers.items()},
+            "rows": {s: sum(f["rows"] for f in w.files) for s, w in writers.items()},
+            "sequences": {s: sum(f["sequences"] for f in w.files) for s, w in writers.items()}}
+    if meta["rows"]["train"] == 0 and meta["rows"]["val"] == 0:
+        raise ValueError("the data gave no training rows: use longer responses or documents")
+    write_json(folder / "meta.json", meta)
+    (folder / "progress.json").unlink()
+    log(f"frozen model: {made} rows in {seconds:.1f} s, {meta['rows_per_s']:.0f} rows/s"
+        + (f" (resumed after {len(done)} of {n * samples} sequences)" if done else ""))
+    return meta
+
+
+def _fill(writers, val, todo, done, prompts, docs, base, lm_head, eos, max_tokens, batch_size, temp, seed,
+          samples, lanes) -> int:
+    """Stream the sequences ``todo`` into the writers; return the rows made."""
     tic = time.perf_counter()
     made = [0]
 
-    def progress(n):
-        made[0] += n
+    def progress(k):
+        made[0] += k
         bar.set_postfix(rows=made[0], rows_per_s=f"{made[0] / (time.perf_counter() - tic):.0f}", refresh=False)
 
+    n = len(prompts) if prompts is not None else len(docs)
     if prompts is not None:
-        stream = self_distill(base, lm_head, prompts, eos or set(), max_tokens, batch_size, temp, seed, progress,
-                              greedy=set(range(n)) if samples > 1 else None)
-        unit, what = "response", f"self-distilled: {n} prompts, max {max_tokens} tokens, temp {temp}"
-        if samples > 1:
-            what += f", {samples} responses each (the first greedy)"
-            n *= samples
+        stream = self_distill(base, lm_head, prompts * samples, eos or set(), max_tokens, batch_size, temp, seed,
+                              progress, greedy=set(range(n)) if samples > 1 else None, indices=todo, lanes=lanes)
     else:
-        stream = relabel(base, lm_head, docs, batch_size)
-        unit, what = "doc", f"relabelled: {n} documents"
-    with tqdm(total=n, desc="frozen model", unit=unit) as bar:
+        stream = relabel(base, lm_head, docs, batch_size, indices=todo)
+    with tqdm(total=done + len(todo), initial=done, desc="frozen model",
+              unit="response" if prompts is not None else "doc") as bar:
         for i, row in stream:
             writers["val" if i in val else "train"].add(row)
             if prompts is None:
@@ -320,52 +408,4 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
             bar.update(1)
     for w in writers.values():
         w.flush()
-    meta = {
-        "key": key, "data": what, "hidden_size": int(base.args.hidden_size), "seconds": round(time.perf_counter() - tic, 1),
-        "splits": {s: w.files for s, w in writers.items()},
-        "rows": {s: sum(f["rows"] for f in w.files) for s, w in writers.items()},
-        "sequences": {s: sum(f["sequences"] for f in w.files) for s, w in writers.items()},
-    }
-    if meta["rows"]["train"] == 0 and meta["rows"]["val"] == 0:
-        raise ValueError("the data gave no training rows: use longer responses or documents")
-    meta_path.write_text(json.dumps(meta, indent=1))
-    return meta
-
-
-def load_shard(path: Path, num_heads: int) -> dict[str, np.ndarray]:
-    """Rows of one shard with per-head targets, (rows, K); rows without any target dropped."""
-    from safetensors.numpy import load_file
-
-    d = load_file(str(path))
-    n = len(d["labels"])
-    step = 1 + np.arange(num_heads)
-    valid = d["left"][:, None] >= step  # (n, K)
-    idx = np.where(valid, np.arange(n)[:, None] + step, 0)
-    keep = valid[:, 0]
-    return {
-        "hidden": d["hidden"][keep],
-        "next": d["next_tokens"][keep],  # the token fed after the row: what next-token heads read
-        "targets": np.where(valid, d["labels"][idx], -1)[keep],
-        "teacher_ids": d["teacher_ids"][idx][keep],  # (n, K, k)
-        "teacher_probs": d["teacher_probs"][idx][keep].astype(np.float32),
-    }
-
-
-def iterate_batches(folder: Path, files: list[str], num_heads: int, batch_size: int, rng=None):
-    """Batches of rows; shuffled across MIX_SHARDS shards at a time when ``rng`` is given."""
-    order = rng.permutation(len(files)) if rng is not None else np.arange(len(files))
-    carry = None
-    for g in range(0, len(order), MIX_SHARDS if rng is not None else 1):
-        parts = [load_shard(folder / files[i], num_heads) for i in order[g : g + (MIX_SHARDS if rng is not None else 1)]]
-        if carry is not None:
-            parts.insert(0, carry)
-        data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        n = len(data["targets"])
-        perm = rng.permutation(n) if rng is not None else np.arange(n)
-        full = n - n % batch_size if rng is not None else n
-        for s in range(0, full, batch_size):
-            yield {k: v[perm[s : s + batch_size]] for k, v in data.items()}
-        carry = {k: v[perm[full:]] for k, v in data.items()} if full < n else None
-
-
-# --------------------------------------------------------------------------- loss
+    return made[0]

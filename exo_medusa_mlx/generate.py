@@ -15,6 +15,7 @@ from .cli_args import (
     kv_window,
     non_negative_float,
     non_negative_int,
+    positive_float,
     positive_int,
     probability,
     read_prompt,
@@ -29,6 +30,8 @@ from .core.generation import (  # noqa: F401  (re-exported: mlx-lm's names)
 )
 
 DEFAULT_PROMPT = "Hello"
+PARALLEL_MODES = ("pipeline", "tensor")
+DIST_TIMEOUT_S = 120.0  # a wait on another rank: a prefill chunk of a large model on a slow rank fits
 
 
 def setup_arg_parser(prog: str = "mlx_medusa generate") -> argparse.ArgumentParser:
@@ -58,15 +61,20 @@ def setup_arg_parser(prog: str = "mlx_medusa generate") -> argparse.ArgumentPars
     return p
 
 
-def run(args) -> None:
+def run(args, load=None, stream=stream_generate, extra=None) -> None:
     """Load on the chosen backend, stream the answer, print the stats (and the JSON).
 
-    Errors are one line (exit 1); Ctrl-C exits 130 after printing what was generated."""
+    ``load(args)``, ``stream`` and ``extra(model)`` (facts for the JSON) replace the
+    defaults under ``--parallel`` (``distributed.run_cli``). Errors are one line (exit 1);
+    Ctrl-C exits 130 after printing what was generated."""
+    backend = backends.resolve_backend(args.backend)
+    if load is None:
+        def load(a):
+            return backends.load(backend, a.model, a.heads, a.tree, a.dtype, a.device)
     try:
         text = read_prompt(args.prompt)  # before minutes of loading
-        backend = backends.resolve_backend(args.backend)
         try:
-            model, tokenizer = backends.load(backend, args.model, args.heads, args.tree, args.dtype, args.device)
+            model, tokenizer = load(args)
         except (RuntimeError, OSError) as e:  # the framework's own loaders: a corrupt or unreadable file
             raise ValueError(f"cannot load the model: {e}") from None
         prompt = apply_template(tokenizer, text, args.system_prompt, not args.ignore_chat_template)
@@ -78,7 +86,7 @@ def run(args) -> None:
     out = sys.stderr if args.json else sys.stdout
     tokens, last, interrupted = [], None, False
     try:
-        for last in stream_generate(
+        for last in stream(
             model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
             seed=args.seed, medusa=not args.no_medusa, max_kv_size=args.max_kv_size,
             acceptance=args.acceptance,
@@ -106,14 +114,32 @@ def run(args) -> None:
             "generation_tps": last.generation_tps, "mean_accepted": last.mean_accepted, "steps": last.steps,
             "peak_memory_gb": last.peak_memory, "finish_reason": finish,
             "medusa": (not args.no_medusa) and model.heads is not None, "tree_size": model.tree.size,
-            "backend": backend, "device": str(model.device),
+            "backend": backend, "device": str(model.device), **(extra(model) if extra else {}),
         }), flush=True)
     if interrupted:
         sys.exit(130)
 
 
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    """``--parallel`` and its options: ``distributed.py`` runs them (MLX, under ``mlx_medusa launch``)."""
+    g = p.add_argument_group("distributed", "under 'mlx_medusa launch -n N -- generate ...' or mlx.launch")
+    g.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
+                   help="split the model across the launched ranks: by layers (pipeline) or mlx-lm's tensor sharding")
+    g.add_argument("--pipeline-split", default="even",
+                   help="layers per rank: even, memory (in proportion to each rank's), or weights such as 2,1")
+    g.add_argument("--dist-timeout", type=positive_float, default=DIST_TIMEOUT_S,
+                   help="seconds a rank waits on the others before it fails with an error")
+
+
 def main(argv: list[str] | None = None) -> None:
-    run(setup_arg_parser().parse_args(argv))
+    parser = setup_arg_parser()
+    add_parallel_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.parallel:
+        from . import distributed
+
+        return distributed.run_cli(args)
+    run(args)
 
 
 if __name__ == "__main__":

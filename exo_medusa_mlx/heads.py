@@ -26,22 +26,34 @@ class ResBlock(nn.Module):
         return x + nn.silu(self.linear(x))
 
 
+def _zero_linear(size: int) -> nn.Linear:
+    """A map that starts at zero: a fresh (or converted) head begins as a plain Medusa head."""
+    lin = nn.Linear(size, size)
+    lin.weight, lin.bias = mx.zeros_like(lin.weight), mx.zeros_like(lin.bias)
+    return lin
+
+
 class MedusaHead(nn.Module):
-    def __init__(self, cfg: MedusaConfig):
+    """Head ``index``: blocks over the hidden state plus, by layout, maps of the root's embedding
+    (``next_token``) or of its path's tokens' (``path``, hydra: the root and ``index`` more)."""
+
+    def __init__(self, cfg: MedusaConfig, index: int = 0):
         super().__init__()
         if cfg.next_token:
-            # Starts at zero: a fresh (or converted) head begins as a plain Medusa head.
-            self.next_token = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-            self.next_token.weight = mx.zeros_like(self.next_token.weight)
-            self.next_token.bias = mx.zeros_like(self.next_token.bias)
+            self.next_token = _zero_linear(cfg.hidden_size)
+        if cfg.hydra:
+            self.path = [_zero_linear(cfg.hidden_size) for _ in range(index + 1)]
         # Distinct blocks (the reference's ``[ResBlock(h)] * n`` shares one).
         self.blocks = [ResBlock(cfg.hidden_size) for _ in range(cfg.num_layers)]
         if cfg.own_lm_head:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def __call__(self, x: mx.array, next_embeds: mx.array | None = None) -> mx.array:
-        if next_embeds is not None:
-            x = x + self.next_token(next_embeds)
+    def __call__(self, x: mx.array, embeds: list | None = None) -> mx.array:
+        """x: (..., H); ``embeds``: the path's token embeddings, root first, each (..., H)."""
+        if "next_token" in self:
+            x = x + self.next_token(embeds[0])
+        for lin, e in zip(self.get("path", []), embeds or []):
+            x = x + lin(e)
         for b in self.blocks:
             x = b(x)
         return x
@@ -55,7 +67,7 @@ class MedusaHeads(HeadsBase, nn.Module):
     def __init__(self, cfg: MedusaConfig):
         nn.Module.__init__(self)
         self.config = cfg
-        self.heads = [MedusaHead(cfg) for _ in range(cfg.num_heads)]
+        self.heads = [MedusaHead(cfg, i) for i in range(cfg.num_heads)]
         self.draft_vocab: np.ndarray | None = None
 
     def named_arrays(self) -> dict[str, np.ndarray]:

@@ -40,7 +40,6 @@ class Lookahead(Verifier):
         ri = np.where(tree.retrieve_indices >= 0, tree.retrieve_indices, 0)  # (P, D+1)
         self._ri = mx.array(ri, dtype=mx.int32)
         self._on_path = mx.array(tree.retrieve_indices[:, 1:] >= 0)
-        self._tree_idx = mx.array(tree.tree_indices)
         self._tree_mask = mx.array(tree.mask)
         self._depths = mx.array(tree.depths, dtype=mx.int32)
         self._nodes = mx.arange(T, dtype=mx.int32)
@@ -57,16 +56,13 @@ class Lookahead(Verifier):
         y = mx.argmax(self.model.logits(h[-1]), axis=-1).reshape(1)
         return (y, None, y), y
 
-    def _lay_out(self, root: mx.array, guesses: mx.array) -> mx.array:
-        return mx.concatenate([root.reshape(1), guesses.reshape(-1).astype(mx.int32)])[self._tree_idx]
-
     def _tree(self, tokens: mx.array, pos: mx.array, valid: mx.array):
         ctx, tree = self.ctx, self.tree
         mask = mx.concatenate([mx.broadcast_to(valid[None], (tree.size, ctx.used)), self._tree_mask], axis=1)
         ctx.begin_on_device(mask, pos if tree.is_chain else TreeOffset(pos + self._depths))
         h = self.model.hidden(tokens, self.caches, transposed=self.model.transposes(tree.size))
         ctx.keep_in_place(tree.size)
-        logits, guesses = self.model.propose(h, tree.depth, tree.topk)  # (T, V), (D, T, k)
+        logits, drafts = self.model.propose_tree(h, tree)  # (T, V), (T, T): each node's next tree
         argmax = mx.argmax(logits, axis=-1).astype(mx.int32)  # (T,)
         ok = self._on_path & (tokens[self._ri[:, 1:]] == argmax[self._ri[:, :-1]])  # (P, D)
         n_acc = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)  # (P,)
@@ -75,8 +71,8 @@ class Lookahead(Verifier):
         path = self._ri[best]  # (D+1,)
         last = path[a]
         kept = ((self._nodes[None] == path[:, None]) & (self._ranks <= a)[:, None]).any(axis=0)  # (T,)
-        nxt = self._lay_out(argmax[last], guesses[:, last])
-        return (argmax, guesses, nxt), (nxt, pos + a + 1, mx.concatenate([valid, kept]))
+        nxt = drafts[last].astype(mx.int32)  # its root is argmax[last], the greedy bonus
+        return (argmax, drafts, nxt), (nxt, pos + a + 1, mx.concatenate([valid, kept]))
 
     def _queue(self, state) -> None:
         out, nxt = self._plain(state) if self.tree.size == 1 else self._tree(*state)
@@ -92,11 +88,11 @@ class Lookahead(Verifier):
                         (dev, mx.array(self.ctx.committed, dtype=mx.int32), mx.ones((self.ctx.used,), dtype=mx.bool_)))
         elif not np.array_equal(tokens, self._expected):
             raise AssertionError(f"lookahead queued tree {self._expected.tolist()}, the host laid out {tokens.tolist()}")
-        (argmax, guesses, nxt), state = self._queued
+        (argmax, drafts, nxt), state = self._queued
         self._queue(state)  # the next step, before this one is read
-        argmax, guesses, self._expected = (None if a is None else to_numpy(a) for a in (argmax, guesses, nxt))
-        self._expected = self._expected.astype(np.int64)
-        return Verified(argmax, guesses)
+        argmax, drafts, nxt = (None if a is None else to_numpy(a) for a in (argmax, drafts, nxt))
+        self._expected = nxt.astype(np.int64)
+        return Verified(argmax, drafts)
 
     def commit(self, nodes: np.ndarray) -> None:
         """The device kept what it accepted; the host keeps count of the holes."""

@@ -9,8 +9,6 @@ model is exactly as it was loaded, so mlx-lm can run it too.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -18,8 +16,6 @@ import numpy as np
 from .array_ops import MLXOps
 from .cache import DEFAULT_KEEP, CacheContext, TreeOffset, make_cache
 from .core.base import MedusaBase, swapped_class
-from .core.tree import ROOT_ONLY, TreeBuffers
-from .heads import MedusaHeads
 
 # Families whose attention reads ``cache.offset`` for RoPE and ``cache.make_mask``
 # for the mask, and whose model returns normed hidden states: checked by tests.
@@ -104,14 +100,8 @@ def lm_head_rows(base, ids: np.ndarray) -> tuple[mx.array, mx.array]:
     return idx, w
 
 
-@dataclass
 class MedusaModel(MedusaBase):
     """An mlx-lm model with Medusa heads and a tree attached (``heads`` None: plain decoding)."""
-
-    base: nn.Module
-    heads: MedusaHeads | None = None
-    tree: TreeBuffers = field(default=ROOT_ONLY)
-    model_id: str | None = None
 
     ops = MLXOps
 
@@ -121,7 +111,7 @@ class MedusaModel(MedusaBase):
         layers = self.base.model.layers
         self._attn = [layer.self_attn for layer in layers]
         self._linears = [m for layer in layers for _, m in layer.named_modules() if type(m) is nn.Linear]
-        self._init_medusa()
+        super().__post_init__()
 
     @property
     def num_layers(self) -> int:
@@ -158,7 +148,7 @@ class MedusaModel(MedusaBase):
 
     def transposes(self, rows: int) -> bool:
         """Whether a verification forward of ``rows`` tokens multiplies the transposed way."""
-        return 1 < rows <= self.verify_rows_max and mx.default_device() == mx.cpu
+        return self.rows_product and 1 < rows <= self.verify_rows_max and mx.default_device() == mx.cpu
 
     @contextmanager
     def placed(self, caches, transposed: bool = False):

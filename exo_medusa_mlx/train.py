@@ -1,8 +1,9 @@
 """``mlx_medusa train``: Medusa-1 heads on a frozen base model, in MLX.
 
-The data is the base model's own: its responses to a prompt set (generated in
-batches, greedy by default), or a text/JSONL file relabelled with its
-predictions. The frozen model runs once; its last hidden states and its own
+The data is the base model's own: its answers to a prompt set (the shipped
+prompts, the user's, and prompts it writes itself; generated many at once,
+greedy by default), or a text/JSONL file relabelled with its predictions
+(train_data.py). The frozen model runs once; its last hidden states and its own
 next-token choices go to shards on disk, and the heads train on those shards.
 The base lm_head stays in the loss, so the heads learn in its vocabulary space.
 
@@ -14,60 +15,58 @@ the token at t+2+i, so its target is label_{t+1+i}, weighted 0.8^i.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
-import shutil
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
-from .distill import (  # noqa: F401  (the data half, re-exported for train's users)
-    DATA_DIR,
-    DEFAULT_PROMPTS,
-    build_cache,
-    cache_key,
-    chat_ids,
-    eos_ids,
-    iterate_batches,
-    load_shard,
-    read_documents,
-    read_prompts,
-)
+from .distill import build_cache, cache_key, iterate_batches, load_shard  # noqa: F401  (re-exported)
 from .heads import MedusaHeads
-from .core.heads_format import DRAFT_KEY, MedusaConfig
+from .core.heads_format import MedusaConfig
+from .prompts import DATA_DIR, DEFAULT_PROMPTS, chat_ids, eos_ids, read_documents, read_prompts  # noqa: F401
+from .train_ckpt import init_from, resume_from, saved_heads  # noqa: F401  (re-exported)
+from .train_ckpt import resume_step as _resume_step  # noqa: F401
+from .train_ckpt import save_checkpoint as _save_checkpoint
+from .train_data import build_data, load_base, prompt_sources
 
 HEAD_DECAY = 0.8  # head i's loss weight is HEAD_DECAY ** i
-def head_logits(heads: MedusaHeads, lm_head, h: mx.array, next_embeds: mx.array | None = None,
-                draft=None) -> mx.array:
-    """(K, B, V) logits of every head at hidden states h: (B, H); ``draft``: (ids, rows), see
-    ``MedusaHeads.project``."""
-    return heads.project(h, lm_head, base=False, next_embeds=next_embeds, draft=draft)
 
 
-def next_embeds(heads: MedusaHeads, embed, batch: dict) -> mx.array | None:
-    """Embeddings of the tokens fed after the batch's rows, for next-token heads (else None)."""
-    if not heads.config.next_token:
+def head_logits(heads: MedusaHeads, lm_head, h: mx.array, embeds: list | None = None, draft=None) -> mx.array:
+    """(K, B, V) logits of every head at hidden states h: (B, H); ``embeds``: ``path_embeds``;
+    ``draft``: (ids, rows), see ``MedusaHeads.project``."""
+    return heads.project(h, lm_head, base=False, draft=draft, path_embeds=embeds)
+
+
+def path_embeds(heads: MedusaHeads, embed, batch: dict) -> list | None:
+    """What the heads read beside the hidden state, as in decoding on an accepted path (teacher
+    forcing): the embedding of the token fed after each row (next-token heads: the root),
+    and for hydra heads those of the tokens after it (the rows' targets; head d reads d+1)."""
+    if not (heads.config.next_token or heads.config.hydra):
         return None
     if embed is None:
-        raise ValueError("next-token heads need the base model's embedding (embed=)")
-    return embed(mx.array(batch["next"]))
+        raise ValueError("next-token and hydra heads need the base model's embedding (embed=)")
+    out = [embed(mx.array(batch["next"]))]
+    if heads.config.hydra:
+        t = np.maximum(batch["targets"], 0)  # -1 past a sequence's end: those rows' later heads are masked
+        out += [embed(mx.array(t[:, j])) for j in range(heads.num_heads - 1)]
+    return out
 
 
-def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_probs=None, next_embeds=None):
+def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_probs=None, embeds=None):
     """Weighted CE (or top-k KL to the base model) summed over heads; also per-head loss and top-1.
 
-    targets: (B, K) with -1 where the sequence ends; teacher_*: (B, K, k); next_embeds:
-    (B, H), the fed tokens' embeddings, for next-token heads.
+    targets: (B, K) with -1 where the sequence ends; teacher_*: (B, K, k); embeds:
+    ``path_embeds`` (next-token and hydra heads).
     """
-    logits = head_logits(heads, lm_head, h, next_embeds).astype(mx.float32)  # (K, B, V)
+    logits = head_logits(heads, lm_head, h, embeds).astype(mx.float32)  # (K, B, V)
     t = targets.T  # (K, B)
     valid = (t >= 0).astype(mx.float32)
     lse = mx.logsumexp(logits, axis=-1)
@@ -83,10 +82,10 @@ def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_p
     return (weights * per_head).sum(), (per_head, top1)
 
 
-def target_ranks(heads: MedusaHeads, lm_head, h: mx.array, targets: mx.array,
-                 next_embeds: mx.array | None = None, draft=None) -> mx.array:
+def target_ranks(heads: MedusaHeads, lm_head, h: mx.array, targets: mx.array, embeds: list | None = None,
+                 draft=None) -> mx.array:
     """Rank of each target among its head's logits (0 = top-1; -1 where no target). (B, K)."""
-    logits = head_logits(heads, lm_head, h, next_embeds, draft).astype(mx.float32)  # (K, B, V)
+    logits = head_logits(heads, lm_head, h, embeds, draft).astype(mx.float32)  # (K, B, V)
     t = targets.T
     tl = mx.take_along_axis(logits, mx.maximum(t, 0)[..., None], axis=-1)
     rank = mx.where(tl[..., 0] > -mx.inf, (logits > tl).sum(-1), logits.shape[-1])  # outside a draft: never
@@ -100,7 +99,7 @@ def evaluate(heads, lm_head, folder: Path, files: list[str], batch_size: int, to
     counts = np.zeros(heads.num_heads)
     for b in iterate_batches(folder, files, heads.num_heads, batch_size):
         r = target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
-                         next_embeds(heads, embed, b), draft)
+                         path_embeds(heads, embed, b), draft)
         r = np.array(r)
         for k in range(max(topk)):
             hits[:, k] += ((r >= 0) & (r <= k)).sum(0)
@@ -148,85 +147,6 @@ def new_heads(cfg: MedusaConfig, lm_head_weight: mx.array | None, seed: int) -> 
     return heads
 
 
-def saved_heads(path: str | Path, cfg: MedusaConfig) -> tuple[dict[str, np.ndarray], MedusaConfig]:
-    """Read heads to start from (``--init-from``) and check they fit heads of ``cfg``.
-
-    Returns (weights under the reference keys, their config). Run before the data
-    is built, so a mismatch costs nothing.
-    """
-    from .core.heads_format import read_heads, resolve_config
-
-    weights, raw, file = read_heads(path)
-    saved = resolve_config(weights, raw, str(file), cfg.hidden_size, cfg.vocab_size)
-    if saved.own_lm_head != cfg.own_lm_head:
-        want = "own" if saved.own_lm_head else "shared"
-        raise ValueError(f"--init-from {path}: those heads use the {want} lm_head layout; pass --layout {want}")
-    if saved.draft_vocab_size:
-        weights = {k: v for k, v in weights.items() if k != DRAFT_KEY}  # --draft-vocab makes a new one
-    if saved.next_token and not cfg.next_token:
-        raise ValueError(f"--init-from {path}: those heads read the next token; pass --next-token")
-    if saved.num_layers > cfg.num_layers:
-        raise ValueError(f"--init-from {path}: those heads have {saved.num_layers} layers; pass --num-layers "
-                         f"{saved.num_layers} or more")
-    return weights, saved
-
-
-def init_from(heads: MedusaHeads, weights: dict[str, np.ndarray], saved: MedusaConfig) -> None:
-    """Start ``heads`` from saved ones (fine-tuning), as read by ``saved_heads``.
-
-    The saved heads fill the first heads and blocks; a block beyond the saved depth
-    starts as the identity (W = 0, b = 0: x + SiLU(0) = x), so deeper heads begin
-    exactly where the saved ones were; so do next-token maps that plain saved heads
-    lack (zero: the token is ignored at first). Extra heads keep their fresh weights.
-    """
-    merged = heads.reference_weights()
-    n = heads.config.num_layers
-    for i in range(min(saved.num_heads, heads.num_heads)):
-        for part in ("weight", "bias") if heads.config.next_token else ():
-            key = f"{i}.next_token.{part}"
-            merged[key] = weights[key] if saved.next_token else np.zeros_like(merged[key])
-        for j in range(n):
-            for part in ("weight", "bias"):
-                key = f"{i}.{j}.linear.{part}"
-                merged[key] = weights[key] if j < saved.num_layers else np.zeros_like(merged[key])
-        if heads.config.own_lm_head:
-            merged[f"{i}.{n}.weight"] = weights[f"{i}.{saved.num_layers}.weight"]
-    heads.load_reference_weights(merged)
-    mx.eval(heads.parameters())
-
-
-def _save_checkpoint(folder: Path, heads: MedusaHeads, opt, step: int) -> None:
-    """Heads, optimizer state and step, swapped in whole: an interrupted save keeps the previous checkpoint."""
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    heads.save(tmp)
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    if folder.exists():
-        folder.replace(old)
-    tmp.replace(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _resume_step(checkpoint: Path, heads: MedusaHeads) -> int:
-    """Load the checkpoint's heads into ``heads`` (same layout required); return its step."""
-    from .core.heads_format import layout_from_keys, read_heads
-
-    weights, _, file = read_heads(checkpoint)
-    saved = layout_from_keys(weights, str(file))
-    want = (heads.num_heads, heads.config.num_layers, heads.config.own_lm_head, heads.config.next_token)
-    if saved != want:
-        raise ValueError(f"--resume: {checkpoint} holds heads of another layout (heads, layers, own lm_head, "
-                         f"next-token = {saved}, asked {want}): pass the same flags, or another --output")
-    heads.load_reference_weights(weights)
-    try:
-        return int(json.loads((checkpoint / "state.json").read_text())["step"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--resume: {checkpoint / 'state.json'} is unreadable ({e}): delete the checkpoint "
-                         "folder to start over") from None
-
-
 def steps_per_epoch(meta: dict, batch_size: int) -> int:
     # A sequence's last row has no head target and is dropped by load_shard.
     usable = meta["rows"]["train"] - meta["sequences"]["train"]
@@ -253,14 +173,7 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
                          "lower --batch-size or add data")
     per_epoch = steps_per_epoch(meta, batch_size)
     opt = optim.AdamW(learning_rate=make_schedule(lr, steps, warmup), weight_decay=weight_decay)
-    start = 0
-    if resume and (checkpoint is None or not (checkpoint / "state.json").is_file()):
-        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint} (it is written every --save-every steps)")
-    if resume:
-        start = _resume_step(checkpoint, heads)
-        opt.init(heads.trainable_parameters())
-        opt.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
-        log(f"resumed from {checkpoint} at step {start}")
+    start = resume_from(checkpoint, heads, opt, log) if resume else 0
     step_fn = nn.value_and_grad(heads, loss_fn)
     mx.random.seed(seed + start)
 
@@ -271,7 +184,7 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
             h = h + noise * rms * mx.random.normal(h.shape)
         teacher = [mx.array(b["teacher_ids"]), mx.array(b["teacher_probs"])] if loss == "kl" else [None, None]
         (value, (per_head, top1)), grads = step_fn(heads, lm_head, h, mx.array(b["targets"]), *teacher,
-                                                   next_embeds(heads, embed, b))
+                                                   path_embeds(heads, embed, b))
         opt.update(heads, grads)
         mx.eval(heads.parameters(), opt.state, value, per_head, top1)
         return float(value), np.array(per_head), np.array(top1)
@@ -312,19 +225,86 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
 
 # --------------------------------------------------------------------------- CLI
 
+MAX_TOKENS = 160  # answer length of self-distillation
+GEN_BATCH_SIZE = 128  # sequences the frozen model runs at once
+GEN_LANES = 2  # MLX streams they are split over on a CPU (one per core of a 2-core CPU)
+SEQ_LEN = 512  # --data documents are cut to this many tokens
+VAL_SPLIT = 0.05
+NUM_HEADS = 4
+LEARNING_RATE = 1e-3
+BATCH_SIZE = 32  # rows per optimizer step
+SAVE_EVERY = 100
 
-def load_base(model: str | None):
-    """The frozen base model (float32 on CPU), its lm_head, tokenizer and id."""
-    from mlx_lm.utils import load as mlx_load
 
-    from .default_model import DEFAULT_MODEL_ID, resolve_model_path
-    from .model import base_lm_head
+@dataclass
+class TrainOptions:
+    """``mlx_medusa train``'s options (one field per flag, same names); ``from_args`` reads argparse's."""
 
-    base, tokenizer = mlx_load(str(resolve_model_path(model)))
-    if mx.default_device() == mx.cpu:
-        base.set_dtype(mx.float32)
-    base.freeze()
-    return base, base_lm_head(base), tokenizer, model or DEFAULT_MODEL_ID
+    output: str
+    model: str | None = None
+    prompts: str | None = None
+    data: str | None = None
+    add_prompts: list[str] = field(default_factory=list)
+    self_instruct: int = 0
+    self_instruct_seeds: str | None = None
+    self_instruct_dir: str | None = None
+    num_prompts: int | None = None
+    max_tokens: int = MAX_TOKENS
+    temp: float = 0.0
+    samples_per_prompt: int = 1
+    gen_batch_size: int = GEN_BATCH_SIZE
+    gen_lanes: int = GEN_LANES
+    seq_len: int = SEQ_LEN
+    cache_dir: str | None = None
+    val_split: float = VAL_SPLIT
+    data_only: bool = False
+    num_heads: int = NUM_HEADS
+    num_layers: int = 1
+    layout: str = "shared"
+    next_token: bool = False
+    hydra: bool = False
+    draft_vocab: int = 0
+    loss: str = "ce"
+    learning_rate: float = LEARNING_RATE
+    weight_decay: float = 0.0
+    noise: float = 0.0
+    warmup: int | None = None
+    iters: int | None = None
+    epochs: float | None = None
+    batch_size: int = BATCH_SIZE
+    steps_per_eval: int = 0
+    save_every: int = SAVE_EVERY
+    resume: bool = False
+    init_from: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainOptions":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    def validate(self) -> None:
+        """Flag errors before any work (ValueError naming the flag)."""
+        for name in ("num_heads", "num_layers", "batch_size", "max_tokens", "gen_batch_size", "gen_lanes", "seq_len",
+                     "iters"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("warmup", "steps_per_eval", "save_every", "weight_decay", "noise", "self_instruct"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"--epochs {self.epochs} must be positive")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning-rate {self.learning_rate} must be positive")
+        if self.samples_per_prompt != 1 and (self.samples_per_prompt < 1 or self.data or self.temp <= 0):
+            raise ValueError(f"--samples-per-prompt {self.samples_per_prompt}: use 1, or more with --prompts and --temp > 0")
+        if self.data and (self.add_prompts or self.self_instruct):
+            raise ValueError("--add-prompts and --self-instruct add prompts to self-distil: not with --data")
+        if not 0 <= self.val_split < 1:
+            raise ValueError(f"--val-split {self.val_split} must be in [0, 1)")
+        if self.next_token and self.hydra:
+            raise ValueError("--next-token and --hydra are two layouts: hydra heads read the next token too")
+        if self.draft_vocab and self.layout == "own":
+            raise ValueError("--draft-vocab needs heads that share the base lm_head (--layout shared)")
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -334,37 +314,53 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", default=None, help=f"Prompts to self-distil (JSON list or JSONL; default {DEFAULT_PROMPTS.name})")
     src.add_argument("--data", default=None, help="Text or JSONL file, relabelled with the base model's predictions")
-    p.add_argument("--num-prompts", type=int, default=None, help="Use only the first N prompts/documents")
-    p.add_argument("--max-tokens", type=int, default=160, help="Response length for self-distillation")
+    p.add_argument("--add-prompts", action="append", default=[], metavar="JSONL",
+                   help="More prompts to self-distil, one {\"prompt\": ...} a line (repeatable)")
+    p.add_argument("--self-instruct", type=int, default=0, metavar="N",
+                   help="Also answer N prompts the base model writes itself from seed topics and tasks "
+                        "(kept in --self-instruct-dir; a rerun continues them)")
+    p.add_argument("--self-instruct-seeds", default=None, help="Seed topics and tasks (JSON; default the shipped ones)")
+    p.add_argument("--self-instruct-dir", default=None,
+                   help="Where the written prompts are kept (default OUTPUT/self_instruct); share it between runs")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="Use only the first N prompts (of --prompts and --add-prompts) or documents")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="Response length for self-distillation")
     p.add_argument("--temp", type=float, default=0.0, help="Sampling temperature of the self-distilled responses")
     p.add_argument("--samples-per-prompt", type=int, default=1,
                    help="Responses per prompt: the first greedy, the others sampled at --temp (> 0)")
-    p.add_argument("--gen-batch-size", type=int, default=32, help="Sequences per batch in the frozen model's pass")
-    p.add_argument("--seq-len", type=int, default=512, help="Cut --data documents to this many tokens")
-    p.add_argument("--cache-dir", default=None, help="Hidden-state shards (default: OUTPUT/cache); reused when the data matches")
-    p.add_argument("--val-split", type=float, default=0.05, help="Fraction of sequences held out for validation")
+    p.add_argument("--gen-batch-size", type=int, default=GEN_BATCH_SIZE, help="Sequences per batch in the frozen model's pass")
+    p.add_argument("--gen-lanes", type=int, default=GEN_LANES,
+                   help="On a CPU, split that batch over N MLX streams, one thread each (MLX's element-wise ops "
+                        "use one core per stream); GEMMs then get one BLAS thread each")
+    p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="Cut --data documents to this many tokens")
+    p.add_argument("--cache-dir", default=None,
+                   help="Hidden-state shards (default: OUTPUT/cache); reused when the data matches, resumed when unfinished")
+    p.add_argument("--val-split", type=float, default=VAL_SPLIT, help="Fraction of sequences held out for validation")
     p.add_argument("--data-only", action="store_true", help="Build the hidden-state cache and stop")
-    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=NUM_HEADS)
     p.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
     p.add_argument("--layout", choices=["shared", "own"], default="shared",
                    help="shared: heads reuse the base lm_head (small); own: each head has its own")
     p.add_argument("--next-token", action="store_true",
                    help="Heads also read the embedding of the base model's next token (its argmax, known before "
                         "the heads run); costs a second pass over lm_head per step, not the reference layout")
+    p.add_argument("--hydra", action="store_true",
+                   help="Sequentially dependent heads: head d also reads the embeddings of the d+1 tokens on the "
+                        "path it extends (the root, then the guesses before its own), as Hydra's heads do")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="Score the heads' guesses over the N tokens the model emits most in the data (a cheaper "
                         "pass over part of lm_head; pays with --next-token on a CPU); 0: the whole vocabulary")
     p.add_argument("--loss", choices=["ce", "kl"], default="ce", help="CE to the base argmax, or KL to its top-k distribution")
-    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise on the input states, as a fraction of their RMS")
     p.add_argument("--warmup", type=int, default=None, help="Warm-up steps (default 5%% of the steps)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--iters", type=int, default=None, help="Optimizer steps")
     g.add_argument("--epochs", type=float, default=None, help="Passes over the training rows (default 1)")
-    p.add_argument("--batch-size", type=int, default=32, help="Rows (positions) per step")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="Rows (positions) per step")
     p.add_argument("--steps-per-eval", type=int, default=0, help="Validate every N steps (0: at the end only)")
-    p.add_argument("--save-every", type=int, default=100, help="Checkpoint every N steps into OUTPUT/checkpoint")
+    p.add_argument("--save-every", type=int, default=SAVE_EVERY, help="Checkpoint every N steps into OUTPUT/checkpoint")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="Continue from OUTPUT/checkpoint")
     start.add_argument("--init-from", default=None,
@@ -381,98 +377,78 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
 
 
-def run(args) -> dict:
-    for name in ("num_heads", "num_layers", "batch_size", "max_tokens", "gen_batch_size", "seq_len", "iters"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup", "steps_per_eval", "save_every", "weight_decay", "noise"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative")
-    if args.epochs is not None and args.epochs <= 0:
-        raise ValueError(f"--epochs {args.epochs} must be positive")
-    if args.learning_rate <= 0:
-        raise ValueError(f"--learning-rate {args.learning_rate} must be positive")
-    if args.samples_per_prompt != 1 and (args.samples_per_prompt < 1 or args.data or args.temp <= 0):
-        raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: use 1, or more with --prompts and --temp > 0")
-    if not 0 <= args.val_split < 1:
-        raise ValueError(f"--val-split {args.val_split} must be in [0, 1)")
-    out = Path(args.output)
+def run(args: TrainOptions | argparse.Namespace) -> dict:
+    """Build (or reuse) the data, train heads on it, save them; returns the last val metrics."""
+    opts = args if isinstance(args, TrainOptions) else TrainOptions.from_args(args)
+    opts.validate()
+    out = Path(opts.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is a file: pass a folder")
+    sources = prompt_sources(opts)  # bad prompt files fail before the model loads
     out.mkdir(parents=True, exist_ok=True)  # fails now, not after the data is built
-    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
-    base, lm_head, tokenizer, model_id = load_base(args.model)
-    cfg = MedusaConfig(num_heads=args.num_heads, hidden_size=base.args.hidden_size, vocab_size=base.args.vocab_size,
-                       num_layers=args.num_layers, own_lm_head=args.layout == "own", next_token=args.next_token,
+    cache_dir = Path(opts.cache_dir) if opts.cache_dir else out / "cache"
+    base, lm_head, tokenizer, model_id = load_base(opts.model)
+    cfg = MedusaConfig(num_heads=opts.num_heads, hidden_size=base.args.hidden_size, vocab_size=base.args.vocab_size,
+                       num_layers=opts.num_layers, own_lm_head=opts.layout == "own", next_token=opts.next_token,
+                       hydra=opts.hydra,
                        base_model=model_id)
-    if args.draft_vocab:
-        check_draft_size(args.draft_vocab, cfg.vocab_size)  # before the data is built
-    if args.draft_vocab and args.layout == "own":
-        raise ValueError("--draft-vocab needs heads that share the base lm_head (--layout shared)")
-    init = saved_heads(args.init_from, cfg) if args.init_from else None  # checked before the data is built
-    common = dict(model=model_id, val_split=args.val_split, seed=args.seed)
-    if args.data:
-        docs = read_documents(args.data, tokenizer, args.seq_len)[: args.num_prompts]
-        key = cache_key(data=hashlib.sha256(Path(args.data).read_bytes()).hexdigest(), n=len(docs),
-                        seq_len=args.seq_len, **common)
-        meta = build_cache(cache_dir, base, lm_head, docs=docs, key=key, val_split=args.val_split,
-                           batch_size=args.gen_batch_size, seed=args.seed)
-    else:
-        prompts = read_prompts(args.prompts or DEFAULT_PROMPTS)[: args.num_prompts]
-        extra = {"samples": args.samples_per_prompt} if args.samples_per_prompt != 1 else {}
-        key = cache_key(prompts=prompts, max_tokens=args.max_tokens, temp=args.temp, **extra, **common)
-        meta = build_cache(cache_dir, base, lm_head, prompts=[chat_ids(tokenizer, p) for p in prompts],
-                           eos=eos_ids(tokenizer), key=key, val_split=args.val_split, max_tokens=args.max_tokens,
-                           batch_size=args.gen_batch_size, temp=args.temp, seed=args.seed,
-                           samples=args.samples_per_prompt)
+    if opts.draft_vocab:
+        check_draft_size(opts.draft_vocab, cfg.vocab_size)  # before the data is built
+    init = saved_heads(opts.init_from, cfg) if opts.init_from else None  # checked before the data is built
+    meta = build_data(opts, sources, base, lm_head, tokenizer, model_id, out, cache_dir)
     print(f"data: {meta['data']}; rows train {meta['rows']['train']}, val {meta['rows']['val']} ({cache_dir})")
-    if args.data_only:
+    if opts.data_only:
         return {}
-
-    per_epoch = steps_per_epoch(meta, args.batch_size)
-    epochs = 1.0 if args.epochs is None else args.epochs
-    steps = args.iters if args.iters is not None else max(int(math.ceil(epochs * per_epoch)), 1)
-    warmup = args.warmup if args.warmup is not None else max(steps // 20, 1)
-    heads = new_heads(cfg, lm_head.weight if args.layout == "own" and hasattr(lm_head, "weight")
-                      else base.model.embed_tokens.weight, args.seed)
+    per_epoch = steps_per_epoch(meta, opts.batch_size)
+    epochs = 1.0 if opts.epochs is None else opts.epochs
+    steps = opts.iters if opts.iters is not None else max(int(math.ceil(epochs * per_epoch)), 1)
+    heads = new_heads(cfg, lm_head.weight if opts.layout == "own" and hasattr(lm_head, "weight")
+                      else base.model.embed_tokens.weight, opts.seed)
     if init is not None:
-        weights, saved = init
-        init_from(heads, weights, saved)
-        print(f"starting from {args.init_from} ({saved.num_heads} heads, {saved.num_layers} layers"
-              f"{', next-token' if saved.next_token else ''})")
+        init_from(heads, *init)
+        print(f"starting from {opts.init_from} ({init[1].num_heads} heads, {init[1].num_layers} layers"
+              f"{', ' + init[1].layout if init[1].layout != 'medusa' else ''})")
     tic = time.perf_counter()
-    metrics = train(heads, lm_head, cache_dir, meta, steps=steps, batch_size=args.batch_size, lr=args.learning_rate,
-                    warmup=warmup, loss=args.loss, seed=args.seed, eval_every=args.steps_per_eval,
-                    save_every=args.save_every, checkpoint=out / "checkpoint", resume=args.resume,
-                    weight_decay=args.weight_decay, noise=args.noise, embed=base.model.embed_tokens)
+    metrics = train(heads, lm_head, cache_dir, meta, steps=steps, batch_size=opts.batch_size, lr=opts.learning_rate,
+                    warmup=opts.warmup if opts.warmup is not None else max(steps // 20, 1), loss=opts.loss,
+                    seed=opts.seed, eval_every=opts.steps_per_eval, save_every=opts.save_every,
+                    checkpoint=out / "checkpoint", resume=opts.resume, weight_decay=opts.weight_decay,
+                    noise=opts.noise, embed=base.model.embed_tokens)
     heads.config.info = {
         "data": meta["data"], "rows": meta["rows"], "sequences": meta["sequences"], "data_seconds": meta["seconds"],
-        "steps": steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate, "loss": args.loss,
+        "steps": steps, "batch_size": opts.batch_size, "learning_rate": opts.learning_rate, "loss": opts.loss,
         "epochs": round(steps / per_epoch, 2), "train_seconds": round(time.perf_counter() - tic, 1),
         "val_top1": metrics.get("top1"), "val_top5": metrics.get("top5"), "val_rows": metrics.get("rows"),
         "train_top1": metrics.get("train_top1_per_head"),
     }
+    _finish(opts, heads, base, lm_head, cache_dir, meta, init, metrics, out)
+    return metrics
+
+
+def _finish(opts: TrainOptions, heads: MedusaHeads, base, lm_head, cache_dir: Path, meta: dict, init, metrics: dict,
+            out: Path) -> None:
+    """Record where the heads started, pick the draft vocabulary, save, and print the val accuracies."""
     if init is not None:
-        heads.config.info["init_from"] = {"path": str(args.init_from), "layers": saved.num_layers,
+        saved = init[1]
+        heads.config.info["init_from"] = {"path": str(opts.init_from), "layers": saved.num_layers,
                                           **{k: saved.info[k] for k in ("steps", "epochs", "val_top1") if k in saved.info}}
-    if args.draft_vocab:
+    if opts.draft_vocab:
         from .model import lm_head_rows
 
         train_files = [f["file"] for f in meta["splits"]["train"]]
-        heads.draft_vocab = draft_vocabulary(cache_dir, train_files, args.draft_vocab, cfg.vocab_size)
-        heads.config.draft_vocab_size = args.draft_vocab
-        heads.config.info["draft_vocab"] = args.draft_vocab
+        heads.draft_vocab = draft_vocabulary(cache_dir, train_files, opts.draft_vocab, heads.config.vocab_size)
+        heads.config.draft_vocab_size = opts.draft_vocab
+        heads.config.info["draft_vocab"] = opts.draft_vocab
         if meta["splits"]["val"]:
-            d = evaluate(heads, lm_head, cache_dir, [f["file"] for f in meta["splits"]["val"]], args.batch_size,
+            d = evaluate(heads, lm_head, cache_dir, [f["file"] for f in meta["splits"]["val"]], opts.batch_size,
                          embed=base.model.embed_tokens, draft=lm_head_rows(base, heads.draft_vocab))
             heads.config.info["val_top1_draft"] = d["top1"]
-            print(f"over the {args.draft_vocab}-token draft vocabulary: val top-1 {d['top1']}")
+            print(f"over the {opts.draft_vocab}-token draft vocabulary: val top-1 {d['top1']}")
     heads.save(out)
     for i in range(heads.num_heads):
         if "top1" in metrics:
             print(f"head {i}: val top-1 {metrics['top1'][i]:.3f}, top-5 {metrics['top5'][i]:.3f}")
     print(f"saved {heads.num_heads} heads to {out}")
-    return metrics
 
 
 if __name__ == "__main__":

@@ -3,11 +3,17 @@
 # exo_medusa_mlx/shipped/smollm2-135m-instruct/: self-distilled data, training, tree tuning.
 # (`python -m exo_medusa_mlx.train` is `mlx_medusa train`; likewise tune.)
 #
-# Budget on a 2-core CPU: data about an hour, plain heads about 75 minutes (2 epochs); greedy
-# data 10 minutes and next-token heads 20 more; three answers per prompt 32 minutes and
-# 25 more; tuning ~10.
-# One OpenBLAS thread is safer on a CPU shared with other jobs (a second thread mostly
-# spins); the shipped heads were made with OPENBLAS_NUM_THREADS=2 on a quiet machine.
+# Budget on a 2-core CPU, measured before the batched pass of issue 23 (the data steps now
+# take less; the command prints its rows/s): data about an hour, plain heads about 75
+# minutes (2 epochs); greedy data 10 minutes and next-token heads 20 more; three answers
+# per prompt 32 minutes and 25 more; tuning ~10.
+# One OpenBLAS thread per GEMM: the frozen model's pass runs two MLX streams (--gen-lanes 2,
+# one per core) and sets it itself; training is safer so on a CPU shared with other jobs
+# (a second thread mostly spins). The shipped heads were made with OPENBLAS_NUM_THREADS=2
+# on a quiet machine, from 522 prompts; train_prompts.json now holds 519 (three were
+# bench prompts, which never train).
+# SELF_INSTRUCT=N adds N prompts the base model writes itself (--self-instruct) to every
+# step's data; 0 (the default) keeps the shipped recipe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
@@ -15,9 +21,11 @@ RUN="${RUN:-runs/default_heads}"
 OUT=exo_medusa_mlx/shipped/smollm2-135m-instruct
 NICE="nice -n 5"
 PY="${PYTHON:-python}"  # the project venv's python (activate it first)
+SELF_INSTRUCT="${SELF_INSTRUCT:-0}"
+GEN=(--gen-batch-size 128 --gen-lanes 2 --self-instruct "$SELF_INSTRUCT" --self-instruct-dir "$RUN/self_instruct")
 
-# 1. The base model answers the 522 training prompts four times each (chat template, up to
-#    160 tokens, 64 sequences at a time): once greedily, three times sampled at temperature
+# 1. The base model answers the 519 training prompts four times each (chat template, up to
+#    160 tokens, 128 sequences at a time): once greedily, three times sampled at temperature
 #    0.8. Labels are always its argmax, so a sampled answer teaches what greedy decoding would
 #    say from there. Hidden states and labels go to shards in $RUN/cache.
 # 2. Three heads (one ResBlock each, reusing the base lm_head) train on them: CE at t+2+i,
@@ -27,7 +35,7 @@ PY="${PYTHON:-python}"  # the project venv's python (activate it first)
 #    again): the same two commands reproduce them. The second epoch moved held-out top-1
 #    from 0.30/0.16/0.09 to 0.31/0.17/0.11.
 TRAIN=("$PY" -m exo_medusa_mlx.train --output "$RUN" --cache-dir "$RUN/cache"
-    --prompts exo_medusa_mlx/data/train_prompts.json --max-tokens 160 --gen-batch-size 64 --val-split 0.05
+    --prompts exo_medusa_mlx/data/train_prompts.json --max-tokens 160 "${GEN[@]}" --val-split 0.05
     --samples-per-prompt 4 --temp 0.8
     --num-heads 3 --num-layers 1 --layout shared --loss ce
     --learning-rate 1e-3 --batch-size 64 --steps-per-eval 1000 --save-every 200 --seed 0)
@@ -42,7 +50,7 @@ $NICE "${TRAIN[@]}" --epochs 2 --resume
 #    pass over lm_head would otherwise cost 13 ms a step). Held-out top-1 went from
 #    0.31/0.17/0.11 to 0.40/0.20/0.13.
 NEXT=("$PY" -m exo_medusa_mlx.train
-    --prompts exo_medusa_mlx/data/train_prompts.json --max-tokens 160 --gen-batch-size 64 --val-split 0.05
+    --prompts exo_medusa_mlx/data/train_prompts.json --max-tokens 160 "${GEN[@]}" --val-split 0.05
     --num-heads 3 --num-layers 1 --layout shared --loss ce --next-token --draft-vocab 8192
     --learning-rate 1e-3 --batch-size 64 --seed 0)
 $NICE "${NEXT[@]}" --output "$RUN/next" --cache-dir "$RUN/greedy_cache" --samples-per-prompt 1 --temp 0 \

@@ -36,7 +36,7 @@ def _tree_root(folder: Path) -> Path | None:
 
 
 def _unpack(tarball: Path) -> Path:
-    from exo_medusa_mlx._blas import cache_root
+    from exo_medusa_mlx.core.machine import cache_root
 
     st = tarball.stat()
     key = hashlib.sha1(f"{tarball.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]

@@ -14,7 +14,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "exo_medusa_mlx"
 # Top-level modules of the MLX backend and the tools built on it.
-MLX_MODULES = {"array_ops", "cache", "model", "heads", "lookahead", "loading", "train", "tune", "distill", "bench"}
+MLX_MODULES = {"array_ops", "cache", "model", "heads", "lookahead", "loading", "train", "train_ckpt", "train_data", "tune",
+               "distill", "shards", "self_instruct", "bench", "distributed", "bench_distributed", "launch"}
 
 
 def module_level(tree: ast.AST):
@@ -71,3 +72,10 @@ def test_the_torch_side_never_imports_mlx(folder):
     bad = offences(folder, {"mlx", "mlx_lm"}, mlx_module)
     # The MLX engine is the MLX backend's; nothing else in exo/ may reach it or MLX.
     assert [b for b in bad if not b.startswith("exo/mlx_engine.py")] == []
+
+
+def test_the_mlx_module_list_is_complete():
+    """Every top-level module that imports MLX when imported is in MLX_MODULES (what the checks above forbid)."""
+    for file in PKG.glob("*.py"):
+        if any(level == 0 and name.split(".")[0] in ("mlx", "mlx_lm") for level, name in imports(file)):
+            assert file.stem in MLX_MODULES, f"{file.name} imports MLX: add it to MLX_MODULES"

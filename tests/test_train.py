@@ -142,11 +142,11 @@ def test_next_token_heads_learn_from_the_fed_token(base, cache, tmp_path):
     batch = next(iterate_batches(folder, [f["file"] for f in meta["splits"]["train"]], K, 64))
     h, t = mx.array(batch["hidden"], dtype=mx.float32), mx.array(batch["targets"])
     e = base.model.embed_tokens(mx.array(batch["next"]))
-    before = float(loss_fn(heads, lm, h, t, next_embeds=e)[0])
+    before = float(loss_fn(heads, lm, h, t, embeds=[e])[0])
     assert before == pytest.approx(float(loss_fn(plain, lm, h, t)[0]), rel=1e-5)
     train(heads, lm, folder, meta, steps=30, batch_size=64, lr=3e-3, warmup=2, embed=base.model.embed_tokens,
           log=lambda *_: None)
-    assert float(loss_fn(heads, lm, h, t, next_embeds=e)[0]) < 0.8 * before
+    assert float(loss_fn(heads, lm, h, t, embeds=[e])[0]) < 0.8 * before
     assert float(mx.abs(heads.heads[0].next_token.weight).max()) > 0
     heads.save(tmp_path / "next")
     assert load_heads(tmp_path / "next", base.args.hidden_size, VOCAB).config.next_token
@@ -154,6 +154,36 @@ def test_next_token_heads_learn_from_the_fed_token(base, cache, tmp_path):
         saved_heads(tmp_path / "next", _heads(base).config)
     with pytest.raises(ValueError, match="embedding"):
         train(heads, lm, folder, meta, steps=1, batch_size=8, lr=1e-3, warmup=0, log=lambda *_: None)
+
+
+def test_hydra_heads_start_from_next_token_heads_and_learn_their_path(base, cache, tmp_path):
+    """--hydra: head d reads the fed token and the d tokens after it (teacher forcing); from next-token
+    heads it starts exactly where they were (the root's map copied, the others zero), then learns."""
+    from exo_medusa_mlx.train import init_from, path_embeds, saved_heads
+
+    folder, meta = cache
+    lm = base_lm_head(base)
+    embed = base.model.embed_tokens
+    nt_cfg = MedusaConfig(num_heads=K, hidden_size=base.args.hidden_size, vocab_size=VOCAB, next_token=True)
+    nt = new_heads(nt_cfg, None, seed=3)
+    train(nt, lm, folder, meta, steps=10, batch_size=64, lr=3e-3, warmup=2, embed=embed, log=lambda *_: None)
+    nt.save(tmp_path / "next")
+    cfg = MedusaConfig(num_heads=K, hidden_size=base.args.hidden_size, vocab_size=VOCAB, hydra=True)
+    hydra = new_heads(cfg, None, seed=5)
+    init_from(hydra, *saved_heads(tmp_path / "next", cfg))
+    batch = next(iterate_batches(folder, [f["file"] for f in meta["splits"]["train"]], K, 64))
+    h, t = mx.array(batch["hidden"], dtype=mx.float32), mx.array(batch["targets"])
+    embeds = path_embeds(hydra, embed, batch)
+    assert len(embeds) == K
+    before = float(loss_fn(hydra, lm, h, t, embeds=embeds)[0])
+    assert before == pytest.approx(float(loss_fn(nt, lm, h, t, embeds=embeds[:1])[0]), rel=1e-5)
+    train(hydra, lm, folder, meta, steps=30, batch_size=64, lr=3e-3, warmup=2, embed=embed, log=lambda *_: None)
+    assert float(loss_fn(hydra, lm, h, t, embeds=embeds)[0]) < before
+    assert float(mx.abs(hydra.heads[K - 1].path[K - 1].weight).max()) > 0  # the last head reads its whole path
+    hydra.save(tmp_path / "hydra")
+    assert load_heads(tmp_path / "hydra", base.args.hidden_size, VOCAB).config.layout == "hydra"
+    with pytest.raises(ValueError, match="pass --hydra"):
+        saved_heads(tmp_path / "hydra", nt_cfg)
 
 
 def test_draft_vocabulary_is_the_most_emitted_tokens(cache):
@@ -371,6 +401,9 @@ def test_resume_refuses_another_layout_and_a_broken_state(base, tmp_path):
     (["--epochs", "0"], "--epochs 0.0 must be positive"),
     (["--warmup", "-5"], "--warmup must not be negative"),
     (["--learning-rate", "-1"], "--learning-rate -1.0 must be positive"),
+    (["--self-instruct", "-1"], "--self-instruct must not be negative"),
+    (["--data", "d.txt", "--add-prompts", "p.jsonl"], "--add-prompts and --self-instruct add prompts"),
+    (["--add-prompts", "missing.jsonl"], "prompt file missing.jsonl not found"),
 ])
 def test_train_flags_are_checked_before_any_work(tmp_path, argv, message, capsys):
     from exo_medusa_mlx.train import main
@@ -390,3 +423,20 @@ def test_train_output_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--output .* is a file"):
         main(["-o", str(f), "--iters", "1"])
     assert f.read_text() == "keep me"
+
+
+def test_train_options_mirror_the_flags(tmp_path, capsys):
+    """One TrainOptions field per flag, with the parser's defaults; a bad --add-prompts line
+    fails before the model loads or the output folder is made."""
+    from dataclasses import fields
+
+    from exo_medusa_mlx.train import TrainOptions, main, setup_arg_parser
+
+    p = setup_arg_parser()
+    assert {a.dest for a in p._actions if a.dest != "help"} == {f.name for f in fields(TrainOptions)}
+    assert TrainOptions.from_args(p.parse_args(["-o", "x"])) == TrainOptions(output="x")
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": 3}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["-o", str(tmp_path / "out"), "--add-prompts", str(bad)])
+    assert "mine.jsonl:2: expected" in str(e.value.code) and not (tmp_path / "out").exists()

@@ -145,6 +145,13 @@ def test_default_tree_per_backend(tmp_path):
     (tmp_path / "tree.torch.json").write_text("{}")
     assert default_tree_for(tmp_path) == tmp_path / "tree.json"
     assert default_tree_for(tmp_path / "medusa_lm_head.safetensors", "torch") == tmp_path / "tree.torch.json"
+    # Ring nodes take a tree tuned for a ring's per-pass cost first, for their backend first.
+    assert default_tree_for(tmp_path, "torch", ring=True) == tmp_path / "tree.torch.json"
+    (tmp_path / "tree.ring.json").write_text("{}")
+    assert default_tree_for(tmp_path, "torch", ring=True) == tmp_path / "tree.ring.json"
+    assert default_tree_for(tmp_path, "mlx") == tmp_path / "tree.json"  # a single process: not the ring's
+    (tmp_path / "tree.ring.torch.json").write_text("{}")
+    assert default_tree_for(tmp_path, "torch", ring=True) == tmp_path / "tree.ring.torch.json"
 
 
 def test_gather_fraction_counts_commits_out_of_place():

@@ -40,9 +40,9 @@ def tiny_base(family: str = "llama", seed: int = 0):
 
 
 def random_heads(num_heads: int = 3, seed: int = 1, own_lm_head: bool = False, num_layers: int = 1,
-                 next_token: bool = False) -> MedusaHeads:
+                 next_token: bool = False, hydra: bool = False) -> MedusaHeads:
     cfg = MedusaConfig(num_heads=num_heads, hidden_size=_COMMON["hidden_size"], vocab_size=VOCAB,
-                       num_layers=num_layers, own_lm_head=own_lm_head, next_token=next_token)
+                       num_layers=num_layers, own_lm_head=own_lm_head, next_token=next_token, hydra=hydra)
     heads = MedusaHeads(cfg)
     mx.random.seed(seed)
     heads.update(__import__("mlx.utils", fromlist=["tree_map"]).tree_map(

@@ -11,7 +11,7 @@ projection and the checkpoint key mapping, is written here once.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -19,14 +19,15 @@ import numpy as np
 
 from .heads_format import DRAFT_KEY, module_keys, write_heads
 from .step import Verifier
-from .tree import TreeBuffers, load_tree
+from .tree import ROOT_ONLY, TreeBuffers, load_tree
 
 
 class ArrayOps(Protocol):
     """The array functions the neutral code needs; each backend gives one (``array_ops.py``)."""
 
-    def stack(self, xs: list) -> Any: ...  # along a new first axis
-    def concat(self, xs: list) -> Any: ...  # along the first axis
+    def stack(self, xs: list, axis: int = 0) -> Any: ...
+    def concat(self, xs: list, axis: int = 0) -> Any: ...
+    def take(self, a, idx: np.ndarray) -> Any: ...  # a[..., idx]: the last axis gathered
     def argmax(self, a) -> Any: ...  # over the last axis
     def topk(self, a, k: int) -> Any: ...  # indices of the k largest over the last axis, best first
     def scatter_vocab(self, sub, ids, vocab_size: int) -> Any: ...  # (..., V') -> (..., V), -inf elsewhere
@@ -54,17 +55,23 @@ def swapped_class(modules: list, cls: type | None):
             m.__class__ = c
 
 
+@dataclass
 class MedusaBase:
     """A base model with Medusa heads and a tree; ``heads`` None means plain decoding.
 
-    Subclasses are dataclasses with the fields ``base``, ``heads``, ``tree``,
-    ``model_id`` and call ``_init_medusa()`` from ``__post_init__``.
+    Subclasses set up their backend in ``__post_init__``, then call ``super().__post_init__()``.
     """
+
+    base: Any  # the backend's own model (mlx-lm's, transformers')
+    heads: Any = None  # the backend's MedusaHeads
+    tree: TreeBuffers = field(default=ROOT_ONLY)
+    model_id: str | None = None
+    rows_product: bool = True  # verification forwards may multiply the transposed way (``transposes``)
 
     ops: ClassVar[ArrayOps]
     verify_rows_max: ClassVar[int] = 64  # beyond this many rows, both products cost about the same
 
-    def _init_medusa(self) -> None:
+    def __post_init__(self) -> None:
         self._draft = None
         self.check_tree(self.tree)
 
@@ -171,6 +178,45 @@ class MedusaBase:
         states = self.ops.stack(self.heads.states(h, depth, self._next_embeds(logits)))  # (D, ..., H)
         return logits, ids[self.ops.topk(states @ w.T, k)]
 
+    def propose_tree(self, h, tree: TreeBuffers):
+        """What a verification step needs at ``h`` (..., H): the base logits (..., V) and, per row,
+        the next tree's tokens (..., T) with the row's argmax as its root.
+
+        Independent heads' guesses are laid out by ``tree.tree_indices`` (the one lay-out);
+        hydra heads guess depth by depth, each node's children from the path to it.
+        """
+        if self.heads is not None and self.heads.config.hydra:
+            return self._hydra_tree(h, tree)
+        logits, guesses = self.propose(h, tree.depth, tree.topk)  # (..., V), (D, ..., k)
+        root = self.ops.argmax(logits)[..., None]
+        flat = self.ops.concat([root] + [guesses[d] for d in range(guesses.shape[0])], axis=-1)  # (..., 1+D*k)
+        return logits, self.ops.take(flat, tree.tree_indices)
+
+    def _hydra_tree(self, h, tree: TreeBuffers):
+        logits = self.logits(h)
+        toks = self.ops.argmax(logits)[..., None]  # (..., 1): node 0, the root
+        for d in range(tree.depth):  # nodes are sorted by depth: depth d+1's follow those found so far
+            kids = np.flatnonzero(tree.depths == d + 1)
+            parents = np.unique(tree.parents[kids])  # the depth-d nodes with children
+            path = ancestors(tree, parents)  # (P, d+1): root .. parent
+            embeds = [self.embed(self.ops.take(toks, path[:, j])) for j in range(d + 1)]  # each (..., P, H)
+            states = self.heads.heads[d](h[..., None, :], embeds)  # (..., P, H)
+            ranks = np.array([tree.choices[c - 1][-1] for c in kids])
+            k = int(ranks.max()) + 1
+            top = self._top_tokens(states, d, k)  # (..., P, k)
+            slot = np.searchsorted(parents, tree.parents[kids]) * k + ranks
+            toks = self.ops.concat([toks, self.ops.take(top.reshape(*top.shape[:-2], -1), slot)], axis=-1)
+        return logits, toks
+
+    def _top_tokens(self, states, d: int, k: int):
+        """The k best token ids of head ``d`` at ``states`` (..., H), best first: (..., k)."""
+        draft = self.draft()
+        if draft is not None:
+            ids, w = draft
+            return ids[self.ops.topk(states @ w.T, k)]
+        lm_head = self.heads.heads[d].lm_head if self.heads.config.own_lm_head else self.logits
+        return self.ops.topk(lm_head(states), k)
+
     def draft(self):
         """The heads' draft vocabulary and its lm_head rows (built on first use), or None."""
         if self.heads is None or self.heads.draft_vocab is None:
@@ -178,6 +224,14 @@ class MedusaBase:
         if self._draft is None:
             self._draft = self.draft_rows(self.heads.draft_vocab)
         return self._draft
+
+
+def ancestors(tree: TreeBuffers, nodes: np.ndarray) -> np.ndarray:
+    """(len(nodes), d+1) node ids from the root down to each of ``nodes`` (all at depth d)."""
+    out = [np.asarray(nodes)]
+    while (out[-1] > 0).any():
+        out.append(tree.parents[out[-1]])
+    return np.stack(out[::-1], axis=1)
 
 
 class HeadsBase:
@@ -192,13 +246,28 @@ class HeadsBase:
     def num_heads(self) -> int:
         return len(self.heads)
 
-    def states(self, h, num: int | None = None, next_embeds=None) -> list:
-        """The first ``num`` heads' hidden states at ``h`` (before any lm_head), each (..., H)."""
+    def states(self, h, num: int | None = None, next_embeds=None, path_embeds: list | None = None) -> list:
+        """The first ``num`` heads' hidden states at ``h`` (before any lm_head), each (..., H).
+
+        ``path_embeds``: embeddings of the root (the base model's next token) and of the
+        tokens after it, each (..., H): head d reads the first d+1 (hydra), the root
+        alone (next-token; or give it as ``next_embeds``) or none. Training feeds the true
+        tokens (teacher forcing): on an accepted path they are the guesses.
+        """
+        heads = list(self.heads)[:num]
+        if self.config.hydra:
+            if path_embeds is None:
+                raise ValueError("hydra heads read the tokens of the path they extend: pass path_embeds")
+            return [head(h, path_embeds[: d + 1]) for d, head in enumerate(heads)]
+        if next_embeds is None and path_embeds is not None:
+            next_embeds = path_embeds[0]
         if self.config.next_token and next_embeds is None:
             raise ValueError("these heads read the base model's next token: pass next_embeds")
-        return [head(h, next_embeds if self.config.next_token else None) for head in list(self.heads)[:num]]
+        embeds = [next_embeds] if self.config.next_token else None
+        return [head(h, embeds) for head in heads]
 
-    def project(self, h, lm_head, base: bool = True, num: int | None = None, next_embeds=None, draft=None):
+    def project(self, h, lm_head, base: bool = True, num: int | None = None, next_embeds=None, draft=None,
+                path_embeds: list | None = None):
         """Logits of the base head and every Medusa head at ``h``.
 
         h: (..., H). Returns (1+K, ..., V): row 0 the base model's, row 1+i head i's
@@ -206,12 +275,13 @@ class HeadsBase:
         ``num`` heads (a tree ``num`` deep reads no others). With the shared layout,
         all hidden states go through ``lm_head`` in one matmul. ``next_embeds``
         (..., H): embeddings of the base model's next token at ``h``, which
-        next-token heads need. ``draft``: (ids, lm_head rows of those ids), to
+        next-token heads need (``path_embeds``: the path's, for hydra heads; see
+        ``states``). ``draft``: (ids, lm_head rows of those ids), to
         score the guesses over the draft vocabulary alone (the other logits are
         -inf); a second, smaller pass.
         """
         heads = list(self.heads)[:num]
-        hs = self.states(h, num, next_embeds)
+        hs = self.states(h, num, next_embeds, path_embeds)
         if draft is not None:
             ids, w = draft
             rows = self.ops.scatter_vocab(self.ops.stack(hs) @ w.T, ids, self.config.vocab_size)

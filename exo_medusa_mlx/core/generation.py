@@ -159,7 +159,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = DEFAULT_MAX_TOKE
     model.reset_peak_memory()
     tic = time.perf_counter()
     steps = generate_step(ids, model, policy, max_kv_size=max_kv_size, keep=keep,
-                          tree=None if medusa else ROOT_ONLY, check=check)
+                          tree=None if medusa else ROOT_ONLY, max_tokens=max_tokens, check=check)
     yield from stream_steps(steps, len(ids), set(model.eos_ids(tokenizer)), model.detokenizer(tokenizer),
                             max_tokens, model.peak_memory_gb, tic)
 

@@ -33,6 +33,7 @@ SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "shipped" / "smollm2-13
 
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 _NEXT_KEY = re.compile(r"^(\d+)\.next_token\.(weight|bias)$")
+_PATH_KEY = re.compile(r"^(\d+)\.path\.(\d+)\.(weight|bias)$")
 DRAFT_KEY = "draft_vocab"
 
 
@@ -44,9 +45,15 @@ class MedusaConfig:
     num_layers: int = 1
     own_lm_head: bool = False  # v1 layout: each head has its own vocab projection
     next_token: bool = False  # heads also read the embedding of the base model's next token
+    hydra: bool = False  # head d also reads the embeddings of the d+1 tokens on the path it extends
     draft_vocab_size: int = 0  # >0: guesses are scored over this many tokens (``draft_vocab``)
     base_model: str | None = None
     info: dict = field(default_factory=dict)  # training facts, accuracies
+
+    @property
+    def layout(self) -> str:
+        """"medusa" (independent heads), "next-token" (each reads the root) or "hydra" (each reads its path)."""
+        return "hydra" if self.hydra else "next-token" if self.next_token else "medusa"
 
     @property
     def candidates(self) -> int:
@@ -65,6 +72,7 @@ class MedusaConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["layout"] = self.layout
         # Reference names too, so the reference code can read our config.
         d.update(
             medusa_num_heads=self.num_heads,
@@ -81,6 +89,9 @@ def module_keys(cfg: MedusaConfig) -> dict[str, str]:
         if cfg.next_token:
             for part in ("weight", "bias"):
                 keys[f"{i}.next_token.{part}"] = f"heads.{i}.next_token.{part}"
+        for j in range(i + 1 if cfg.hydra else 0):  # head i reads the root and the i tokens after it
+            for part in ("weight", "bias"):
+                keys[f"{i}.path.{j}.{part}"] = f"heads.{i}.path.{j}.{part}"
         for j in range(cfg.num_layers):
             for part in ("weight", "bias"):
                 keys[f"{i}.{j}.linear.{part}"] = f"heads.{i}.blocks.{j}.linear.{part}"
@@ -89,17 +100,21 @@ def module_keys(cfg: MedusaConfig) -> dict[str, str]:
     return keys
 
 
-def layout_from_keys(weights: dict[str, Any], source: str) -> tuple[int, int, bool, bool]:
-    """(num_heads, num_layers, own_lm_head, next_token) counted from the keys, not the config."""
+def layout_from_keys(weights: dict[str, Any], source: str) -> tuple[int, int, bool, bool, bool]:
+    """(num_heads, num_layers, own_lm_head, next_token, hydra) counted from the keys, not the config."""
     blocks: dict[int, set[int]] = {}
     heads_with_proj = set()
     heads_with_next = set()
+    paths: dict[int, set[int]] = {}
     for k in weights:
         if k == DRAFT_KEY:
             continue
         m = _KEY.match(k)
         if m is None and _NEXT_KEY.match(k):
             heads_with_next.add(int(_NEXT_KEY.match(k)[1]))
+            continue
+        if m is None and _PATH_KEY.match(k):
+            paths.setdefault(int(_PATH_KEY.match(k)[1]), set()).add(int(_PATH_KEY.match(k)[2]))
             continue
         if m is None:
             raise ValueError(f"{source}: unexpected tensor '{k}'; expected Medusa keys like '0.0.linear.weight'")
@@ -131,7 +146,26 @@ def layout_from_keys(weights: dict[str, Any], source: str) -> tuple[int, int, bo
                 raise ValueError(f"{source}: missing tensor '{i}.next_token.{part}' (other heads read the next token)")
     if heads_with_next - set(range(num_heads)):
         raise ValueError(f"{source}: tensor '{max(heads_with_next)}.next_token.weight' belongs to no head")
-    return num_heads, num_layers, own, next_token
+    hydra = _check_paths(weights, paths, num_heads, next_token, source)
+    return num_heads, num_layers, own, next_token, hydra
+
+
+def _check_paths(weights, paths: dict[int, set[int]], num_heads: int, next_token: bool, source: str) -> bool:
+    """Hydra heads: head i holds ``{i}.path.{j}`` for j in 0..i (the root and the i tokens after it)."""
+    if not paths:
+        return False
+    if next_token:
+        raise ValueError(f"{source}: holds both next-token and hydra ('{{i}}.path.{{j}}') tensors; one layout per file")
+    for i in range(num_heads):
+        for j in range(i + 1):
+            for part in ("weight", "bias"):
+                if f"{i}.path.{j}.{part}" not in weights:
+                    raise ValueError(f"{source}: missing tensor '{i}.path.{j}.{part}' (hydra head {i} reads "
+                                     f"{i + 1} path tokens)")
+    extra = [(i, j) for i, js in paths.items() for j in js if i >= num_heads or j > i]
+    if extra:
+        raise ValueError(f"{source}: tensor '{extra[0][0]}.path.{extra[0][1]}.weight' belongs to no head's path")
+    return True
 
 
 def check_shapes(weights: dict[str, Any], cfg: MedusaConfig, source: str) -> None:
@@ -150,7 +184,7 @@ def check_shapes(weights: dict[str, Any], cfg: MedusaConfig, source: str) -> Non
             continue
         if k.endswith("bias"):
             want = (H,)
-        elif k.endswith("linear.weight") or _NEXT_KEY.match(k):
+        elif k.endswith("linear.weight") or _NEXT_KEY.match(k) or _PATH_KEY.match(k):
             want = (H, H)
         else:
             want = (V, H)
@@ -213,10 +247,10 @@ def read_heads(path: str | Path) -> tuple[dict[str, np.ndarray], dict, Path]:
 
 
 def resolve_config(weights: dict, raw: dict, source: str, hidden_size: int, vocab_size: int) -> MedusaConfig:
-    num_heads, num_layers, own, next_token = layout_from_keys(weights, source)
+    num_heads, num_layers, own, next_token, hydra = layout_from_keys(weights, source)
     cfg = MedusaConfig.from_dict({**raw, "hidden_size": hidden_size, "vocab_size": vocab_size})
     # Published configs lie about the head count: the keys decide.
-    cfg.num_heads, cfg.num_layers, cfg.own_lm_head, cfg.next_token = num_heads, num_layers, own, next_token
+    cfg.num_heads, cfg.num_layers, cfg.own_lm_head, cfg.next_token, cfg.hydra = num_heads, num_layers, own, next_token, hydra
     cfg.draft_vocab_size = len(weights[DRAFT_KEY]) if DRAFT_KEY in weights else 0
     check_shapes(weights, cfg, source)
     return cfg
@@ -261,15 +295,17 @@ def default_heads_for(model: str | None) -> Path | None:
     return find_heads(folder) if folder.is_dir() else None
 
 
-def default_tree_for(heads_path: Path | None, backend: str = "mlx") -> str | Path:
-    """The tree tuned with the heads (``tree.json`` beside them; for the torch
-    backend ``tree.torch.json`` first, if there is one), else the CPU default.
-    The backends' latency curves differ, so their best trees may too."""
+def default_tree_for(heads_path: Path | None, backend: str = "mlx", ring: bool = False) -> str | Path:
+    """The tree tuned with the heads: ``tree[.ring][.<backend>].json`` beside them, the most
+    specific first (``tree.ring.*``: tuned for a ring's per-pass cost, read by ring nodes;
+    ``.<backend>``: the backends' latency curves differ), else the CPU default."""
     from .tree import DEFAULT_TREE
 
     if heads_path is not None:
         folder = heads_path if heads_path.is_dir() else heads_path.parent
-        for name in ([f"tree.{backend}.json"] if backend != "mlx" else []) + ["tree.json"]:
+        kinds = ["ring.", ""] if ring else [""]
+        backends = [f"{backend}.", ""] if backend != "mlx" else [""]
+        for name in (f"tree.{k}{b}json" for k in kinds for b in backends):
             if (folder / name).is_file():
                 return folder / name
     return DEFAULT_TREE

@@ -51,6 +51,7 @@ class SlotMap:
         self.ring = None if max_kv_size is None else max_kv_size - 1 - keep
         self.committed = 0  # tokens committed so far = position of the next one
         self.slot_pos = np.zeros(0, dtype=np.int64)  # position held by each used slot
+        self.planned: int | None = None  # tokens the sequence will commit at most, if known (sizes static caches)
 
     @property
     def used(self) -> int:

@@ -1,9 +1,8 @@
-"""The Medusa step, written once for every caller: lay out, verify, accept, propose.
+"""The Medusa step, written once for every caller: verify, accept, commit, propose.
 
-A step lays the root and the heads' guesses out on the tree, verifies the tree
-in one forward (the base model's verdict at every node and the heads' next
-guesses at every node), accepts the longest agreeing path, commits it, and takes
-the next root and guesses from the last accepted node. Plain decoding is the
+A step verifies the tree in one forward (the base model's verdict at every node
+and, at every node, the next tree the heads propose from it), accepts the longest
+agreeing path, commits it, and takes the next tree from the last accepted node. Plain decoding is the
 root-only tree. Both backends' ``generate_step``, the exo engines' last shard and
 ``tune``'s latency probe run this module; a backend supplies the model's array
 primitives (``forward``, ``propose``, ``logits``, ``to_numpy``...) and may
@@ -33,42 +32,40 @@ class Verified:
     """What one verification gives the host, as numpy."""
 
     verdict: np.ndarray  # (T,) the base model's argmax at each node, or (T, V) logits when the policy samples
-    guesses: np.ndarray | None  # (D, T, k) the heads' top-k at each node; None for the root-only tree
+    drafts: np.ndarray | None  # (T, T') each node's next tree, its root the node's argmax; None: root alone
 
 
-def lay_out(tree: TreeBuffers, root: int, guesses: np.ndarray | None) -> np.ndarray:
-    """The tree's tokens, (T,) int64: the root, then the guesses (D, k) by ``tree.tree_indices``."""
-    if tree.size == 1:
-        return np.array([root], dtype=np.int64)
-    flat = np.concatenate([[root], np.asarray(guesses).reshape(-1)])  # [root, head0 top-k, head1 top-k, ...]
-    return flat[tree.tree_indices].astype(np.int64)
+def advance(policy: Policy, tree: TreeBuffers, tokens: np.ndarray, v: Verified) -> tuple[Acceptance, np.ndarray]:
+    """Accept from a verified ``tree`` and take the next tree from the last kept node, its
+    root the bonus token. After a prefill the verified tree is ``ROOT_ONLY``: the prompt's
+    last position, whose verdict gives the first token.
 
-
-def advance(policy: Policy, tree: TreeBuffers, tokens: np.ndarray, v: Verified,
-            next_tree: TreeBuffers | None = None) -> tuple[Acceptance, np.ndarray]:
-    """Accept from a verified ``tree`` and lay out the next tree (``next_tree``, default the
-    same) from the last kept node. After a prefill the verified tree is ``ROOT_ONLY``: the
-    prompt's last position, whose verdict gives the first token.
-
-    Returns the acceptance (nodes to commit, tokens to emit) and the next tree's tokens.
+    Returns the acceptance (nodes to commit, tokens to emit) and the next tree's tokens (T',) int64.
     """
     acc = policy.accept(tree, tokens, v.verdict)
-    guesses = None if v.guesses is None else v.guesses[:, int(acc.nodes[-1])]
-    return acc, lay_out(tree if next_tree is None else next_tree, acc.tokens[-1], guesses)
+    if v.drafts is None:
+        return acc, np.array(acc.tokens[-1:], dtype=np.int64)
+    nxt = v.drafts[int(acc.nodes[-1])].astype(np.int64)
+    nxt[0] = acc.tokens[-1]  # sampling may pick another root; its children stay valid candidates
+    return acc, nxt
 
 
 def read(model, h, tree: TreeBuffers, logits: bool) -> Verified:
-    """The verdict and next guesses at hidden states ``h`` (T, H) (or (H,): one row).
+    """The verdict and the next tree's tokens at hidden states ``h`` (T, H) (``propose_tree``).
 
     ``logits``: the policy samples, so the verdict is the logits, not their argmax.
-    Only the heads the tree reads are projected.
+    ``tree``: the tree the next step verifies (only the heads it reads are run).
     """
+    return Verified(*model.to_numpy(*read_arrays(model, h, tree, logits)))
+
+
+def read_arrays(model, h, tree: TreeBuffers, logits: bool) -> tuple:
+    """``read`` before the copy to the host: the backend's arrays (what a CUDA graph returns)."""
     if tree.size > 1:
-        out, guesses = model.propose(h, tree.depth, tree.topk)  # (..., V), (D, ..., k)
+        out, drafts = model.propose_tree(h, tree)  # (T, V), (T, T')
     else:
-        out, guesses = model.logits(h), None
-    verdict, guesses = model.to_numpy(out if logits else model.argmax(out), guesses)
-    return Verified(verdict, guesses)
+        out, drafts = model.logits(h), None
+    return out if logits else model.argmax(out), drafts
 
 
 class Verifier:
@@ -99,7 +96,7 @@ def prefill(model, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP, ch
 
 def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: int | None = None,
                   keep: int = DEFAULT_KEEP, tree: TreeBuffers | None = None,
-                  fast_path: bool | None = None, check=None) -> Iterator[Step]:
+                  fast_path: bool | None = None, max_tokens: int | None = None, check=None) -> Iterator[Step]:
     """Yield the tokens each step emits, forever; the caller stops it.
 
     Args:
@@ -109,15 +106,16 @@ def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: i
         max_kv_size: committed-token window (``keep`` sink tokens plus the most recent); None: unbounded.
         tree: the tree to verify (default the model's; ``ROOT_ONLY`` decodes plainly).
         fast_path: the backend's fast verifier (MLX lookahead, CUDA graphs); None: where it pays.
+        max_tokens: the most tokens the caller will take, if known: sizes a fast path's static cache.
         check: called between prefill chunks; raises to stop a long prompt (the caller stops
             the steps by no longer iterating).
     """
     policy = policy or make_policy()
     tree = model.tree if tree is None else model.check_tree(tree)
     ctx, caches = model.make_cache(max_kv_size, keep)
+    ctx.planned = None if max_tokens is None else len(prompt) + max_tokens
     h = prefill(model, ctx, caches, prompt, check=check)[None]  # (1, H): the prompt's last position
-    acc, tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, policy.needs_logits),
-                          tree)
+    acc, tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, policy.needs_logits))
     yield Step(acc.tokens, 0)
     verifier = model.verifier(ctx, caches, tree, policy, fast_path)
     while True:
@@ -127,4 +125,4 @@ def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: i
         tokens = nxt
 
 
-__all__ = ["ROOT_ONLY", "Step", "Verified", "Verifier", "advance", "generate_step", "lay_out", "prefill", "read"]
+__all__ = ["ROOT_ONLY", "Step", "Verified", "Verifier", "advance", "generate_step", "prefill", "read", "read_arrays"]

@@ -34,7 +34,7 @@ from ..core.generation import encode_prompt
 from ..core.limits import UNKNOWN_CONTEXT, CancelToken, Limits, check_prompt_text
 from ..core.model_files import check_model_folder, config_context
 from ..core.slots import DEFAULT_KEEP, SlotMap, run_committed
-from ..core.step import ROOT_ONLY, Verified, advance, lay_out, read
+from ..core.step import ROOT_ONLY, Verified, advance, read
 from . import state as st
 from .downloader import LocalShardDownloader
 from .engine import InferenceEngine, InferenceState
@@ -297,13 +297,13 @@ class MedusaShardEngine(InferenceEngine):
         # exo's contract: the last shard returns the logits of every position of the pass.
         logits = v.verdict if req.is_tree else self.model.to_numpy(self.model.logits(h))[0]
         if not policy.needs_logits:
-            v = Verified(v.verdict.argmax(-1), v.guesses)
+            v = Verified(v.verdict.argmax(-1), v.drafts)
         acc, nxt = advance(policy, tree if req.is_tree else ROOT_ONLY,
-                           tokens if req.is_tree else np.zeros(1, dtype=np.int64), v, tree)
+                           tokens if req.is_tree else np.zeros(1, dtype=np.int64), v)
         sess.passes += 1
         root_pos = committed + (len(acc.nodes) if req.is_tree else h.shape[0])
         if tree.size > 1 and not self._fits(root_pos, tree):
-            tree, nxt = ROOT_ONLY, lay_out(ROOT_ONLY, acc.tokens[-1], None)  # the context's end: plainly
+            tree, nxt = ROOT_ONLY, np.array([acc.tokens[-1]], dtype=np.int64)  # the context's end: plainly
         out = {k: v for k, v in (state or {}).items() if not k.startswith("medusa_")}
         out.update(st.settings_state(sess.settings))
         out[st.EMITTED] = np.asarray(acc.tokens, dtype=np.int64)

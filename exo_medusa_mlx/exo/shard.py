@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,19 @@ def as_shard(shard) -> Shard:
         raise ValueError(
             f"expected a Shard (model_id, start_layer, end_layer, n_layers), got {type(shard).__name__}"
         ) from None
+
+
+def partition_layers(n_layers: int, weights: Sequence[float]) -> list[tuple[int, int]]:
+    """Contiguous (start, end) layer ranges, inclusive, sized in proportion to ``weights`` (one layer at least)."""
+    n = len(weights)
+    if n < 1 or n > n_layers:
+        raise ValueError(f"cannot split {n_layers} layers over {n} nodes: give 1 to {n_layers} nodes")
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"partition weights must be positive, got {list(weights)}")
+    total, acc, bounds = float(sum(weights)), 0.0, [0]
+    for i, w in enumerate(weights[:-1]):
+        acc += w
+        b = round(n_layers * acc / total)
+        bounds.append(min(max(b, bounds[-1] + 1), n_layers - (n - 1 - i)))  # each node keeps a layer
+    bounds.append(n_layers)
+    return [(a, b - 1) for a, b in zip(bounds[:-1], bounds[1:])]

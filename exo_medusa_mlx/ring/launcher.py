@@ -29,7 +29,7 @@ from typing import Sequence
 
 from ..cli_args import fail, kv_window, non_negative_float, non_negative_int, one_line, port, positive_float
 from ..cli_args import positive_int, probability, read_prompt
-from ..exo.shard import Shard
+from ..exo.shard import Shard, partition_layers  # noqa: F401 (partition_layers: imported from here)
 from .auth import TOKEN_ENV, env_token
 from .client import DEFAULT_TIMEOUT_S, NodeInfo, RingClient, RingError
 from .node import BACKENDS, format_address
@@ -56,22 +56,6 @@ def free_ports(host: str, n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def partition_layers(n_layers: int, weights: Sequence[float]) -> list[tuple[int, int]]:
-    """Contiguous (start, end) layer ranges, inclusive, sized in proportion to ``weights`` (one layer at least)."""
-    n = len(weights)
-    if n < 1 or n > n_layers:
-        raise ValueError(f"cannot split {n_layers} layers over {n} nodes: give 1 to {n_layers} nodes")
-    if any(w <= 0 for w in weights):
-        raise ValueError(f"partition weights must be positive, got {list(weights)}")
-    total, acc, bounds = float(sum(weights)), 0.0, [0]
-    for i, w in enumerate(weights[:-1]):
-        acc += w
-        b = round(n_layers * acc / total)
-        bounds.append(min(max(b, bounds[-1] + 1), n_layers - (n - 1 - i)))  # each node keeps a layer
-    bounds.append(n_layers)
-    return [(a, b - 1) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class _Node:

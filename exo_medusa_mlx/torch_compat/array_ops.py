@@ -20,12 +20,16 @@ class TorchOps:
     topk = staticmethod(topk_ids)
 
     @staticmethod
-    def stack(xs: list) -> torch.Tensor:
-        return torch.stack(xs)
+    def stack(xs: list, axis: int = 0) -> torch.Tensor:
+        return torch.stack(xs, dim=axis)
 
     @staticmethod
-    def concat(xs: list) -> torch.Tensor:
-        return torch.cat(xs)
+    def concat(xs: list, axis: int = 0) -> torch.Tensor:
+        return torch.cat(xs, dim=axis)
+
+    @staticmethod
+    def take(a: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+        return a.index_select(-1, torch.as_tensor(np.asarray(idx), dtype=torch.long, device=a.device))
 
     @staticmethod
     def argmax(a: torch.Tensor) -> torch.Tensor:

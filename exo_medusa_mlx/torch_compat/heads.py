@@ -27,22 +27,33 @@ class ResBlock(nn.Module):
         return x + F.silu(self.linear(x))
 
 
+def _zero_linear(size: int) -> nn.Linear:
+    """A map that starts at zero: a fresh (or converted) head begins as a plain Medusa head."""
+    lin = nn.Linear(size, size)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
 class MedusaHead(nn.Module):
-    def __init__(self, cfg: MedusaConfig):
+    """Head ``index`` (as the MLX one): blocks, plus maps of the root's or the path's token embeddings."""
+
+    def __init__(self, cfg: MedusaConfig, index: int = 0):
         super().__init__()
         if cfg.next_token:
-            # Starts at zero: a fresh (or converted) head begins as a plain Medusa head.
-            self.next_token = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-            nn.init.zeros_(self.next_token.weight)
-            nn.init.zeros_(self.next_token.bias)
+            self.next_token = _zero_linear(cfg.hidden_size)
+        self.path = nn.ModuleList([_zero_linear(cfg.hidden_size) for _ in range(index + 1)] if cfg.hydra else [])
         # Distinct blocks (the reference's ``[ResBlock(h)] * n`` shares one).
         self.blocks = nn.ModuleList([ResBlock(cfg.hidden_size) for _ in range(cfg.num_layers)])
         if cfg.own_lm_head:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, x: torch.Tensor, next_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        if next_embeds is not None:
-            x = x + self.next_token(next_embeds)
+    def forward(self, x: torch.Tensor, embeds: list | None = None) -> torch.Tensor:
+        """x: (..., H); ``embeds``: the path's token embeddings, root first, each (..., H)."""
+        if hasattr(self, "next_token"):
+            x = x + self.next_token(embeds[0])
+        for lin, e in zip(self.path, embeds or []):
+            x = x + lin(e)
         for b in self.blocks:
             x = b(x)
         return x
@@ -56,7 +67,7 @@ class MedusaHeads(HeadsBase, nn.Module):
     def __init__(self, cfg: MedusaConfig):
         nn.Module.__init__(self)
         self.config = cfg
-        self.heads = nn.ModuleList([MedusaHead(cfg) for _ in range(cfg.num_heads)])
+        self.heads = nn.ModuleList([MedusaHead(cfg, i) for i in range(cfg.num_heads)])
         self.draft_vocab: np.ndarray | None = None
 
     def named_arrays(self) -> dict[str, np.ndarray]:

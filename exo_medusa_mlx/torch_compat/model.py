@@ -8,17 +8,13 @@ the per-token positions), and the K/V through ``MedusaCache``.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..core.base import MedusaBase, swapped_class
-from ..core.tree import ROOT_ONLY, TreeBuffers
 from .array_ops import TorchOps
 from .cache import DEFAULT_KEEP, CacheContext, MedusaCache, make_cache
-from .heads import MedusaHeads
 
 # Families whose attention takes the 4D mask and position_ids as given and whose
 # ``model.model`` returns normed hidden states: checked by tests.
@@ -75,14 +71,8 @@ def check_supported(base: nn.Module) -> None:
                          f"load the model with attn_implementation='sdpa' or 'eager'")
 
 
-@dataclass
 class MedusaModel(MedusaBase):
     """A transformers causal LM with Medusa heads and a tree attached (``heads`` None: plain decoding)."""
-
-    base: nn.Module
-    heads: MedusaHeads | None = None
-    tree: TreeBuffers = field(default=ROOT_ONLY)
-    model_id: str | None = None
 
     ops = TorchOps
 
@@ -95,7 +85,7 @@ class MedusaModel(MedusaBase):
         # transformers 5.2x renamed ``past_key_values`` to ``cache``; earlier 5.x take the old name.
         params = inspect.signature(self.base.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._init_medusa()
+        super().__post_init__()
 
     @property
     def num_layers(self) -> int:
@@ -146,15 +136,13 @@ class MedusaModel(MedusaBase):
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
-    def make_cache(self, max_kv_size: int | None = None, keep: int = DEFAULT_KEEP,
-                   static_len: int | None = None) -> tuple[CacheContext, MedusaCache]:
+    def make_cache(self, max_kv_size: int | None = None, keep: int = DEFAULT_KEEP) -> tuple[CacheContext, MedusaCache]:
         return make_cache(self.num_layers, max_kv_size, keep, device=self.device, dtype=self.dtype,
-                          implicit_causal=self.base.config._attn_implementation == "sdpa",
-                          static_len=static_len)
+                          implicit_causal=self.base.config._attn_implementation == "sdpa")
 
     def transposes(self, rows: int) -> bool:
-        """Whether ``rows_product`` pays for ``rows`` rows: 2-64 of them, on a CPU."""
-        return transposes(rows, self.device)
+        """Whether ``rows_product`` pays for ``rows`` rows: 2-64 of them, on a CPU (unless turned off)."""
+        return self.rows_product and transposes(rows, self.device)
 
     def placed(self, caches=None, transposed: bool = False):
         """Within: the decoder layers' linears are ``RowsLinear`` if ``transposed`` (as
@@ -174,7 +162,7 @@ class MedusaModel(MedusaBase):
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head(h); 2-64 rows on a CPU through ``rows_product`` (one row: transformers' own product)."""
-        if transposes(h.numel() // h.shape[-1], h.device):
+        if self.transposes(h.numel() // h.shape[-1]):
             return rows_product(h, self.lm_head.weight, self.lm_head.bias)
         return self.lm_head(h)
 
@@ -186,6 +174,7 @@ class MedusaModel(MedusaBase):
         idx = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         return idx, self.lm_head.weight[idx].contiguous()
 
+    # Inference mode (no autograd bookkeeping) for the neutral methods that run the heads.
     @torch.inference_mode()
     def propose(self, h, depth, k):
         return super().propose(h, depth, k)
@@ -194,10 +183,16 @@ class MedusaModel(MedusaBase):
     def project(self, h, depth=None):
         return super().project(h, depth)
 
-    def verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
-        """On CUDA, the verify forward replays a CUDA graph (``GraphedVerifier``)."""
-        from .graphs import GraphedVerifier, use_graphs
+    @torch.inference_mode()
+    def propose_tree(self, h, tree):
+        return super().propose_tree(h, tree)
 
-        if use_graphs(self, fast_path):
-            return GraphedVerifier(self, ctx, caches, tree, policy)
+    def verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
+        """The fast path (``graphs.fast_verifier``): on CUDA the static step replayed from a CUDA
+        graph; on a CPU when asked (``fast_path=True``), the same static step run eagerly."""
+        from .graphs import fast_verifier
+
+        cls = fast_verifier(self.device, fast_path)
+        if cls is not None:
+            return cls(self, ctx, caches, tree, policy)
         return super().verifier(ctx, caches, tree, policy, fast_path)

@@ -69,6 +69,11 @@ FLAGS = [
     ("server", ["--top-p", "inf"], "argument --top-p: 'inf' is not a finite number"),
     ("server", ["--request-timeout", "nan"], "argument --request-timeout: 'nan' is not a finite number"),
     ("server", ["--max-kv-size", "1"], "argument --max-kv-size: 1 is too small"),
+    ("generate", ["--dist-timeout", "nan"], "argument --dist-timeout: 'nan' is not a finite number"),
+    ("tune", ["--pass-overhead-ms", "nan"], "argument --pass-overhead-ms: 'nan' is not a finite number"),
+    ("tune", ["--pass-overhead-ms", "-1"], "argument --pass-overhead-ms: -1 must be >= 0"),
+    ("launch", ["--timeout", "inf"], "argument --timeout: 'inf' is not a finite number"),
+    ("bench", ["--distributed", "--dist-timeout", "0"], "argument --dist-timeout: 0 must be > 0"),
 ]
 
 
@@ -76,7 +81,8 @@ FLAGS = [
 def test_flags_are_refused_at_parse_time(command, argv, fragment, capsys):
     t0 = time.monotonic()
     code, line = run_main(_main(command), argv, capsys)
-    assert code == 2 and f"mlx_medusa {command}: error: {fragment}" in line, line
+    prog = "mlx_medusa bench --distributed" if "--distributed" in argv else f"mlx_medusa {command}"
+    assert code == 2 and f"{prog}: error: {fragment}" in line, line
     assert time.monotonic() - t0 < 1.0  # nothing loaded
 
 

@@ -264,6 +264,21 @@ def test_calls_without_the_token_are_refused(setup, how):
     still_serves(setup)
 
 
+def test_a_prompt_that_is_not_utf8_is_refused(setup):
+    """Bytes no client library would send in a string field: gRPC's own decoder refuses them
+    (UNKNOWN, one line, before the servicer runs) and the node keeps serving."""
+    first = setup.ring.nodes[0]
+    raw = request(setup, 0, method="SendPrompt", prompt="t1 XX").SerializeToString().replace(b"t1 XX", b"t1 \xff\xfe")
+    channel = grpc.insecure_channel(first.address)
+    call = channel.unary_unary("/node_service.NodeService/SendPrompt", request_serializer=lambda b: b,
+                               response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as info:
+        call(raw, timeout=10, metadata=MD)
+    assert info.value.code() == Code.UNKNOWN and "bad UTF-8" in info.value.details()
+    assert "\n" not in info.value.details()
+    still_serves(setup)
+
+
 def test_a_pass_past_the_context_end_is_refused(setup):
     """A known request near the end of the context: a pass that would run past it is refused."""
     node = setup.ring.nodes[0]

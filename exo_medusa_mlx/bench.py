@@ -17,11 +17,14 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from .cli_args import fail, non_negative_float, positive_int
 
 MLX_METHODS = {"a": "mlx-lm stream_generate", "b": "ours --no-medusa (MLX)", "c": "ours Medusa (MLX)"}
 TORCH_METHODS = {"d": "transformers generate", "e": "transformers prompt lookup", "f": "ours Medusa (torch)"}
@@ -259,15 +262,47 @@ def plot(result: dict, path: Path) -> None:
         ax2.set_title("Medusa (MLX) accepted length")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _write(path: Path, text: str) -> None:
+    """Whole or not at all: a temporary file beside it, renamed; never left behind."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        _remove(tmp)
+
+
+def save(path: Path, text: str) -> None:
+    """Write a result file; if that fails, put the text in a temporary file (or on stdout) and
+    exit with one line saying where the results are (a run is minutes of measuring)."""
+    try:
+        _write(path, text)
+        return
+    except OSError as e:
+        why = e.strerror or str(e)
+    try:
+        fd, spare = tempfile.mkstemp(prefix=f"mlx_medusa-{path.stem}-", suffix=path.suffix)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError:
+        print(text)
+        fail(f"cannot write {path} ({why}); the results are printed above")
+    fail(f"cannot write {path} ({why}); the results are in {spare}")
 
 
 def latency_curve(model=None, ns=(1, 2, 4, 8, 16, 32, 64, 128), cache_len=256, repeats=5, torch_side=True) -> dict:
@@ -323,13 +358,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--heads", default=None)
     p.add_argument("--tree", default=None)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--limit", type=int, default=None, help="Only the first N prompts")
+    p.add_argument("--max-tokens", type=positive_int, default=128)
+    p.add_argument("--limit", type=positive_int, default=None, help="Only the first N prompts")
     p.add_argument("--methods", default="abcdef", help="Subset of a-f")
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--temp", type=float, default=0.0, help="Sample (MLX methods; Medusa uses exact acceptance)")
+    p.add_argument("--temp", type=non_negative_float, default=0.0,
+                   help="Sample (MLX methods; Medusa uses exact acceptance)")
     p.add_argument("--latency", action="store_true", help="Latency-curve mode: one forward of N tokens over a cache")
-    p.add_argument("--cache-len", type=int, default=256)
+    p.add_argument("--cache-len", type=positive_int, default=256)
     p.add_argument("--out", default="runs/bench", help="Folder for bench.json, bench.md, bench.png")
     p.add_argument("--distributed", action="store_true",
                    help="Medusa on/off over 1, 2, 3 loopback ranks of MLX distributed (--distributed --help)")
@@ -345,9 +381,6 @@ def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
     if not set(args.methods) <= set("abcdef"):
         sys.exit(f"error: --methods '{args.methods}' must be letters among a-f")
-    for name in ("max_tokens", "limit", "cache_len"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -356,25 +389,28 @@ def main(argv=None) -> None:
     try:
         if args.latency:
             res = latency_curve(args.model, cache_len=args.cache_len, torch_side=not args.no_torch)
-            _write(out / "latency.json", json.dumps(res, indent=1))
             print(f"one forward of N tokens over {args.cache_len} cached, relative to N=1:")
             for side in ("mlx", "torch"):
                 rel = res.get(side + "_relative")
                 if rel:
                     print(f"  {side:5s} " + "  ".join(f"{n}:{r:.2f}x" for n, r in rel.items())
                           + f"   (N=1: {res[side][1] * 1e3:.1f} ms)")
+            save(out / "latency.json", json.dumps(res, indent=1))
             return
         res = run_bench(args.model, args.heads, args.tree, args.max_tokens, args.limit, not args.no_torch,
                         args.methods, args.temp)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     md = markdown(res)
-    _write(out / "bench.json", json.dumps(res, indent=1))
-    _write(out / "bench.md", md + "\n")
-    plot(res, out / "bench.png")
     print(md)
     for n in res["notes"]:
         print("note:", n)
+    save(out / "bench.json", json.dumps(res, indent=1))
+    save(out / "bench.md", md + "\n")
+    try:
+        plot(res, out / "bench.png")
+    except (OSError, ImportError) as e:
+        print(f"note: no plot ({e})", file=sys.stderr)
     print(f"wrote {out}/bench.json, bench.md, bench.png")
 
 

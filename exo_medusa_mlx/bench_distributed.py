@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .cli_args import positive_float
+
 DEFAULT_RANKS = "1,2,3"
 
 
@@ -134,7 +136,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", default=DEFAULT_RANKS, help="Rank counts, comma-separated")
     p.add_argument("--parallel", default="pipeline", help="pipeline, tensor or both (comma-separated)")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads per rank (0: the environment's)")
-    p.add_argument("--dist-timeout", type=float, default=600.0)
+    p.add_argument("--dist-timeout", type=positive_float, default=600.0)
     p.add_argument("--out", default="runs/bench_distributed", help="Folder for bench_distributed.{json,md}")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)

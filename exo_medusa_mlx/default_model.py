@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .core.machine import cache_root
+from .core.model_files import check_model_folder
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -362,10 +363,7 @@ def resolve_model_path(model: str | None) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model folder {path} has no config.json; pass a Hugging Face model folder")
-        try:
-            json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path / 'config.json'} is not valid JSON ({e}): fix or replace the model folder") from None
+        check_model_folder(path)  # a config that is not an object, a truncated weights file: one line
         return path
     if path.is_file():
         if path.suffix == ".gguf":

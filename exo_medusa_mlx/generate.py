@@ -10,6 +10,16 @@ import json
 import sys
 
 from . import backends
+from .cli_args import (
+    fail,
+    kv_window,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    read_prompt,
+)
 from .core.generation import (  # noqa: F401  (re-exported: mlx-lm's names)
     DEFAULT_MAX_TOKENS,
     GenerationResponse,
@@ -33,11 +43,11 @@ def setup_arg_parser(prog: str = "mlx_medusa generate") -> argparse.ArgumentPars
     p.add_argument("--heads", default=None, help="Medusa heads folder or medusa_lm_head.{safetensors,pt} (default: shipped heads of the default model)")
     p.add_argument("--tree", default=None, help="Tree preset (cpu-4..cpu-16, chain-N, mc_sim_7b_63) or JSON file")
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Message to the model ('-' reads stdin)")
-    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-kv-size", type=int, default=None, help="Committed KV window (rotating, 4 sink tokens)")
+    p.add_argument("--max-tokens", "-m", type=positive_int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--temp", type=non_negative_float, default=0.0)
+    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--seed", type=non_negative_int, default=None)
+    p.add_argument("--max-kv-size", type=kv_window, default=None, help="Committed KV window (rotating, 4 sink tokens)")
     p.add_argument("--acceptance", choices=["auto", "greedy", "exact", "typical"], default="auto",
                    help="auto: greedy at --temp 0, exact speculative sampling above")
     p.add_argument("--no-medusa", action="store_true", help="Plain decoding through the same code (the baseline)")
@@ -55,17 +65,27 @@ def run(args, load=None, stream=stream_generate, extra=None) -> None:
     """Load on the chosen backend, stream the answer, print the stats (and the JSON).
 
     ``load(args)``, ``stream`` and ``extra(model)`` (facts for the JSON) replace the
-    defaults under ``--parallel`` (``distributed.run_cli``)."""
+    defaults under ``--parallel`` (``distributed.run_cli``). Errors are one line (exit 1);
+    Ctrl-C exits 130 after printing what was generated."""
     backend = backends.resolve_backend(args.backend)
     if load is None:
         def load(a):
             return backends.load(backend, a.model, a.heads, a.tree, a.dtype, a.device)
     try:
-        model, tokenizer = load(args)
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        prompt = apply_template(tokenizer, prompt, args.system_prompt, not args.ignore_chat_template)
-        out = sys.stderr if args.json else sys.stdout
-        tokens, last = [], None
+        text = read_prompt(args.prompt)  # before minutes of loading
+        try:
+            model, tokenizer = load(args)
+        except (RuntimeError, OSError) as e:  # the framework's own loaders: a corrupt or unreadable file
+            raise ValueError(f"cannot load the model: {e}") from None
+        prompt = apply_template(tokenizer, text, args.system_prompt, not args.ignore_chat_template)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    except KeyboardInterrupt:
+        print("error: interrupted before generating", file=sys.stderr)
+        sys.exit(130)
+    out = sys.stderr if args.json else sys.stdout
+    tokens, last, interrupted = [], None, False
+    try:
         for last in stream(
             model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
             seed=args.seed, medusa=not args.no_medusa, max_kv_size=args.max_kv_size,
@@ -74,22 +94,30 @@ def run(args, load=None, stream=stream_generate, extra=None) -> None:
             tokens.append(last.token)
             if args.verbose:
                 print(last.text, end="", flush=True, file=out)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:
+        fail(e)
+    except KeyboardInterrupt:
+        interrupted = True
+    if last is None:  # interrupted during the prefill
+        print("\nerror: interrupted before the first token", file=sys.stderr)
+        sys.exit(130)
     if args.verbose:
         print(file=out)
         print_stats(last, file=out)
+    finish = "interrupted" if interrupted else last.finish_reason
     if args.json:
-        if last.finish_reason == "stop":
+        if finish == "stop":
             tokens = tokens[:-1]  # the EOS token is not part of the text
         print(json.dumps({
             "tokens": tokens, "text": tokenizer.decode(tokens), "prompt_tokens": last.prompt_tokens,
             "generation_tokens": last.generation_tokens, "prompt_tps": last.prompt_tps,
             "generation_tps": last.generation_tps, "mean_accepted": last.mean_accepted, "steps": last.steps,
-            "peak_memory_gb": last.peak_memory, "finish_reason": last.finish_reason,
+            "peak_memory_gb": last.peak_memory, "finish_reason": finish,
             "medusa": (not args.no_medusa) and model.heads is not None, "tree_size": model.tree.size,
             "backend": backend, "device": str(model.device), **(extra(model) if extra else {}),
-        }))
+        }), flush=True)
+    if interrupted:
+        sys.exit(130)
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,7 +127,7 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
                    help="split the model across the launched ranks: by layers (pipeline) or mlx-lm's tensor sharding")
     g.add_argument("--pipeline-split", default="even",
                    help="layers per rank: even, memory (in proportion to each rank's), or weights such as 2,1")
-    g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
+    g.add_argument("--dist-timeout", type=positive_float, default=DIST_TIMEOUT_S,
                    help="seconds a rank waits on the others before it fails with an error")
 
 

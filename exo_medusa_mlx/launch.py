@@ -21,6 +21,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from .cli_args import positive_float
+
 STOP_GRACE_S = 5.0
 TIMEOUT_EXIT = 124
 
@@ -110,7 +112,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--ranks", type=int, default=2, help="number of ranks (processes)")
     p.add_argument("--threads", type=int, default=1,
                    help="BLAS threads per rank (OMP/OPENBLAS_NUM_THREADS); 0 leaves the environment's")
-    p.add_argument("--timeout", type=float, default=None, help="stop every rank after this many seconds")
+    p.add_argument("--timeout", type=positive_float, default=None, help="stop every rank after this many seconds")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the mlx_medusa command, e.g. generate ...")
     return p
 

@@ -37,6 +37,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
     tuned = default_tree_for(heads_path)
     # Resolved first (even without heads), so a bad --tree fails before the model loads.
     choices = tree_choices(tree if tree is not None else tuned)
+    buffers = load_tree(choices)  # its size cap too, before the model loads
     path = resolve_model_path(model)
     base, tokenizer = mlx_load(str(path), lazy=lazy)
     if dtype is None and mx.default_device() == mx.cpu:
@@ -47,7 +48,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
     if heads_path is not None:
         medusa_heads = load_heads(heads_path, base.args.hidden_size, base.args.vocab_size,
                                   dtype=dtype or mx.float32)
-    buffers = load_tree(choices) if medusa_heads is not None else ROOT_ONLY
+    buffers = buffers if medusa_heads is not None else ROOT_ONLY
     medusa = MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None)
     if tree is None:  # the product layout tuned with the tree, where it was tuned on this machine
         medusa = fit_to_machine(medusa, tuned_facts(tuned), str(heads_path), probe_here=False)

@@ -23,6 +23,7 @@ from . import backends
 from .core.growth import (TOPK, conditional_accuracy, empirical_accept_length, gather_fraction, grow_tree,
                           topk_accuracy)
 from .core.latency import MAX_LATENCY_NODES, measure_gather, measure_latency, measure_plain_step
+from .cli_args import non_negative_float
 from .core.machine import this_machine
 from .core.tree import save_tree
 
@@ -158,7 +159,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="Tree JSON to write (default: HEADS/tree.json, or HEADS/tree.<backend>.json but for MLX)")
     p.add_argument("--num-prompts", type=int, default=d.num_prompts, help="Held-out prompts for the real generation check (0: skip)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="Tokens per prompt in the generation check")
-    p.add_argument("--pass-overhead-ms", type=float, default=d.pass_overhead_ms,
+    p.add_argument("--pass-overhead-ms", type=non_negative_float, default=d.pass_overhead_ms,
                    help="A fixed cost every step pays on top of its compute: a ring's transport per pass "
                         "(scripts/bench_ring.py prints it); the tree is then saved as tree.ring.json")
     return p

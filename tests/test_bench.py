@@ -56,10 +56,14 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
 
     f = tmp_path / "afile"
     f.write_text("x")
-    for argv, message in ((["--max-tokens", "0"], "--max-tokens 0 must be at least 1"),
-                          (["--limit", "0"], "--limit 0 must be at least 1"),
+    for argv, message in ((["--max-tokens", "0"], "argument --max-tokens: 0 must be at least 1"),
+                          (["--limit", "0"], "argument --limit: 0 must be at least 1"),
+                          (["--temp", "nan"], "argument --temp: 'nan' is not a finite number"),
                           (["--out", str(f)], f"--out {f}")):
         with pytest.raises(SystemExit) as e:
             main(argv)
-        assert str(e.value.code).startswith("error: ") and message in str(e.value.code)
+        if e.value.code == 2:  # refused by argparse, before anything runs
+            assert message in capsys.readouterr().err.splitlines()[-1]
+        else:
+            assert str(e.value.code).startswith("error: ") and message in str(e.value.code)
     assert f.read_text() == "x"

@@ -175,8 +175,8 @@ def make_policy(temp: float = 0.0, top_p: float = 1.0, acceptance: str = "auto",
     """
     if acceptance not in ("auto", "greedy", "exact", "typical"):
         raise ValueError(f"unknown acceptance '{acceptance}': use auto, greedy, exact or typical")
-    if temp < 0:
-        raise ValueError(f"temperature {temp} must be >= 0")
+    if not 0 <= temp < float("inf"):  # NaN and inf too: inf would sample uniformly
+        raise ValueError(f"temperature {temp} must be a finite number >= 0")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top-p {top_p} must be in (0, 1]")
     if seed is not None and seed < 0:

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .accept import make_policy
+from .limits import Limits, check_prompt_text
 from .slots import DEFAULT_KEEP
 from .step import ROOT_ONLY, Step, generate_step
 
@@ -50,11 +51,15 @@ def encode_prompt(tokenizer, prompt) -> np.ndarray:
     return ids
 
 
-def check_request(ids: np.ndarray, context: int | None, max_tokens: int) -> None:
-    if context and len(ids) >= context:
-        raise ValueError(f"prompt has {len(ids)} tokens, the model's context is {context}: shorten the prompt")
+def check_request(ids: np.ndarray, context: int | None, max_tokens: int, max_kv_size: int | None = None,
+                  keep: int = DEFAULT_KEEP) -> None:
+    """The request against the model's limits, before any work: the prompt leaves room in the
+    context (``LimitError``), the window holds the sink tokens and one more."""
+    Limits(context, max_kv_size).check_prompt(len(ids))
     if max_tokens < 1:
         raise ValueError(f"max_tokens {max_tokens} must be at least 1")
+    if max_kv_size is not None and max_kv_size < keep + 2:
+        raise ValueError(f"max_kv_size {max_kv_size} is too small: it must be at least keep + 2 = {keep + 2}")
 
 
 def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok, max_tokens: int,
@@ -131,7 +136,7 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 def stream_generate(model, tokenizer, prompt, max_tokens: int = DEFAULT_MAX_TOKENS, temp: float = 0.0,
                     top_p: float = 1.0, seed: int | None = None, medusa: bool = True,
                     max_kv_size: int | None = None, keep: int = DEFAULT_KEEP, acceptance: str = "auto",
-                    tree=None) -> Iterator[GenerationResponse]:
+                    tree=None, check=None) -> Iterator[GenerationResponse]:
     """Yield one response per generated token; stops at EOS or ``max_tokens``.
 
     Args:
@@ -143,16 +148,18 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = DEFAULT_MAX_TOKE
         acceptance: "auto" (greedy at temp 0, exact sampling above), "greedy",
             "exact" or "typical" (the reference's heuristic).
         tree: override the model's tree for this call.
+        check: called between prefill chunks; raises to stop (a server's cancelled request).
     """
+    check_prompt_text(tokenizer, prompt, model.max_context)  # before tokenizing megabytes
     ids = encode_prompt(tokenizer, prompt)
-    check_request(ids, model.max_context, max_tokens)
+    check_request(ids, model.max_context, max_tokens, max_kv_size, keep)
     policy = make_policy(temp, top_p, acceptance, seed)
     if tree is not None:
         model = model.with_tree(tree)
     model.reset_peak_memory()
     tic = time.perf_counter()
     steps = generate_step(ids, model, policy, max_kv_size=max_kv_size, keep=keep,
-                          tree=None if medusa else ROOT_ONLY, max_tokens=max_tokens)
+                          tree=None if medusa else ROOT_ONLY, max_tokens=max_tokens, check=check)
     yield from stream_steps(steps, len(ids), set(model.eos_ids(tokenizer)), model.detokenizer(tokenizer),
                             max_tokens, model.peak_memory_gb, tic)
 

@@ -257,9 +257,14 @@ def resolve_config(weights: dict, raw: dict, source: str, hidden_size: int, voca
 
 
 def write_heads(folder: str | Path, weights: dict[str, np.ndarray], cfg: MedusaConfig) -> Path:
-    """Write heads (reference keys) and config atomically into ``folder``."""
+    """Write heads (reference keys) and config atomically into ``folder``; never weights that are
+    not finite (a diverged training run)."""
     from safetensors.numpy import save_file
 
+    bad = [k for k, v in weights.items() if k != DRAFT_KEY and not np.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"heads weights {', '.join(sorted(bad)[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
+                         f"infinite values (did training diverge?): not writing {folder}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (HEADS_FILE + ".tmp")

@@ -117,15 +117,18 @@ class SlotMap:
         self.committed += plan.count
 
 
-def run_committed(ctx: SlotMap, caches, n: int, run, settle=None, step: int = PREFILL_STEP) -> list:
+def run_committed(ctx: SlotMap, caches, n: int, run, settle=None, step: int = PREFILL_STEP, check=None) -> list:
     """Run ``n`` contiguous tokens in chunks of ``step``, committing each chunk.
 
     ``run(s, e)`` computes tokens ``s:e`` after ``ctx.begin`` placed them;
-    ``settle(out)`` runs after each commit (MLX evaluates there, bounding the graph).
+    ``settle(out)`` runs after each commit (MLX evaluates there, bounding the graph);
+    ``check()`` runs before each chunk and raises to stop (a cancelled request).
     Returns the chunks' outputs. The one prefill loop: decoding and the exo shards use it.
     """
     outs = []
     for s in range(0, n, step):
+        if check is not None:
+            check()
         e = min(n, s + step)
         ctx.begin(n=e - s)
         outs.append(run(s, e))

@@ -82,19 +82,21 @@ class Verifier:
         self.ctx.commit(self.caches, nodes)
 
 
-def prefill(model, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP):
-    """Commit the prompt in chunks; returns the last position's hidden state, (H,)."""
+def prefill(model, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP, check=None):
+    """Commit the prompt in chunks; returns the last position's hidden state, (H,).
+
+    ``check()`` runs before each chunk and raises to stop (``limits.CancelToken.check``)."""
     prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
     if len(prompt) == 0:
         raise ValueError("prompt is empty: give at least one token")
     outs = run_committed(ctx, caches, len(prompt), lambda s, e: model.hidden(prompt[s:e], caches),
-                         lambda h: model.settle(caches), step)
+                         lambda h: model.settle(caches), step, check)
     return outs[-1][-1]
 
 
 def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: int | None = None,
                   keep: int = DEFAULT_KEEP, tree: TreeBuffers | None = None,
-                  fast_path: bool | None = None, max_tokens: int | None = None) -> Iterator[Step]:
+                  fast_path: bool | None = None, max_tokens: int | None = None, check=None) -> Iterator[Step]:
     """Yield the tokens each step emits, forever; the caller stops it.
 
     Args:
@@ -105,12 +107,14 @@ def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: i
         tree: the tree to verify (default the model's; ``ROOT_ONLY`` decodes plainly).
         fast_path: the backend's fast verifier (MLX lookahead, CUDA graphs); None: where it pays.
         max_tokens: the most tokens the caller will take, if known: sizes a fast path's static cache.
+        check: called between prefill chunks; raises to stop a long prompt (the caller stops
+            the steps by no longer iterating).
     """
     policy = policy or make_policy()
     tree = model.tree if tree is None else model.check_tree(tree)
     ctx, caches = model.make_cache(max_kv_size, keep)
     ctx.planned = None if max_tokens is None else len(prompt) + max_tokens
-    h = prefill(model, ctx, caches, prompt)[None]  # (1, H): the prompt's last position
+    h = prefill(model, ctx, caches, prompt, check=check)[None]  # (1, H): the prompt's last position
     acc, tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, policy.needs_logits))
     yield Step(acc.tokens, 0)
     verifier = model.verifier(ctx, caches, tree, policy, fast_path)

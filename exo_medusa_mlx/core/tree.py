@@ -16,6 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
+from .limits import MAX_TREE_NODES, MAX_TREE_RANK, LimitError
+
+MAX_TREE_FILE_BYTES = 1 << 20  # tuned trees carry their measurements too; still a few kB
 # The flat candidate vector is [root, head0 top-k, head1 top-k, ...].
 DEFAULT_TREE = "cpu-8"
 
@@ -62,15 +65,26 @@ class TreeBuffers:
         return {"choices": [list(c) for c in self.choices], "topk": self.topk}
 
 
-def _validate(choices, num_heads: int | None, topk: int | None) -> list[tuple[int, ...]]:
+def _short(v, limit: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _validate(choices, num_heads: int | None, topk: int | None, max_nodes: int) -> list[tuple[int, ...]]:
     if not isinstance(choices, (list, tuple)):
         raise ValueError(f"tree choices must be a list of paths, got {type(choices).__name__}")
+    if len(choices) + 1 > max_nodes:  # before anything costs time in the size of the tree
+        raise LimitError(f"tree has {len(choices) + 1} nodes, more than the limit of {max_nodes}: use a smaller tree")
     paths = []
     for c in choices:
         if not isinstance(c, (list, tuple)) or len(c) == 0:
-            raise ValueError(f"tree path {c!r} is empty or not a list; each path is a non-empty list of top-k ranks")
-        if not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r >= 0 for r in c):
-            raise ValueError(f"tree path {list(c)} must hold non-negative integer ranks")
+            raise ValueError(f"tree path {_short(c)} is empty or not a list; each path is a non-empty list of "
+                             "top-k ranks")
+        if len(c) > max_nodes - 1:
+            raise LimitError(f"tree path of {len(c)} ranks is deeper than a {max_nodes}-node tree can be")
+        if not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and 0 <= r < MAX_TREE_RANK
+                   for r in c):
+            raise ValueError(f"tree path {_short(c)} must hold non-negative integer ranks below {MAX_TREE_RANK}")
         paths.append(tuple(int(r) for r in c))
     seen = set(paths)
     if len(seen) != len(paths):
@@ -90,6 +104,7 @@ def build_tree(
     choices: Sequence[Sequence[int]],
     num_heads: int | None = None,
     topk: int | None = None,
+    max_nodes: int = MAX_TREE_NODES,
 ) -> TreeBuffers:
     """Build the tree buffers for ``choices``.
 
@@ -97,8 +112,9 @@ def build_tree(
         choices: paths of top-k ranks; ``[]`` gives the root alone (plain decoding).
         num_heads: if given, reject paths deeper than the heads can guess.
         topk: candidates per head; defaults to the largest rank used plus one.
+        max_nodes: the largest tree accepted, root included (``LimitError`` beyond).
     """
-    paths = _validate(choices, num_heads, topk)
+    paths = _validate(choices, num_heads, topk, max_nodes)
     if topk is None:
         topk = max((max(p) for p in paths), default=0) + 1
     T = len(paths) + 1
@@ -184,10 +200,15 @@ def load_tree_file(path: str | Path) -> list[list[int]]:
         raise ValueError(f"tree file {path} is a folder: pass a tree JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"tree file {path} not found")
+    if path.stat().st_size > MAX_TREE_FILE_BYTES:
+        raise LimitError(f"tree file {path} has {path.stat().st_size} bytes; a tree of at most {MAX_TREE_NODES} "
+                         "nodes fits in far fewer: is it the right file?")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"tree file {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"tree file {path} is nested too deeply: a tree is a list of paths of ranks") from None
     choices = data.get("choices") if isinstance(data, dict) else data
     if choices is None:
         raise ValueError(f"tree file {path} has no 'choices' list")

@@ -8,12 +8,12 @@ offline rings need nothing else. Medusa heads come from an explicit mapping, a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Mapping
 
 from ..default_model import DEFAULT_MODEL_ID
 from ..core.heads_format import default_heads_for, find_heads
+from ..core.model_files import read_config
 from .shard import Shard, as_shard
 
 DEFAULT_MODEL_ALIASES = (DEFAULT_MODEL_ID, "smollm2-135m")
@@ -21,13 +21,10 @@ DEFAULT_MODEL_ALIASES = (DEFAULT_MODEL_ID, "smollm2-135m")
 
 def config_layers(folder: Path) -> int | None:
     """``num_hidden_layers`` from a model folder's config.json (None if it does not say)."""
-    path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the model config ({e})") from None
-    n = config.get("num_hidden_layers", (config.get("text_config") or {}).get("num_hidden_layers"))
-    return n if isinstance(n, int) else None
+    config = read_config(folder)
+    text = config.get("text_config")
+    n = config.get("num_hidden_layers", text.get("num_hidden_layers") if isinstance(text, dict) else None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 class _Callback:

@@ -10,7 +10,12 @@ list of hooks, all called on the engine's one worker thread:
 - ``_new_cache()``: a ``(ctx, caches)`` pair for the shard's layers;
 - ``_device_array(x)``: a numpy input (ids, or hidden states) on the device;
 - ``_layers(h, sess, transposed)``: the shard's layers over ``h`` (1, T, H) as
-  ``sess.ctx`` placed it.
+  ``sess.ctx`` placed it, calling ``self._layer_done(h)`` after each layer.
+
+Every pass is checked against the model's ``Limits`` (``state.check_input`` /
+``check_pass``) before the cache is touched, and is cancellable: when the caller
+stops awaiting ``infer_tensor`` (a gRPC deadline, a cancelled task) or ``cancel_all``
+runs, the worker stops at the next prefill chunk or layer with ``Cancelled``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import numpy as np
 
 from ..core.accept import make_policy, target_probs
 from ..core.generation import encode_prompt
-from ..core.slots import DEFAULT_KEEP, run_committed
+from ..core.limits import UNKNOWN_CONTEXT, CancelToken, Limits, check_prompt_text
+from ..core.model_files import check_model_folder, config_context
+from ..core.slots import DEFAULT_KEEP, SlotMap, run_committed
 from ..core.step import ROOT_ONLY, Verified, advance, read
 from . import state as st
 from .downloader import LocalShardDownloader
@@ -65,6 +72,7 @@ class MedusaShardEngine(InferenceEngine):
     def __init__(self, shard_downloader=None, *, medusa: bool = True, heads: str | Path | None = None,
                  tree=None, max_kv_size: int | None = None, keep: int = DEFAULT_KEEP,
                  max_sessions: int = DEFAULT_MAX_SESSIONS, dtype=None):
+        SlotMap(max_kv_size, keep)  # a window too small for the sink tokens fails here, not at every request
         self._sessions = Sessions(max_sessions)
         self.shard_downloader = shard_downloader if shard_downloader is not None else LocalShardDownloader()
         self.shard: Shard | None = None
@@ -74,16 +82,50 @@ class MedusaShardEngine(InferenceEngine):
         self.max_kv_size, self.keep, self.dtype = max_kv_size, keep, dtype
         self._loaded: Loaded | None = None
         self._rng = np.random.default_rng()
+        self._passes: set[CancelToken] = set()  # passes queued or running
+        self._check = None  # the running pass's CancelToken.check (worker thread only)
+        self._context = UNKNOWN_CONTEXT  # the loaded model's (``_load``)
         # All array work on one thread, as exo's MLX engine does; shut down with the engine or at exit.
         self._executor = WorkerThread(type(self).__name__, self._worker_exit)
         weakref.finalize(self, self._executor.shutdown)
 
-    def close(self) -> None:
-        """Stop the worker thread (after the work queued so far); the engine is unusable after."""
-        self._executor.shutdown()
+    def close(self, timeout: float | None = None) -> bool:
+        """Cancel every pass and stop the worker thread; the engine is unusable after.
+
+        Returns False if the worker was still busy after ``timeout`` seconds (None: wait).
+        """
+        self.cancel_all("the engine is closing")
+        return self._executor.shutdown(timeout=timeout)
+
+    def cancel_all(self, reason: str = "the node is stopping") -> None:
+        """Every queued or running pass stops at its next prefill chunk or layer (any thread)."""
+        for token in list(self._passes):
+            token.cancel(reason)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def _run_pass(self, fn, *args):
+        """``fn(*args, token)`` on the worker; if the caller stops awaiting, the pass is cancelled."""
+        token = CancelToken()
+        self._passes.add(token)
+        try:
+            return await self._run(fn, *args, token)
+        except asyncio.CancelledError:
+            token.cancel("the caller gave up on the pass (deadline or cancellation)")
+            raise
+        finally:
+            self._passes.discard(token)
+
+    @property
+    def limits(self) -> Limits:
+        """The loaded model's limits for one request on this engine."""
+        return Limits(self._context, self.max_kv_size)
+
+    def _layer_done(self, h) -> None:
+        """After each of a pass's layers: stop there if the pass was cancelled."""
+        if self._check is not None:
+            self._check()
 
     @property
     def engine_name(self) -> str:
@@ -109,7 +151,10 @@ class MedusaShardEngine(InferenceEngine):
             return
         self._sessions.clear()
         self._loaded, self.shard = None, None
+        config = check_model_folder(path)  # a config that is not an object, a truncated weights file: one line
         self._loaded = self._load_backend(shard, path, heads if shard.is_last_layer() else None, tree)
+        # mlx-lm's args for some models do not carry the context: the config does, else a cap.
+        self._context = self._loaded.model.max_context or config_context(config) or UNKNOWN_CONTEXT
         self.tokenizer = self._loaded.tokenizer
         self.shard = shard
 
@@ -130,6 +175,7 @@ class MedusaShardEngine(InferenceEngine):
 
     async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
         await self.ensure_shard(shard)
+        check_prompt_text(self.tokenizer, prompt, self.limits.context)  # before minutes of tokenizing
         return await self._run(encode_prompt, self.tokenizer, prompt)
 
     async def decode(self, shard: Shard, tokens: np.ndarray) -> str:
@@ -154,21 +200,33 @@ class MedusaShardEngine(InferenceEngine):
                            ) -> tuple[np.ndarray, InferenceState | None]:
         shard = as_shard(shard)
         await self.ensure_shard(shard)
-        return await self._run(self._infer, request_id, shard, input_data, inference_state)
+        return await self._run_pass(self._infer, request_id, shard, input_data, inference_state)
 
-    def _infer(self, request_id: str, shard: Shard, x, state):
+    def _infer(self, request_id: str, shard: Shard, x, state, token: CancelToken | None = None):
+        if token is not None:
+            token.check()  # cancelled while it waited for the worker
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if shard != self.shard:  # another call switched the engine's shard meanwhile
             raise ValueError(f"this engine now holds {self.shard}, not {shard}; one engine serves one shard at a time")
-        x = st.check_input(shard, x, self.model.hidden_size, self.model.vocab_size)
-        req = st.parse_request(state, x.shape[1])
+        limits = self.limits
+        x = st.check_input(shard, x, self.model.hidden_size, self.model.vocab_size, limits)
+        req = st.parse_request(state, x.shape[1], limits.max_tree)
         tokens = x[0] if shard.is_first_layer() else req.tokens
         if shard.is_first_layer() and req.tokens is not None and not np.array_equal(req.tokens, tokens):
             raise ValueError(f"inference_state['{st.TOKENS}'] differs from the input token ids")
         sess = self._sessions.get(request_id)
         st.check_pass(request_id, req, shard, sess is not None, sess.ctx.committed if sess else 0,
-                      sess.pending if sess else None)
+                      sess.pending if sess else None, x.shape[1], limits)
+        self._check = None if token is None else token.check
+        try:
+            return self._run_checked(request_id, shard, x, state, req, tokens, sess)
+        finally:
+            self._check = None
+
+    def _run_checked(self, request_id: str, shard: Shard, x, state, req: st.StepRequest, tokens,
+                     sess: Session | None):
+        """The pass, once every check passed: the caches change from here on."""
         if shard.is_last_layer():
             self._check_last(request_id, req, tokens, sess)
         if sess is None:
@@ -217,7 +275,7 @@ class MedusaShardEngine(InferenceEngine):
             out = self._layers(h, sess, self.model.transposes(T))[0]
         else:
             outs = run_committed(ctx, sess.caches, T, lambda s, e: self._layers(h[:, s:e], sess, False)[0],
-                                 lambda o: self.model.settle(sess.caches))
+                                 lambda o: self.model.settle(sess.caches), check=self._check)
             out = outs[0] if len(outs) == 1 else self.model.ops.concat(outs)
         return self.model.base.model.norm(out) if self.shard.is_last_layer() else out
 
@@ -244,6 +302,8 @@ class MedusaShardEngine(InferenceEngine):
                            tokens if req.is_tree else np.zeros(1, dtype=np.int64), v)
         sess.passes += 1
         root_pos = committed + (len(acc.nodes) if req.is_tree else h.shape[0])
+        if tree.size > 1 and not self._fits(root_pos, tree):
+            tree, nxt = ROOT_ONLY, np.array([acc.tokens[-1]], dtype=np.int64)  # the context's end: plainly
         out = {k: v for k, v in (state or {}).items() if not k.startswith("medusa_")}
         out.update(st.settings_state(sess.settings))
         out[st.EMITTED] = np.asarray(acc.tokens, dtype=np.int64)
@@ -255,6 +315,10 @@ class MedusaShardEngine(InferenceEngine):
             out[st.NEXT + "depths"] = tree.depths.astype(np.int64)
             out[st.NEXT + "tree_mask"] = tree.mask.copy()
         return logits.astype(np.float32)[None], out
+
+    def _fits(self, root_pos: int, tree) -> bool:
+        """Whether a tree rooted at ``root_pos`` stays inside the context (always, with a window)."""
+        return self.max_kv_size is not None or root_pos + tree.depth < self._context
 
     # ----------------------------------------------------------------- backend hooks
 

@@ -23,6 +23,8 @@ from .medusa_engine import Loaded, MedusaShardEngine
 from .sessions import Session
 from .shard import Shard
 
+EVAL_EACH_LAYER_TOKENS = 256  # passes this long are evaluated per layer (a few ms each at least)
+
 
 def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None):
     """(MedusaModel, tokenizer) with only ``shard``'s weights evaluated."""
@@ -85,7 +87,15 @@ class MedusaMLXInferenceEngine(MedusaShardEngine):
         with self.model.placed(sess.caches, transposed):
             for layer, c in zip(layers, sess.caches):
                 h = layer(h, mask, cache=c)
+                self._layer_done(h)
         return h
+
+    def _layer_done(self, h: mx.array) -> None:
+        # MLX builds the graph lazily: a long pass is evaluated layer by layer, so that a
+        # cancelled one stops after the layer it is in, not after the whole chunk.
+        if self._check is not None and h.shape[1] >= EVAL_EACH_LAYER_TOKENS:
+            mx.eval(h)
+        super()._layer_done(h)
 
     async def load_checkpoint(self, shard: Shard, path: str | Path) -> None:
         """Load weights (safetensors, mlx-lm names) over the shard's model; missing names are kept."""

@@ -1,8 +1,10 @@
 """The Medusa ring protocol (``PROTOCOL.md``): the keys of exo's ``inference_state``, parsed and checked.
 
-Every check of a pass that needs no model runs here, before a shard touches its
-cache: well-formed keys (``parse_request``), and whether the pass fits the
-request's cache on this shard (``check_pass``).
+Every check of a pass runs here, before a shard touches its cache, with the model's
+facts passed in: well-formed keys (``parse_request``), the input's shape and size
+(``check_input``), and whether the pass fits the request's cache on this shard and
+the model's ``Limits``: context, window, tree size (``check_pass``). A pass over a
+limit raises ``LimitError`` (a ``ValueError``; RESOURCE_EXHAUSTED on a ring node).
 
 A pass whose state carries no ``medusa_`` key comes from stock exo's node: the engines
 then run it plainly and return no state (``speaks_protocol``).
@@ -10,10 +12,13 @@ then run it plainly and return no state (``speaks_protocol``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ..core.limits import MAX_TREE_NODES, LimitError, Limits
 
 COMMIT = "medusa_commit"
 DEPTHS = "medusa_depths"
@@ -96,8 +101,8 @@ def parse_settings(state: dict) -> Settings:
     acceptance = _scalar(state, ACCEPTANCE, (str,), "auto")
     seed = _scalar(state, SEED, (int,), None)
     medusa = _scalar(state, MEDUSA, (bool,), None)
-    if temp is None or temp < 0:
-        raise ValueError(f"inference_state['{TEMP}']: temperature {temp!r} must be a number >= 0")
+    if temp is None or not 0 <= temp < math.inf:
+        raise ValueError(f"inference_state['{TEMP}']: temperature {temp!r} must be a finite number >= 0")
     if top_p is None or not 0.0 < top_p <= 1.0:
         raise ValueError(f"inference_state['{TOP_P}']: top-p {top_p!r} must be in (0, 1]")
     if acceptance not in ACCEPTANCES:
@@ -105,10 +110,11 @@ def parse_settings(state: dict) -> Settings:
     return Settings(float(temp), float(top_p), acceptance, seed, medusa)
 
 
-def parse_request(state: dict | None, T: int | None = None) -> StepRequest:
+def parse_request(state: dict | None, T: int | None = None, max_tree: int = MAX_TREE_NODES) -> StepRequest:
     """Validate the Medusa keys of ``state`` for a pass of ``T`` tokens (None: infer T).
 
-    Keys that are not ours are ignored: exo may carry its own.
+    Keys that are not ours are ignored: exo may carry its own. A tree of more than
+    ``max_tree`` nodes is refused (``LimitError``) before its mask is looked at.
     """
     if state is None:
         state = {}
@@ -122,6 +128,9 @@ def parse_request(state: dict | None, T: int | None = None) -> StepRequest:
     for key, a in ((DEPTHS, depths), (POSITIONS, positions), (TOKENS, tokens)):
         if a is not None and len(a) != T:
             raise ValueError(f"inference_state['{key}']: has {len(a)} entries but this pass carries {T} tokens")
+    if depths is not None and len(depths) > max_tree:
+        raise LimitError(f"inference_state['{DEPTHS}']: a tree of {len(depths)} nodes, more than the limit of "
+                         f"{max_tree}")
     tree_mask = _array(state, TREE_MASK, "bool", 2, None if T is None else (T, T))
     if (tree_mask is None) != (depths is None):
         raise ValueError(f"inference_state: '{DEPTHS}' and '{TREE_MASK}' come together (a tree), got only one")
@@ -191,10 +200,19 @@ def where(shard) -> str:
     return f"shard {shard.start_layer}-{shard.end_layer} of '{shard.model_id}'"
 
 
-def check_input(shard, x, hidden_size: int, vocab_size: int) -> np.ndarray:
-    """The pass's input: token ids (1, T) on the first shard, hidden states (1, T, H) elsewhere."""
+def check_size(shard, shape, limits: Limits | None) -> None:
+    """A pass's declared shape, (1, T) or (1, T, H), against the model's context: checked before
+    the tensor is decoded or anything is computed (26M token ids once asked a node for 60 GB)."""
+    if limits is not None and len(shape) >= 2:
+        limits.check_pass(int(shape[1]), what=f"{where(shard)}: the pass")
+
+
+def check_input(shard, x, hidden_size: int, vocab_size: int, limits: Limits | None = None) -> np.ndarray:
+    """The pass's input: token ids (1, T) on the first shard, hidden states (1, T, H) elsewhere,
+    with T within ``limits`` (the model's context)."""
     if not isinstance(x, np.ndarray) and hasattr(x, "__array__"):
         x = np.asarray(x)
+    check_size(shard, getattr(x, "shape", ()), limits)
     if shard.is_first_layer():
         ok = isinstance(x, np.ndarray) and x.dtype.kind in "iu" and x.ndim == 2 and x.shape[0] == 1
         if not ok or x.shape[1] == 0:
@@ -211,11 +229,12 @@ def check_input(shard, x, hidden_size: int, vocab_size: int) -> np.ndarray:
 
 
 def check_pass(request_id: str, req: StepRequest, shard, known: bool, committed: int,
-               pending: tuple[np.ndarray, np.ndarray] | None) -> None:
+               pending: tuple[np.ndarray, np.ndarray] | None, T: int = 1, limits: Limits | None = None) -> None:
     """Whether this pass fits the request's cache on this shard, checked before the cache is touched.
 
     ``known``: the shard holds a cache for the request; ``committed``: its position;
-    ``pending``: (depths, mask) of its tree forward not yet committed.
+    ``pending``: (depths, mask) of its tree forward not yet committed; ``T``: the
+    pass's tokens; ``limits``: the model's (context, window, tree size).
     """
     name = f"shard {shard.start_layer}-{shard.end_layer}"
     if not known:
@@ -234,6 +253,14 @@ def check_pass(request_id: str, req: StepRequest, shard, known: bool, committed:
     if req.positions is not None and req.positions[0] != committed:
         raise ValueError(f"request '{request_id}': {name} is at position {committed} but this pass starts at "
                          f"{req.positions[0]}: the ring is out of sync (a lost or repeated pass)")
+    if limits is not None:
+        if req.is_tree:
+            limits.check_tree(T, f"request '{request_id}': the pass's tree")
+        elif not known:
+            limits.check_prompt(T, f"request '{request_id}': the prompt")
+        # A tree's T tokens sit in scratch at positions committed + depths; a plain pass's in slots.
+        span = int(req.depths.max()) + 1 if req.is_tree else T
+        limits.check_pass(span, committed, f"request '{request_id}' on {name}: the pass")
 
 
 def check_path(request_id: str, nodes: np.ndarray, depths: np.ndarray, mask: np.ndarray) -> None:

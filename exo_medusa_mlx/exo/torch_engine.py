@@ -168,6 +168,7 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
             for layer in layers:
                 h = layer(h, attention_mask=mask, position_ids=ctx.positions, use_cache=True,
                           position_embeddings=rope, **{self._cache_arg: caches})
+                self._layer_done(h)
         return h
 
     async def load_checkpoint(self, shard: Shard, path: str | Path) -> None:

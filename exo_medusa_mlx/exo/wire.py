@@ -21,6 +21,14 @@ WIRE_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "ui
                "float16", "float32", "float64")
 
 
+MAX_DIMS = 8  # exo's tensors have 1 to 3
+
+
+def _short(v, limit: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def encode_tensor(a: np.ndarray) -> dict[str, Any]:
     """exo's ``Tensor`` message as a dict: raw C-order bytes, shape, ``str(dtype)``."""
     if not isinstance(a, np.ndarray):
@@ -39,7 +47,9 @@ def decode_tensor(t: dict[str, Any]) -> np.ndarray:
     if not isinstance(data, (bytes, bytearray)):
         raise ValueError(f"tensor_data must be bytes, got {type(data).__name__}")
     if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise ValueError(f"tensor shape must be a list of non-negative ints, got {shape!r}")
+        raise ValueError(f"tensor shape must be a list of non-negative ints, got {_short(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"tensor shape has {len(shape)} dims; at most {MAX_DIMS} travel")
     size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if size != len(data):
         raise ValueError(f"tensor of shape {list(shape)} and dtype {dtype} needs {size} bytes, got {len(data)}")
@@ -91,6 +101,10 @@ def _array(key: str, t) -> np.ndarray:
         raise ValueError(f"inference_state['{key}']: {e}") from None
 
 
+def _no_constant(name: str):
+    raise ValueError(f"inference_state other_data_json holds {name}: only finite numbers travel")
+
+
 def decode_state(wire: dict[str, Any]) -> dict[str, Any]:
     """The inverse of ``encode_state``, validated (a malformed state fails here, in one line)."""
     if not isinstance(wire, dict) or not isinstance(wire.get("tensor_data", {}), dict) \
@@ -99,9 +113,11 @@ def decode_state(wire: dict[str, Any]) -> dict[str, Any]:
                          "'other_data_json'")
     text = wire.get("other_data_json") or "{}"
     try:
-        other = json.loads(text)
+        other = json.loads(text, parse_constant=_no_constant)
     except (json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"inference_state other_data_json is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError("inference_state other_data_json is nested too deeply") from None
     if not isinstance(other, dict):
         raise ValueError(f"inference_state other_data_json must hold an object, got {type(other).__name__}")
     state = dict(other)

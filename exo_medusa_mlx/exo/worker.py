@@ -60,10 +60,14 @@ class WorkerThread(Executor):
             self._queue.put((future, fn, args, kwargs))
         return future
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None) -> bool:
+        """Stop after the work queued so far; with ``wait``, join the thread for up to ``timeout``
+        seconds (None: until it ends). Returns whether the thread has ended (or was not waited for)."""
         with self._lock:
             if not self._closed:
                 self._closed = True
                 self._queue.put(None)
         if wait and threading.current_thread() is not self._thread:
-            self._thread.join()
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True

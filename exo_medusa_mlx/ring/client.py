@@ -24,6 +24,7 @@ from ..exo.shard import Shard
 from . import node_service_pb2 as pb
 from . import node_service_pb2_grpc as pb_grpc
 from . import proto
+from .auth import token_metadata
 from .proto import HOP_MARGIN_S, ORIGIN_KEY, describe
 
 DEFAULT_TIMEOUT_S = 60.0  # per pass, for the whole ring
@@ -99,9 +100,10 @@ class RingClient:
         nodes: the ring's nodes, the first holding layer 0 and the last the last layer.
         timeout: seconds one pass may take through the whole ring; a node that does not
             answer in time fails the request with its name.
+        token: the ring's shared token, sent with every call (``auth.py``); None: none.
     """
 
-    def __init__(self, nodes: Iterable[NodeInfo], timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, nodes: Iterable[NodeInfo], timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None):
         self.nodes = list(nodes)
         if not self.nodes:
             raise ValueError("the ring has no nodes")
@@ -112,6 +114,7 @@ class RingClient:
             raise ValueError(f"timeout {timeout} s leaves no time per hop: give more than "
                              f"{HOP_MARGIN_S * len(self.nodes):.1f} s for {len(self.nodes)} nodes")
         self.timeout = timeout
+        self._metadata = token_metadata(token)
         self._channels: dict[str, grpc.Channel] = {}
 
     def close(self) -> None:
@@ -150,7 +153,8 @@ class RingClient:
         out = []
         for node in self.nodes:
             try:
-                out.append(self._stub(node.address).HealthCheck(pb.HealthCheckRequest(), timeout=timeout))
+                out.append(self._stub(node.address).HealthCheck(pb.HealthCheckRequest(), timeout=timeout,
+                                                                 metadata=self._metadata))
             except grpc.RpcError as e:
                 raise self._error(node, e, timeout) from None
         return out
@@ -161,7 +165,7 @@ class RingClient:
     def _call(self, method: str, request) -> pb.PassResult:
         first = self.nodes[0]
         try:
-            return getattr(self._stub(first.address), method)(request, timeout=self.timeout)
+            return getattr(self._stub(first.address), method)(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._error(first, e, self.timeout) from None
 
@@ -245,7 +249,7 @@ class RingClient:
         msg = pb.SendResultRequest(request_id=request_id, result=tokens, is_finished=True)
         for node in self.nodes:
             try:
-                self._stub(node.address).SendResult(msg, timeout=FINISH_TIMEOUT_S)
+                self._stub(node.address).SendResult(msg, timeout=FINISH_TIMEOUT_S, metadata=self._metadata)
             except grpc.RpcError as e:  # a dead node holds nothing to free; a live one evicts it in time
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     self._drop(node.address)

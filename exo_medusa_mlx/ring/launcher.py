@@ -5,6 +5,8 @@ process group, reports ``{"event": "ready", "address": ...}`` on stdout once its
 shard is loaded, and exits when its stdin (a pipe only the launcher holds)
 closes, so even a killed launcher leaves no node behind. ``close`` (also run at
 exit and on SIGTERM / Ctrl-C) terminates every group, then kills what is left.
+The launcher picks the nodes' ports first and gives each node the ring's addresses
+(``--peers``): a node forwards to no other; with a token, every call carries it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,12 +27,35 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..cli_args import fail, kv_window, non_negative_float, non_negative_int, one_line, port, positive_float
+from ..cli_args import positive_int, probability, read_prompt
 from ..exo.shard import Shard, partition_layers  # noqa: F401 (partition_layers: imported from here)
+from .auth import TOKEN_ENV, env_token
 from .client import DEFAULT_TIMEOUT_S, NodeInfo, RingClient, RingError
-from .node import BACKENDS
+from .node import BACKENDS, format_address
+from .proto import HOP_MARGIN_S
 
 START_TIMEOUT_S = 300.0  # loading a shard on a busy CPU
 STOP_GRACE_S = 5.0
+TAIL_LINES = 3  # of a node's log, quoted when it fails to start
+
+
+def free_ports(host: str, n: int) -> list[int]:
+    """``n`` ports free on ``host`` now (bound together, then released), so that every node can
+    be told the ring's addresses before it starts."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host.strip("[]"), 0))
+        return [s.getsockname()[1] for s in socks]
+    except OSError as e:
+        raise ValueError(f"--host {host}: cannot bind it ({e.strerror})") from None
+    finally:
+        for s in socks:
+            s.close()
 
 
 class _Node:
@@ -56,17 +82,19 @@ class _Node:
                 lines.put(line)
         lines.put(None)
 
-    def wait_ready(self, deadline: float) -> str:
+    def wait_ready(self, deadline: float, keep_log: bool = True) -> str:
+        """The node's address once it is ready; else a one-line ``RingError`` quoting its log's last
+        lines (and naming the log when ``keep_log``: a temporary one is gone by the time it is read)."""
+        where = f" (log: {self.log})" if keep_log else ""
         while True:
             try:
                 line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise RingError(f"{self.describe()} did not get ready in time; log: {self.log}\n"
-                                f"{self.tail()}") from None
+                raise RingError(f"{self.describe()} did not get ready in time{where}: {self.tail()}") from None
             if line is None:
                 self.proc.wait()
-                raise RingError(f"{self.describe()} exited with code {self.proc.returncode} while starting; "
-                                f"log: {self.log}\n{self.tail()}")
+                raise RingError(f"{self.describe()} exited with code {self.proc.returncode} while starting{where}: "
+                                f"{self.tail()}")
             try:
                 msg = json.loads(line)
             except json.JSONDecodeError:
@@ -80,11 +108,13 @@ class _Node:
         where = self.address or "(starting)"
         return f"node {where} ({self.backend}, layers {self.shard.start_layer}-{self.shard.end_layer})"
 
-    def tail(self, n: int = 15) -> str:
+    def tail(self, n: int = TAIL_LINES) -> str:
+        """The log's last ``n`` non-empty lines, on one line."""
         try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+            lines = [ln.strip() for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
         except OSError:
-            return ""
+            return "(no log)"
+        return one_line(" | ".join(lines[-n:])) if lines else "(its log is empty)"
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -112,7 +142,8 @@ class LocalRing:
     def __init__(self, backends: Sequence[str], model: str | None = None, *, heads: str | Path | None = None,
                  tree: str | None = None, weights: Sequence[float] | None = None, host: str = "127.0.0.1",
                  port: int = 0, threads: int | None = None, max_kv_size: int | None = None,
-                 start_timeout: float = START_TIMEOUT_S, log_dir: str | Path | None = None):
+                 start_timeout: float = START_TIMEOUT_S, log_dir: str | Path | None = None,
+                 token: str | None = None):
         from ..default_model import DEFAULT_MODEL_ID
         from .node import model_layers
 
@@ -126,7 +157,8 @@ class LocalRing:
             raise ValueError(f"{len(weights)} partition weights for {len(backends)} nodes")
         self.host, self.port, self.threads = host, port, threads
         self.heads, self.tree, self.max_kv_size = heads, tree, max_kv_size
-        self.start_timeout = start_timeout
+        self.start_timeout, self.token = start_timeout, token
+        self._ports: list[int] = []
         self._own_logs = log_dir is None  # a temporary folder, removed on close (errors quote the log's tail)
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="medusa-ring-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -139,13 +171,15 @@ class LocalRing:
         return [NodeInfo(n.address, n.shard, n.backend) for n in self._nodes]
 
     def client(self, timeout: float = DEFAULT_TIMEOUT_S) -> RingClient:
-        return RingClient(self.nodes, timeout)
+        return RingClient(self.nodes, timeout, token=self.token)
 
     def _argv(self, i: int, port: int) -> list[str]:
         n = self._nodes[i]
+        peers = ",".join(format_address(self.host, p) for j, p in enumerate(self._ports) if j != i)
         argv = [sys.executable, "-m", "exo_medusa_mlx.ring.node", "--watch-stdin", "--backend", n.backend,
                 "--host", self.host, "--port", str(port), "--model", self.model,
-                "--start-layer", str(n.shard.start_layer), "--end-layer", str(n.shard.end_layer)]
+                "--start-layer", str(n.shard.start_layer), "--end-layer", str(n.shard.end_layer),
+                "--peers", peers]
         for flag, value in (("--heads", self.heads), ("--tree", self.tree), ("--threads", self.threads),
                             ("--max-kv-size", self.max_kv_size)):
             if value is not None:
@@ -154,6 +188,9 @@ class LocalRing:
 
     def _env(self) -> dict:
         env = dict(os.environ)
+        env.pop(TOKEN_ENV, None)
+        if self.token:
+            env[TOKEN_ENV] = self.token  # not on the command line, where any user could read it
         if self.threads is not None:
             for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 env[k] = str(self.threads)
@@ -163,8 +200,10 @@ class LocalRing:
         """Start every node process; with ``wait``, until all are ready (else call ``wait_ready``)."""
         atexit.register(self.close)
         try:
-            for i, n in enumerate(self._nodes):
-                n.start(self._argv(i, self.port + i if self.port else 0), self._env())
+            n = len(self._nodes)
+            self._ports = [self.port + i for i in range(n)] if self.port else free_ports(self.host, n)
+            for i, node in enumerate(self._nodes):
+                node.start(self._argv(i, self._ports[i]), self._env())
         except BaseException:
             self.close()
             raise
@@ -175,7 +214,7 @@ class LocalRing:
         """Wait until every node has loaded its shard and serves; on failure stop them all."""
         try:
             for n in self._nodes:
-                n.wait_ready(self._deadline)
+                n.wait_ready(self._deadline, keep_log=not self._own_logs)
         except BaseException:
             self.close()
             raise
@@ -187,9 +226,9 @@ class LocalRing:
             raise RuntimeError("this ring is closed; start a new LocalRing")
         n = self._nodes[i]
         self._stop([n])
-        port = int(n.address.rsplit(":", 1)[1]) if n.address else 0
+        port = self._ports[i]  # its old address: the others know it as a peer
         n.start(self._argv(i, port), self._env())
-        n.wait_ready(time.monotonic() + self.start_timeout)
+        n.wait_ready(time.monotonic() + self.start_timeout, keep_log=not self._own_logs)
         return self.nodes[i]
 
     def kill(self, i: int) -> None:
@@ -249,7 +288,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="mlx_medusa ring", allow_abbrev=False,
                                 description="Start a local ring of node processes and generate through it.")
-    p.add_argument("--nodes", type=int, default=2, help="number of node processes")
+    p.add_argument("--nodes", type=positive_int, default=2, help="number of node processes")
     p.add_argument("--backends", default="mlx", help="comma-separated backend per node (one name: all nodes)")
     p.add_argument("--model", default=DEFAULT_MODEL_ID, help="model id or local Hugging Face folder")
     p.add_argument("--heads", default=None, help="Medusa heads folder (default: the model's shipped heads)")
@@ -257,17 +296,21 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", default="Hello", help="message to the model ('-' reads stdin)")
     p.add_argument("--ignore-chat-template", action="store_true", help="use the raw prompt without the chat template")
     p.add_argument("--system-prompt", default=None)
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=positive_int, default=128)
     p.add_argument("--no-medusa", action="store_true", help="one token per ring pass")
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temp", type=non_negative_float, default=0.0)
+    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--seed", type=non_negative_int, default=None)
+    p.add_argument("--max-kv-size", type=kv_window, default=None, help="committed KV window per request (rotating)")
     p.add_argument("--memory-gb", default=None,
                    help="comma-separated memory per node: layers split in proportion (default: evenly)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="first node's port, the others follow (0: any free)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per node")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds one pass may take")
+    p.add_argument("--port", type=port, default=0, help="first node's port, the others follow (0: any free)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per node")
+    p.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, help="seconds one pass may take")
+    p.add_argument("--token", default=None,
+                   help=f"shared secret the nodes require on every call (default: ${TOKEN_ENV}, else none)")
+    p.add_argument("--log-dir", default=None, help="keep the nodes' logs here (default: a temporary folder, removed)")
     p.add_argument("--json", action="store_true", help="print one JSON object last on stdout")
     return p
 
@@ -287,6 +330,8 @@ def load_tokenizer(model: str):
     from ..backends import resolve_backend
     from ..exo.downloader import LocalShardDownloader
 
+    from ..core.model_files import read_config
+
     folder = LocalShardDownloader().model_path(model)
     if resolve_backend("auto") == "torch":
         from ..torch_compat.generate import load_tokenizer as torch_load_tokenizer
@@ -294,25 +339,52 @@ def load_tokenizer(model: str):
         return torch_load_tokenizer(folder)
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-    config = json.loads((folder / "config.json").read_text())
-    return mlx_load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
+    return mlx_load_tokenizer(folder, eos_token_ids=read_config(folder).get("eos_token_id"))
+
+
+def prepare(args) -> tuple[LocalRing, str]:
+    """Every check that needs no node: flags, the prompt, the model folder; the ring, not started."""
+    if not 0 <= args.port <= 65535 - max(args.nodes - 1, 0):
+        raise ValueError(f"--port {args.port}: the {args.nodes} nodes' ports must fit in 0..65535")
+    if args.timeout <= HOP_MARGIN_S * args.nodes:
+        raise ValueError(f"--timeout {args.timeout} s leaves no time per hop: give more than "
+                         f"{HOP_MARGIN_S * args.nodes:.1f} s for {args.nodes} nodes")
+    text = read_prompt(args.prompt)
+    backends = _csv(args.backends, args.nodes, "backends")
+    try:
+        weights = _csv(args.memory_gb, args.nodes, "memory-gb", positive_float) if args.memory_gb else None
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--memory-gb: {e}") from None
+    ring = LocalRing(backends, args.model, heads=args.heads, tree=args.tree, weights=weights, host=args.host,
+                     port=args.port, threads=args.threads, max_kv_size=args.max_kv_size, log_dir=args.log_dir,
+                     token=args.token or env_token())
+    return ring, text
+
+
+def room(model: str, prompt_tokens: int, max_tokens: int, max_kv_size: int | None) -> int:
+    """``max_tokens``, cut to what the context leaves after the prompt when the cache keeps every token
+    (the nodes refuse a pass past the context); a note says so."""
+    from ..core.limits import Limits
+    from ..core.model_files import config_context, read_config
+    from ..exo.downloader import LocalShardDownloader
+
+    context = config_context(read_config(LocalShardDownloader().model_path(model)))
+    if context is None:
+        return max_tokens
+    Limits(context, max_kv_size).check_prompt(prompt_tokens)
+    if max_kv_size is None and prompt_tokens + max_tokens > context:
+        print(f"note: the model's context holds {context - prompt_tokens} tokens after the {prompt_tokens}-token "
+              f"prompt: generating at most that many", file=sys.stderr)
+        return context - prompt_tokens
+    return max_tokens
 
 
 def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     try:
-        if args.max_tokens < 1:
-            raise ValueError(f"--max-tokens {args.max_tokens} must be at least 1")
-        if args.temp < 0 or not 0 < args.top_p <= 1:
-            raise ValueError(f"--temp {args.temp} must not be negative and --top-p {args.top_p} must be in (0, 1]")
-        if not 0 <= args.port <= 65535 - max(args.nodes - 1, 0):
-            raise ValueError(f"--port {args.port}: the {args.nodes} nodes' ports must fit in 0..65535")
-        backends = _csv(args.backends, args.nodes, "backends")
-        weights = _csv(args.memory_gb, args.nodes, "memory-gb", float) if args.memory_gb else None
-        ring = LocalRing(backends, args.model, heads=args.heads, tree=args.tree, weights=weights, host=args.host,
-                         port=args.port, threads=args.threads)
+        ring, text = prepare(args)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(e)
     # SIGTERM unwinds like Ctrl-C, so the finally below stops the nodes.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = sys.stderr if args.json else sys.stdout
@@ -320,11 +392,12 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         ring.start()
         tokenizer = load_tokenizer(args.model)
-        from ..core.generation import apply_template
+        from ..core.generation import apply_template, encode_prompt
 
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         # Token ids with the template applied; raw text is encoded by the first node (exo's SendPrompt).
-        prompt = apply_template(tokenizer, prompt, args.system_prompt, not args.ignore_chat_template)
+        prompt = apply_template(tokenizer, text, args.system_prompt, not args.ignore_chat_template)
+        n_prompt = len(encode_prompt(tokenizer, prompt))
+        max_tokens = room(args.model, n_prompt, args.max_tokens, args.max_kv_size)
         print(f"ring of {len(ring.nodes)} nodes ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         for node, pid in zip(ring.nodes, ring.pids()):
             print(f"  {node.backend:5s} {node} pid {pid}", file=sys.stderr)
@@ -342,13 +415,13 @@ def main(argv: list[str] | None = None) -> None:
             print(detok.last_segment, end="", file=out, flush=True)
 
         with ring.client(args.timeout) as client:
-            result = client.generate(prompt, args.max_tokens, not args.no_medusa,
+            result = client.generate(prompt, max_tokens, not args.no_medusa,
                                      eos_token_ids=tokenizer.eos_token_ids, temp=args.temp, top_p=args.top_p,
                                      seed=args.seed, on_tokens=stream)
         detok.finalize()
         print(detok.last_segment, file=out, flush=True)
-    except RingError as e:
-        raise SystemExit(f"error: {e}") from None
+    except (RingError, ValueError, FileNotFoundError) as e:
+        fail(e)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     finally:

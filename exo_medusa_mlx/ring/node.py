@@ -9,8 +9,12 @@ deadline less a margin per hop, so the node nearest a silent peer times out
 first and names it. Errors carry the address of the node they are about in the
 trailing metadata (``ring-origin``); a node relays them unchanged.
 
-The node connects to the addresses a request names: bind it to loopback (the
-default) or a trusted network.
+Every pass is checked against the model's limits before any work (RESOURCE_EXHAUSTED
+names the limit) and stops at the next layer when its caller's deadline passes or
+the call is cancelled. The node forwards only to its ``--peers``, and with a token
+(``--token`` / ``$MLX_MEDUSA_RING_TOKEN``) refuses every call that lacks it
+(``auth.py``). SIGTERM, SIGINT or a closed stdin (``--watch-stdin``) stop it within
+a few seconds, a pass in flight included.
 """
 
 from __future__ import annotations
@@ -28,15 +32,22 @@ import traceback
 import grpc
 import numpy as np
 
+from ..cli_args import fail, kv_window, non_negative_int, one_line, port, positive_int
+from ..core.limits import Cancelled, LimitError
+from ..exo import state as st
 from ..exo.shard import Shard
 from . import node_service_pb2 as pb
 from . import node_service_pb2_grpc as pb_grpc
 from . import proto
+from .auth import TokenCheck, env_token, is_loopback, parse_peers, token_metadata
 from .proto import HOP_MARGIN_S, ORIGIN_KEY, describe
 
 NO_DEADLINE_HOP_S = 60.0  # a forward's deadline when the caller set none: every RPC has one
 MIN_HOP_S = 0.1
 BACKENDS = ("mlx", "torch")
+STOP_GRACE_S = 1.0  # in-flight calls get this long to end once the node stops
+WORKER_STOP_S = 2.5  # then the engine's worker this long to leave its layer; past it the process exits anyway
+MAX_DETAILS_CHARS = 1000  # status details travel in a header: keep them short
 
 
 def format_address(host: str, port: int) -> str:
@@ -54,8 +65,10 @@ class RingNodeError(Exception):
 class NodeService(pb_grpc.NodeServiceServicer):
     """The servicer: one engine, one shard."""
 
-    def __init__(self, engine, shard: Shard, backend: str, address: str):
+    def __init__(self, engine, shard: Shard, backend: str, address: str, peers: frozenset[str] = frozenset(),
+                 token: str | None = None):
         self.engine, self.shard, self.backend, self.address = engine, shard, backend, address
+        self.peers, self._metadata = peers, token_metadata(token)
         self.name = describe(address, shard)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -66,6 +79,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
             shard = self._own_shard(request.shard)
             if not shard.is_first_layer():
                 raise ValueError(f"{self.name} is not the first shard: send the prompt to the node holding layer 0")
+            self._route(request.route)
             state = proto.state_from_proto(request.inference_state) if request.HasField("inference_state") else None
             ids = np.asarray(await self.engine.encode(shard, request.prompt)).reshape(1, -1)
             result = await self._pass(request.request_id, ids, state, request.route, context, 0.0)
@@ -78,6 +92,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
         async def run():
             t0 = time.perf_counter()
             self._own_shard(request.shard)
+            self._route(request.route)
+            st.check_size(self.shard, list(request.tensor.shape), self.engine.limits)  # before decoding the bytes
             x = proto.tensor_from_proto(request.tensor)
             state = proto.state_from_proto(request.inference_state) if request.HasField("inference_state") else None
             return await self._pass(request.request_id, x, state, request.route, context, time.perf_counter() - t0)
@@ -108,6 +124,10 @@ class NodeService(pb_grpc.NodeServiceServicer):
         for address, s in peers:
             if not address:
                 raise ValueError("route: every peer needs an address (host:port)")
+            if address not in self.peers:
+                known = ", ".join(sorted(self.peers)) if self.peers else "none: start it with --peers"
+                raise PermissionError(f"route names {one_line(address, 100)}, which is not among this node's "
+                                      f"peers ({known})")
             if (s.model_id, s.n_layers) != (self.shard.model_id, self.shard.n_layers) or s.start_layer != expect:
                 raise ValueError(f"route: after layer {expect - 1} of '{self.shard.model_id}' comes "
                                  f"{describe(address, s)} of '{s.model_id}'; the route must hold the next layers")
@@ -146,7 +166,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(address, options=proto.CHANNEL_OPTIONS)
         try:
-            return await pb_grpc.NodeServiceStub(channel).SendTensor(request, timeout=timeout)
+            return await pb_grpc.NodeServiceStub(channel).SendTensor(request, timeout=timeout,
+                                                                     metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
             origin = dict(e.trailing_metadata() or ()).get(ORIGIN_KEY)
             if origin:  # the peer (or one after it) reported: relay as is
@@ -166,12 +187,18 @@ class NodeService(pb_grpc.NodeServiceServicer):
             return await coro
         except RingNodeError as e:
             code, message, origin = e.code, str(e), e.origin
+        except LimitError as e:  # over the model's limits (context, window, tree); refused before computing
+            code, message, origin = grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name}: {e}", self.address
         except ValueError as e:  # bad input: shapes, dtypes, state, shard; the engine refused before computing
             code, message, origin = grpc.StatusCode.INVALID_ARGUMENT, f"{self.name}: {e}", self.address
+        except PermissionError as e:  # a route beyond the peers this node was told about
+            code, message, origin = grpc.StatusCode.PERMISSION_DENIED, f"{self.name}: {e}", self.address
+        except Cancelled as e:  # the node is stopping (a caller that gave up no longer listens)
+            code, message, origin = grpc.StatusCode.CANCELLED, f"{self.name}: {e}", self.address
         except Exception as e:  # noqa: BLE001 - any other failure becomes a status, the node keeps serving
             traceback.print_exc(file=sys.stderr)
             code, message, origin = grpc.StatusCode.INTERNAL, f"{self.name}: {type(e).__name__}: {e}", self.address
-        await context.abort(code, message, trailing_metadata=((ORIGIN_KEY, origin),))
+        await context.abort(code, one_line(message, MAX_DETAILS_CHARS), trailing_metadata=((ORIGIN_KEY, origin),))
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -232,17 +259,70 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_medusa node", allow_abbrev=False, description="Serve one shard of a model to a Medusa ring.")
     p.add_argument("--backend", choices=BACKENDS, default="mlx")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; bind others explicitly)")
-    p.add_argument("--port", type=int, default=0, help="port (0: any free one; the ready line gives it)")
+    p.add_argument("--port", type=port, default=0, help="port (0: any free one; the ready line gives it)")
     p.add_argument("--model", default=DEFAULT_MODEL_ID, help="model id or local Hugging Face folder")
     p.add_argument("--heads", default=None, help="Medusa heads folder (the last shard uses them)")
     p.add_argument("--tree", default=None, help="tree preset, JSON file or choices (default: the heads' tuned tree)")
-    p.add_argument("--start-layer", type=int, default=0)
-    p.add_argument("--end-layer", type=int, default=None, help="inclusive (default: the last layer)")
-    p.add_argument("--max-kv-size", type=int, default=None)
+    p.add_argument("--start-layer", type=non_negative_int, default=0)
+    p.add_argument("--end-layer", type=non_negative_int, default=None, help="inclusive (default: the last layer)")
+    p.add_argument("--max-kv-size", type=kv_window, default=None, help="committed KV window per request (rotating)")
     p.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    p.add_argument("--peers", default=None,
+                   help="comma-separated host:port of the nodes this one may forward to (the launcher passes the "
+                        "ring's); without it the node forwards to none, so it can only be the last")
+    p.add_argument("--token", default=None,
+                   help="shared secret every call must carry (default: $MLX_MEDUSA_RING_TOKEN, else none)")
     p.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes (the launcher's lifeline)")
     return p
+
+
+def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Set ``stop`` when stdin closes. Reads the raw descriptor: a thread blocked in ``sys.stdin``'s
+    buffered reader holds its lock, and the interpreter aborts when it exits ("Fatal Python error:
+    _enter_buffered_busy")."""
+    def watch():
+        try:
+            while os.read(0, 65536):
+                pass
+        except OSError:
+            pass
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
+
+
+def _on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """The first SIGTERM / SIGINT stops the node; a second one exits at once."""
+    def handle(sig: int) -> None:
+        if stop.is_set():
+            os._exit(128 + sig)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
+
+
+async def _load_or_stop(engine, shard: Shard, stop: asyncio.Event) -> bool:
+    """Load the shard unless the node is told to stop first; True when loaded."""
+    load = asyncio.ensure_future(engine.ensure_shard(shard))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([load, stopping], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if load.done():
+        try:
+            load.result()
+        except (RuntimeError, OSError) as e:  # the framework's loaders: a file they could not read
+            raise ValueError(f"cannot load the model: {e}") from None
+        return True
+    load.cancel()
+    return False
+
+
+def _exit_now(name: str, why: str) -> None:
+    print(f"[{name}] {why}: exiting", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(143)
 
 
 async def serve(args) -> None:
@@ -255,46 +335,63 @@ async def serve(args) -> None:
         torch.set_num_threads(args.threads)
     heads, tree = resolve_heads_and_tree(args.model, args.heads, args.tree, args.backend) if shard.is_last_layer() else (None, None)
     engine = make_engine(args.backend, args.model, heads, tree, args.max_kv_size, args.device)
-    await engine.ensure_shard(shard)  # load before serving: a ready node answers at once
-
-    server = grpc.aio.server(options=proto.SERVER_OPTIONS)
-    try:
-        port = server.add_insecure_port(format_address(args.host, args.port))
-    except RuntimeError as e:
-        raise SystemExit(f"error: cannot bind {format_address(args.host, args.port)}: {e}") from None
-    address = format_address(args.host, port)
-    service = NodeService(engine, shard, args.backend, address)
-    pb_grpc.add_NodeServiceServicer_to_server(service, server)
-    await server.start()
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    _on_signals(loop, stop)
     if args.watch_stdin:
-        def watch():
-            while sys.stdin.buffer.read(65536):
-                pass
-            loop.call_soon_threadsafe(stop.set)
+        _watch_stdin(loop, stop)
+    name = describe(format_address(args.host, args.port), shard)
+    # Load before serving (a ready node answers at once), unless told to stop meanwhile.
+    if not await _load_or_stop(engine, shard, stop):
+        if not engine.close(timeout=WORKER_STOP_S):
+            _exit_now(name, "stopped while loading its shard")
+        return
 
-        threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
+    interceptors = [TokenCheck(args.token)] if args.token else []
+    server = grpc.aio.server(options=proto.SERVER_OPTIONS, interceptors=interceptors)
+    try:
+        bound = server.add_insecure_port(format_address(args.host, args.port))
+    except RuntimeError as e:
+        raise SystemExit(f"error: cannot bind {format_address(args.host, args.port)}: {one_line(e)}") from None
+    address = format_address(args.host, bound)
+    service = NodeService(engine, shard, args.backend, address, args.peers, args.token)
+    for check in interceptors:
+        check.name = service.name
+    pb_grpc.add_NodeServiceServicer_to_server(service, server)
+    await server.start()
     print(json.dumps({"event": "ready", "address": address, "pid": os.getpid(), "backend": args.backend,
                       "shard": shard.to_dict(), "heads": heads, "tree": tree}), flush=True)
     print(f"[{service.name}] {args.backend} serving '{args.model}'", file=sys.stderr, flush=True)
     await stop.wait()
-    await server.stop(grace=1.0)
+    engine.cancel_all()  # a pass in flight stops at its next layer
+    await server.stop(grace=STOP_GRACE_S)
     await service.close()
-    engine.close()
+    if not engine.close(timeout=WORKER_STOP_S):
+        _exit_now(service.name, f"its worker was still computing {WORKER_STOP_S} s after the stop")
+
+
+def check_args(args) -> None:
+    """Refusals before anything loads (argparse's types did the numbers)."""
+    args.token = args.token or env_token()
+    args.peers = parse_peers(args.peers)
+    if args.end_layer is not None and args.end_layer < args.start_layer:
+        raise ValueError(f"--end-layer {args.end_layer} is before --start-layer {args.start_layer}")
+    if not is_loopback(args.host) and not args.token:
+        print(f"warning: binding {args.host} without a token: anyone who reaches this port can run the model. "
+              "Set --token or $MLX_MEDUSA_RING_TOKEN on every node and the client.", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        raise SystemExit(f"error: --port {args.port} must be in 0..65535 (0: any free port)")
     try:
+        check_args(args)
+        # Until serve() takes the signals over: SIGTERM exits as Ctrl-C does, without a traceback.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         asyncio.run(serve(args))
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(e)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 from typing import Callable
 
 from .. import backends
+from ..cli_args import finite_float, kv_window
 from ..core.generation import stream_generate
 
 API_KEY_ENV = "MLX_MEDUSA_API_KEY"
@@ -31,12 +32,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"Require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none)")
     p.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens of a request that gives none")
-    p.add_argument("--temp", type=float, default=0.0, help="Default temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="Default top_p")
-    p.add_argument("--max-kv-size", type=int, default=None, help="Committed KV window per request (rotating)")
+    # NaN and inf are refused at parse time; the ranges by check_args, in one line.
+    p.add_argument("--temp", type=finite_float, default=0.0, help="Default temperature")
+    p.add_argument("--top-p", type=finite_float, default=1.0, help="Default top_p")
+    p.add_argument("--max-kv-size", type=kv_window, default=None, help="Committed KV window per request (rotating)")
     p.add_argument("--queue-size", type=int, default=32,
                    help="Requests that may wait behind the running one; more are answered 503")
-    p.add_argument("--request-timeout", type=float, default=300.0,
+    p.add_argument("--request-timeout", type=finite_float, default=300.0,
                    help="Seconds of generation per request; then it ends with finish_reason 'length'")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="Largest request body accepted (413 above)")
     p.add_argument("--allowed-origins", type=lambda s: tuple(x for x in s.split(",") if x), default=(),

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from ..core.limits import Cancelled
 from ..exo.worker import WorkerThread
 from .schema import APIError
 from .stops import StopMatcher
@@ -56,6 +57,11 @@ class Job:
             self._loop.call_soon_threadsafe(self._deltas.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody reads any more
             self.cancelled.set()
+
+    def check(self) -> None:
+        """From the worker, between prefill chunks: stop a long prompt whose client left."""
+        if self.cancelled.is_set():
+            raise Cancelled("the request was cancelled")
 
     def cancel(self, error: APIError | None = None) -> None:
         """From the event loop: the worker stops at its next step; ``stream`` ends now (raising ``error``)."""
@@ -139,6 +145,8 @@ class Scheduler:
         outcome, tokens = "error", 0
         try:
             outcome, tokens = self._generate(job)
+        except Cancelled:  # its client left (or the server stops) during the prefill
+            outcome = "cancelled"
         except Exception as e:  # the request gets a 500; the server keeps serving
             log.exception("generation failed")
             job.put(e)
@@ -154,7 +162,7 @@ class Scheduler:
         stops = StopMatcher(a.stops)
         deadline = time.monotonic() + self.time_limit
         gen = self._stream_generate(self.model, self.tokenizer, a.ids, max_tokens=a.max_tokens, temp=a.temp,
-                                    top_p=a.top_p, seed=a.seed, **self._gen_kwargs)
+                                    top_p=a.top_p, seed=a.seed, check=job.check, **self._gen_kwargs)
         try:
             for r in gen:
                 text, hit = stops.feed(r.text)

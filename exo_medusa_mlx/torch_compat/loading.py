@@ -60,6 +60,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
     tuned = default_tree_for(heads_path, "torch")
     # Resolved first (even without heads), so a bad --tree fails before the model loads.
     choices = tree_choices(tree if tree is not None else tuned)
+    buffers = load_tree(choices)  # its size cap too, before the model loads
     path = resolve_model_path(model)
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
@@ -70,7 +71,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
     if heads_path is not None:
         medusa_heads = load_heads(heads_path, base.config.hidden_size, base.config.vocab_size,
                                   dtype=dtype, device=device)
-    buffers = load_tree(choices) if medusa_heads is not None else ROOT_ONLY
+    buffers = buffers if medusa_heads is not None else ROOT_ONLY
     medusa = MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None)
     if tree is None:  # the tree tuned with the heads, if tuned here; else a probe of this machine picks one
         medusa = fit_to_machine(medusa, tuned_facts(tuned), str(heads_path))

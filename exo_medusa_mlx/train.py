@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .distill import build_cache, cache_key, iterate_batches, load_shard  # noqa: F401  (re-exported)
 from .heads import MedusaHeads
+from .cli_args import fraction, non_negative_float, positive_float
 from .core.heads_format import MedusaConfig
 from .prompts import DATA_DIR, DEFAULT_PROMPTS, chat_ids, eos_ids, read_documents, read_prompts  # noqa: F401
 from .train_ckpt import init_from, resume_from, saved_heads  # noqa: F401  (re-exported)
@@ -187,6 +188,9 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
                                                    path_embeds(heads, embed, b))
         opt.update(heads, grads)
         mx.eval(heads.parameters(), opt.state, value, per_head, top1)
+        if not np.isfinite(float(value)):  # diverged: stop before these heads reach a checkpoint
+            raise ValueError(f"training diverged: the loss is {float(value)} at step {step}; lower "
+                             "--learning-rate (no heads were saved from this step)")
         return float(value), np.array(per_head), np.array(top1)
 
     metrics: dict = {}
@@ -325,7 +329,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=None,
                    help="Use only the first N prompts (of --prompts and --add-prompts) or documents")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="Response length for self-distillation")
-    p.add_argument("--temp", type=float, default=0.0, help="Sampling temperature of the self-distilled responses")
+    p.add_argument("--temp", type=non_negative_float, default=0.0, help="Sampling temperature of the self-distilled responses")
     p.add_argument("--samples-per-prompt", type=int, default=1,
                    help="Responses per prompt: the first greedy, the others sampled at --temp (> 0)")
     p.add_argument("--gen-batch-size", type=int, default=GEN_BATCH_SIZE, help="Sequences per batch in the frozen model's pass")
@@ -335,7 +339,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="Cut --data documents to this many tokens")
     p.add_argument("--cache-dir", default=None,
                    help="Hidden-state shards (default: OUTPUT/cache); reused when the data matches, resumed when unfinished")
-    p.add_argument("--val-split", type=float, default=VAL_SPLIT, help="Fraction of sequences held out for validation")
+    p.add_argument("--val-split", type=fraction, default=VAL_SPLIT, help="Fraction of sequences held out for validation")
     p.add_argument("--data-only", action="store_true", help="Build the hidden-state cache and stop")
     p.add_argument("--num-heads", type=int, default=NUM_HEADS)
     p.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
@@ -351,13 +355,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="Score the heads' guesses over the N tokens the model emits most in the data (a cheaper "
                         "pass over part of lm_head; pays with --next-token on a CPU); 0: the whole vocabulary")
     p.add_argument("--loss", choices=["ce", "kl"], default="ce", help="CE to the base argmax, or KL to its top-k distribution")
-    p.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise on the input states, as a fraction of their RMS")
+    p.add_argument("--learning-rate", type=positive_float, default=LEARNING_RATE)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    p.add_argument("--noise", type=non_negative_float, default=0.0, help="Gaussian noise on the input states, as a fraction of their RMS")
     p.add_argument("--warmup", type=int, default=None, help="Warm-up steps (default 5%% of the steps)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--iters", type=int, default=None, help="Optimizer steps")
-    g.add_argument("--epochs", type=float, default=None, help="Passes over the training rows (default 1)")
+    g.add_argument("--epochs", type=positive_float, default=None, help="Passes over the training rows (default 1)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="Rows (positions) per step")
     p.add_argument("--steps-per-eval", type=int, default=0, help="Validate every N steps (0: at the end only)")
     p.add_argument("--save-every", type=int, default=SAVE_EVERY, help="Checkpoint every N steps into OUTPUT/checkpoint")

@@ -74,6 +74,13 @@ FLAGS = [
     ("tune", ["--pass-overhead-ms", "-1"], "argument --pass-overhead-ms: -1 must be >= 0"),
     ("launch", ["--timeout", "inf"], "argument --timeout: 'inf' is not a finite number"),
     ("bench", ["--distributed", "--dist-timeout", "0"], "argument --dist-timeout: 0 must be > 0"),
+    ("train", ["-o", "x", "--learning-rate", "nan"], "argument --learning-rate: 'nan' is not a finite number"),
+    ("train", ["-o", "x", "--learning-rate", "0"], "argument --learning-rate: 0 must be > 0"),
+    ("train", ["-o", "x", "--temp", "inf"], "argument --temp: 'inf' is not a finite number"),
+    ("train", ["-o", "x", "--val-split", "1"], "argument --val-split: 1 must be in [0, 1)"),
+    ("train", ["-o", "x", "--weight-decay", "nan"], "argument --weight-decay: 'nan' is not a finite number"),
+    ("train", ["-o", "x", "--noise", "-0.1"], "argument --noise: -0.1 must be >= 0"),
+    ("train", ["-o", "x", "--epochs", "0"], "argument --epochs: 0 must be > 0"),
 ]
 
 

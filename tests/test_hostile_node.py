@@ -270,7 +270,7 @@ def test_a_prompt_that_is_not_utf8_is_refused(setup):
     first = setup.ring.nodes[0]
     raw = request(setup, 0, method="SendPrompt", prompt="t1 XX").SerializeToString().replace(b"t1 XX", b"t1 \xff\xfe")
     channel = grpc.insecure_channel(first.address)
-    call = channel.unary_unary("/node_service.NodeService/SendPrompt", request_serializer=lambda b: b,
+    call = channel.unary_unary("/exo_medusa_ring.NodeService/SendPrompt", request_serializer=lambda b: b,
                                response_deserializer=lambda b: b)
     with pytest.raises(grpc.RpcError) as info:
         call(raw, timeout=10, metadata=MD)

@@ -171,7 +171,7 @@ def test_wire_round_trip_and_refusals():
     assert proto.shard_from_proto(proto.shard_to_proto(s)) == s
     with pytest.raises(ValueError, match="outside its 8 layers"):
         proto.shard_from_proto(proto.pb.Shard(model_id="m", start_layer=5, end_layer=8, n_layers=8))
-    with pytest.raises(ValueError, match="cannot travel"):
+    with pytest.raises(ValueError, match="only arrays, lists of arrays and JSON values travel"):
         proto.state_to_proto({"obj": object()})
 
 

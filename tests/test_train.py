@@ -186,6 +186,17 @@ def test_hydra_heads_start_from_next_token_heads_and_learn_their_path(base, cach
         saved_heads(tmp_path / "hydra", nt_cfg)
 
 
+def test_training_stops_when_the_loss_is_not_finite(base, cache, tmp_path):
+    folder, meta = cache
+    heads = _heads(base)
+    block = heads.heads[1].blocks[0].linear
+    block.weight = block.weight.at[0, 0].add(mx.array(float("inf")))  # a head that has diverged
+    with pytest.raises(ValueError, match="training diverged: the loss is (nan|inf) at step 0"):
+        train(heads, base_lm_head(base), folder, meta, steps=20, batch_size=16, lr=1e-3, warmup=0,
+              checkpoint=tmp_path / "checkpoint", save_every=1, log=lambda *_: None)
+    assert not (tmp_path / "checkpoint").exists()  # nothing non-finite was saved
+
+
 def test_draft_vocabulary_is_the_most_emitted_tokens(cache):
     from safetensors.numpy import load_file
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&exo_medusa_mlx/ring/node_service.proto\x12\x0cnode_service\"S\n\x05Shard\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\x10\n\x08n_layers\x18\x04 \x01(\x05\";\n\x06Tensor\x12\x13\n\x0btensor_data\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\"3\n\nTensorList\x12%\n\x07tensors\x18\x01 \x03(\x0b\x32\x14.node_service.Tensor\"\xd2\x02\n\x0eInferenceState\x12\x41\n\x0btensor_data\x18\x01 \x03(\x0b\x32,.node_service.InferenceState.TensorDataEntry\x12J\n\x10tensor_list_data\x18\x02 \x03(\x0b\x32\x30.node_service.InferenceState.TensorListDataEntry\x12\x17\n\x0fother_data_json\x18\x03 \x01(\t\x1aG\n\x0fTensorDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.node_service.Tensor:\x02\x38\x01\x1aO\n\x13TensorListDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.node_service.TensorList:\x02\x38\x01\";\n\x04Peer\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\"\n\x05shard\x18\x02 \x01(\x0b\x32\x13.node_service.Shard\"\xde\x01\n\rPromptRequest\x12\"\n\x05shard\x18\x01 \x01(\x0b\x32\x13.node_service.Shard\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nrequest_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12:\n\x0finference_state\x18\x04 \x01(\x0b\x32\x1c.node_service.InferenceStateH\x01\x88\x01\x01\x12!\n\x05route\x18\x0f \x03(\x0b\x32\x12.node_service.PeerB\r\n\x0b_request_idB\x12\n\x10_inference_state\"\xf4\x01\n\rTensorRequest\x12\"\n\x05shard\x18\x01 \x01(\x0b\x32\x13.node_service.Shard\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.node_service.Tensor\x12\x17\n\nrequest_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12:\n\x0finference_state\x18\x04 \x01(\x0b\x32\x1c.node_service.InferenceStateH\x01\x88\x01\x01\x12!\n\x05route\x18\x0f \x03(\x0b\x32\x12.node_service.PeerB\r\n\x0b_request_idB\x12\n\x10_inference_state\"\xae\x01\n\tNodeStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\"\n\x05shard\x18\x02 \x01(\x0b\x32\x13.node_service.Shard\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x12\x10\n\x08\x65ncode_s\x18\x07 \x01(\x01\x12\x14\n\x0c\x64ownstream_s\x18\x08 \x01(\x01\"\x82\x01\n\nPassResult\x12\x35\n\x0finference_state\x18\x01 \x01(\x0b\x32\x1c.node_service.InferenceState\x12&\n\x05stats\x18\x02 \x03(\x0b\x32\x17.node_service.NodeStats\x12\x15\n\rprompt_tokens\x18\x03 \x03(\x03\"\x82\x01\n\x11SendResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06result\x18\x02 \x03(\x05\x12)\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.node_service.TensorH\x00\x88\x01\x01\x12\x13\n\x0bis_finished\x18\x04 \x01(\x08\x42\t\n\x07_tensor\"\x14\n\x12HealthCheckRequest\"k\n\x13HealthCheckResponse\x12\x12\n\nis_healthy\x18\x01 \x01(\x08\x12\"\n\x05shard\x18\x02 \x01(\x0b\x32\x13.node_service.Shard\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\"\x07\n\x05\x45mpty2\xb7\x02\n\x0bNodeService\x12\x45\n\nSendPrompt\x12\x1b.node_service.PromptRequest\x1a\x18.node_service.PassResult\"\x00\x12\x45\n\nSendTensor\x12\x1b.node_service.TensorRequest\x1a\x18.node_service.PassResult\"\x00\x12\x44\n\nSendResult\x12\x1f.node_service.SendResultRequest\x1a\x13.node_service.Empty\"\x00\x12T\n\x0bHealthCheck\x12 .node_service.HealthCheckRequest\x1a!.node_service.HealthCheckResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&exo_medusa_mlx/ring/node_service.proto\x12\x0f\x65xo_medusa_ring\"S\n\x05Shard\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\x10\n\x08n_layers\x18\x04 \x01(\x05\";\n\x06Tensor\x12\x13\n\x0btensor_data\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\"6\n\nTensorList\x12(\n\x07tensors\x18\x01 \x03(\x0b\x32\x17.exo_medusa_ring.Tensor\"\xde\x02\n\x0eInferenceState\x12\x44\n\x0btensor_data\x18\x01 \x03(\x0b\x32/.exo_medusa_ring.InferenceState.TensorDataEntry\x12M\n\x10tensor_list_data\x18\x02 \x03(\x0b\x32\x33.exo_medusa_ring.InferenceState.TensorListDataEntry\x12\x17\n\x0fother_data_json\x18\x03 \x01(\t\x1aJ\n\x0fTensorDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.exo_medusa_ring.Tensor:\x02\x38\x01\x1aR\n\x13TensorListDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.exo_medusa_ring.TensorList:\x02\x38\x01\">\n\x04Peer\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x05shard\x18\x02 \x01(\x0b\x32\x16.exo_medusa_ring.Shard\"\xe7\x01\n\rPromptRequest\x12%\n\x05shard\x18\x01 \x01(\x0b\x32\x16.exo_medusa_ring.Shard\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nrequest_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12=\n\x0finference_state\x18\x04 \x01(\x0b\x32\x1f.exo_medusa_ring.InferenceStateH\x01\x88\x01\x01\x12$\n\x05route\x18\x0f \x03(\x0b\x32\x15.exo_medusa_ring.PeerB\r\n\x0b_request_idB\x12\n\x10_inference_state\"\x80\x02\n\rTensorRequest\x12%\n\x05shard\x18\x01 \x01(\x0b\x32\x16.exo_medusa_ring.Shard\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.exo_medusa_ring.Tensor\x12\x17\n\nrequest_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12=\n\x0finference_state\x18\x04 \x01(\x0b\x32\x1f.exo_medusa_ring.InferenceStateH\x01\x88\x01\x01\x12$\n\x05route\x18\x0f \x03(\x0b\x32\x15.exo_medusa_ring.PeerB\r\n\x0b_request_idB\x12\n\x10_inference_state\"\xb1\x01\n\tNodeStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x05shard\x18\x02 \x01(\x0b\x32\x16.exo_medusa_ring.Shard\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x12\x10\n\x08\x65ncode_s\x18\x07 \x01(\x01\x12\x14\n\x0c\x64ownstream_s\x18\x08 \x01(\x01\"\x88\x01\n\nPassResult\x12\x38\n\x0finference_state\x18\x01 \x01(\x0b\x32\x1f.exo_medusa_ring.InferenceState\x12)\n\x05stats\x18\x02 \x03(\x0b\x32\x1a.exo_medusa_ring.NodeStats\x12\x15\n\rprompt_tokens\x18\x03 \x03(\x03\"\x85\x01\n\x11SendResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06result\x18\x02 \x03(\x05\x12,\n\x06tensor\x18\x03 \x01(\x0b\x32\x17.exo_medusa_ring.TensorH\x00\x88\x01\x01\x12\x13\n\x0bis_finished\x18\x04 \x01(\x08\x42\t\n\x07_tensor\"\x14\n\x12HealthCheckRequest\"n\n\x13HealthCheckResponse\x12\x12\n\nis_healthy\x18\x01 \x01(\x08\x12%\n\x05shard\x18\x02 \x01(\x0b\x32\x16.exo_medusa_ring.Shard\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\"\x07\n\x05\x45mpty2\xcf\x02\n\x0bNodeService\x12K\n\nSendPrompt\x12\x1e.exo_medusa_ring.PromptRequest\x1a\x1b.exo_medusa_ring.PassResult\"\x00\x12K\n\nSendTensor\x12\x1e.exo_medusa_ring.TensorRequest\x1a\x1b.exo_medusa_ring.PassResult\"\x00\x12J\n\nSendResult\x12\".exo_medusa_ring.SendResultRequest\x1a\x16.exo_medusa_ring.Empty\"\x00\x12Z\n\x0bHealthCheck\x12#.exo_medusa_ring.HealthCheckRequest\x1a$.exo_medusa_ring.HealthCheckResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,36 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCESTATE_TENSORDATAENTRY']._serialized_options = b'8\001'
   _globals['_INFERENCESTATE_TENSORLISTDATAENTRY']._loaded_options = None
   _globals['_INFERENCESTATE_TENSORLISTDATAENTRY']._serialized_options = b'8\001'
-  _globals['_SHARD']._serialized_start=56
-  _globals['_SHARD']._serialized_end=139
-  _globals['_TENSOR']._serialized_start=141
-  _globals['_TENSOR']._serialized_end=200
-  _globals['_TENSORLIST']._serialized_start=202
-  _globals['_TENSORLIST']._serialized_end=253
-  _globals['_INFERENCESTATE']._serialized_start=256
-  _globals['_INFERENCESTATE']._serialized_end=594
-  _globals['_INFERENCESTATE_TENSORDATAENTRY']._serialized_start=442
-  _globals['_INFERENCESTATE_TENSORDATAENTRY']._serialized_end=513
-  _globals['_INFERENCESTATE_TENSORLISTDATAENTRY']._serialized_start=515
-  _globals['_INFERENCESTATE_TENSORLISTDATAENTRY']._serialized_end=594
-  _globals['_PEER']._serialized_start=596
-  _globals['_PEER']._serialized_end=655
-  _globals['_PROMPTREQUEST']._serialized_start=658
-  _globals['_PROMPTREQUEST']._serialized_end=880
-  _globals['_TENSORREQUEST']._serialized_start=883
-  _globals['_TENSORREQUEST']._serialized_end=1127
-  _globals['_NODESTATS']._serialized_start=1130
-  _globals['_NODESTATS']._serialized_end=1304
-  _globals['_PASSRESULT']._serialized_start=1307
-  _globals['_PASSRESULT']._serialized_end=1437
-  _globals['_SENDRESULTREQUEST']._serialized_start=1440
-  _globals['_SENDRESULTREQUEST']._serialized_end=1570
-  _globals['_HEALTHCHECKREQUEST']._serialized_start=1572
-  _globals['_HEALTHCHECKREQUEST']._serialized_end=1592
-  _globals['_HEALTHCHECKRESPONSE']._serialized_start=1594
-  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1701
-  _globals['_EMPTY']._serialized_start=1703
-  _globals['_EMPTY']._serialized_end=1710
-  _globals['_NODESERVICE']._serialized_start=1713
-  _globals['_NODESERVICE']._serialized_end=2024
+  _globals['_SHARD']._serialized_start=59
+  _globals['_SHARD']._serialized_end=142
+  _globals['_TENSOR']._serialized_start=144
+  _globals['_TENSOR']._serialized_end=203
+  _globals['_TENSORLIST']._serialized_start=205
+  _globals['_TENSORLIST']._serialized_end=259
+  _globals['_INFERENCESTATE']._serialized_start=262
+  _globals['_INFERENCESTATE']._serialized_end=612
+  _globals['_INFERENCESTATE_TENSORDATAENTRY']._serialized_start=454
+  _globals['_INFERENCESTATE_TENSORDATAENTRY']._serialized_end=528
+  _globals['_INFERENCESTATE_TENSORLISTDATAENTRY']._serialized_start=530
+  _globals['_INFERENCESTATE_TENSORLISTDATAENTRY']._serialized_end=612
+  _globals['_PEER']._serialized_start=614
+  _globals['_PEER']._serialized_end=676
+  _globals['_PROMPTREQUEST']._serialized_start=679
+  _globals['_PROMPTREQUEST']._serialized_end=910
+  _globals['_TENSORREQUEST']._serialized_start=913
+  _globals['_TENSORREQUEST']._serialized_end=1169
+  _globals['_NODESTATS']._serialized_start=1172
+  _globals['_NODESTATS']._serialized_end=1349
+  _globals['_PASSRESULT']._serialized_start=1352
+  _globals['_PASSRESULT']._serialized_end=1488
+  _globals['_SENDRESULTREQUEST']._serialized_start=1491
+  _globals['_SENDRESULTREQUEST']._serialized_end=1624
+  _globals['_HEALTHCHECKREQUEST']._serialized_start=1626
+  _globals['_HEALTHCHECKREQUEST']._serialized_end=1646
+  _globals['_HEALTHCHECKRESPONSE']._serialized_start=1648
+  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1758
+  _globals['_EMPTY']._serialized_start=1760
+  _globals['_EMPTY']._serialized_end=1767
+  _globals['_NODESERVICE']._serialized_start=1770
+  _globals['_NODESERVICE']._serialized_end=2105
 # @@protoc_insertion_point(module_scope)

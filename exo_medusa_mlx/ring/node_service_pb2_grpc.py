@@ -35,22 +35,22 @@ class NodeServiceStub:
             channel: A grpc.Channel.
         """
         self.SendPrompt = channel.unary_unary(
-                '/node_service.NodeService/SendPrompt',
+                '/exo_medusa_ring.NodeService/SendPrompt',
                 request_serializer=exo__medusa__mlx_dot_ring_dot_node__service__pb2.PromptRequest.SerializeToString,
                 response_deserializer=exo__medusa__mlx_dot_ring_dot_node__service__pb2.PassResult.FromString,
                 _registered_method=True)
         self.SendTensor = channel.unary_unary(
-                '/node_service.NodeService/SendTensor',
+                '/exo_medusa_ring.NodeService/SendTensor',
                 request_serializer=exo__medusa__mlx_dot_ring_dot_node__service__pb2.TensorRequest.SerializeToString,
                 response_deserializer=exo__medusa__mlx_dot_ring_dot_node__service__pb2.PassResult.FromString,
                 _registered_method=True)
         self.SendResult = channel.unary_unary(
-                '/node_service.NodeService/SendResult',
+                '/exo_medusa_ring.NodeService/SendResult',
                 request_serializer=exo__medusa__mlx_dot_ring_dot_node__service__pb2.SendResultRequest.SerializeToString,
                 response_deserializer=exo__medusa__mlx_dot_ring_dot_node__service__pb2.Empty.FromString,
                 _registered_method=True)
         self.HealthCheck = channel.unary_unary(
-                '/node_service.NodeService/HealthCheck',
+                '/exo_medusa_ring.NodeService/HealthCheck',
                 request_serializer=exo__medusa__mlx_dot_ring_dot_node__service__pb2.HealthCheckRequest.SerializeToString,
                 response_deserializer=exo__medusa__mlx_dot_ring_dot_node__service__pb2.HealthCheckResponse.FromString,
                 _registered_method=True)
@@ -111,9 +111,9 @@ def add_NodeServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'node_service.NodeService', rpc_method_handlers)
+            'exo_medusa_ring.NodeService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('node_service.NodeService', rpc_method_handlers)
+    server.add_registered_method_handlers('exo_medusa_ring.NodeService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -134,7 +134,7 @@ class NodeService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/node_service.NodeService/SendPrompt',
+            '/exo_medusa_ring.NodeService/SendPrompt',
             exo__medusa__mlx_dot_ring_dot_node__service__pb2.PromptRequest.SerializeToString,
             exo__medusa__mlx_dot_ring_dot_node__service__pb2.PassResult.FromString,
             options,
@@ -161,7 +161,7 @@ class NodeService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/node_service.NodeService/SendTensor',
+            '/exo_medusa_ring.NodeService/SendTensor',
             exo__medusa__mlx_dot_ring_dot_node__service__pb2.TensorRequest.SerializeToString,
             exo__medusa__mlx_dot_ring_dot_node__service__pb2.PassResult.FromString,
             options,
@@ -188,7 +188,7 @@ class NodeService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/node_service.NodeService/SendResult',
+            '/exo_medusa_ring.NodeService/SendResult',
             exo__medusa__mlx_dot_ring_dot_node__service__pb2.SendResultRequest.SerializeToString,
             exo__medusa__mlx_dot_ring_dot_node__service__pb2.Empty.FromString,
             options,
@@ -215,7 +215,7 @@ class NodeService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/node_service.NodeService/HealthCheck',
+            '/exo_medusa_ring.NodeService/HealthCheck',
             exo__medusa__mlx_dot_ring_dot_node__service__pb2.HealthCheckRequest.SerializeToString,
             exo__medusa__mlx_dot_ring_dot_node__service__pb2.HealthCheckResponse.FromString,
             options,

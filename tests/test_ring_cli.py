@@ -147,6 +147,20 @@ def test_last_node_takes_the_tree_tuned_for_its_backend(tmp_path):
     assert node.resolve_heads_and_tree("m", str(tmp_path), "cpu-8", "torch")[1] == "cpu-8"
 
 
+def test_nodes_on_one_host_share_its_cores(tiny, monkeypatch):
+    """Idle threads sleep at once (a pass visits one node at a time); a user's own settings win."""
+    from exo_medusa_mlx.ring.launcher import SHARE_CORES, LocalRing
+
+    folder, _ = tiny
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "10")
+    env = LocalRing(["mlx", "mlx"], str(folder))._env()
+    assert env["OMP_WAIT_POLICY"] == SHARE_CORES["OMP_WAIT_POLICY"] and env["OPENBLAS_THREAD_TIMEOUT"] == "10"
+    assert "OPENBLAS_NUM_THREADS" not in env or env["OPENBLAS_NUM_THREADS"] == __import__("os").environ.get(
+        "OPENBLAS_NUM_THREADS")  # every node may use every core
+    assert LocalRing(["mlx"], str(folder), threads=1)._env()["OPENBLAS_NUM_THREADS"] == "1"
+
+
 def test_partition_layers():
     assert partition_layers(30, [1, 1, 1]) == [(0, 9), (10, 19), (20, 29)]
     assert partition_layers(30, [1, 1]) == [(0, 14), (15, 29)]

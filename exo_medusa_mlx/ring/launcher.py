@@ -35,6 +35,9 @@ from .client import DEFAULT_TIMEOUT_S, NodeInfo, RingClient, RingError
 from .node import BACKENDS, format_address
 from .proto import HOP_MARGIN_S
 
+# Nodes on one host take turns: their idle threads must sleep, not spin (OpenBLAS spins 2^28
+# cycles by default, OpenMP a while too), or they take the cores from the node at work.
+SHARE_CORES = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
 START_TIMEOUT_S = 300.0  # loading a shard on a busy CPU
 STOP_GRACE_S = 5.0
 TAIL_LINES = 3  # of a node's log, quoted when it fails to start
@@ -135,7 +138,11 @@ class LocalRing:
         model: model id or local Hugging Face folder (default: the embedded default model).
         heads, tree: Medusa heads folder and tree for the last node.
         weights: relative share of layers per node (e.g. each node's memory); default even.
-        threads: CPU threads per node (BLAS, OpenMP and torch).
+        threads: CPU threads per node (BLAS, OpenMP and torch). None: the nodes share the host's
+            cores in turn (a pass visits one node at a time), each may use them all, and idle BLAS
+            and OpenMP threads sleep at once instead of spinning (``SHARE_CORES``): spinning
+            threads of the waiting nodes took the cores from the working one (a 2-node ring ran
+            at 0.38x of one node).
         port: first port (node i gets port + i); 0: any free ports.
     """
 
@@ -194,6 +201,8 @@ class LocalRing:
         if self.threads is not None:
             for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 env[k] = str(self.threads)
+        for k, v in SHARE_CORES.items():
+            env.setdefault(k, v)
         return env
 
     def start(self, wait: bool = True) -> "LocalRing":

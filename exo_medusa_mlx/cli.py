@@ -11,7 +11,7 @@ COMMANDS = {
     "tune": "exo_medusa_mlx.tune",
     "bench": "exo_medusa_mlx.bench",
     "node": "exo_medusa_mlx.ring.node",
-    "ring": "exo_medusa_mlx.ring.launcher",
+    "ring": "exo_medusa_mlx.ring.command",
     "server": "exo_medusa_mlx.server.main",
     "exo": "exo_medusa_mlx.exo.launch",
     "launch": "exo_medusa_mlx.launch",

@@ -16,7 +16,8 @@ import time
 
 import exo_medusa_mlx  # noqa: F401  (before mlx: the BLAS)
 from exo_medusa_mlx.core.generation import apply_template
-from exo_medusa_mlx.ring.launcher import LocalRing, load_tokenizer
+from exo_medusa_mlx.ring.command import load_tokenizer
+from exo_medusa_mlx.ring.launcher import LocalRing
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 

@@ -41,10 +41,10 @@ def tiny(tmp_path_factory):
 
 
 class Launcher:
-    """``python -m exo_medusa_mlx.ring.launcher`` with its output read as it comes."""
+    """``python -m exo_medusa_mlx.ring.command`` with its output read as it comes."""
 
     def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "exo_medusa_mlx.ring.launcher", *args], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "exo_medusa_mlx.ring.command", *args], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.out: queue.Queue = queue.Queue()
         self.err: list[str] = []

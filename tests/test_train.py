@@ -409,9 +409,9 @@ def test_resume_refuses_another_layout_and_a_broken_state(base, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "unrecognized arguments: --steps"),  # no abbreviation of --steps-per-eval
     (["--iters", "0"], "--iters must be at least 1"),
-    (["--epochs", "0"], "--epochs 0.0 must be positive"),
+    (["--epochs", "0"], "argument --epochs: 0 must be > 0"),
     (["--warmup", "-5"], "--warmup must not be negative"),
-    (["--learning-rate", "-1"], "--learning-rate -1.0 must be positive"),
+    (["--learning-rate", "-1"], "argument --learning-rate: -1 must be > 0"),
     (["--self-instruct", "-1"], "--self-instruct must not be negative"),
     (["--data", "d.txt", "--add-prompts", "p.jsonl"], "--add-prompts and --self-instruct add prompts"),
     (["--add-prompts", "missing.jsonl"], "prompt file missing.jsonl not found"),

@@ -44,7 +44,7 @@ def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: i
     import mlx.core as mx
 
     from .distill import iterate_batches
-    from .train import path_embeds, target_ranks
+    from .heads_loss import path_embeds, target_ranks
 
     out = [np.array(target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
                                  path_embeds(heads, embed, b), draft))

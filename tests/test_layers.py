@@ -14,7 +14,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "exo_medusa_mlx"
 # Top-level modules of the MLX backend and the tools built on it.
-MLX_MODULES = {"array_ops", "cache", "model", "heads", "lookahead", "loading", "train", "train_ckpt", "train_data", "tune",
+MLX_MODULES = {"array_ops", "cache", "model", "heads", "lookahead", "loading", "train", "train_ckpt", "train_data", "heads_loss", "tune",
                "distill", "shards", "self_instruct", "bench", "distributed", "bench_distributed", "launch"}
 
 

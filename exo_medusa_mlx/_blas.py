@@ -1,20 +1,10 @@
-"""Give MLX an optimized BLAS on Linux.
+"""Give MLX an optimized BLAS on Linux, before ``mlx.core`` is imported (this module imports no mlx).
 
-``mlx[cpu]`` on Linux links a reference BLAS (``mlx_cpu.libs/libblas``), which
-is ~50x slower than OpenBLAS for a float32 GEMM. ``scipy-openblas32`` (the
-OpenBLAS that numpy and SciPy ship) picks its kernels at run time for the CPU it
-runs on (``DYNAMIC_ARCH``), but prefixes every symbol with ``scipy_``. MLX's CPU
-backend calls exactly three BLAS functions, ``cblas_{s,d,c}gemm``; we compile a
-three-function shim forwarding those names to the prefixed ones (cached under
-``~/.cache/exo_medusa_mlx/blas``) and ``dlopen`` it with ``RTLD_GLOBAL`` *before*
-``mlx.core`` is imported, so the dynamic linker binds MLX's calls to OpenBLAS.
-
-Building the shim needs a C compiler (``$CC``, else ``cc``/``gcc``); without one
-MLX keeps its reference BLAS and ``blas_info()`` says why. (OpenBLAS builds
-with unprefixed symbols on PyPI, e.g. ``cmeel-openblas``, target one CPU family
-and die with SIGILL elsewhere: 0.3.31 is built for AVX-512.)
-
-This module must not import mlx. Set ``EXO_MEDUSA_BLAS=off`` to disable.
+``mlx[cpu]`` links a reference BLAS, ~50x slower than OpenBLAS for a float32 GEMM. We
+load ``scipy-openblas32`` (numpy's OpenBLAS: kernels picked for the CPU at run time) and a
+three-function shim giving its ``scipy_``-prefixed ``cblas_{s,d,c}gemm`` MLX's names,
+compiled once with ``$CC``/``cc`` and cached, with ``RTLD_GLOBAL``. Without a compiler MLX
+keeps its reference BLAS and ``blas_info()`` says why; ``EXO_MEDUSA_BLAS=off`` disables it.
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
-"""What exo's node does with the last shard's output, when a pass may emit several tokens.
+"""What exo's node does with the last shard's output when a pass may emit several tokens
+(``NODE_HOOK.md`` says why and where it goes in the node).
 
-exo 0.0.x's node assumes one token per ring pass: on the node holding the last
-layer it calls ``engine.sample(result)``, takes ``.item()``, checks EOS, sends the
-token as a (1, 1) tensor to the first shard and broadcasts it. With Medusa the
-last shard has already verified the tree and proposed the next one, so the node
-must instead:
-
-1. take the pass's tokens from ``inference_state['medusa_emitted']`` (one or
-   more), not from ``sample``;
-2. stop at the first EOS among them and at ``max_tokens``, dropping the rest;
-3. send the first shard the next pass's whole input, (1, T') token ids, with the
-   next pass's ``inference_state`` (the accepted nodes to commit, the next tree,
-   its positions, the sampling settings) rather than a (1, 1) token;
-4. broadcast every emitted token (``SendResult`` carries a list already);
-5. pass ``inference_state`` through every hop (exo's ``InferenceState`` message);
-6. on ``is_finished``, let each node's engine free the request's caches;
-7. put the sampling settings in the first pass's state (``state.initial_state``):
-   sampling happens inside the last shard, where the acceptors need them.
-
-``process_result`` does 1-3 (and falls back to exo's one-token rule for an
-engine that emits nothing); ``on_request_finished`` does 6. ``NODE_HOOK.md``
-shows where they go in the node.
+``process_result`` takes the pass's tokens from ``inference_state`` (cut at EOS and
+``max_tokens``) and the next pass's input and state, and falls back to exo's one-token
+rule for an engine that emits nothing; ``on_request_finished`` frees a request's caches.
 """
 
 from __future__ import annotations

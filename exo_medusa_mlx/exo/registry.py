@@ -1,23 +1,12 @@
-"""Make exo 0.0.x build our engines: ``register_with_exo()``.
+"""Make exo 0.0.x build our engines: ``register_with_exo()``, once, before the node starts.
 
-exo chooses engines by name from a hard-coded table, so registering means
-patching that table at runtime, once, before the node starts:
-
-- ``inference_engine_classes`` gains our names ("medusa-mlx", "medusa-torch", and
-  any engine a package lists under the ``exo.inference_engines`` entry point group);
-- ``get_inference_engine`` is wrapped to build ours (and is replaced in the exo
-  modules that imported it by name);
-- every model card gains repo entries under our class names (exo looks a repo up
-  by the engine's class name): ``cards.add_model_cards``;
-- our engines become virtual subclasses of exo's ``InferenceEngine`` ABC;
-- ``select_best_inference_engine`` on exo's node classes is guarded: exo rebuilds
-  the engine from class-name-derived names on every topology change and would
-  silently replace ours.
-
-Without exo installed it does nothing and returns a falsy ``Registration`` saying so.
-With registration alone, a stock node runs our engines plainly, one token per pass;
-``install.install()`` adds the node change for Medusa (``NODE_HOOK.md``) and a state
-serializer that carries our state.
+exo picks engines by name from a hard-coded table and model cards by the engine's class
+name, so registering patches them at run time: our names (and any package's under the
+``exo.inference_engines`` entry points), a wrapped ``get_inference_engine``, card repos
+(``cards.py``), our engines as virtual subclasses of exo's ``InferenceEngine``, and a guard
+on ``select_best_inference_engine``, which would silently replace them. Without exo it
+does nothing and returns a falsy ``Registration`` saying so. ``hookup.install()`` adds
+the node change for Medusa and a serializer that carries our state.
 """
 
 from __future__ import annotations

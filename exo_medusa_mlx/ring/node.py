@@ -1,20 +1,12 @@
 """``mlx_medusa node``: one shard of a model on one backend, served over gRPC.
 
-A pass comes in as ``SendTensor`` (or ``SendPrompt`` on the first shard) with the
-nodes after this one in ``route``; the node runs its layers, forwards its output
-to the next node and returns the reply that comes back, so the last shard's
-``inference_state`` (emitted tokens, the next pass) travels back to the caller
-along the same calls, with every node's timings. Each forward gets the caller's
-deadline less a margin per hop, so the node nearest a silent peer times out
-first and names it. Errors carry the address of the node they are about in the
-trailing metadata (``ring-origin``); a node relays them unchanged.
-
-Every pass is checked against the model's limits before any work (RESOURCE_EXHAUSTED
-names the limit) and stops at the next layer when its caller's deadline passes or
-the call is cancelled. The node forwards only to its ``--peers``, and with a token
-(``--token`` / ``$MLX_MEDUSA_RING_TOKEN``) refuses every call that lacks it
-(``auth.py``). SIGTERM, SIGINT or a closed stdin (``--watch-stdin``) stop it within
-a few seconds, a pass in flight included.
+A pass comes in (``SendTensor``, or ``SendPrompt`` on the first shard) with the nodes
+after this one in its ``route``; the node runs its layers, forwards to the next and
+returns the reply that comes back (the last shard's state, every node's timings). Each
+hop gets the caller's deadline less a margin, errors name the node they are about
+(``ring-origin`` metadata), every pass is checked against the model's limits first and
+stops when its caller gives up; the node forwards only to its ``--peers``, checks an
+optional token (``auth.py``) and stops within seconds on SIGTERM, SIGINT or a closed stdin.
 """
 
 from __future__ import annotations

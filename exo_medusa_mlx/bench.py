@@ -139,6 +139,7 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
     from .default_model import resolve_model_path
 
     path = resolve_model_path(model)
+    trees = {"mlx": _tree_facts(med)}  # what (c) and (f) verify with
     runners = {  # (a) runs mlx-lm on the same model object: our wrapper leaves it as loaded between calls
         "a": lambda ids: _mlx_lm(med.base, tokenizer, ids, max_tokens, temp),
         "b": lambda ids: _ours(med, tokenizer, ids, max_tokens, False, stream_generate, temp),
@@ -163,6 +164,7 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
 
                 tmodel, ttok = torch_load(model, heads=heads, tree=tree)
                 runners["f"] = lambda ids: _ours(tmodel, ttok, ids, max_tokens, True, torch_stream)
+                trees["torch"] = _tree_facts(tmodel)
             except ImportError as e:
                 notes.append(f"f skipped: torch Medusa unavailable ({e})")
         except ImportError as e:
@@ -192,9 +194,14 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
         rows.append(row)
     bar.close()
     return {"machine": machine(), "model": str(path), "heads": str(heads or "shipped"), "temp": temp,
-            "tree": {"size": med.tree.size, "choices": [list(c) for c in med.tree.choices]},
+            "tree": _tree_facts(med), "trees": trees,
             "max_tokens": max_tokens, "methods": {**MLX_METHODS, **TORCH_METHODS}, "order": order,
             "notes": notes, "prompts": rows, "overall": summarize(rows, order)}
+
+
+def _tree_facts(model) -> dict:
+    return {"size": model.tree.size, "choices": [list(c) for c in model.tree.choices],
+            "rows_product": model.rows_product}
 
 
 def summarize(rows: list[dict], order: list[str]) -> dict:
@@ -230,6 +237,10 @@ def markdown(result: dict) -> str:
         same = ("n/a (sampling)" if result.get("temp") else "n/a (no baseline run)" if s["all_same_tokens"] is None
                 else "yes" if s["all_same_tokens"] else "NO")
         lines.append(f"| ({m}) {names[m]} | {s['generation_tps']:.2f} | {s['prompt_tps']:.1f} | {acc} | {sp} | {same} |")
+    lines.append("")
+    for side, t in result.get("trees", {}).items():
+        lines.append(f"{side} tree: {t['size']} nodes {t['choices']}, transposed product "
+                     f"{'on' if t['rows_product'] else 'off'}")
     lines.append("")
     lines.append("| prompt | category | " + " | ".join(f"({m}) tok/s" for m in result["order"]) + " | (c) accepted |")
     lines.append("|---|---|" + "---|" * (len(result["order"]) + 1))

@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 
 from . import backends
 from .cli_args import (
@@ -85,19 +88,22 @@ def run(args, load=None, stream=stream_generate, extra=None) -> None:
         sys.exit(130)
     out = sys.stderr if args.json else sys.stdout
     tokens, last, interrupted = [], None, False
-    try:
-        for last in stream(
-            model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
-            seed=args.seed, medusa=not args.no_medusa, max_kv_size=args.max_kv_size,
-            acceptance=args.acceptance,
-        ):
-            tokens.append(last.token)
-            if args.verbose:
-                print(last.text, end="", flush=True, file=out)
-    except ValueError as e:
-        fail(e)
-    except KeyboardInterrupt:
-        interrupted = True
+    with _interrupt_flag() as stopped:
+        try:
+            for last in stream(
+                model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
+                seed=args.seed, medusa=not args.no_medusa, max_kv_size=args.max_kv_size,
+                acceptance=args.acceptance,
+            ):
+                tokens.append(last.token)
+                if args.verbose:
+                    print(last.text, end="", flush=True, file=out)
+                if stopped.is_set():  # the KeyboardInterrupt was swallowed (raised inside a __del__ or C code)
+                    raise KeyboardInterrupt
+        except ValueError as e:
+            fail(e)
+        except KeyboardInterrupt:
+            interrupted = True
     if last is None:  # interrupted during the prefill
         print("\nerror: interrupted before the first token", file=sys.stderr)
         sys.exit(130)
@@ -118,6 +124,26 @@ def run(args, load=None, stream=stream_generate, extra=None) -> None:
         }), flush=True)
     if interrupted:
         sys.exit(130)
+
+
+@contextlib.contextmanager
+def _interrupt_flag():
+    """An Event set by Ctrl-C (SIGINT), which still raises KeyboardInterrupt: a loop that checks it
+    stops even when the exception lands where Python only reports it (a finalizer, a callback)."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    def on_sigint(signum, frame):
+        stopped.set()
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:

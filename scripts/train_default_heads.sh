@@ -77,3 +77,23 @@ $NICE "$PY" -m exo_medusa_mlx.tune --heads "$OUT" --prompts exo_medusa_mlx/data/
 #    of 4 tokens costs about 1.8x one token (MLX's: 1.3x), so it keeps one guess, the root
 #    plus head 0's top-1: with it `mlx_medusa bench` (f) ran at 1.29x, with the MLX tree 1.04x.
 echo '{"choices": [[0]], "topk": 1}' > "$OUT/tree.torch.json"
+
+# 6. Optional, not yet run to the end (HYDRA=1): hydra heads (README, Heads) from the shipped
+#    next-token heads, on the greedy answers to the training prompts plus 3000 the model
+#    writes itself. Budget on this 2-core CPU: self-instruct about 16 minutes; the data
+#    about 75 minutes (about 450k rows at about 100 rows/s); training about 65 minutes per
+#    epoch (the next-token heads took 25 minutes for 173k rows); tuning about 10. Then compare
+#    the held-out top-1 it prints with the shipped heads' and run `mlx_medusa bench --heads
+#    "$RUN/hydra/heads"` before copying anything into $OUT.
+if [[ "${HYDRA:-0}" == 1 ]]; then
+    HYDRA_DATA=("$PY" -m exo_medusa_mlx.train --cache-dir "$RUN/hydra/cache"
+        --prompts exo_medusa_mlx/data/train_prompts.json --self-instruct 3000
+        --self-instruct-dir "$RUN/hydra/self_instruct" --max-tokens 160 --gen-batch-size 128 --gen-lanes 2
+        --samples-per-prompt 1 --temp 0 --val-split 0.05 --num-heads 3 --hydra --draft-vocab 8192 --seed 0)
+    $NICE "${HYDRA_DATA[@]}" --output "$RUN/hydra" --data-only
+    $NICE "${HYDRA_DATA[@]}" --output "$RUN/hydra/heads" --init-from "$OUT" --learning-rate 1e-3 \
+        --batch-size 64 --epochs 1 --steps-per-eval 1000 --save-every 500
+    $NICE "$PY" -m exo_medusa_mlx.tune --heads "$RUN/hydra/heads" --prompts exo_medusa_mlx/data/heldout_prompts.json \
+        --cache-dir "$RUN/heldout_cache" --max-nodes 16 --min-nodes 2 --num-prompts 8 --max-tokens 128 \
+        --output "$RUN/hydra/heads/tree.json"
+fi

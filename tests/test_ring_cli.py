@@ -117,7 +117,8 @@ def test_ring_json_equals_generate_step_and_nodes_exit(tiny):
 @pytest.mark.parametrize("how", ["ctrl-c", "launcher killed"])
 def test_no_node_outlives_the_launcher(tiny, how):
     folder, _ = tiny
-    run = launch(folder, 1, "mlx", "--max-tokens", "100000000", "--no-medusa")
+    # a window, so the generation cannot end first (the tiny model's context is 512 tokens)
+    run = launch(folder, 1, "mlx", "--max-tokens", "100000000", "--no-medusa", "--max-kv-size", "64")
     try:
         run.wait_for(lambda: not run.out.empty(), 120, "streamed text")  # generating
         assert len(run.pids) == 1

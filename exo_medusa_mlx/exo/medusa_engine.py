@@ -294,8 +294,10 @@ class MedusaShardEngine(InferenceEngine):
         tree, policy = sess.tree, sess.policy
         rows = h if req.is_tree else h[-1:]
         v = read(self.model, rows, tree, logits=True)
-        # exo's contract: the last shard returns the logits of every position of the pass.
-        logits = v.verdict if req.is_tree else self.model.to_numpy(self.model.logits(h))[0]
+        # exo's contract: the last shard returns the logits of every position of the pass; a
+        # tree's or one token's are the verdict already (the vocabulary projection runs once).
+        whole = req.is_tree or h.shape[0] == 1
+        logits = v.verdict if whole else self.model.to_numpy(self.model.logits(h))[0]
         if not policy.needs_logits:
             v = Verified(v.verdict.argmax(-1), v.drafts)
         acc, nxt = advance(policy, tree if req.is_tree else ROOT_ONLY,

@@ -21,7 +21,7 @@ NOISE = ("Traceback", "Fatal Python error", "Aborted", "Segmentation fault", "te
 
 def save_folder(folder: Path, config: dict, base, heads=None) -> Path:
     """A Hugging Face folder for an mlx-lm ``base`` built from ``config``: weights, a word-level
-    tokenizer ("t0".."t{V-1}"), heads in medusa/ (``test_exo_engine.save_hf_folder``'s recipe)."""
+    tokenizer ("t0".."t{V-1}"), heads in medusa/."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from tokenizers import Tokenizer, models, pre_tokenizers

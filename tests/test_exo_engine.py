@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from exo_medusa_mlx.core.accept import make_policy
 from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step
@@ -20,6 +19,7 @@ from exo_medusa_mlx.exo import state as st
 from exo_medusa_mlx.model import MedusaModel
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
 import oracle
+from hostile import save_folder
 from tiny import CONFIGS, VOCAB, OracleMedusa, random_heads
 
 PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
@@ -41,18 +41,7 @@ def tiny_base(family: str, seed: int = 0):
 
 def save_hf_folder(folder, family: str, base, heads=None):
     """config.json, model.safetensors, a word-level tokenizer ("t0".."t95"), heads in medusa/."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({**CONFIGS[family], "num_hidden_layers": N_LAYERS}))
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(base.parameters())))
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    if heads is not None:
-        heads.save(folder / "medusa")
-    return folder
+    return save_folder(folder, {**CONFIGS[family], "num_hidden_layers": N_LAYERS}, base, heads)
 
 
 def reference(model, n=N, prompt=PROMPT, medusa=True, **kw) -> list[int]:

@@ -27,6 +27,7 @@ from exo_medusa_mlx.ring.client import NodeInfo, RingClient  # noqa: E402
 from exo_medusa_mlx.ring.launcher import partition_layers  # noqa: E402
 from exo_medusa_mlx.core.tree import build_tree, tree_choices  # noqa: E402
 from test_exo_engine import N, PROMPT, reference, save_hf_folder, tiny_base  # noqa: E402
+from hostile import gone  # noqa: E402
 from tiny import random_heads  # noqa: E402
 
 TEXT = " ".join(f"t{i}" for i in PROMPT)  # the word-level tokenizer's spelling of PROMPT
@@ -77,17 +78,6 @@ class Launcher:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-def gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def launch(folder, nodes: int, backends: str, *extra: str) -> Launcher:

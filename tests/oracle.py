@@ -86,3 +86,13 @@ class OracleEngine:
         self.row_positions = committed + req.depths if req.is_tree else np.array([committed + h.shape[0] - 1])
         self.passes += 1
         return super()._step(sess, h, req, tokens, committed, state)
+
+
+def take(gen, n):
+    """The first n tokens a step generator emits, and the steps it took."""
+    out, steps = [], 0
+    for s in gen:
+        out += s.tokens
+        steps += 1
+        if len(out) >= n:
+            return out[:n], steps

@@ -17,19 +17,11 @@ from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from exo_medusa_mlx.heads import load_heads
 from exo_medusa_mlx.model import MedusaModel
 from test_decode import PROMPT, mlx_lm_greedy
+from oracle import take
 from tiny import VOCAB, random_heads, tiny_base
 
 H = 64
 TREES = ["chain-3", "cpu-8", "mc_sim_7b_63"]
-
-
-def take(gen, n):
-    out, steps = [], 0
-    for s in gen:
-        out += s.tokens
-        steps += 1
-        if len(out) >= n:
-            return out[:n], steps
 
 
 def node_by_node(model: MedusaModel, h: mx.array, tree) -> np.ndarray:

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 from exo_medusa_mlx.torch_compat.heads import MedusaHeads, load_heads  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
-from oracle import OracleHeads  # noqa: E402
+from oracle import OracleHeads, take  # noqa: E402, F401  (take: test_torch_cuda imports it from here)
 
 # Tiny models gain nothing from threads, and on shared cores OpenMP's spin-waiting
 # makes a second torch thread ~10x slower: every torch test module imports this one.
@@ -62,16 +62,6 @@ def tiny_pair(family: str, root: Path, num_heads: int = 4, seed: int = 0):
     folder = save_hf_folder(base, family, root / family)
     heads_dir = random_heads(num_heads).save(root / f"{family}-heads")
     return base, torch_base(folder), heads_dir
-
-
-def take(gen, n):
-    """The first n tokens a step generator emits, and the steps it took."""
-    out, steps = [], 0
-    for s in gen:
-        out += s.tokens
-        steps += 1
-        if len(out) >= n:
-            return out[:n], steps
 
 
 def hf_greedy(base, prompt, n) -> list[int]:

@@ -4,14 +4,18 @@ time, the prompt read as UTF-8, and errors printed as one line.
 ``type=finite_float`` (and the others) make argparse refuse ``nan``, ``inf`` and
 out-of-range values before anything loads, with its usual ``error: argument --temp:
 ...`` line and exit code 2. ``one_line`` shortens any message to one line;
-``fail`` exits with it (code 1).
+``fail`` exits with it (code 1). ``interrupt_flag`` makes Ctrl-C stop a generation loop
+for sure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import signal
 import sys
+import threading
 
 from .core.slots import DEFAULT_KEEP
 
@@ -123,3 +127,23 @@ def one_line(message, limit: int = MAX_ERROR_CHARS) -> str:
 def fail(message) -> None:
     """Exit with ``error: <message>`` on one line (exit code 1)."""
     sys.exit(f"error: {one_line(message)}")
+
+
+@contextlib.contextmanager
+def interrupt_flag():
+    """An Event set by Ctrl-C (SIGINT), which still raises KeyboardInterrupt: a loop that checks it
+    stops even when the exception lands where Python only reports it (a finalizer, a callback)."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    def on_sigint(signum, frame):
+        stopped.set()
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, before)

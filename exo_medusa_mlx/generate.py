@@ -6,15 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import signal
 import sys
-import threading
 
 from . import backends
 from .cli_args import (
     fail,
+    interrupt_flag,
     kv_window,
     non_negative_float,
     non_negative_int,
@@ -88,7 +86,7 @@ def run(args, load=None, stream=stream_generate, extra=None) -> None:
         sys.exit(130)
     out = sys.stderr if args.json else sys.stdout
     tokens, last, interrupted = [], None, False
-    with _interrupt_flag() as stopped:
+    with interrupt_flag() as stopped:
         try:
             for last in stream(
                 model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
@@ -124,26 +122,6 @@ def run(args, load=None, stream=stream_generate, extra=None) -> None:
         }), flush=True)
     if interrupted:
         sys.exit(130)
-
-
-@contextlib.contextmanager
-def _interrupt_flag():
-    """An Event set by Ctrl-C (SIGINT), which still raises KeyboardInterrupt: a loop that checks it
-    stops even when the exception lands where Python only reports it (a finalizer, a callback)."""
-    stopped = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stopped
-        return
-
-    def on_sigint(signum, frame):
-        stopped.set()
-        raise KeyboardInterrupt
-
-    before = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield stopped
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from ..cli_args import fail, kv_window, non_negative_float, non_negative_int, port, positive_float
+from ..cli_args import fail, interrupt_flag, kv_window, non_negative_float, non_negative_int, port, positive_float
 from ..cli_args import positive_int, probability, read_prompt
 from .auth import TOKEN_ENV, env_token
 from .client import DEFAULT_TIMEOUT_S, RingError
@@ -147,8 +147,10 @@ def main(argv: list[str] | None = None) -> None:
                 if t not in eos:  # EOS is not text
                     detok.add_token(t)
             print(detok.last_segment, end="", file=out, flush=True)
+            if stopped.is_set():  # Ctrl-C's KeyboardInterrupt was swallowed (inside gRPC or a finalizer)
+                raise KeyboardInterrupt
 
-        with ring.client(args.timeout) as client:
+        with ring.client(args.timeout) as client, interrupt_flag() as stopped:
             result = client.generate(prompt, max_tokens, not args.no_medusa,
                                      eos_token_ids=tokenizer.eos_token_ids, temp=args.temp, top_p=args.top_p,
                                      seed=args.seed, on_tokens=stream)

@@ -3,6 +3,7 @@ a command run in-process or as a process, and a node process read as the launche
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -112,6 +113,14 @@ class NodeProcess:
             self.proc.wait()
         if self.proc.stdin:
             self.proc.stdin.close()
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module, so a test calls its ``main`` in-process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def gone(pid: int, timeout: float) -> bool:

@@ -4,26 +4,21 @@ ring on one bench prompt give the same text, stock at one token per pass, Medusa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 from exo_medusa_mlx.exo.exo_harness import exo_source
+from hostile import load_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_exo_ring.py"
 SRC, WHY = exo_source()
 REQUIRE = os.environ.get("EXO_MEDUSA_REQUIRE_ALL") == "1" and os.environ.get("EXO_SRC")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_exo_ring", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_exo_ring")
 
 
 def one_line_error(bench, argv: list[str]) -> str:

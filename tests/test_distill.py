@@ -149,17 +149,12 @@ def test_killed_build_resumes_from_its_last_complete_shard(base, tmp_path, monke
 def test_speed_script_runs_and_checks_the_rows(tmp_path, capsys):
     """scripts/distill_speed.py on a tiny model folder: both passes, the same answers, and the
     batched rows equal to one plain forward."""
-    import importlib.util
-    from pathlib import Path
-
+    from hostile import load_script
     from test_exo_engine import save_hf_folder
     from test_exo_engine import tiny_base as tiny_base4
 
     folder = save_hf_folder(tmp_path / "model", "llama", tiny_base4("llama"))
-    path = Path(__file__).parent.parent / "scripts" / "distill_speed.py"
-    spec = importlib.util.spec_from_file_location("distill_speed", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("distill_speed")
     script.main(["--model", str(folder), "--num-prompts", "4", "--max-tokens", "6", "--batch-size", "4"])
     out = capsys.readouterr().out
     assert "sequential (batch 1):" in out and "batched (batch 4, 2 lanes):" in out and "rows per CPU-second" in out

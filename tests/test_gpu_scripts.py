@@ -8,9 +8,6 @@ are printed by the scripts, never asserted.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -18,16 +15,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import test_torch_tiny  # noqa: E402,F401  (one torch thread: tiny models gain nothing from more)
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_step_bench.py"
+from hostile import load_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_step_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("gpu_step_bench")
 
 
 def test_bench_runs_every_path_at_tiny_sizes(bench, tmp_path, capsys):
@@ -72,9 +65,7 @@ def test_e2e_gives_plain_tokens_on_each_backend(backend, tmp_path):
     from tiny import random_heads
 
     folder = save_hf_folder(tmp_path / "llama", "llama", tiny_base("llama"), random_heads(4))
-    spec = importlib.util.spec_from_file_location("gpu_e2e", SCRIPT.with_name("gpu_e2e.py"))
-    e2e = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(e2e)
+    e2e = load_script("gpu_e2e")
     out = e2e.main(["--backend", backend, "--model", str(folder), "--tree", "default", "--tree", "cpu-16",
                     "--limit", "2", "--max-tokens", "12"])
     assert set(out["methods"]) == {"plain", "default", "cpu-16"}

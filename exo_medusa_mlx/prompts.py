@@ -42,6 +42,18 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def json_lines(path: Path, text: str):
+    """(line number, value) of each non-blank line of a JSONL file's ``text``; a line that is not
+    JSON is a ``ValueError`` naming ``file:line``."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); write one JSON object a line") from None
+
+
 def read_jsonl_prompts(path: str | Path) -> list[str]:
     """One prompt a line: a JSON string or an object with a "prompt" string; blank lines skipped.
 
@@ -51,13 +63,7 @@ def read_jsonl_prompts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} not found")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); write one JSON object a line") from None
+    for n, rec in json_lines(path, path.read_text(encoding="utf-8")):
         text = rec.get("prompt") if isinstance(rec, dict) else rec
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{path}:{n}: expected {{\"prompt\": \"...\"}} with a non-empty string")
@@ -90,13 +96,9 @@ def read_documents(path: str | Path, tokenizer, seq_len: int) -> list[tuple[list
     text = path.read_text(encoding="utf-8")
     docs = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        for n, rec in json_lines(path, text):
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'text', 'messages' or 'prompt'+'completion'")
             if "text" in rec:
                 docs.append((tokenizer.encode(rec["text"]), 0))
             elif "messages" in rec:

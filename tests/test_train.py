@@ -220,6 +220,12 @@ def test_data_files_and_errors(tmp_path):
     j.write_text('{"foo": 1}\n')
     with pytest.raises(ValueError, match=r"d.jsonl:1: expected 'text'"):
         read_documents(j, Tok(), seq_len=8)
+    j.write_text('"some text"\n')  # a JSON string, not an object: no substring test on it
+    with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):
+        read_documents(j, Tok(), seq_len=8)
+    j.write_text('{"text": "x"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
+        read_documents(j, Tok(), seq_len=8)
 
 
 def test_cache_dir_with_other_files_is_refused_and_kept(base, tmp_path):

@@ -13,27 +13,17 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from .cli_args import positive_float
+from .core.machine import free_ports
 
 STOP_GRACE_S = 5.0
 TIMEOUT_EXIT = 124
-
-
-def free_ports(n: int) -> list[int]:
-    """n TCP ports free on 127.0.0.1 right now."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def write_hostfile(path: Path, ports: list[int]) -> None:

@@ -188,3 +188,12 @@ def test_defaults_bind_loopback_and_clients_check_the_ring():
         RingClient([NodeInfo("127.0.0.1:1", a), NodeInfo("127.0.0.1:2", b)])
     with pytest.raises(ValueError, match="leaves no time per hop"):
         RingClient([NodeInfo("127.0.0.1:1", Shard("m", 0, 3, 4))], timeout=0.5)
+
+
+def test_free_ports_are_distinct_and_a_host_that_cannot_bind_is_named():
+    from exo_medusa_mlx.core.machine import free_ports
+
+    ports = free_ports(3)
+    assert len(set(ports)) == 3 and all(p > 0 for p in ports)
+    with pytest.raises(ValueError, match=r"--host 192\.0\.2\.1: cannot bind it"):  # TEST-NET-1: never local
+        free_ports(1, "192.0.2.1")

@@ -1,9 +1,11 @@
-"""This machine, as the tools record it: its CPU, cores and the cache folder everything tuned or built goes to."""
+"""This machine, as the tools record it: its CPU, cores, the cache folder everything tuned or built goes to,
+and free ports for the processes a launcher starts on it."""
 
 from __future__ import annotations
 
 import os
 import platform
+import socket
 from pathlib import Path
 
 
@@ -29,3 +31,21 @@ def cpu_name() -> str:
 def this_machine(device) -> dict:
     """What a tuned tree depends on: the CPU, its cores and the device the model runs on."""
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "device": str(device)}
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` ports free on ``host`` now (bound together, then released), so that every process can
+    be told all the addresses before it starts."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host.strip("[]"), 0))
+        return [s.getsockname()[1] for s in socks]
+    except OSError as e:
+        raise ValueError(f"--host {host}: cannot bind it ({e.strerror})") from None
+    finally:
+        for s in socks:
+            s.close()

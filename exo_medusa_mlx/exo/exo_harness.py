@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..core.machine import free_ports
 from .cards import DEFAULT_CARD
 
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding exo_medusa_mlx: the checkout
@@ -132,17 +132,6 @@ def seed_download(home: Path, repo_id: str, folder: Path) -> Path:
             weight_map.update({k: f.name for k in sf.keys()})
     (cache / name / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return link
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def write_topology(path: Path, ports: dict[str, int]) -> Path:

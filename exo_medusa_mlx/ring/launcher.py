@@ -17,7 +17,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..cli_args import one_line
+from ..core.machine import free_ports
 from ..exo.shard import Shard, partition_layers  # noqa: F401 (partition_layers: imported from here)
 from .auth import TOKEN_ENV
 from .client import DEFAULT_TIMEOUT_S, NodeInfo, RingClient, RingError
@@ -38,24 +38,6 @@ SHARE_CORES = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
 START_TIMEOUT_S = 300.0  # loading a shard on a busy CPU
 STOP_GRACE_S = 5.0
 TAIL_LINES = 3  # of a node's log, quoted when it fails to start
-
-
-def free_ports(host: str, n: int) -> list[int]:
-    """``n`` ports free on ``host`` now (bound together, then released), so that every node can
-    be told the ring's addresses before it starts."""
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind((host.strip("[]"), 0))
-        return [s.getsockname()[1] for s in socks]
-    except OSError as e:
-        raise ValueError(f"--host {host}: cannot bind it ({e.strerror})") from None
-    finally:
-        for s in socks:
-            s.close()
 
 
 class _Node:
@@ -207,7 +189,7 @@ class LocalRing:
         atexit.register(self.close)
         try:
             n = len(self._nodes)
-            self._ports = [self.port + i for i in range(n)] if self.port else free_ports(self.host, n)
+            self._ports = [self.port + i for i in range(n)] if self.port else free_ports(n, self.host)
             for i, node in enumerate(self._nodes):
                 node.start(self._argv(i, self._ports[i]), self._env())
         except BaseException:

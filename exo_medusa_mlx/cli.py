@@ -7,9 +7,9 @@ import sys
 
 COMMANDS = {
     "generate": "exo_medusa_mlx.generate",
-    "train": "exo_medusa_mlx.train",
+    "train": "exo_medusa_mlx.training.train",
     "tune": "exo_medusa_mlx.tune",
-    "bench": "exo_medusa_mlx.bench",
+    "bench": "exo_medusa_mlx.bench.main",
     "node": "exo_medusa_mlx.ring.node",
     "ring": "exo_medusa_mlx.ring.command",
     "server": "exo_medusa_mlx.server.main",

@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.nn.layers.distributed import ShardedToAllLinear
 
-from .exo.shard import partition_layers
+from .engine.shard import partition_layers
 
 from .core.generation import stream_generate
 from .generate import DIST_TIMEOUT_S as DEFAULT_TIMEOUT_S, PARALLEL_MODES

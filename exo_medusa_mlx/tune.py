@@ -43,8 +43,8 @@ def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: i
     heads' draft vocabulary and rows (``MedusaModel.draft()``), as decoding scores them."""
     import mlx.core as mx
 
-    from .distill import iterate_batches
-    from .heads_loss import path_embeds, target_ranks
+    from .training.distill import iterate_batches
+    from .training.loss import path_embeds, target_ranks
 
     out = [np.array(target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
                                  path_embeds(heads, embed, b), draft))
@@ -176,7 +176,7 @@ def main(argv=None) -> None:
 def heldout_accuracy(model, tokenizer, opts: TuneOptions, prompts: list[str]) -> np.ndarray:
     """The heads' ranks on the held-out answers, (rows, K), computed on MLX (self-distilled data)."""
     from .core.machine import cache_root
-    from .distill import build_cache, cache_key, chat_ids, eos_ids
+    from .training.distill import build_cache, cache_key, chat_ids, eos_ids
 
     key = cache_key(prompts=prompts, max_tokens=opts.data_max_tokens, model=model.model_id, temp=0.0, val_split=0.0,
                     seed=0)
@@ -261,7 +261,7 @@ def choose_tree(model, opts: TuneOptions, ranks, cond) -> dict:
 
 def run(opts: TuneOptions) -> dict:
     from .core.heads_format import SHIPPED_HEADS
-    from .distill import read_prompts
+    from .training.distill import read_prompts
 
     opts.check()
     backend = backends.resolve_backend(opts.backend)

@@ -22,7 +22,7 @@ import sys
 import time
 
 import exo_medusa_mlx  # noqa: F401  (before mlx: the BLAS)
-from exo_medusa_mlx.bench import bench_prompts
+from exo_medusa_mlx.bench.main import bench_prompts
 from exo_medusa_mlx.server.main import backend_api
 from exo_medusa_mlx.core.generation import chat_ids
 

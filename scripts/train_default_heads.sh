@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the Medusa heads shipped for the default model (SmolLM2-135M-Instruct) in
 # exo_medusa_mlx/shipped/smollm2-135m-instruct/: self-distilled data, training, tree tuning.
-# (`python -m exo_medusa_mlx.train` is `mlx_medusa train`; likewise tune.)
+# (`python -m exo_medusa_mlx.training.train` is `mlx_medusa train`; likewise tune.)
 #
 # Budget on a 2-core CPU, measured before the batched pass of issue 23 (the data steps now
 # take less; the command prints its rows/s): data about an hour, plain heads about 75
@@ -34,7 +34,7 @@ GEN=(--gen-batch-size 128 --gen-lanes 2 --self-instruct "$SELF_INSTRUCT" --self-
 #    checkpoint under the 2-epoch schedule (the learning rate restarts at 5.6e-4 and decays
 #    again): the same two commands reproduce them. The second epoch moved held-out top-1
 #    from 0.30/0.16/0.09 to 0.31/0.17/0.11.
-TRAIN=("$PY" -m exo_medusa_mlx.train --output "$RUN" --cache-dir "$RUN/cache"
+TRAIN=("$PY" -m exo_medusa_mlx.training.train --output "$RUN" --cache-dir "$RUN/cache"
     --prompts exo_medusa_mlx/data/train_prompts.json --max-tokens 160 "${GEN[@]}" --val-split 0.05
     --samples-per-prompt 4 --temp 0.8
     --num-heads 3 --num-layers 1 --layout shared --loss ce
@@ -49,7 +49,7 @@ $NICE "${TRAIN[@]}" --epochs 2 --resume
 #    tokens the model emits most in that data (--draft-vocab: on this CPU the heads' second
 #    pass over lm_head would otherwise cost 13 ms a step). Held-out top-1 went from
 #    0.31/0.17/0.11 to 0.40/0.20/0.13.
-NEXT=("$PY" -m exo_medusa_mlx.train
+NEXT=("$PY" -m exo_medusa_mlx.training.train
     --prompts exo_medusa_mlx/data/train_prompts.json --max-tokens 160 "${GEN[@]}" --val-split 0.05
     --num-heads 3 --num-layers 1 --layout shared --loss ce --next-token --draft-vocab 8192
     --learning-rate 1e-3 --batch-size 64 --seed 0)
@@ -86,7 +86,7 @@ echo '{"choices": [[0]], "topk": 1}' > "$OUT/tree.torch.json"
 #    the held-out top-1 it prints with the shipped heads' and run `mlx_medusa bench --heads
 #    "$RUN/hydra/heads"` before copying anything into $OUT.
 if [[ "${HYDRA:-0}" == 1 ]]; then
-    HYDRA_DATA=("$PY" -m exo_medusa_mlx.train --cache-dir "$RUN/hydra/cache"
+    HYDRA_DATA=("$PY" -m exo_medusa_mlx.training.train --cache-dir "$RUN/hydra/cache"
         --prompts exo_medusa_mlx/data/train_prompts.json --self-instruct 3000
         --self-instruct-dir "$RUN/hydra/self_instruct" --max-tokens 160 --gen-batch-size 128 --gen-lanes 2
         --samples-per-prompt 1 --temp 0 --val-split 0.05 --num-heads 3 --hydra --draft-vocab 8192 --seed 0)

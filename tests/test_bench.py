@@ -2,7 +2,7 @@
 
 import json
 
-from exo_medusa_mlx.bench import bench_prompts, markdown, plot, summarize
+from exo_medusa_mlx.bench.main import bench_prompts, markdown, plot, summarize
 
 
 def _run(tps, toks, acc=None):
@@ -52,7 +52,7 @@ def test_outputs_without_medusa_runs(tmp_path):
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     import pytest
 
-    from exo_medusa_mlx.bench import main
+    from exo_medusa_mlx.bench.main import main
 
     f = tmp_path / "afile"
     f.write_text("x")

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from exo_medusa_mlx.exo.exo_harness import exo_source
+from helpers.exo_harness import exo_source
 from hostile import load_script
 
 SRC, WHY = exo_source()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 
-import exo_medusa_mlx.shards as shards
-from exo_medusa_mlx.distill import TEACHER_TOPK, build_cache, sample, self_distill, shared_prefix, top_k
+import exo_medusa_mlx.training.hidden_files as shards
+from exo_medusa_mlx.training.training.distill import TEACHER_TOPK, build_cache, sample, self_distill, shared_prefix, top_k
 from exo_medusa_mlx.model import base_lm_head
 from tiny import VOCAB, tiny_base
 
@@ -130,7 +130,7 @@ def test_killed_build_resumes_from_its_last_complete_shard(base, tmp_path, monke
         build_cache(folder, base, lm, **{**kw, "key": "other"})
     done = shards.done_sequences(folder, [f for s in progress["splits"].values() for f in s])
     asked = []
-    import exo_medusa_mlx.distill as D
+    import exo_medusa_mlx.training.distill as D
 
     real_distill = D.self_distill
     monkeypatch.setattr(D, "self_distill", lambda *a, indices=None, **k: asked.extend(indices) or real_distill(

@@ -15,7 +15,7 @@ from mlx.utils import tree_map
 from exo_medusa_mlx.core.accept import make_policy
 from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step
 from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard, run_ring, run_ring_async
-from exo_medusa_mlx.exo import state as st
+from exo_medusa_mlx.engine import protocol as st
 from exo_medusa_mlx.model import MedusaModel
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
 import oracle

@@ -13,11 +13,11 @@ import pytest
 
 import exo_medusa_mlx.exo as exo_pkg
 from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard
-from exo_medusa_mlx.exo import state as st
-from exo_medusa_mlx.exo import wire
-from exo_medusa_mlx.exo.node_hook import process_result
+from exo_medusa_mlx.engine import protocol as st
+from exo_medusa_mlx.engine import wire
+from exo_medusa_mlx.engine.results import process_result
 from exo_medusa_mlx.exo.registry import register_with_exo
-from exo_medusa_mlx.exo.ring import check_ring
+from exo_medusa_mlx.engine.ring_loop import check_ring
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
 
 TREE = build_tree(tree_choices("cpu-8"))

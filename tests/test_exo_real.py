@@ -22,11 +22,11 @@ import pytest
 
 from exo_medusa_mlx.default_model import default_model_path
 from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard, install
-from exo_medusa_mlx.exo import state as st
-from exo_medusa_mlx.exo.wire import state_from_proto as from_proto, state_to_proto as to_proto
-from exo_medusa_mlx.exo.node_hook import process_result
+from exo_medusa_mlx.engine import protocol as st
+from exo_medusa_mlx.engine.wire import state_from_proto as from_proto, state_to_proto as to_proto
+from exo_medusa_mlx.engine.results import process_result
 from exo_medusa_mlx.model import MedusaModel
-from exo_medusa_mlx.exo.exo_harness import EXO_MODULES, MEDUSA, STOCK, ExoRing, exo_source, seed_download
+from helpers.exo_harness import EXO_MODULES, MEDUSA, STOCK, ExoRing, exo_source, seed_download
 from test_exo_engine import (N, N_LAYERS, PROMPT, OracleEngine, llama, reference, save_hf_folder,  # noqa: F401
                              tiny_base)
 from test_exo_stock import stock_ring

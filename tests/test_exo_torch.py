@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard, run_ring  # noqa: E402
-from exo_medusa_mlx.exo import state as st  # noqa: E402
-from exo_medusa_mlx.exo.torch_engine import MedusaTorchInferenceEngine  # noqa: E402
+from exo_medusa_mlx.engine import protocol as st  # noqa: E402
+from exo_medusa_mlx.engine.torch_backend import MedusaTorchInferenceEngine  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.core.step import generate_step as torch_generate_step  # noqa: E402
 from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices  # noqa: E402

@@ -26,7 +26,7 @@ import mlx.core as mx  # noqa: E402
 from exo_medusa_mlx.core.heads_format import MedusaConfig  # noqa: E402
 from exo_medusa_mlx.core.tree import build_tree, tree_choices  # noqa: E402
 from exo_medusa_mlx.exo import Shard  # noqa: E402
-from exo_medusa_mlx.exo import state as st  # noqa: E402
+from exo_medusa_mlx.engine import protocol as st  # noqa: E402
 from exo_medusa_mlx.heads import MedusaHeads  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.ring import node_service_pb2 as pb  # noqa: E402

@@ -20,8 +20,8 @@ from exo_medusa_mlx.core.slots import run_committed
 from exo_medusa_mlx.core.step import ROOT_ONLY
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard, run_ring
-from exo_medusa_mlx.exo import state as st
-from exo_medusa_mlx.exo.worker import WorkerThread
+from exo_medusa_mlx.engine import protocol as st
+from exo_medusa_mlx.engine.worker import WorkerThread
 from exo_medusa_mlx.model import MedusaModel
 from test_exo_engine import N_LAYERS, reference, save_hf_folder, tiny_base
 from tiny import random_heads

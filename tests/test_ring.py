@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 
 import grpc  # noqa: E402
 
-from exo_medusa_mlx.exo import state as st  # noqa: E402
+from exo_medusa_mlx.engine import protocol as st  # noqa: E402
 from exo_medusa_mlx.ring import node_service_pb2 as pb  # noqa: E402
 from exo_medusa_mlx.ring import node_service_pb2_grpc as pb_grpc  # noqa: E402
 from exo_medusa_mlx.ring import proto  # noqa: E402

@@ -20,7 +20,7 @@ pytest.importorskip("grpc")
 pytest.importorskip("torch")
 
 from exo_medusa_mlx.exo import Shard  # noqa: E402
-from exo_medusa_mlx.exo import state as st  # noqa: E402
+from exo_medusa_mlx.engine import protocol as st  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.ring import node, proto  # noqa: E402
 from exo_medusa_mlx.ring.client import NodeInfo, RingClient  # noqa: E402

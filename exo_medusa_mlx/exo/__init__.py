@@ -7,11 +7,11 @@
 ``install()`` the hookup with Medusa (``mlx_medusa exo`` runs exo's node after it).
 """
 
-from .downloader import LocalShardDownloader
-from .engine import InferenceEngine
-from .hookup import install
-from .ring import run_ring, run_ring_async
-from .shard import Shard
+from ..engine.downloader import LocalShardDownloader
+from ..engine.contract import InferenceEngine
+from .install import install
+from ..engine.ring_loop import run_ring, run_ring_async
+from ..engine.shard import Shard
 
 # The engines load on first use: an NVIDIA node needs no MLX, a Mac no torch.
 __all__ = [
@@ -28,11 +28,11 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "MedusaMLXInferenceEngine":
-        from .mlx_engine import MedusaMLXInferenceEngine
+        from ..engine.mlx_backend import MedusaMLXInferenceEngine
 
         return MedusaMLXInferenceEngine
     if name == "MedusaTorchInferenceEngine":
-        from .torch_engine import MedusaTorchInferenceEngine
+        from ..engine.torch_backend import MedusaTorchInferenceEngine
 
         return MedusaTorchInferenceEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,7 @@ def exo_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .hookup import install
+    from .install import install
 
     argv = exo_argv(sys.argv[1:] if argv is None else argv)
     try:

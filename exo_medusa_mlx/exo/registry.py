@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from .cards import add_model_cards
-from .engine import InferenceEngine
+from ..engine.contract import InferenceEngine
 
 ENTRY_POINT_GROUP = "exo.inference_engines"
 ENGINES = {  # name -> "module:Class"; the package resolves the torch engine lazily, with a clear error
@@ -109,7 +109,7 @@ def _register_abc(ie) -> bool:
 
 
 def _is_ours(engine) -> bool:
-    from .medusa_engine import MedusaShardEngine
+    from ..engine.shard_engine import MedusaShardEngine
 
     return isinstance(engine, MedusaShardEngine)
 

@@ -18,9 +18,9 @@ from typing import Callable, Iterable
 import grpc
 import numpy as np
 
-from ..exo import state as st
-from ..exo.node_hook import process_result
-from ..exo.shard import Shard
+from ..engine import protocol as st
+from ..engine.results import process_result
+from ..engine.shard import Shard
 from . import node_service_pb2 as pb
 from . import node_service_pb2_grpc as pb_grpc
 from . import proto
@@ -107,7 +107,7 @@ class RingClient:
         self.nodes = list(nodes)
         if not self.nodes:
             raise ValueError("the ring has no nodes")
-        from ..exo.ring import check_ring
+        from ..engine.ring_loop import check_ring
 
         check_ring([n.shard for n in self.nodes])
         if timeout <= HOP_MARGIN_S * len(self.nodes):

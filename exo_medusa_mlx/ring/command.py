@@ -62,7 +62,7 @@ def load_tokenizer(model: str):
     """The model folder's tokenizer with a streaming detokenizer and the config's EOS ids: mlx-lm's
     wrapper where MLX is installed, else the torch backend's (the same ids and text)."""
     from ..backends import resolve_backend
-    from ..exo.downloader import LocalShardDownloader
+    from ..engine.downloader import LocalShardDownloader
 
     from ..core.model_files import read_config
 
@@ -100,7 +100,7 @@ def room(model: str, prompt_tokens: int, max_tokens: int, max_kv_size: int | Non
     (the nodes refuse a pass past the context); a note says so."""
     from ..core.limits import Limits
     from ..core.model_files import config_context, read_config
-    from ..exo.downloader import LocalShardDownloader
+    from ..engine.downloader import LocalShardDownloader
 
     context = config_context(read_config(LocalShardDownloader().model_path(model)))
     if context is None:

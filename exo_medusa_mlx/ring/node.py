@@ -26,8 +26,8 @@ import numpy as np
 
 from ..cli_args import fail, kv_window, non_negative_int, one_line, port, positive_int
 from ..core.limits import Cancelled, LimitError
-from ..exo import state as st
-from ..exo.shard import Shard
+from ..engine import protocol as st
+from ..engine.shard import Shard
 from . import node_service_pb2 as pb
 from . import node_service_pb2_grpc as pb_grpc
 from . import proto
@@ -202,15 +202,15 @@ class NodeService(pb_grpc.NodeServiceServicer):
 
 
 def make_engine(backend: str, model: str, heads=None, tree=None, max_kv_size=None, device=None, medusa=True):
-    from ..exo.downloader import LocalShardDownloader
+    from ..engine.downloader import LocalShardDownloader
 
     dl = LocalShardDownloader()
     if backend == "mlx":
-        from ..exo.mlx_engine import MedusaMLXInferenceEngine
+        from ..engine.mlx_backend import MedusaMLXInferenceEngine
 
         return MedusaMLXInferenceEngine(dl, heads=heads, tree=tree, max_kv_size=max_kv_size, medusa=medusa)
     if backend == "torch":
-        from ..exo.torch_engine import MedusaTorchInferenceEngine
+        from ..engine.torch_backend import MedusaTorchInferenceEngine
 
         return MedusaTorchInferenceEngine(dl, heads=heads, tree=tree, max_kv_size=max_kv_size, device=device,
                                           medusa=medusa)
@@ -224,7 +224,7 @@ def resolve_heads_and_tree(model: str, heads: str | None, tree: str | None,
     this node's ``backend`` (``default_tree_for``)."""
     from pathlib import Path
 
-    from ..exo.downloader import LocalShardDownloader
+    from ..engine.downloader import LocalShardDownloader
     from ..core.heads_format import default_tree_for
 
     if heads is None:
@@ -236,7 +236,7 @@ def resolve_heads_and_tree(model: str, heads: str | None, tree: str | None,
 
 
 def model_layers(model: str) -> int:
-    from ..exo.downloader import LocalShardDownloader, config_layers
+    from ..engine.downloader import LocalShardDownloader, config_layers
 
     folder = LocalShardDownloader().model_path(model)
     n = config_layers(folder)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..exo import wire
-from ..exo.shard import Shard
+from ..engine import wire
+from ..engine.shard import Shard
 from . import node_service_pb2 as pb
 
 ORIGIN_KEY = "ring-origin"  # trailing metadata: the address of the node an error is about

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from ..core.limits import Cancelled
-from ..exo.worker import WorkerThread
+from ..engine.worker import WorkerThread
 from .schema import APIError
 from .stops import StopMatcher
 

@@ -28,15 +28,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .distill import build_cache, cache_key, iterate_batches, load_shard  # noqa: F401  (re-exported)
-from .heads import MedusaHeads
-from .cli_args import fraction, non_negative_float, positive_float
-from .core.heads_format import MedusaConfig
+from ..heads import MedusaHeads
+from ..cli_args import fraction, non_negative_float, positive_float
+from ..core.heads_format import MedusaConfig
 from .prompts import DATA_DIR, DEFAULT_PROMPTS, chat_ids, eos_ids, read_documents, read_prompts  # noqa: F401
-from .train_ckpt import init_from, resume_from, saved_heads  # noqa: F401  (re-exported)
-from .train_ckpt import resume_step as _resume_step  # noqa: F401
-from .train_ckpt import save_checkpoint as _save_checkpoint
-from .train_data import build_data, load_base, prompt_sources
-from .heads_loss import HEAD_DECAY, evaluate, head_logits, loss_fn, path_embeds, target_ranks  # noqa: F401
+from .checkpoints import init_from, resume_from, saved_heads  # noqa: F401  (re-exported)
+from .checkpoints import resume_step as _resume_step  # noqa: F401
+from .checkpoints import save_checkpoint as _save_checkpoint
+from .data import build_data, load_base, prompt_sources
+from .loss import HEAD_DECAY, evaluate, head_logits, loss_fn, path_embeds, target_ranks  # noqa: F401
 
 # --------------------------------------------------------------------------- training
 
@@ -366,7 +366,7 @@ def _finish(opts: TrainOptions, heads: MedusaHeads, base, lm_head, cache_dir: Pa
         heads.config.info["init_from"] = {"path": str(opts.init_from), "layers": saved.num_layers,
                                           **{k: saved.info[k] for k in ("steps", "epochs", "val_top1") if k in saved.info}}
     if opts.draft_vocab:
-        from .model import lm_head_rows
+        from ..model import lm_head_rows
 
         train_files = [f["file"] for f in meta["splits"]["train"]]
         heads.draft_vocab = draft_vocabulary(cache_dir, train_files, opts.draft_vocab, heads.config.vocab_size)

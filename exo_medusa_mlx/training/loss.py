@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from .distill import iterate_batches
-from .heads import MedusaHeads
+from ..heads import MedusaHeads
 
 
 HEAD_DECAY = 0.8  # head i's loss weight is HEAD_DECAY ** i

@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .heads import MedusaHeads
-from .core.heads_format import DRAFT_KEY, MedusaConfig
+from ..heads import MedusaHeads
+from ..core.heads_format import DRAFT_KEY, MedusaConfig
 
 
 def saved_heads(path: str | Path, cfg: MedusaConfig) -> tuple[dict[str, np.ndarray], MedusaConfig]:
@@ -22,7 +22,7 @@ def saved_heads(path: str | Path, cfg: MedusaConfig) -> tuple[dict[str, np.ndarr
     Returns (weights under the reference keys, their config). Run before the data
     is built, so a mismatch costs nothing.
     """
-    from .core.heads_format import read_heads, resolve_config
+    from ..core.heads_format import read_heads, resolve_config
 
     weights, raw, file = read_heads(path)
     saved = resolve_config(weights, raw, str(file), cfg.hidden_size, cfg.vocab_size)
@@ -87,7 +87,7 @@ def save_checkpoint(folder: Path, heads: MedusaHeads, opt, step: int) -> None:
 
 def resume_step(checkpoint: Path, heads: MedusaHeads) -> int:
     """Load the checkpoint's heads into ``heads`` (same layout required); return its step."""
-    from .core.heads_format import layout_from_keys, read_heads
+    from ..core.heads_format import layout_from_keys, read_heads
 
     weights, _, file = read_heads(checkpoint)
     saved = layout_from_keys(weights, str(file))

@@ -18,8 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .prompts import DATA_DIR, DEFAULT_PROMPTS, chat_ids, eos_ids, read_documents, read_prompts  # noqa: F401
-from .shards import (SPLITS, Row, ShardWriter, check_folder, done_sequences, iterate_batches,  # noqa: F401
-                     load_shard, shard_files, write_json)
+from .hidden_files import (SPLITS, Row, ShardWriter, check_folder, done_sequences, iterate_batches, load_shard, shard_files, write_json)
 
 TEACHER_TOPK = 8  # base-model top-k kept per row, for --loss kl
 TOPK_BLOCK = 128  # vocabulary block of the two-stage top-k
@@ -236,7 +235,7 @@ def self_distill(base, lm_head, prompts: list[list[int]], eos: set[int], max_tok
     BLAS thread). Prompts join shortest first; their shared prefix runs once.
     ``progress(n)`` is told the rows each step makes.
     """
-    from ._blas import set_blas_threads
+    from .._blas import set_blas_threads
 
     greedy = greedy or set()
     queue = deque(sorted(range(len(prompts)) if indices is None else indices, key=lambda i: len(prompts[i])))

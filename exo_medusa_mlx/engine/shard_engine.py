@@ -35,9 +35,9 @@ from ..core.limits import UNKNOWN_CONTEXT, CancelToken, Limits, check_prompt_tex
 from ..core.model_files import check_model_folder, config_context
 from ..core.slots import DEFAULT_KEEP, SlotMap, run_committed
 from ..core.step import ROOT_ONLY, Verified, advance, read
-from . import state as st
+from . import protocol as st
 from .downloader import LocalShardDownloader
-from .engine import InferenceEngine, InferenceState
+from .contract import InferenceEngine, InferenceState
 from .heads_source import shard_heads
 from .sessions import Session, Sessions
 from .shard import Shard, as_shard

@@ -11,8 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .distill import build_cache, cache_key
-from .prompts import (DEFAULT_PROMPTS, Excluded, chat_ids, eos_ids, mix_prompts, normalize, read_documents,
-                      read_jsonl_prompts, read_prompts)
+from .prompts import (DEFAULT_PROMPTS, Excluded, chat_ids, eos_ids, mix_prompts, normalize, read_documents, read_jsonl_prompts, read_prompts)
 from .self_instruct import SEEDS, WRITE_TEMP, load_seeds, model_writer, write_prompts
 
 
@@ -20,8 +19,8 @@ def load_base(model: str | None):
     """The frozen base model (float32 on CPU), its lm_head, tokenizer and id."""
     from mlx_lm.utils import load as mlx_load
 
-    from .default_model import DEFAULT_MODEL_ID, resolve_model_path
-    from .model import base_lm_head
+    from ..default_model import DEFAULT_MODEL_ID, resolve_model_path
+    from ..model import base_lm_head
 
     base, tokenizer = mlx_load(str(resolve_model_path(model)))
     if mx.default_device() == mx.cpu:

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from . import state as st
+from . import protocol as st
 from . import wire
-from .node_hook import eos_ids, on_request_finished, process_result
+from .results import eos_ids, on_request_finished, process_result
 from .shard import as_shard
 
 

@@ -17,7 +17,8 @@ import functools
 import importlib
 from dataclasses import dataclass
 
-from . import exo_node, wire
+from . import node_patch as exo_node
+from ..engine import wire
 from .registry import register_with_exo
 
 _PEER = "exo.networking.grpc.grpc_peer_handle"

@@ -25,7 +25,7 @@ from ..torch_compat.generate import load_tokenizer
 from ..torch_compat.heads import load_heads
 from ..torch_compat.loading import default_device, default_dtype, parse_dtype
 from ..torch_compat.model import MedusaModel
-from .medusa_engine import Loaded, MedusaShardEngine
+from .shard_engine import Loaded, MedusaShardEngine
 from .sessions import Session
 from .shard import Shard
 

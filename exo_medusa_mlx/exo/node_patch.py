@@ -21,8 +21,8 @@ import functools
 
 import numpy as np
 
-from . import state as st
-from .node_hook import eos_ids, on_request_finished, process_result
+from ..engine import protocol as st
+from ..engine.results import eos_ids, on_request_finished, process_result
 
 MARK = "__exo_medusa_hook__"
 ON_TOKEN = "exo-medusa-free-caches"  # the node's on_token callback name
@@ -30,7 +30,7 @@ LOG_PREFIX = "exo-medusa:"
 
 
 def _ours(engine) -> bool:
-    from .medusa_engine import MedusaShardEngine
+    from ..engine.shard_engine import MedusaShardEngine
 
     return isinstance(engine, MedusaShardEngine)
 

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from . import state as st
+from . import protocol as st
 
 
 @dataclass

@@ -10,7 +10,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_PROMPTS = DATA_DIR / "train_prompts.json"
 HELDOUT_PROMPTS = DATA_DIR / "heldout_prompts.json"
 BENCH_PROMPTS = DATA_DIR / "bench_prompts.json"

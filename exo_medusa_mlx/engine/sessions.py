@@ -10,7 +10,7 @@ import numpy as np
 
 from ..core.accept import Policy
 from ..core.tree import TreeBuffers
-from .state import Settings
+from .protocol import Settings
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_args import fail, non_negative_float, positive_int
+from ..cli_args import fail, non_negative_float, positive_int
 
 MLX_METHODS = {"a": "mlx-lm stream_generate", "b": "ours --no-medusa (MLX)", "c": "ours Medusa (MLX)"}
 TORCH_METHODS = {"d": "transformers generate", "e": "transformers prompt lookup", "f": "ours Medusa (torch)"}
@@ -38,8 +38,8 @@ def bench_prompts() -> list[dict]:
 def machine() -> dict:
     import mlx.core as mx
 
-    from ._blas import blas_info
-    from .core.machine import cpu_name
+    from .._blas import blas_info
+    from ..core.machine import cpu_name
 
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(), "mlx": mx.__version__,
             "mlx_device": str(mx.default_device()), "blas": blas_info(), "python": platform.python_version()}
@@ -130,13 +130,13 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
     acceptance for Medusa): speeds and accepted lengths, not token equality, then count."""
     from tqdm import tqdm
 
-    from .core.generation import apply_template, stream_generate
-    from .loading import load
+    from ..core.generation import apply_template, stream_generate
+    from ..loading import load
 
     med, tokenizer = load(model, heads=heads, tree=tree)
     if med.heads is None:
         raise ValueError("bench needs Medusa heads: pass --heads (the default model's shipped heads are used when present)")
-    from .default_model import resolve_model_path
+    from ..default_model import resolve_model_path
 
     path = resolve_model_path(model)
     trees = {"mlx": _tree_facts(med)}  # what (c) and (f) verify with
@@ -159,8 +159,8 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
             runners["d"] = lambda ids: _hf(hf, ids, max_tokens, eos, None)
             runners["e"] = lambda ids: _hf(hf, ids, max_tokens, eos, 10)
             try:
-                from .torch_compat import load as torch_load
-                from .torch_compat import stream_generate as torch_stream
+                from ..torch_compat import load as torch_load
+                from ..torch_compat import stream_generate as torch_stream
 
                 tmodel, ttok = torch_load(model, heads=heads, tree=tree)
                 runners["f"] = lambda ids: _ours(tmodel, ttok, ids, max_tokens, True, torch_stream)
@@ -320,8 +320,8 @@ def latency_curve(model=None, ns=(1, 2, 4, 8, 16, 32, 64, 128), cache_len=256, r
     """Time one forward of N new tokens over a cache of ``cache_len`` tokens."""
     import mlx.core as mx
 
-    from .core.step import prefill
-    from .loading import load
+    from ..core.step import prefill
+    from ..loading import load
 
     med, _ = load(model, heads=None, tree=[])
     rng = np.random.default_rng(0)
@@ -342,7 +342,7 @@ def latency_curve(model=None, ns=(1, 2, 4, 8, 16, 32, 64, 128), cache_len=256, r
             import torch
             from transformers import AutoModelForCausalLM
 
-            from .default_model import resolve_model_path
+            from ..default_model import resolve_model_path
 
             hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_path(model)), dtype=torch.float32).eval()
             for n in ns:
@@ -386,7 +386,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--distributed" in argv:
-        from .bench_distributed import main as distributed_main
+        from .distributed import main as distributed_main
 
         return distributed_main([a for a in argv if a != "--distributed"])
     args = setup_arg_parser().parse_args(argv)

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..core.machine import free_ports
-from .cards import DEFAULT_CARD
+from exo_medusa_mlx.core.machine import free_ports
+from exo_medusa_mlx.exo.cards import DEFAULT_CARD
 
-ROOT = Path(__file__).resolve().parents[2]  # the folder holding exo_medusa_mlx: the checkout
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 DEFAULT_SRC = ROOT.parent / "shared" / "exo-0.0.x"
 # What a node needs to import exo's node, networking and API (the project's `exo` extra).
 EXO_MODULES = ("exo.orchestration.node", "exo.networking.grpc.grpc_server", "exo.api.chatgpt_api",
@@ -50,7 +50,7 @@ def _tree_root(folder: Path) -> Path | None:
 
 
 def _unpack(tarball: Path) -> Path | None:
-    from ..core.machine import cache_root
+    from exo_medusa_mlx.core.machine import cache_root
 
     st = tarball.stat()
     key = hashlib.sha1(f"{tarball.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -229,7 +229,7 @@ class ExoRing:
 
     def __init__(self, src: Path, home: Path, launch: Sequence[str], engines: Sequence[str], *,
                  max_tokens: int = 12, threads: int = 1, response_timeout: int = 90, start_timeout: float = 180.0):
-        from ..default_model import DEFAULT_MODEL_ID, default_model_path
+        from exo_medusa_mlx.default_model import DEFAULT_MODEL_ID, default_model_path
 
         self.card, self.nodes = DEFAULT_CARD, []
         n = len(engines)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .state import parse_request
+from .protocol import parse_request
 
 # Wire dtypes numpy can rebuild with np.frombuffer (no object or bfloat16).
 WIRE_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",

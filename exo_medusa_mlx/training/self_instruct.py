@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .prompts import DATA_DIR, Excluded, eos_ids, junk_reason, normalize
-from .shards import write_json
+from .hidden_files import write_json
 
 SEEDS = DATA_DIR / "self_instruct_seeds.json"
 EXAMPLES = 4  # training prompts shown before each written one

@@ -19,7 +19,7 @@ from ..core.heads_format import default_tree_for
 from ..core.tree import ROOT_ONLY, load_tree
 from ..heads import load_heads
 from ..model import MedusaModel
-from .medusa_engine import Loaded, MedusaShardEngine
+from .shard_engine import Loaded, MedusaShardEngine
 from .sessions import Session
 from .shard import Shard
 

@@ -22,13 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli_args import positive_float
+from ..cli_args import positive_float
 
 DEFAULT_RANKS = "1,2,3"
 
 
 def _decode(model, tokenizer, ids, max_tokens, medusa, comm) -> dict:
-    from .core.generation import stream_generate
+    from ..core.generation import stream_generate
 
     tokens, first, comm_first, last = [], None, 0.0, None
     for last in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, medusa=medusa):
@@ -45,10 +45,10 @@ def worker(args) -> None:
     """One rank: load, split, decode every prompt with Medusa off and on; rank 0 writes the result."""
     import mlx.core as mx
 
-    from . import distributed as dist
-    from .bench import bench_prompts
-    from .generate import apply_template
-    from .loading import load
+    from .. import distributed as dist
+    from .main import bench_prompts
+    from ..generate import apply_template
+    from ..loading import load
 
     comm = dist.init(args.dist_timeout) if os.environ.get("MLX_RANK") else None
     model, tokenizer = load(args.model, heads=args.heads, tree=args.tree, lazy=comm is not None)
@@ -82,11 +82,11 @@ def _total(runs: list[dict]) -> dict:
 
 def run_config(args, n: int, parallel: str, tmp: Path) -> dict:
     """Launch one configuration; its result, or {"error": the failing rank's last line}."""
-    from .launch import launch
+    from ..launch import launch
 
     result = tmp / f"{parallel}-{n}.json"
     log = tmp / f"{parallel}-{n}.log"
-    argv = [sys.executable, "-m", "exo_medusa_mlx.bench_distributed", "--worker", "--parallel", parallel,
+    argv = [sys.executable, "-m", "exo_medusa_mlx.bench.distributed", "--worker", "--parallel", parallel,
             "--result", str(result), "--max-tokens", str(args.max_tokens), "--dist-timeout", str(args.dist_timeout)]
     for flag in ("model", "heads", "tree", "limit"):
         if getattr(args, flag) is not None:

@@ -18,9 +18,9 @@ import importlib.util
 import time
 
 import exo_medusa_mlx  # noqa: F401  (preloads OpenBLAS; must come before mlx)
-from exo_medusa_mlx.training.training.distill import self_distill
-from exo_medusa_mlx.training.training.prompts import DEFAULT_PROMPTS, Excluded, chat_ids, eos_ids, mix_prompts, read_prompts
-from exo_medusa_mlx.training.training.data import load_base
+from exo_medusa_mlx.training.distill import self_distill
+from exo_medusa_mlx.training.prompts import DEFAULT_PROMPTS, Excluded, chat_ids, eos_ids, mix_prompts, read_prompts
+from exo_medusa_mlx.training.data import load_base
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402

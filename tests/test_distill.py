@@ -11,7 +11,7 @@ import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 
 import exo_medusa_mlx.training.hidden_files as shards
-from exo_medusa_mlx.training.training.distill import TEACHER_TOPK, build_cache, sample, self_distill, shared_prefix, top_k
+from exo_medusa_mlx.training.distill import TEACHER_TOPK, build_cache, sample, self_distill, shared_prefix, top_k
 from exo_medusa_mlx.model import base_lm_head
 from tiny import VOCAB, tiny_base
 

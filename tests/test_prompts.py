@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from exo_medusa_mlx.training.training.prompts import (BENCH_PROMPTS, DEFAULT_PROMPTS, HELDOUT_PROMPTS, Excluded, junk_reason, mix_prompts, normalize, read_jsonl_prompts, read_prompts)
-from exo_medusa_mlx.training.training.self_instruct import accept, clean, load_seeds, write_prompts
+from exo_medusa_mlx.training.prompts import (BENCH_PROMPTS, DEFAULT_PROMPTS, HELDOUT_PROMPTS, Excluded, junk_reason, mix_prompts, normalize, read_jsonl_prompts, read_prompts)
+from exo_medusa_mlx.training.self_instruct import accept, clean, load_seeds, write_prompts
 
 HELD = read_prompts(HELDOUT_PROMPTS)
 BENCH = read_prompts(BENCH_PROMPTS)
@@ -126,8 +126,8 @@ def test_self_instruct_gives_up_when_everything_is_junk(tmp_path, seeds):
 
 
 def test_self_instruct_with_a_tiny_model_writes_in_batches(tmp_path):
-    from exo_medusa_mlx.training.training.self_instruct import model_writer
-    from exo_medusa_mlx.training.training.data import load_base
+    from exo_medusa_mlx.training.self_instruct import model_writer
+    from exo_medusa_mlx.training.data import load_base
     from test_exo_engine import save_hf_folder
     from test_exo_engine import tiny_base as tiny_base4
 
@@ -142,7 +142,7 @@ def test_self_instruct_with_a_tiny_model_writes_in_batches(tmp_path):
 
 def test_training_prompts_mix_user_and_written_prompts_without_heldout(tmp_path, monkeypatch):
     import exo_medusa_mlx.training.data as TD
-    from exo_medusa_mlx.training.training.train import TrainOptions
+    from exo_medusa_mlx.training.train import TrainOptions
 
     user = tmp_path / "mine.jsonl"
     user.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Sing me a song about dust.", HELD[5], TRAIN[3]]))

@@ -11,8 +11,8 @@ from mlx_lm.generate import generate_step as mlx_generate_step
 from exo_medusa_mlx.heads import load_heads
 from exo_medusa_mlx.core.heads_format import MedusaConfig
 from exo_medusa_mlx.model import base_lm_head
-from exo_medusa_mlx.training.training.distill import (build_cache, iterate_batches, load_shard, read_documents, read_prompts, self_distill)
-from exo_medusa_mlx.training.training.train import loss_fn, new_heads, train
+from exo_medusa_mlx.training.distill import (build_cache, iterate_batches, load_shard, read_documents, read_prompts, self_distill)
+from exo_medusa_mlx.training.train import loss_fn, new_heads, train
 from tiny import VOCAB, tiny_base
 
 EOS = 3
@@ -194,7 +194,7 @@ def test_relabel_uses_base_predictions(base, tmp_path):
 
 
 def test_data_files_and_errors(tmp_path):
-    from exo_medusa_mlx.training.training.distill import DEFAULT_PROMPTS
+    from exo_medusa_mlx.training.distill import DEFAULT_PROMPTS
 
     p = read_prompts(DEFAULT_PROMPTS)
     assert len(p) >= 300 and len(set(p)) == len(p)
@@ -247,7 +247,7 @@ def test_fewer_rows_than_a_batch_is_an_error_not_a_hang(base, cache):
 def test_resume_refuses_another_layout_and_a_broken_state(base, tmp_path):
     import mlx.optimizers as optim
 
-    from exo_medusa_mlx.training.training.train import _resume_step, _save_checkpoint
+    from exo_medusa_mlx.training.train import _resume_step, _save_checkpoint
 
     heads = _heads(base)
     opt = optim.AdamW(learning_rate=1e-3)
@@ -277,7 +277,7 @@ def test_resume_refuses_another_layout_and_a_broken_state(base, tmp_path):
     (["--add-prompts", "missing.jsonl"], "prompt file missing.jsonl not found"),
 ])
 def test_train_flags_are_checked_before_any_work(tmp_path, argv, message, capsys):
-    from exo_medusa_mlx.training.training.train import main
+    from exo_medusa_mlx.training.train import main
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
@@ -287,7 +287,7 @@ def test_train_flags_are_checked_before_any_work(tmp_path, argv, message, capsys
 
 
 def test_train_output_that_is_a_file_is_refused(tmp_path):
-    from exo_medusa_mlx.training.training.train import main
+    from exo_medusa_mlx.training.train import main
 
     f = tmp_path / "heads"
     f.write_text("keep me")
@@ -301,7 +301,7 @@ def test_train_options_mirror_the_flags(tmp_path, capsys):
     fails before the model loads or the output folder is made."""
     from dataclasses import fields
 
-    from exo_medusa_mlx.training.training.train import TrainOptions, main, setup_arg_parser
+    from exo_medusa_mlx.training.train import TrainOptions, main, setup_arg_parser
 
     p = setup_arg_parser()
     assert {a.dest for a in p._actions if a.dest != "help"} == {f.name for f in fields(TrainOptions)}

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from exo_medusa_mlx.training.training.distill import DATA_DIR, read_prompts
+from exo_medusa_mlx.training.distill import DATA_DIR, read_prompts
 from exo_medusa_mlx.core.tree import build_tree
 from exo_medusa_mlx.core.growth import (conditional_accuracy, empirical_accept_length, grow_tree, latency_table,
                                         topk_accuracy)
@@ -113,7 +113,7 @@ def test_shipped_heads_lossless_on_default_model():
     assert (SHIPPED_HEADS / "medusa_lm_head.safetensors").is_file(), f"shipped heads missing in {SHIPPED_HEADS}"
     from exo_medusa_mlx.generate import stream_generate
     from exo_medusa_mlx.loading import load
-    from exo_medusa_mlx.training.training.distill import chat_ids
+    from exo_medusa_mlx.training.distill import chat_ids
 
     model, tok = load()
     assert model.heads is not None and 2 <= model.tree.size <= 16  # the tuned tree.json is picked up

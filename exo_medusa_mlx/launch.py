@@ -4,7 +4,7 @@ Each rank runs ``python -m exo_medusa_mlx <command>`` with ``MLX_RANK`` and a ri
 hostfile of 127.0.0.1 ports (``MLX_HOSTFILE``), as ``mlx.launch`` sets them, and one
 BLAS thread unless told otherwise (the ranks share the cores). Rank 0 prints; the
 launcher exits with the first failing rank's code after stopping the others.
-For several machines use ``mlx.launch --backend ring --hostfile hosts.json`` (README).
+For several machines use ``mlx.launch --backend ring --hostfile hosts.json`` (``docs/distributed.md``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What exo's node does with the last shard's output when a pass may emit several tokens
-(``NODE_HOOK.md`` says why and where it goes in the node).
+(``docs/node_hook.md`` says why and where it goes in the node).
 
 ``process_result`` takes the pass's tokens from ``inference_state`` (cut at EOS and
 ``max_tokens``) and the next pass's input and state, and falls back to exo's one-token

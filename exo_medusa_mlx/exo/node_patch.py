@@ -1,4 +1,4 @@
-"""exo 0.0.x's ``Node``, changed for Medusa ring passes (``NODE_HOOK.md``); ``install`` applies it.
+"""exo 0.0.x's ``Node``, changed for Medusa ring passes (``docs/node_hook.md``); ``install`` applies it.
 
 - ``process_prompt``: a node holding one of our engines starts our protocol: the first
   pass's state gets ``state.initial_state`` (sampling at the node's ``--default-temp``).

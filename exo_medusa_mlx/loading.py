@@ -1,16 +1,17 @@
-"""``load``: base model (mlx-lm's own classes), heads and tree, in one call."""
+"""``load``: base model (mlx-lm's own classes), heads and tree, in one call.
+
+MLX is imported inside ``load``, after ``setup_blas``, so that ``import exo_medusa_mlx``
+then ``exo_medusa_mlx.load()`` gives MLX its OpenBLAS.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
-
+from ._blas import setup_blas
 from .core.heads_format import default_heads_for, default_tree_for
 from .core.latency import fit_to_machine, tuned_facts
 from .core.tree import ROOT_ONLY, load_tree, tree_choices
-from .heads import load_heads
-from .model import MedusaModel
 
 
 def load(model: str | None = None, heads: str | Path | None = None, tree=None, dtype=None, lazy: bool = False):
@@ -22,16 +23,20 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
             model (if any). Without heads, decoding is plain.
         tree: preset name, JSON file or choices; None for the heads' tuned tree or
             the CPU default.
-        dtype: weights' dtype; default float32 on CPU (bf16/fp16 skip BLAS there).
+        dtype: weights' dtype (or its name); default float32 on CPU (bf16/fp16 skip BLAS there).
         lazy: leave the base model's weights unread until used (a pipeline rank keeps
             and reads only its own layers).
 
     Returns:
         (MedusaModel, tokenizer)
     """
+    setup_blas()  # before the first import of mlx
+    import mlx.core as mx
     from mlx_lm.utils import load as mlx_load
 
     from .default_model import resolve_model_path
+    from .heads import load_heads
+    from .model import MedusaModel
 
     heads_path = Path(heads) if heads is not None else default_heads_for(model)
     tuned = default_tree_for(heads_path)
@@ -40,6 +45,8 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
     buffers = load_tree(choices)  # its size cap too, before the model loads
     path = resolve_model_path(model)
     base, tokenizer = mlx_load(str(path), lazy=lazy)
+    if isinstance(dtype, str):
+        dtype = getattr(mx, dtype)
     if dtype is None and mx.default_device() == mx.cpu:
         dtype = mx.float32
     if dtype is not None:

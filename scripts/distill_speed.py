@@ -17,7 +17,9 @@ import argparse
 import importlib.util
 import time
 
-import exo_medusa_mlx  # noqa: F401  (preloads OpenBLAS; must come before mlx)
+import exo_medusa_mlx
+
+exo_medusa_mlx.setup_blas()  # before the first import of mlx
 from exo_medusa_mlx.training.distill import self_distill
 from exo_medusa_mlx.training.prompts import DEFAULT_PROMPTS, Excluded, chat_ids, eos_ids, mix_prompts, read_prompts
 from exo_medusa_mlx.training.data import load_base

@@ -20,7 +20,7 @@ import json
 import time
 
 from exo_medusa_mlx import backends
-from exo_medusa_mlx.bench.main import bench_prompts
+from exo_medusa_mlx.training.prompts import bench_prompts
 from exo_medusa_mlx.core.generation import apply_template, stream_generate
 
 

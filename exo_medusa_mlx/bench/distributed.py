@@ -43,12 +43,15 @@ def _decode(model, tokenizer, ids, max_tokens, medusa, comm) -> dict:
 
 def worker(args) -> None:
     """One rank: load, split, decode every prompt with Medusa off and on; rank 0 writes the result."""
+    from .._blas import setup_blas
+
+    setup_blas()  # before the first import of mlx (``python -m exo_medusa_mlx.bench.distributed``)
     import mlx.core as mx
 
     from .. import distributed as dist
-    from .main import bench_prompts
     from ..generate import apply_template
     from ..loading import load
+    from ..training.prompts import bench_prompts
 
     comm = dist.init(args.dist_timeout) if os.environ.get("MLX_RANK") else None
     model, tokenizer = load(args.model, heads=args.heads, tree=args.tree, lazy=comm is not None)

@@ -19,20 +19,15 @@ import platform
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from ..cli_args import fail, non_negative_float, positive_int
+from ..training.prompts import bench_prompts
 
 MLX_METHODS = {"a": "mlx-lm stream_generate", "b": "ours --no-medusa (MLX)", "c": "ours Medusa (MLX)"}
 TORCH_METHODS = {"d": "transformers generate", "e": "transformers prompt lookup", "f": "ours Medusa (torch)"}
-
-
-def bench_prompts() -> list[dict]:
-    text = resources.files("exo_medusa_mlx").joinpath("data/bench_prompts.json").read_text()
-    return json.loads(text)["prompts"]
 
 
 def machine() -> dict:

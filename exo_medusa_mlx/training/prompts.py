@@ -42,6 +42,11 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def bench_prompts() -> list[dict]:
+    """The bench's prompts: dicts with "prompt" and its "category" (``BENCH_PROMPTS``)."""
+    return json.loads(BENCH_PROMPTS.read_text(encoding="utf-8"))["prompts"]
+
+
 def json_lines(path: Path, text: str):
     """(line number, value) of each non-blank line of a JSONL file's ``text``; a line that is not
     JSON is a ``ValueError`` naming ``file:line``."""

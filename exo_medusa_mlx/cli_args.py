@@ -20,6 +20,8 @@ import threading
 from .core.slots import DEFAULT_KEEP
 
 MAX_ERROR_CHARS = 400  # a message longer than this is cut (mlx-lm lists every missing weight)
+PARALLEL_MODES = ("pipeline", "tensor")  # --parallel: split by layers, or mlx-lm's tensor sharding
+DIST_TIMEOUT_S = 120.0  # --dist-timeout: a wait on another rank (a prefill chunk of a large model on a slow rank fits)
 
 
 def _number(text: str, cast, what: str):

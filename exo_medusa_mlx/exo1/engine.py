@@ -30,7 +30,8 @@ from exo.worker.engines.base import Builder, Engine
 from exo.worker.engines.mlx.constants import MAX_TOKENS
 from exo.worker.engines.mlx.utils_mlx import apply_chat_template
 
-from ..distributed import DEFAULT_TIMEOUT_S, Comm, Watchdog, check_agreement
+from ..cli_args import DIST_TIMEOUT_S
+from ..distributed import Comm, Watchdog, check_agreement
 from ..generate import stream_generate
 from ..core.heads_format import default_tree_for
 from ..core.tree import ROOT_ONLY, load_tree
@@ -95,7 +96,7 @@ class MedusaEngine(Engine):
     event_sender: Any
     max_kv_size: int | None = None
     check_for_cancel_every: int = 16  # tokens between cancellation checks (an all-gather each)
-    timeout_s: float = DEFAULT_TIMEOUT_S
+    timeout_s: float = DIST_TIMEOUT_S
 
     _cancelled_tasks: set[TaskId] = field(default_factory=set, init=False)
     _maybe_queue: list[TextGeneration] = field(default_factory=list, init=False)

@@ -26,11 +26,11 @@ from .cli_args import (
 from .core.generation import (  # noqa: F401  (re-exported: mlx-lm's names)
     DEFAULT_MAX_TOKENS,
     GenerationResponse,
-    apply_template,
     generate,
     print_stats,
     stream_generate,
 )
+from .core.tokens import apply_template
 
 DEFAULT_PROMPT = "Hello"
 

@@ -125,10 +125,6 @@ class MedusaModel(MedusaBase):
     def device(self) -> mx.Device:
         return mx.default_device()
 
-    def eos_ids(self, tokenizer) -> list[int]:
-        """mlx-lm's tokenizer wrapper knows every EOS id of the model's config."""
-        return list(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-
     def detokenizer(self, tokenizer):
         return tokenizer.detokenizer  # mlx-lm's streaming detokenizer
 

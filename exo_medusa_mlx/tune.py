@@ -57,7 +57,8 @@ def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: i
 
 def compare_generation(model, tokenizer, prompts: list[str], tree, max_tokens: int) -> dict:
     """Greedy generation with the tree and with ``medusa=False`` on each prompt, alternating which goes first."""
-    from .core.generation import apply_template, stream_generate
+    from .core.generation import stream_generate
+    from .core.tokens import prompt_ids
 
     def run(ids, medusa):
         toks, last = [], None
@@ -66,14 +67,11 @@ def compare_generation(model, tokenizer, prompts: list[str], tree, max_tokens: i
         secs = (last.generation_tokens - 1) / last.generation_tps if last.generation_tps else 0.0
         return toks, last, secs
 
-    def chat_ids(tok, p):
-        return apply_template(tok, p, None, True)
-
-    run(chat_ids(tokenizer, prompts[0]), True)  # warm-up
+    run(prompt_ids(tokenizer, prompts[0]), True)  # warm-up
     agg = {m: {"tokens": 0, "seconds": 0.0, "steps": 0} for m in ("medusa", "plain")}
     same = 0
     for k, p in enumerate(tqdm(prompts, desc="generate", unit="prompt")):
-        ids = chat_ids(tokenizer, p)
+        ids = prompt_ids(tokenizer, p)
         out = {}
         for medusa in ((True, False) if k % 2 == 0 else (False, True)):
             toks, last, secs = run(ids, medusa)
@@ -176,12 +174,13 @@ def main(argv=None) -> None:
 def heldout_accuracy(model, tokenizer, opts: TuneOptions, prompts: list[str]) -> np.ndarray:
     """The heads' ranks on the held-out answers, (rows, K), computed on MLX (self-distilled data)."""
     from .core.machine import cache_root
-    from .training.distill import build_cache, cache_key, chat_ids, eos_ids
+    from .core.tokens import eos_ids, prompt_ids
+    from .training.distill import build_cache, cache_key
 
     key = cache_key(prompts=prompts, max_tokens=opts.data_max_tokens, model=model.model_id, temp=0.0, val_split=0.0,
                     seed=0)
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else cache_root() / "heldout" / key
-    meta = build_cache(cache_dir, model.base, model.lm_head, prompts=[chat_ids(tokenizer, p) for p in prompts],
+    meta = build_cache(cache_dir, model.base, model.lm_head, prompts=[prompt_ids(tokenizer, p) for p in prompts],
                        eos=eos_ids(tokenizer), key=key, max_tokens=opts.data_max_tokens, batch_size=opts.gen_batch_size)
     return held_out_ranks(model.heads, model.lm_head, cache_dir, [f["file"] for f in meta["splits"]["train"]],
                           embed=model.base.model.embed_tokens, draft=model.draft())

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from exo_medusa_mlx.core.generation import chat_ids
+from exo_medusa_mlx.core.tokens import chat_ids
 from test_server import GOOD, MODEL_ID, PROMPTS, TREE, chat, client, folder, oracle, post, server, serving  # noqa: F401,E501
 
 

@@ -49,7 +49,7 @@ def worker(args) -> None:
     import mlx.core as mx
 
     from .. import distributed as dist
-    from ..generate import apply_template
+    from ..core.tokens import apply_template
     from ..loading import load
     from ..training.prompts import bench_prompts
 

@@ -87,6 +87,11 @@ class MedusaBase:
     def max_context(self) -> int | None:
         return getattr(self.config, "max_position_embeddings", None)
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End tokens the model's own config names, for a tokenizer that lists none (``core.tokens.eos_ids``)."""
+        return []
+
     # ------------------------------------------------------------ trees
 
     def check_tree(self, tree: TreeBuffers) -> TreeBuffers:

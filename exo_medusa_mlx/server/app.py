@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..core.generation import chat_ids, encode_prompt
+from ..core.tokens import chat_ids, encode_prompt
 from .responses import DONE, Shape, sse
 from .scheduler import GenerationArgs, Job, Scheduler
 from .schema import APIError, ChatRequest, CompletionRequest, parse

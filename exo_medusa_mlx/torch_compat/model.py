@@ -105,20 +105,13 @@ class MedusaModel(MedusaBase):
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """End tokens from the model's generation config (may list several)."""
+        """End tokens from the model's generation config (may list several): a bare transformers
+        tokenizer (no ``eos_token_ids``) ends on these and its own (``core.tokens.eos_ids``)."""
         gen = getattr(self.base, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         if eos is None:
             eos = self.base.config.eos_token_id
         return [] if eos is None else [int(e) for e in np.atleast_1d(eos)]
-
-    def eos_ids(self, tokenizer) -> list[int]:
-        """The wrapper's (config.json's and the tokenizer's); for a bare transformers tokenizer, the
-        generation config's and the tokenizer's."""
-        if getattr(tokenizer, "eos_token_ids", None) is not None:
-            return list(tokenizer.eos_token_ids)
-        own = getattr(tokenizer, "eos_token_id", None)
-        return sorted(set(self.eos_token_ids) | ({int(own)} if own is not None else set()))
 
     def detokenizer(self, tokenizer):
         from .generate import StreamingDetokenizer

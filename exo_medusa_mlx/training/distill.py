@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm.auto import tqdm
 
-from .prompts import DATA_DIR, DEFAULT_PROMPTS, chat_ids, eos_ids, read_documents, read_prompts  # noqa: F401
+from .prompts import DATA_DIR, DEFAULT_PROMPTS, read_documents, read_prompts  # noqa: F401
 from .hidden_files import (SPLITS, Row, ShardWriter, check_folder, done_sequences, iterate_batches, load_shard, shard_files, write_json)
 
 TEACHER_TOPK = 8  # base-model top-k kept per row, for --loss kl

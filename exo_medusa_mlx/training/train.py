@@ -31,7 +31,7 @@ from .distill import build_cache, cache_key, iterate_batches, load_shard  # noqa
 from ..heads import MedusaHeads
 from ..cli_args import fraction, non_negative_float, positive_float
 from ..core.heads_format import MedusaConfig
-from .prompts import DATA_DIR, DEFAULT_PROMPTS, chat_ids, eos_ids, read_documents, read_prompts  # noqa: F401
+from .prompts import DATA_DIR, DEFAULT_PROMPTS, read_documents, read_prompts  # noqa: F401
 from .checkpoints import init_from, resume_from, saved_heads  # noqa: F401  (re-exported)
 from .checkpoints import resume_step as _resume_step  # noqa: F401
 from .checkpoints import save_checkpoint as _save_checkpoint

@@ -293,8 +293,7 @@ def run_cli(args, run) -> None:
     layout = {}
 
     def sharded_load(a):
-        dtype = getattr(mx, a.dtype) if a.dtype else None
-        model, tokenizer = load(a.model, heads=a.heads, tree=a.tree, dtype=dtype, lazy=True)
+        model, tokenizer = load(a.model, heads=a.heads, tree=a.tree, dtype=a.dtype, lazy=True)
         layout["layout"] = shard(model, comm, a.parallel, weights)
         return model, tokenizer
 

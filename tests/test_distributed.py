@@ -114,12 +114,10 @@ def test_exo1_engine_on_two_ranks_equals_one_process(two_ranks, folders):
     import exo1_standin as exo
 
     exo.install()
-    from exo_medusa_mlx.exo1 import attach_heads
     from exo_medusa_mlx.generate import stream_generate
     from exo_medusa_mlx.loading import load
 
-    model, tok = load(str(folders["llama"]))
-    model = attach_heads(model.base, folders["llama"] / "medusa", "cpu-8")
+    model, tok = load(str(folders["llama"]), heads=folders["llama"] / "medusa", tree="cpu-8")
     ref = [r.token for r in stream_generate(model, tok, "t1 t5 t9 t3 t7", max_tokens=20, temp=0.0)]
     _, ranks = two_ranks
     assert ranks[0]["engine"]["tokens"] == ref and len(ref) == 20

@@ -70,6 +70,13 @@ class MedusaBase:
 
     ops: ClassVar[ArrayOps]
     verify_rows_max: ClassVar[int] = 64  # beyond this many rows, both products cost about the same
+    backend: ClassVar[str]  # "mlx" or "torch": which tuned tree file a load reads (``default_tree_for``)
+    probes_at_load: ClassVar[bool] = False  # whether a load with no tree tuned here probes (``core.attach``)
+
+    @classmethod
+    def heads_for(cls, base, path: Path):
+        """The backend's heads from ``path`` for ``base``, in its compute dtype and on its device."""
+        raise NotImplementedError
 
     def __post_init__(self) -> None:
         self._draft = None

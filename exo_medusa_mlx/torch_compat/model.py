@@ -8,12 +8,15 @@ the per-token positions), and the K/V through ``MedusaCache``.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..core.base import MedusaBase, swapped_class
 from .array_ops import TorchOps
+from .heads import MedusaHeads, load_heads
 from .cache import DEFAULT_KEEP, CacheContext, MedusaCache, make_cache
 
 # Families whose attention takes the 4D mask and position_ids as given and whose
@@ -75,6 +78,14 @@ class MedusaModel(MedusaBase):
     """A transformers causal LM with Medusa heads and a tree attached (``heads`` None: plain decoding)."""
 
     ops = TorchOps
+    backend = "torch"
+    probes_at_load = True  # its shipped tree.torch.json was tuned on another machine (see ``model.MedusaModel``)
+
+    @classmethod
+    def heads_for(cls, base, path: Path) -> MedusaHeads:
+        """Heads for transformers' ``base``, in its lm_head's dtype and on its device."""
+        head = base.get_output_embeddings().weight
+        return load_heads(path, base.config.hidden_size, base.config.vocab_size, dtype=head.dtype, device=head.device)
 
     def __post_init__(self):
         check_supported(self.base)

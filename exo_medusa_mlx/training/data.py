@@ -8,10 +8,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import mlx.core as mx
-
-from .distill import build_cache, cache_key
 from ..core.tokens import eos_ids, prompt_ids
+from .distill import build_cache, cache_key
 from .prompts import (DEFAULT_PROMPTS, Excluded, mix_prompts, normalize, read_documents, read_jsonl_prompts, read_prompts)
 from .self_instruct import SEEDS, WRITE_TEMP, load_seeds, model_writer, write_prompts
 
@@ -21,11 +19,13 @@ def load_base(model: str | None):
     from mlx_lm.utils import load as mlx_load
 
     from ..default_model import DEFAULT_MODEL_ID, resolve_model_path
+    from ..loading import resolve_dtype
     from ..model import base_lm_head
 
     base, tokenizer = mlx_load(str(resolve_model_path(model)))
-    if mx.default_device() == mx.cpu:
-        base.set_dtype(mx.float32)
+    dtype = resolve_dtype(None)
+    if dtype is not None:
+        base.set_dtype(dtype)
     base.freeze()
     return base, base_lm_head(base), tokenizer, model or DEFAULT_MODEL_ID
 

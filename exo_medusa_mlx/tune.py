@@ -43,7 +43,7 @@ def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: i
     heads' draft vocabulary and rows (``MedusaModel.draft()``), as decoding scores them."""
     import mlx.core as mx
 
-    from .training.distill import iterate_batches
+    from .training.hidden_files import iterate_batches
     from .training.loss import path_embeds, target_ranks
 
     out = [np.array(target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
@@ -144,7 +144,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="whose step to time (auto: MLX where installed); torch reads the held-out ranks an MLX tune saved")
     p.add_argument("--device", default=d.device, help="torch only: device (default cuda when available, else cpu)")
     p.add_argument("--prompts", default=d.prompts, help=f"Held-out prompts (default {DEFAULT_HELDOUT.name})")
-    p.add_argument("--cache-dir", default=d.cache_dir, help="Held-out hidden-state shards (default: under the exo_medusa_mlx cache)")
+    p.add_argument("--cache-dir", default=d.cache_dir, help="Held-out hidden-state files (default: under the exo_medusa_mlx cache)")
     p.add_argument("--data-max-tokens", type=int, default=d.data_max_tokens, help="Response length of the held-out data")
     p.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size)
     p.add_argument("--max-nodes", type=int, default=d.max_nodes, help="Largest tree, root included")
@@ -260,7 +260,7 @@ def choose_tree(model, opts: TuneOptions, ranks, cond) -> dict:
 
 def run(opts: TuneOptions) -> dict:
     from .core.heads_format import SHIPPED_HEADS
-    from .training.distill import read_prompts
+    from .training.prompts import read_prompts
 
     opts.check()
     backend = backends.resolve_backend(opts.backend)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from exo_medusa_mlx.training.distill import DATA_DIR, read_prompts
+from exo_medusa_mlx.training.prompts import DATA_DIR, read_prompts
 from exo_medusa_mlx.core.tree import build_tree
 from exo_medusa_mlx.core.growth import (conditional_accuracy, empirical_accept_length, grow_tree, latency_table,
                                         topk_accuracy)

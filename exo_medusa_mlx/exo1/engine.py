@@ -31,9 +31,9 @@ from exo.worker.engines.mlx.constants import MAX_TOKENS
 from exo.worker.engines.mlx.utils_mlx import apply_chat_template
 
 from ..cli_args import DIST_TIMEOUT_S
-from ..distributed import Comm, Watchdog, check_agreement
-from ..generate import stream_generate
 from ..core.attach import attach
+from ..core.generation import stream_generate
+from ..distributed import Comm, Watchdog, check_agreement
 from ..model import MedusaModel
 
 # exo's sampling defaults (mlx_generate), so a task decodes from the same distribution.

@@ -4,7 +4,7 @@ The data is the base model's own: its answers to a prompt set (the shipped
 prompts, the user's, and prompts it writes itself; generated many at once,
 greedy by default), or a text/JSONL file relabelled with its predictions
 (train_data.py). The frozen model runs once; its last hidden states and its own
-next-token choices go to shards on disk, and the heads train on those shards.
+next-token choices go to hidden-state files on disk, and the heads train on those.
 The base lm_head stays in the loss, so the heads learn in its vocabulary space.
 
 Targets: a row is one position t with hidden state h_t and the base model's
@@ -27,16 +27,14 @@ import mlx.optimizers as optim
 import numpy as np
 from tqdm.auto import tqdm
 
-from .distill import build_cache, cache_key, iterate_batches, load_shard  # noqa: F401  (re-exported)
-from ..heads import MedusaHeads
 from ..cli_args import fraction, non_negative_float, positive_float
 from ..core.heads_format import MedusaConfig
-from .prompts import DATA_DIR, DEFAULT_PROMPTS, read_documents, read_prompts  # noqa: F401
-from .checkpoints import init_from, resume_from, saved_heads  # noqa: F401  (re-exported)
-from .checkpoints import resume_step as _resume_step  # noqa: F401
-from .checkpoints import save_checkpoint as _save_checkpoint
+from ..heads import MedusaHeads
+from .checkpoints import init_from, resume_from, save_checkpoint, saved_heads
 from .data import build_data, load_base, prompt_sources
-from .loss import HEAD_DECAY, evaluate, head_logits, loss_fn, path_embeds, target_ranks  # noqa: F401
+from .hidden_files import iterate_batches
+from .loss import evaluate, loss_fn, path_embeds
+from .prompts import DEFAULT_PROMPTS
 
 # --------------------------------------------------------------------------- training
 
@@ -47,7 +45,7 @@ def check_draft_size(size: int, vocab_size: int) -> None:
 
 
 def draft_vocabulary(folder: Path, files: list[str], size: int, vocab_size: int) -> np.ndarray:
-    """The ``size`` tokens the base model emits most often in the shards (ties: lower ids,
+    """The ``size`` tokens the base model emits most often in the cache (ties: lower ids,
     which byte-pair vocabularies give to more frequent pieces), in id order."""
     from safetensors.numpy import load_file
 
@@ -78,7 +76,7 @@ def new_heads(cfg: MedusaConfig, lm_head_weight: mx.array | None, seed: int) -> 
 
 
 def steps_per_epoch(meta: dict, batch_size: int) -> int:
-    # A sequence's last row has no head target and is dropped by load_shard.
+    # A sequence's last row has no head target and is dropped by load_part.
     usable = meta["rows"]["train"] - meta["sequences"]["train"]
     return max(usable // batch_size, 1)
 
@@ -143,13 +141,13 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
                 metrics = evaluate(heads, lm_head, cache_dir, val_files, batch_size, embed=embed)
                 bar.write(f"step {step}: val top-1 {metrics['top1']}, top-5 {metrics['top5']}")
             if checkpoint is not None and save_every and step % save_every == 0:
-                _save_checkpoint(checkpoint, heads, opt, step)
+                save_checkpoint(checkpoint, heads, opt, step)
             if step >= steps or step - epoch * per_epoch >= per_epoch:
                 break
         epoch += 1
     bar.close()
     if checkpoint is not None and save_every:
-        _save_checkpoint(checkpoint, heads, opt, step)
+        save_checkpoint(checkpoint, heads, opt, step)
     metrics = evaluate(heads, lm_head, cache_dir, val_files, batch_size, embed=embed) if val_files else {}
     metrics["train_loss_per_head"] = [round(float(x), 4) for x in smooth[0]] if smooth is not None else None
     metrics["train_top1_per_head"] = [round(float(x), 4) for x in smooth[1]] if smooth is not None else None
@@ -267,7 +265,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         "use one core per stream); GEMMs then get one BLAS thread each")
     p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="Cut --data documents to this many tokens")
     p.add_argument("--cache-dir", default=None,
-                   help="Hidden-state shards (default: OUTPUT/cache); reused when the data matches, resumed when unfinished")
+                   help="Hidden-state files (default: OUTPUT/cache); reused when the data matches, resumed when unfinished")
     p.add_argument("--val-split", type=fraction, default=VAL_SPLIT, help="Fraction of sequences held out for validation")
     p.add_argument("--data-only", action="store_true", help="Build the hidden-state cache and stop")
     p.add_argument("--num-heads", type=int, default=NUM_HEADS)

@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.nn.layers.distributed import ShardedToAllLinear
 
-from .cli_args import DIST_TIMEOUT_S, PARALLEL_MODES
+from .cli_args import DIST_TIMEOUT_S, PARALLEL_MODES, POSITIVE
 from .core.generation import stream_generate
 from .engine.shard import partition_layers
 
@@ -44,8 +44,7 @@ class Watchdog:
     """
 
     def __init__(self, rank: int, timeout_s: float = DIST_TIMEOUT_S):
-        if not timeout_s > 0:
-            raise ValueError(f"--dist-timeout {timeout_s} must be a positive number of seconds")
+        POSITIVE.check("--dist-timeout", timeout_s)
         self.rank, self.timeout_s = rank, timeout_s
         self._deadline: float | None = None
         self._what, self._limit = "", timeout_s

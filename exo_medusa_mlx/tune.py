@@ -23,7 +23,7 @@ from . import backends
 from .core.growth import (TOPK, conditional_accuracy, empirical_accept_length, gather_fraction, grow_tree,
                           topk_accuracy)
 from .core.latency import MAX_LATENCY_NODES, measure_gather, measure_latency, measure_plain_step
-from .cli_args import non_negative_float
+from .cli_args import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, check_fields, int_range
 from .core.machine import this_machine
 from .core.tree import save_tree
 
@@ -92,6 +92,14 @@ def compare_generation(model, tokenizer, prompts: list[str], tree, max_tokens: i
 # --------------------------------------------------------------------------- CLI
 
 
+# Each number flag's rule: its parser type and ``TuneOptions.check``'s check.
+RULES = dict(
+    data_max_tokens=POSITIVE_INT, gen_batch_size=POSITIVE_INT, max_nodes=int_range(1, MAX_LATENCY_NODES),
+    min_nodes=POSITIVE_INT, topk=POSITIVE_INT, context=POSITIVE_INT, repeats=POSITIVE_INT,
+    num_prompts=NON_NEGATIVE_INT, max_tokens=POSITIVE_INT, pass_overhead_ms=NON_NEGATIVE,
+)
+
+
 @dataclass
 class TuneOptions:
     """``mlx_medusa tune``'s options (the flags, kebab-cased)."""
@@ -119,18 +127,10 @@ class TuneOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
     def check(self) -> None:
-        """One-line errors for bad values, before minutes of measuring."""
-        if not 1 <= self.max_nodes <= MAX_LATENCY_NODES:
-            raise ValueError(f"--max-nodes {self.max_nodes} must be in 1..{MAX_LATENCY_NODES}")
-        if not 1 <= self.min_nodes <= self.max_nodes:
+        """One-line errors for bad values, before minutes of measuring (the numbers by ``RULES``, as the parser)."""
+        check_fields(self, RULES)
+        if not self.min_nodes <= self.max_nodes:
             raise ValueError(f"--min-nodes {self.min_nodes} must be in 1..--max-nodes ({self.max_nodes})")
-        for name in ("topk", "repeats", "context", "data_max_tokens", "gen_batch_size", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.num_prompts < 0:
-            raise ValueError(f"--num-prompts {self.num_prompts} must not be negative (0 skips the generation check)")
-        if not 0.0 <= self.pass_overhead_ms < 1e6:  # also refuses NaN
-            raise ValueError(f"--pass-overhead-ms {self.pass_overhead_ms} must be a number of milliseconds >= 0")
         if self.model is not None and self.heads is None:
             raise ValueError("--heads is required with --model")
 
@@ -145,19 +145,19 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="torch only: device (default cuda when available, else cpu)")
     p.add_argument("--prompts", default=d.prompts, help=f"Held-out prompts (default {DEFAULT_HELDOUT.name})")
     p.add_argument("--cache-dir", default=d.cache_dir, help="Held-out hidden-state files (default: under the exo_medusa_mlx cache)")
-    p.add_argument("--data-max-tokens", type=int, default=d.data_max_tokens, help="Response length of the held-out data")
-    p.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size)
-    p.add_argument("--max-nodes", type=int, default=d.max_nodes, help="Largest tree, root included")
-    p.add_argument("--min-nodes", type=int, default=d.min_nodes,
+    p.add_argument("--data-max-tokens", type=RULES["data_max_tokens"].parse, default=d.data_max_tokens, help="Response length of the held-out data")
+    p.add_argument("--gen-batch-size", type=RULES["gen_batch_size"].parse, default=d.gen_batch_size)
+    p.add_argument("--max-nodes", type=RULES["max_nodes"].parse, default=d.max_nodes, help="Largest tree, root included")
+    p.add_argument("--min-nodes", type=RULES["min_nodes"].parse, default=d.min_nodes,
                    help="Smallest tree (1: plain decoding may win; 2: always at least one guess)")
-    p.add_argument("--topk", type=int, default=d.topk)
-    p.add_argument("--context", type=int, default=d.context, help="Prefilled tokens under the latency probes")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="Latency passes over N = 1..64")
+    p.add_argument("--topk", type=RULES["topk"].parse, default=d.topk)
+    p.add_argument("--context", type=RULES["context"].parse, default=d.context, help="Prefilled tokens under the latency probes")
+    p.add_argument("--repeats", type=RULES["repeats"].parse, default=d.repeats, help="Latency passes over N = 1..64")
     p.add_argument("--output", "-o", default=d.output,
                    help="Tree JSON to write (default: HEADS/tree.json, or HEADS/tree.<backend>.json but for MLX)")
-    p.add_argument("--num-prompts", type=int, default=d.num_prompts, help="Held-out prompts for the real generation check (0: skip)")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="Tokens per prompt in the generation check")
-    p.add_argument("--pass-overhead-ms", type=non_negative_float, default=d.pass_overhead_ms,
+    p.add_argument("--num-prompts", type=RULES["num_prompts"].parse, default=d.num_prompts, help="Held-out prompts for the real generation check (0: skip)")
+    p.add_argument("--max-tokens", type=RULES["max_tokens"].parse, default=d.max_tokens, help="Tokens per prompt in the generation check")
+    p.add_argument("--pass-overhead-ms", type=RULES["pass_overhead_ms"].parse, default=d.pass_overhead_ms,
                    help="A fixed cost every step pays on top of its compute: a ring's transport per pass "
                         "(scripts/bench_ring.py prints it); the tree is then saved as tree.ring.json")
     return p

@@ -271,11 +271,11 @@ def test_resume_refuses_another_layout_and_a_broken_state(base, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "unrecognized arguments: --steps"),  # no abbreviation of --steps-per-eval
-    (["--iters", "0"], "--iters must be at least 1"),
+    (["--iters", "0"], "argument --iters: 0 must be at least 1"),
     (["--epochs", "0"], "argument --epochs: 0 must be > 0"),
-    (["--warmup", "-5"], "--warmup must not be negative"),
+    (["--warmup", "-5"], "argument --warmup: -5 must be >= 0"),
     (["--learning-rate", "-1"], "argument --learning-rate: -1 must be > 0"),
-    (["--self-instruct", "-1"], "--self-instruct must not be negative"),
+    (["--self-instruct", "-1"], "argument --self-instruct: -1 must be >= 0"),
     (["--data", "d.txt", "--add-prompts", "p.jsonl"], "--add-prompts and --self-instruct add prompts"),
     (["--add-prompts", "missing.jsonl"], "prompt file missing.jsonl not found"),
 ])

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cli_args import positive_float
+from ..cli_args import non_negative_int, positive_float, positive_int
 
 DEFAULT_RANKS = "1,2,3"
 
@@ -134,11 +134,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--heads", default=None)
     p.add_argument("--tree", default=None)
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--limit", type=int, default=None, help="Only the first N bench prompts")
+    p.add_argument("--max-tokens", type=positive_int, default=48)
+    p.add_argument("--limit", type=positive_int, default=None, help="Only the first N bench prompts")
     p.add_argument("--ranks", default=DEFAULT_RANKS, help="Rank counts, comma-separated")
     p.add_argument("--parallel", default="pipeline", help="pipeline, tensor or both (comma-separated)")
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads per rank (0: the environment's)")
+    p.add_argument("--threads", type=non_negative_int, default=1, help="BLAS threads per rank (0: the environment's)")
     p.add_argument("--dist-timeout", type=positive_float, default=600.0)
     p.add_argument("--out", default="runs/bench_distributed", help="Folder for bench_distributed.{json,md}")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -154,9 +154,6 @@ def _parse(args) -> tuple[list[int], list[str]]:
     splits = args.parallel.split(",")
     if any(r < 1 for r in ranks) or not set(splits) <= {"pipeline", "tensor"}:
         raise ValueError(f"--ranks {args.ranks} / --parallel {args.parallel}: ranks >= 1; pipeline and/or tensor")
-    for name in ("max_tokens", "limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     return ranks, splits
 
 

@@ -26,15 +26,6 @@ class RingStep:
     next_state: dict | None  # inference_state for that pass
 
 
-def eos_ids(tokenizer) -> set[int]:
-    """The EOS ids of an mlx-lm / Hugging Face tokenizer (empty if it has none)."""
-    ids = getattr(tokenizer, "eos_token_ids", None)
-    if ids is None:
-        one = getattr(tokenizer, "eos_token_id", None)
-        ids = [] if one is None else [one]
-    return {int(i) for i in ids}
-
-
 async def process_result(engine, result: np.ndarray, inference_state: dict | None, *,
                          n_generated: int, max_tokens: int, eos_token_id: int | Iterable[int] | None = None,
                          temp: float = 0.0, top_p: float = 1.0) -> RingStep:

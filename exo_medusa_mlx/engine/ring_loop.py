@@ -15,7 +15,8 @@ import numpy as np
 
 from . import protocol as st
 from . import wire
-from .results import eos_ids, on_request_finished, process_result
+from ..core.tokens import eos_ids
+from .results import on_request_finished, process_result
 from .shard import as_shard
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..core.accept import make_policy, target_probs
-from ..core.generation import encode_prompt
+from ..core.tokens import encode_prompt
 from ..core.limits import UNKNOWN_CONTEXT, CancelToken, Limits, check_prompt_text
 from ..core.model_files import check_model_folder, config_context
 from ..core.slots import DEFAULT_KEEP, SlotMap, run_committed

@@ -22,7 +22,8 @@ import functools
 import numpy as np
 
 from ..engine import protocol as st
-from ..engine.results import eos_ids, on_request_finished, process_result
+from ..core.tokens import eos_ids
+from ..engine.results import on_request_finished, process_result
 
 MARK = "__exo_medusa_hook__"
 ON_TOKEN = "exo-medusa-free-caches"  # the node's on_token callback name

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable
 from ..core.limits import Cancelled
 from ..engine.worker import WorkerThread
 from .schema import APIError
-from .stops import StopMatcher
+from ..core.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 

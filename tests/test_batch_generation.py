@@ -208,3 +208,18 @@ def test_bad_requests_are_refused_before_any_is_queued(base):
     with pytest.raises(ValueError, match="context"):
         gen.insert([np.ones(600, dtype=int)])
     assert len(gen) == 0 and gen.next() == []
+
+
+@pytest.mark.parametrize("layout", ["next-token with a draft vocabulary", "hydra"])
+def test_every_head_layout_in_a_batch(base, layout):
+    """Next-token heads (a second pass over lm_head, here a draft vocabulary's rows) and hydra heads
+    (each node's children from its own path) read a batch's rows as they read one sequence's."""
+    prompts = prompts_of([4, 31, 12], seed=8)
+    refs = references(base, prompts, 20)
+    heads = random_heads(4, next_token=True) if layout != "hydra" else random_heads(4, hydra=True)
+    if layout != "hydra":
+        heads.draft_vocab = np.arange(0, 96, 3)
+    gen = BatchGenerator(MedusaModel(base, heads, TREES["cpu-8"]), Tokenizer())
+    uids = gen.insert(prompts, [20] * 3, trees=[TREES["cpu-8"], TREES["cpu-8"], TREES["chain-3"]])
+    out = run(gen, uids)
+    assert [tokens(out[u]) for u in uids] == refs

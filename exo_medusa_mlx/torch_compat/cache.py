@@ -202,9 +202,8 @@ class MedusaKVLayer(CacheLayerMixin):
         if self.keys is None:
             return
         for a in (self.keys, self.values):
-            B, H, _, D = a.shape
-            n = src.shape[1]
-            a.scatter_(2, dst[:, None, :, None].expand(B, H, n, D), a.gather(2, src[:, None, :, None].expand(B, H, n, D)))
+            shape = (*a.shape[:2], src.shape[1], a.shape[3])  # (B, H, n, D)
+            a.scatter_(2, dst[:, None, :, None].expand(shape), a.gather(2, src[:, None, :, None].expand(shape)))
 
     def add_rows(self, other: "MedusaKVLayer") -> None:
         """Append ``other``'s rows; the shorter buffer is padded with zeros (finite: holes are masked)."""

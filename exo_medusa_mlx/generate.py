@@ -23,6 +23,7 @@ from .cli_args import (
     probability,
     read_prompt,
 )
+from .core.batch_generation import BatchGenerator, batch_generate  # noqa: F401  (re-exported: mlx-lm's names)
 from .core.generation import (  # noqa: F401  (re-exported: mlx-lm's names)
     DEFAULT_MAX_TOKENS,
     GenerationResponse,

@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 from exo_medusa_mlx import load, stream_generate
 from exo_medusa_mlx.server import Scheduler, Settings
 from exo_medusa_mlx.server.main import make_server
-from exo_medusa_mlx.server.stops import StopMatcher
+from exo_medusa_mlx.core.stops import StopMatcher
 from exo_medusa_mlx.core.tokens import chat_ids, encode_prompt
 from tiny import CONFIGS, VOCAB, random_heads, tiny_base
 

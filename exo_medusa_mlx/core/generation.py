@@ -20,6 +20,7 @@ from .limits import Limits, check_prompt_text
 from .slots import DEFAULT_KEEP
 from .step import ROOT_ONLY, Step, generate_step
 from .tokens import encode_prompt, eos_ids
+from .stops import StopMatcher
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -50,11 +51,49 @@ def check_request(ids: np.ndarray, context: int | None, max_tokens: int, max_kv_
         raise ValueError(f"max_kv_size {max_kv_size} is too small: it must be at least keep + 2 = {keep + 2}")
 
 
+class TokenText:
+    """One request's tokens as text deltas, and when it ends: EOS ("stop"), ``max_tokens``
+    ("length") or one of the ``stops`` strings ("stop": found across token boundaries, never emitted)."""
+
+    def __init__(self, detok, eos: set[int], max_tokens: int, stops: list[str] | None = None):
+        detok.reset()
+        self.detok, self.eos, self.max_tokens = detok, eos, max_tokens
+        self.stops = StopMatcher(stops) if stops else None
+        self.n = 0  # tokens generated (EOS not counted)
+
+    def add(self, tok: int) -> tuple[str, str | None]:
+        """The text ``tok`` adds, and the finish reason (None: the request goes on)."""
+        finish = None
+        if tok in self.eos:
+            finish = "stop"
+        else:
+            self.detok.add_token(tok)
+            self.n += 1
+            if self.n == self.max_tokens:
+                finish = "length"
+        if finish:
+            self.detok.finalize()
+        text = self.detok.last_segment
+        if self.stops is not None:
+            text, hit = self.stops.feed(text)
+            if hit:
+                finish = "stop"
+            elif finish:
+                text += self.stops.flush()
+        return text, finish
+
+    def end(self) -> str:
+        """The text still held back, when the request ends for another reason (a limit)."""
+        self.detok.finalize()
+        text = self.detok.last_segment
+        return text + self.stops.flush() if self.stops is not None else text
+
+
 def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok, max_tokens: int,
                  peak_memory: Callable[[], float], tic: float) -> Iterator[GenerationResponse]:
     """One response per token from a step generator; ``tic`` is when the prefill began."""
-    detok.reset()
-    n, n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0, 0.0, tic
+    out = TokenText(detok, eos, max_tokens)
+    n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0.0, tic
     for step in steps:
         if step.tree_size == 0:
             prompt_tps = prompt_tokens / max(time.perf_counter() - tic, 1e-9)
@@ -63,19 +102,11 @@ def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok
             n_steps += 1
             n_verified += len(step.tokens)
         for tok in step.tokens:
-            finish = None
-            if tok in eos:
-                finish = "stop"
-            else:
-                detok.add_token(tok)
-                n += 1
-                if n == max_tokens:
-                    finish = "length"
-            if finish:
-                detok.finalize()
+            text, finish = out.add(tok)
+            n = out.n
             elapsed = max(time.perf_counter() - gen_start, 1e-9)
             yield GenerationResponse(
-                text=detok.last_segment, token=tok, accepted=len(step.tokens), finish_reason=finish,
+                text=text, token=tok, accepted=len(step.tokens), finish_reason=finish,
                 prompt_tokens=prompt_tokens, prompt_tps=prompt_tps, generation_tokens=n,
                 # The first token comes from the prefill, as in mlx-lm's count.
                 generation_tps=(n - 1) / elapsed if n > 1 else 0.0,

@@ -3,10 +3,16 @@
 A step verifies the tree in one forward (the base model's verdict at every node
 and, at every node, the next tree the heads propose from it), accepts the longest
 agreeing path, commits it, and takes the next tree from the last accepted node. Plain decoding is the
-root-only tree. Both backends' ``generate_step``, the exo engines' last shard and
+root-only tree. Both backends' ``generate_step``, the batch generator, the exo engines' last shard and
 ``tune``'s latency probe run this module; a backend supplies the model's array
 primitives (``forward``, ``propose``, ``logits``, ``to_numpy``...) and may
 override the ``Verifier`` with a fast path (MLX's lookahead, CUDA graphs).
+
+``batch_step`` is the step for B sequences (``Sequence``), each with its own tree,
+policy and cache offset: one verification forward over all their trees
+(``BatchVerifier``), acceptance per sequence, one commit advancing each by its own
+count. One sequence is B = 1 of it: ``generate_step`` runs it over a one-row batch,
+or over a backend's single-sequence fast path.
 """
 
 from __future__ import annotations
@@ -68,8 +74,25 @@ def read_arrays(model, h, tree: TreeBuffers, logits: bool) -> tuple:
     return out if logits else model.argmax(out), drafts
 
 
+@dataclass(eq=False)
+class Sequence:
+    """One sequence's decoding state between steps."""
+
+    slots: object  # its ``SlotMap`` (its row of a batch cache): committed count, window
+    policy: Policy
+    tree: TreeBuffers  # the tree ``tokens`` are laid out on: the next step verifies it
+    tokens: np.ndarray  # (tree.size,) int64
+    # The tree the next step proposes; a scheduler may set it per step (smaller as the batch fills).
+    next_tree: TreeBuffers | None = None  # None: ``tree`` again
+
+    def __post_init__(self):
+        if self.next_tree is None:
+            self.next_tree = self.tree
+
+
 class Verifier:
-    """One verification forward per step over the model's cache; a backend's fast path overrides it."""
+    """One sequence's verification forward per step over its own cache; a backend's fast path
+    (MLX's lookahead, the torch static step) overrides it. ``batch_step`` runs it as a batch of one."""
 
     def __init__(self, model, ctx, caches, tree: TreeBuffers, policy: Policy):
         self.model, self.ctx, self.caches, self.tree, self.policy = model, ctx, caches, tree, policy
@@ -80,6 +103,89 @@ class Verifier:
 
     def commit(self, nodes: np.ndarray) -> None:
         self.ctx.commit(self.caches, nodes)
+
+    def verify_batch(self, seqs: list[Sequence]) -> list[Verified]:
+        (seq,) = seqs  # one sequence, its tree fixed
+        return [self.verify(seq.tokens)]
+
+    def commit_batch(self, nodes: list[np.ndarray]) -> None:
+        (one,) = nodes
+        self.commit(one)
+
+
+class BatchVerifier:
+    """One verification forward over every row's tree, padded to one T, over a batch cache.
+
+    Sequences join after their prefill (``join``: their single-sequence cache becomes a row)
+    and leave between steps; ``seqs`` is in row order. Rows are read in groups that share
+    the tree they verified and the one they propose; one row runs the single-sequence shapes.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.ctx, self.caches = model.make_batch_cache()
+        self.seqs: list[Sequence] = []
+
+    def join(self, seq: Sequence, ctx, caches) -> None:
+        """Add ``seq`` as the last row; ``ctx``, ``caches``: its prefilled single-sequence cache."""
+        self.ctx.join(self.caches, ctx, caches)
+        self.seqs.append(seq)
+
+    def leave(self, gone: list[Sequence]) -> None:
+        keep = [i for i, s in enumerate(self.seqs) if s not in gone]
+        self.ctx.leave(self.caches, keep)
+        self.seqs = [self.seqs[i] for i in keep]
+
+    def verify_batch(self, seqs: list[Sequence]) -> list[Verified]:
+        if seqs != self.seqs:
+            raise ValueError("a batch verifies its own rows, in row order: pass its seqs")
+        B, T = len(seqs), max(s.tree.size for s in seqs)
+        tokens = np.zeros((B, T), dtype=np.int64)  # padding nodes: token 0, never read
+        for b, s in enumerate(seqs):
+            tokens[b, : s.tree.size] = s.tokens
+        self.ctx.begin([s.tree for s in seqs])
+        transposed = T > 1 and self.model.transposes(B * T)
+        h = self.model.hidden(tokens[0] if B == 1 else tokens, self.caches, transposed)
+        return self._read(h if B > 1 else h[None], seqs)  # h: (B, T, H)
+
+    def _read(self, h, seqs: list[Sequence]) -> list[Verified]:
+        groups: dict[tuple, list[int]] = {}
+        for b, s in enumerate(seqs):
+            groups.setdefault((s.tree.size, id(s.next_tree), s.policy.needs_logits), []).append(b)
+        arrays = []
+        for (T, _, logits), rows in groups.items():
+            if len(rows) == 1:
+                rows_h = h[rows[0], :T]  # (T, H): one row reads as a single sequence does
+            elif len(rows) == h.shape[0]:
+                rows_h = h[:, :T]
+            else:
+                rows_h = self.model.ops.stack([h[b, :T] for b in rows])
+            arrays += read_arrays(self.model, rows_h, seqs[rows[0]].next_tree, logits)
+        host = self.model.to_numpy(*arrays)  # one wait for every row's verdict
+        out: list[Verified | None] = [None] * len(seqs)
+        for g, rows in enumerate(groups.values()):
+            verdict, drafts = host[2 * g], host[2 * g + 1]
+            for i, b in enumerate(rows):
+                out[b] = Verified(verdict, drafts) if len(rows) == 1 else \
+                    Verified(verdict[i], None if drafts is None else drafts[i])
+        return out
+
+    def commit_batch(self, nodes: list[np.ndarray]) -> None:
+        self.ctx.commit(self.caches, nodes)
+
+
+def batch_step(verifier, seqs: list[Sequence]) -> list[Acceptance]:
+    """One Medusa step for every sequence: one verification, acceptance per sequence (each with
+    its own policy), one commit advancing each by its own count. Each sequence's next tree is
+    its ``next_tree``, laid out from its last kept node. Returns the acceptances, in order."""
+    verified = verifier.verify_batch(seqs)
+    accs = []
+    for s, v in zip(seqs, verified):
+        acc, s.tokens = advance(s.policy, s.tree, s.tokens, v)
+        s.tree = s.next_tree
+        accs.append(acc)
+    verifier.commit_batch([a.nodes for a in accs])
+    return accs
 
 
 def prefill(model, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP, check=None):
@@ -92,6 +198,14 @@ def prefill(model, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP, ch
     outs = run_committed(ctx, caches, len(prompt), lambda s, e: model.hidden(prompt[s:e], caches),
                          lambda h: model.settle(caches), step, check)
     return outs[-1][-1]
+
+
+def start(model, ctx, h, policy: Policy, tree: TreeBuffers) -> tuple[Sequence, list[int]]:
+    """After a prefill: the first token, the acceptance of the root-only tree at the prompt's
+    last hidden state ``h`` (H,), and the sequence ready for its first step over ``tree``."""
+    acc, tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h[None], tree,
+                                                                             policy.needs_logits))
+    return Sequence(ctx, policy, tree, tokens), acc.tokens
 
 
 def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: int | None = None,
@@ -114,15 +228,17 @@ def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: i
     tree = model.tree if tree is None else model.check_tree(tree)
     ctx, caches = model.make_cache(max_kv_size, keep)
     ctx.planned = None if max_tokens is None else len(prompt) + max_tokens
-    h = prefill(model, ctx, caches, prompt, check=check)[None]  # (1, H): the prompt's last position
-    acc, tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, policy.needs_logits))
-    yield Step(acc.tokens, 0)
-    verifier = model.verifier(ctx, caches, tree, policy, fast_path)
+    seq, first = start(model, ctx, prefill(model, ctx, caches, prompt, check=check), policy, tree)
+    yield Step(first, 0)
+    verifier = model.fast_verifier(ctx, caches, tree, policy, fast_path)
+    if verifier is None:  # a batch of one
+        verifier = BatchVerifier(model)
+        verifier.join(seq, ctx, caches)
     while True:
-        acc, nxt = advance(policy, tree, tokens, verifier.verify(tokens))
-        verifier.commit(acc.nodes)
+        (acc,) = batch_step(verifier, [seq])
         yield Step(acc.tokens, tree.size)
-        tokens = nxt
 
 
-__all__ = ["ROOT_ONLY", "Step", "Verified", "Verifier", "advance", "generate_step", "prefill", "read", "read_arrays"]
+__all__ = ["ROOT_ONLY", "BatchVerifier", "Sequence", "Step", "Verified", "Verifier", "advance", "batch_step",
+           "generate_step", "prefill", "read", "read_arrays", "start"]
+

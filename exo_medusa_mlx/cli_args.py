@@ -90,6 +90,14 @@ port = PORT.parse
 kv_window = KV_WINDOW.parse
 
 
+def positive_ints(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated whole numbers >= 1 (``1,2,4,8``), at least one, sorted, no repeats."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or not all(x.isdigit() and int(x) >= 1 for x in items):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of whole numbers >= 1 such as 1,2,4")
+    return tuple(sorted({int(x) for x in items}))
+
+
 def check_fields(options, rules: dict[str, Rule]) -> None:
     """Each field of an options dataclass named in ``rules`` against its rule, the flag named
     ``--field-name`` (what the command's parser refuses for the same value)."""

@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 from . import backends
 from .core.growth import (TOPK, conditional_accuracy, empirical_accept_length, gather_fraction, grow_tree,
                           topk_accuracy)
-from .core.latency import MAX_LATENCY_NODES, measure_gather, measure_latency, measure_plain_step
-from .cli_args import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, check_fields, int_range
+from .core.budget import DEFAULT_BATCH_SIZES
+from .core.latency import (MAX_LATENCY_NODES, measure_batch_latency, measure_gather, measure_latency,
+                           measure_plain_step)
+from .cli_args import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, check_fields, int_range, positive_ints
 from .core.machine import this_machine
 from .core.tree import save_tree
 
@@ -121,6 +123,7 @@ class TuneOptions:
     num_prompts: int = 8
     max_tokens: int = 128
     pass_overhead_ms: float = 0.0
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # () skips the batch table
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TuneOptions":
@@ -133,6 +136,12 @@ class TuneOptions:
             raise ValueError(f"--min-nodes {self.min_nodes} must be in 1..--max-nodes ({self.max_nodes})")
         if self.model is not None and self.heads is None:
             raise ValueError("--heads is required with --model")
+        if any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ValueError(f"--batch-sizes {self.batch_sizes}: give whole numbers >= 1, such as 1,2,4,8,16")
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    return () if text.strip() == "none" else positive_ints(text)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -160,6 +169,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--pass-overhead-ms", type=RULES["pass_overhead_ms"].parse, default=d.pass_overhead_ms,
                    help="A fixed cost every step pays on top of its compute: a ring's transport per pass "
                         "(scripts/bench_ring.py prints it); the tree is then saved as tree.ring.json")
+    p.add_argument("--batch-sizes", type=_batch_sizes,
+                   default=d.batch_sizes,
+                   help="Batch sizes at which to time the batched step, saved as the tree file's batch_latency "
+                        "(the server shrinks trees as its batch fills by it); 'none' skips (default 1,2,4,8,16)")
     return p
 
 
@@ -258,6 +271,19 @@ def choose_tree(model, opts: TuneOptions, ranks, cond) -> dict:
     }
 
 
+BATCH_TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)  # tree sizes of the batch table (and the tuned tree's)
+
+
+def batch_costs(model, opts: TuneOptions, tree_size: int) -> dict:
+    """Seconds of a batched step by batch size and tree size (``measure_batch_latency``), printed and
+    returned for the tree file (JSON keys are strings)."""
+    sizes = sorted({n for n in BATCH_TREE_SIZES if n <= opts.max_nodes} | {1, tree_size})
+    table = measure_batch_latency(model, opts.batch_sizes, sizes, opts.context, max(1, opts.repeats // 2))
+    for B, curve in table.items():
+        print(f"batch {B}: step ms " + ", ".join(f"N={n}: {t * 1e3:.1f}" for n, t in curve.items()))
+    return {str(B): {str(n): round(t, 6) for n, t in curve.items()} for B, curve in table.items()}
+
+
 def run(opts: TuneOptions) -> dict:
     from .core.heads_format import SHIPPED_HEADS
     from .training.prompts import read_prompts
@@ -291,6 +317,8 @@ def run(opts: TuneOptions) -> dict:
               f"(predicted {result['predicted_speedup']:.2f}x); accepted length {gen['mean_accepted']:.2f} "
               f"(expected {result['expected_accept_length']:.2f}); identical outputs {gen['identical']}/{gen['prompts']}")
         result["measured"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in gen.items()}
+    if opts.batch_sizes:
+        result["batch_latency"] = batch_costs(replace(model, rows_product=result["rows_product"]), opts, len(choices) + 1)
     save_tree(out, choices, **result)
     print(f"saved tree to {out}")
     return result

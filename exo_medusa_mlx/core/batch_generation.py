@@ -102,8 +102,9 @@ class BatchGenerator:
         self.max_tokens, self.max_kv_size, self.keep = max_tokens, max_kv_size, keep
         self.completion_batch_size, self.prefill_step_size = completion_batch_size, prefill_step_size
         self.default_tree = model.tree if medusa else ROOT_ONLY
-        # The scheduler's hook: tree_for(batch size, sequence) -> the tree it proposes next.
-        self.tree_for: Callable[[int, Sequence], TreeBuffers] | None = None
+        # The scheduler's hook: tree_for(batch size, the request's own tree) -> the tree a sequence
+        # proposes next (its first tree when it joins, then at every step; ``core.budget``).
+        self.tree_for: Callable[[int, TreeBuffers], TreeBuffers] | None = None
         self.stats = BatchStats()
         self._eos = eos_ids(tokenizer, model.eos_token_ids)
         self._uids = 0
@@ -142,12 +143,17 @@ class BatchGenerator:
         self._pending.extend(reqs)
         return [r.uid for r in reqs]
 
-    def remove(self, uids: list[int]) -> None:
-        """Cancel requests, waiting or decoding; the others go on. Unknown uids are ignored."""
+    def remove(self, uids: list[int]) -> dict[int, str]:
+        """Cancel requests, waiting or decoding; the others go on. Unknown uids are ignored.
+
+        Returns the text each decoding request still held back (the start of a possible stop
+        string, an unfinished character), by uid: the end of a request stopped at a limit."""
         uids = set(uids)
         self._pending = deque(r for r in self._pending if r.uid not in uids)
         gone = [s for s, r in self._running.items() if r.uid in uids]
+        held = {self._running[s].uid: self._running[s].out.end() for s in gone}
         self._leave(gone)
+        return held
 
     def next(self) -> list[Response]:
         """One decoding step for the running requests, and a prefill chunk for a waiting one if
@@ -175,7 +181,7 @@ class BatchGenerator:
             self.stats.prompt_time += time.perf_counter() - tic
             return []
         self._pending.popleft()
-        r.seq, first = start(self.model, r.cache[0], h, r.policy, r.tree)
+        r.seq, first = start(self.model, r.cache[0], h, r.policy, self._tree(len(self._running) + 1, r))
         self.stats.prompt_time += time.perf_counter() - tic
         self.stats.prompt_tokens += len(r.prompt)
         out = self._emit(r, first)
@@ -189,7 +195,7 @@ class BatchGenerator:
         seqs = self._batch.seqs
         if self.tree_for is not None:
             for s in seqs:
-                s.next_tree = self.model.check_tree(self.tree_for(len(seqs), s))
+                s.next_tree = self._tree(len(seqs), self._running[s])
         tic = time.perf_counter()
         rows = len(seqs) * max(s.tree.size for s in seqs)
         accs = batch_step(self._batch, seqs)
@@ -211,6 +217,10 @@ class BatchGenerator:
             out += emitted
         self._leave(gone)
         return out
+
+    def _tree(self, batch: int, r: _Request) -> TreeBuffers:
+        """The tree ``r`` proposes next in a batch of ``batch``: its own, or the scheduler's pick."""
+        return r.tree if self.tree_for is None else self.model.check_tree(self.tree_for(batch, r.tree))
 
     def _emit(self, r: _Request, tokens: list[int]) -> list[Response]:
         out = []

@@ -1,7 +1,8 @@
 """What a decoding step costs on this machine, measured through the step itself; and fitting a tree
 to a machine at load time when none was tuned on it (framework-neutral: the model's primitives only).
 
-``measure_latency`` times ``Verifier.verify`` + ``advance`` for trees of every size,
+``measure_latency`` times ``Verifier.verify`` + ``advance`` for trees of every size
+(``measure_batch_latency`` the batched step at several batch sizes),
 ``measure_plain_step`` the one-step-ahead plain decoding a tree must beat, and
 ``measure_gather`` a commit that moves nodes. ``fit_to_machine`` runs a few seconds of
 the same probes at load and picks the tree and the product layout (``rows_product``)
@@ -25,6 +26,7 @@ from .growth import TOPK, grow_tree
 from .machine import cache_root, this_machine
 from .step import ROOT_ONLY, Verifier, advance, generate_step, prefill
 from .tree import build_tree, tree_choices
+from .step import BatchVerifier, batch_step, start  # the batched step (measure_batch_latency)
 
 MAX_LATENCY_NODES = 64
 PROBE_NODES = 8  # the load-time probe's largest tree (CPU-sized; ``mlx_medusa tune`` goes further)
@@ -93,6 +95,47 @@ def measure_latency(model, sizes, context: int = 128, repeats: int = 5, seed: in
     for n in sorted(curve):
         run = curve[n] = max(curve[n], run)
     return curve, float(np.median(host)) if host else 0.0
+
+
+def measure_batch_latency(model, batch_sizes, sizes, context: int = 128, repeats: int = 3, seed: int = 0,
+                          progress: bool = True) -> dict[int, dict[int, float]]:
+    """Median seconds of one batched step, {B: {N: seconds}}: ``batch_step`` over B prefilled
+    sequences that each verify an N-node tree (one forward of B x N rows, acceptance per
+    sequence, the commit), as ``BatchGenerator`` runs it; N = 1 is the same batch decoded plainly.
+
+    Each sequence starts from ``context`` random tokens; a step commits what it accepts, so
+    the context grows a little as sizes are timed. As ``measure_latency``: a size is timed on
+    its second step in a row, sizes round-robin.
+    """
+    rng = np.random.default_rng(seed)
+    trees = probe_trees(max(sizes), model.heads.num_heads, min(TOPK, model.heads.config.candidates))
+    sizes = sorted(n for n in set(sizes) if n in trees)
+    policy = make_policy()
+    out = {}
+    for B in tqdm(batch_sizes, desc="batch latency", unit="batch", disable=not progress):
+        batch = BatchVerifier(model)
+        for _ in range(B):
+            ctx, caches = model.make_cache()
+            h = prefill(model, ctx, caches, rng.integers(0, model.vocab_size, context))
+            batch.join(start(model, ctx, h, policy, ROOT_ONLY)[0], ctx, caches)
+        times = {n: [] for n in sizes}
+
+        def step(n):
+            for s in batch.seqs:
+                s.tree = s.next_tree = trees[n]
+                s.tokens = rng.integers(0, model.vocab_size, n)
+            t0 = time.perf_counter()
+            batch_step(batch, batch.seqs)
+            return time.perf_counter() - t0
+
+        for _ in range(repeats):
+            for n in sizes:
+                step(n)
+                times[n].append(step(n))
+        run, out[B] = 0.0, {}
+        for n in sizes:  # noise must not make more rows look cheaper (as measure_latency)
+            run = out[B][n] = max(float(np.median(times[n])), run)
+    return out
 
 
 def measure_gather(model, tree_size: int = 8, context: int = 128, repeats: int = 5, seed: int = 0) -> float:

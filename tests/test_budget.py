@@ -1,0 +1,147 @@
+"""The tree budget of a batch (core/budget.py): the cost table's interpolation, the pick against brute
+force, never a tree expected slower than plain decoding, the default rule, and a batch decoded with
+the budget's trees token-identical to each request alone."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from exo_medusa_mlx.core.budget import FREE_ROWS, BatchBudget, BatchCosts, default_costs
+from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices
+
+ACC = np.array([[0.6, 0.12, 0.05], [0.45, 0.10, 0.05], [0.35, 0.08, 0.04]])
+CPU8 = build_tree(tree_choices("cpu-8"))
+# A CPU-shaped table: a step's cost grows with its rows, B x T, and a little with B alone.
+TABLE = {str(B): {str(T): 0.01 * (1 + 0.15 * (B * T - 1)) + 0.001 * B for T in (1, 2, 4, 8)} for B in (1, 2, 4, 8)}
+
+
+def expected_of(tree, acc):
+    """E[accepted + 1] of ``tree`` under the product model (brute force over its nodes)."""
+    return 1.0 + sum(np.prod([acc[d, r] for d, r in enumerate(p)]) for p in tree.choices)
+
+
+def test_costs_interpolate_between_and_beyond_the_table():
+    costs = BatchCosts(TABLE)
+    for B in (1, 2, 4, 8):
+        for T in (1, 2, 4, 8):
+            assert costs(B, T) == pytest.approx(TABLE[str(B)][str(T)])
+    assert costs(3, 2) == pytest.approx((costs(2, 2) + costs(4, 2)) / 2)  # linear in B
+    assert costs(2, 3) == pytest.approx((costs(2, 2) + costs(2, 4)) / 2)  # linear in T
+    assert costs(2, 10) == pytest.approx(costs(2, 8) + (costs(2, 8) - costs(2, 4)) / 4 * 2)  # last slope
+    assert costs(16, 2) == pytest.approx(costs(8, 4))  # past the largest batch: the rows decide
+    assert costs(1, np.arange(1, 9)).shape == (8,)
+
+
+@pytest.mark.parametrize("table,fragment", [
+    ({"1": {}}, "batch_latency[1]"),
+    ({"1": {"2": 0.1}}, "tree size 1"),
+    ({"1": {"1": -0.1}}, "positive seconds"),
+    ({"0": {"1": 0.1}}, "batch sizes >= 1"),
+    ({}, "batch sizes >= 1"),
+])
+def test_bad_tables_are_one_line_errors(table, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        BatchCosts(table)
+
+
+def test_pick_is_the_best_rate_and_never_below_plain():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        table = {str(b): {str(t): float(v) for t, v in zip((1, 2, 4, 8), np.sort(rng.uniform(0.01, 0.1, 4)))}
+                 for b in (1, 4)}
+        budget = BatchBudget(BatchCosts(table))
+        expected = np.concatenate([[1.0], 1.0 + np.cumsum(rng.uniform(0, 0.6, 7) ** 2)])
+        B = int(rng.integers(1, 12))
+        n = budget.pick(B, expected)
+        rates = [expected[k - 1] / budget.costs(B, k) for k in range(1, 9)]
+        assert rates[n - 1] == pytest.approx(max(rates))
+        assert rates[n - 1] >= rates[0] * (1 - 1e-12)  # plain decoding is among the candidates
+        assert all(rates[k - 1] < rates[n - 1] * (1 - 1e-9) for k in range(1, n))  # ties: the smaller tree
+
+
+def test_the_cut_tree_holds_the_most_probable_nodes():
+    """Against brute force: of every ancestor-closed set of n - 1 paths of the tree, the cut keeps one
+    with the highest expected accepted length."""
+    tree = build_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]])
+    budget = BatchBudget(accuracy=ACC)
+    paths = [tuple(p) for p in tree.choices]
+    for n in range(2, tree.size):
+        cut = budget.cut(tree, n)
+        assert cut.size == n and set(cut.choices) <= set(paths)
+        best = max(expected_of(build_tree([list(p) for p in s]), ACC)
+                   for s in itertools.combinations(paths, n - 1) if all(p[:-1] in s or len(p) == 1 for p in s))
+        assert expected_of(cut, ACC) == pytest.approx(best)
+
+
+def test_default_rule_root_alone_from_free_rows():
+    budget = BatchBudget(accuracy=ACC)
+    assert budget.tree_for(1, CPU8) is CPU8  # alone: the request's own tree, as tuned
+    sizes = [budget.nodes(B, CPU8) for B in range(1, 33)]
+    assert sizes[1] == FREE_ROWS // 2 and sizes[3] == FREE_ROWS // 4
+    assert all(n == 1 for n in sizes[FREE_ROWS - 1:]) and budget.tree_for(FREE_ROWS, CPU8) is ROOT_ONLY
+    assert sizes == sorted(sizes, reverse=True)
+    # Whatever the heads: from FREE_ROWS sequences each extra node costs a whole row.
+    sure = BatchBudget(accuracy=np.ones((3, 3)))
+    assert sure.nodes(FREE_ROWS, CPU8) == 1 and sure.nodes(FREE_ROWS - 1, CPU8) > 1
+    assert default_costs(2, 4) == default_costs(1, 1) < default_costs(3, 4)
+
+
+def test_a_measured_table_shrinks_trees_as_the_batch_fills():
+    budget = BatchBudget(BatchCosts(TABLE), ACC)
+    sizes = [budget.nodes(B, CPU8) for B in (1, 2, 4, 8, 16, 32)]
+    assert sizes[0] == CPU8.size and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)
+    for B in (2, 4, 8, 16, 32):
+        tree = budget.tree_for(B, CPU8)
+        plain = 1.0 / budget.costs(B, 1)
+        assert expected_of(tree, ACC) / budget.costs(B, tree.size) >= plain  # never expected slower
+    assert budget.relative_costs(4, 8)[1] == 1.0 and budget.relative_costs(4, 8).shape == (9,)
+
+
+def test_from_facts_uses_this_machines_table_only():
+    here = {"cpu": "x", "cores": 2, "device": "cpu"}
+    facts = {"machine": here, "batch_latency": TABLE, "head_conditional_accuracy": ACC.tolist()}
+    assert isinstance(BatchBudget.from_facts(facts, here).costs, BatchCosts)
+    elsewhere = BatchBudget.from_facts(facts, {**here, "cpu": "y"})
+    assert elsewhere.costs is default_costs and np.array_equal(elsewhere.accuracy, ACC)
+    assert BatchBudget.from_facts({}, here).accuracy is None  # the prior then
+    assert BatchBudget.from_facts({}, here).nodes(2, CPU8) == FREE_ROWS // 2
+
+
+def test_measure_batch_latency_on_tiny_model():
+    from exo_medusa_mlx.core.latency import measure_batch_latency
+    from tiny import tiny_medusa
+
+    table = measure_batch_latency(tiny_medusa(), [1, 3], [1, 2, 4], context=12, repeats=1, progress=False)
+    assert sorted(table) == [1, 3] and all(sorted(c) == [1, 2, 4] for c in table.values())
+    for curve in table.values():
+        vals = list(curve.values())
+        assert all(v > 0 for v in vals) and vals == sorted(vals)
+    BatchCosts(table)  # what tune saves, the budget reads
+
+
+def test_a_batch_with_the_budget_equals_each_request_alone():
+    """Greedy tokens of requests decoded with the budget's trees (shrinking as others join, growing as
+    they leave) == each decoded alone == mlx-lm; the joining request starts with the cut tree."""
+    from exo_medusa_mlx.core.batch_generation import BatchGenerator
+    from batch_oracle import Tokenizer, prompts_of, run, tokens
+    from test_batch_generation import oracle, references
+    from tiny import tiny_base
+
+    base = tiny_base("llama")
+    prompts = prompts_of([5, 19, 8, 33], seed=7)
+    refs = references(base, prompts, 48)
+    model = oracle(base, prompts, refs)  # cpu-8 trees, heads that know each continuation
+    budget = BatchBudget(accuracy=ACC)
+    gen = BatchGenerator(model, Tokenizer())
+    gen.tree_for = budget.tree_for
+    uids = gen.insert(prompts, [48, 16, 24, 12])
+    seen = []  # after each next(): the trees the running sequences verify next
+    out = run(gen, uids, until=lambda _: seen.append([s.tree.size for s in gen._batch.seqs]) and False)
+    assert [tokens(out[u]) for u in uids] == [r[:m] for r, m in zip(refs, [48, 16, 24, 12])]
+    assert seen[0] == [model.tree.size]  # alone: its own tree
+    full = [sizes for sizes in seen if len(sizes) == 4]
+    # Four running: every tree was picked for a batch of at least three (one joins per call).
+    assert full and max(max(sizes) for sizes in full) <= budget.nodes(3, model.tree) < model.tree.size
+    after = seen[seen.index(full[-1]):]
+    assert [model.tree.size] in after  # alone again at the end: its own tree again

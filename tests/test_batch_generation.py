@@ -223,3 +223,16 @@ def test_every_head_layout_in_a_batch(base, layout):
     uids = gen.insert(prompts, [20] * 3, trees=[TREES["cpu-8"], TREES["cpu-8"], TREES["chain-3"]])
     out = run(gen, uids)
     assert [tokens(out[u]) for u in uids] == refs
+
+
+def test_remove_returns_the_text_a_request_held_back(base):
+    """A request stopped at a limit (the server's time limit) keeps every character: what its stop
+    string matcher still held comes back from ``remove``."""
+    gen = BatchGenerator(MedusaModel(base, random_heads(4), TREES["cpu-8"]), Tokenizer())
+    uids = gen.insert(prompts_of([5, 9]), [40, 40], stops=[[">never"], None])
+    out = run(gen, uids, until=lambda o: len(o[uids[0]]) >= 5)
+    text, toks = "".join(r.text for r in out[uids[0]]), [r.token for r in out[uids[0]]]
+    assert not text.endswith(">")  # held back: the start of ">never"
+    held = gen.remove([uids[0], 12345])
+    assert held == {uids[0]: ">"} and text + held[uids[0]] == "".join(f"<{t}>" for t in toks)
+    assert len(gen) == 1 and gen.remove([uids[1]]) == {uids[1]: ""}

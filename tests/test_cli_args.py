@@ -95,6 +95,6 @@ def test_server_settings_and_scheduler_check_what_the_server_parser_refuses():
         with pytest.raises(ValueError, match=message):
             Settings("m", **{field: value})
     with pytest.raises(ValueError, match="--queue-size -1 must be >= 0"):
-        Scheduler(lambda: None, None, queue_size=-1)
+        Scheduler(lambda: None, queue_size=-1)
     with pytest.raises(ValueError, match="--request-timeout 0 must be > 0"):
-        Scheduler(lambda: None, None, time_limit=0)
+        Scheduler(lambda: None, time_limit=0)

@@ -68,16 +68,16 @@ def oracle(folder):
 
 
 @contextmanager
-def serving(folder, *, backend="mlx", queue_size=32, time_limit=300.0, **settings):
+def serving(folder, *, backend="mlx", queue_size=32, time_limit=300.0, decode_concurrency=8, **settings):
     """A live server on a free loopback port (uvicorn in a thread); yields (base url, scheduler)."""
     if backend == "torch":
-        from exo_medusa_mlx.torch_compat import load as load_torch, stream_generate as generate_torch
+        from exo_medusa_mlx.torch_compat import load as load_torch
 
-        loader, gen, on_exit = lambda: load_torch(str(folder), heads=folder / "medusa", tree=TREE), generate_torch, None
+        loader, on_exit = lambda: load_torch(str(folder), heads=folder / "medusa", tree=TREE), None
     else:
         loader = load if folder is None else (lambda: load(str(folder), heads=folder / "medusa", tree=TREE))
-        gen, on_exit = stream_generate, mx.clear_streams
-    scheduler = Scheduler(loader, gen, queue_size, time_limit, on_exit)
+        on_exit = mx.clear_streams
+    scheduler = Scheduler(loader, queue_size, time_limit, on_exit, decode_concurrency)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = make_server(scheduler, Settings(settings.pop("model_id", MODEL_ID), **settings), "127.0.0.1", 0,

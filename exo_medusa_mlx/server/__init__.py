@@ -1,7 +1,7 @@
 """``mlx_medusa server``: an OpenAI-compatible streaming HTTP server with Medusa decoding.
 
-``schema`` checks request bodies, ``stops`` cuts stop strings out of streamed text,
-``scheduler`` runs one model on one worker thread with a bounded queue,
+``schema`` checks request bodies, ``scheduler`` runs one model on one worker thread,
+decoding the requests in one batch (``core.batch_generation``) with a bounded queue,
 ``responses`` builds OpenAI's response shapes, ``app`` is the Starlette API and
 ``main`` the command (uvicorn serves it).
 """

@@ -8,9 +8,12 @@ import os
 import sys
 from typing import Callable
 
+from pathlib import Path
+
 from .. import backends
 from ..cli_args import KV_WINDOW, NON_NEGATIVE, NON_NEGATIVE_INT, PORT, POSITIVE, POSITIVE_INT, PROBABILITY
-from ..core.generation import stream_generate
+from ..core.batch_generation import DEFAULT_COMPLETION_BATCH
+from ..core.heads_format import default_heads_for
 
 API_KEY_ENV = "MLX_MEDUSA_API_KEY"
 
@@ -38,8 +41,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp", type=NON_NEGATIVE.parse, default=0.0, help="Default temperature")
     p.add_argument("--top-p", type=PROBABILITY.parse, default=1.0, help="Default top_p")
     p.add_argument("--max-kv-size", type=KV_WINDOW.parse, default=None, help="Committed KV window per request (rotating)")
+    p.add_argument("--decode-concurrency", type=POSITIVE_INT.parse, default=DEFAULT_COMPLETION_BATCH,
+                   help="Requests decoded at once in one batch (1: one at a time); each request's tree shrinks as "
+                        "the batch fills, by the batch latency 'mlx_medusa tune' measured")
     p.add_argument("--queue-size", type=NON_NEGATIVE_INT.parse, default=32,
-                   help="Requests that may wait behind the running one; more are answered 503")
+                   help="Requests that may wait beyond those decoding; more are answered 503")
     p.add_argument("--request-timeout", type=POSITIVE.parse, default=300.0,
                    help="Seconds of generation per request; then it ends with finish_reason 'length'")
     p.add_argument("--max-body-bytes", type=POSITIVE_INT.parse, default=4 << 20,
@@ -53,13 +59,21 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def backend_api(args) -> tuple[Callable, Callable, Callable | None]:
-    """(load() -> (model, tokenizer), stream_generate, worker exit hook) for ``--backend``."""
+def backend_api(args) -> tuple[Callable, Callable | None]:
+    """(load() -> (model, tokenizer), worker exit hook) for ``--backend``."""
     backend = backends.resolve_backend(args.backend)
     if backend == "mlx" and args.device:
         raise ValueError("--device is for --backend torch; MLX uses its default device")
     return (lambda: backends.load(backend, args.model, args.heads, args.tree, args.dtype, args.device),
-            stream_generate, backends.thread_exit(backend))
+            backends.thread_exit(backend))
+
+
+def budget_for(args) -> Callable:
+    """The loaded model -> its tree budget, from the tree tuned beside the heads (``BatchBudget.for_model``)."""
+    from ..core.budget import BatchBudget
+
+    heads = Path(args.heads) if args.heads is not None else default_heads_for(args.model)
+    return lambda model: BatchBudget.for_model(model, heads)
 
 
 def make_server(scheduler, settings, host: str, port: int, log_level: str = "info"):
@@ -85,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     from .scheduler import Scheduler
 
     try:
-        load, stream_generate, on_exit = backend_api(args)
-        scheduler = Scheduler(load, stream_generate, args.queue_size, args.request_timeout, on_exit,
-                              medusa=not args.no_medusa, max_kv_size=args.max_kv_size)
+        load, on_exit = backend_api(args)
+        scheduler = Scheduler(load, args.queue_size, args.request_timeout, on_exit, args.decode_concurrency,
+                              budget_for(args), medusa=not args.no_medusa, max_kv_size=args.max_kv_size)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     from ..default_model import DEFAULT_MODEL_ID
@@ -96,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                         args.temp, args.top_p, args.allowed_origins)
     model = scheduler.model
     medusa = "off" if args.no_medusa or model.heads is None else f"{model.tree.size}-node tree"
-    logging.getLogger(__name__).info("serving %s (Medusa: %s) on http://%s:%d", settings.model_id, medusa,
-                                     args.host, args.port)
+    logging.getLogger(__name__).info("serving %s (Medusa: %s; up to %d requests in one batch) on http://%s:%d",
+                                     settings.model_id, medusa, args.decode_concurrency, args.host, args.port)
     try:
         make_server(scheduler, settings, args.host, args.port, args.log_level.lower()).run()
     finally:

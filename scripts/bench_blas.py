@@ -8,25 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import exo_medusa_mlx
 from exo_medusa_mlx._blas import blas_info
+from exo_medusa_mlx.bench.roofline import best_seconds
 
 exo_medusa_mlx.setup_blas()  # before the first import of mlx
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-
-
-def _best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def bench(n: int, repeats: int) -> tuple[float, float]:
@@ -37,8 +27,8 @@ def bench(n: int, repeats: int) -> tuple[float, float]:
     am, bm = mx.array(a), mx.array(b)
     mx.eval(am, bm)
     flops = 2.0 * n**3 / 1e9
-    t_mx = _best_seconds(lambda: mx.eval(am @ bm), repeats)
-    t_np = _best_seconds(lambda: a @ b, repeats)
+    t_mx = best_seconds(lambda: mx.eval(am @ bm), repeats)
+    t_np = best_seconds(lambda: a @ b, repeats)
     diff = float(np.abs(np.array(am @ bm) - a @ b).max())
     if diff > 1e-2 * n**0.5:
         raise ValueError(f"mlx and numpy matmul disagree at n={n} (max abs diff {diff:.3g})")

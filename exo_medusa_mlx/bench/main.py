@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,26 +22,10 @@ import numpy as np
 
 from ..cli_args import fail, non_negative_float, positive_int
 from ..training.prompts import bench_prompts
+from .measure import machine, save, save_figure, step_clock
 
 MLX_METHODS = {"a": "mlx-lm stream_generate", "b": "ours --no-medusa (MLX)", "c": "ours Medusa (MLX)"}
 TORCH_METHODS = {"d": "transformers generate", "e": "transformers prompt lookup", "f": "ours Medusa (torch)"}
-
-
-def machine() -> dict:
-    import mlx.core as mx
-
-    from .._blas import blas_info
-    from ..core.machine import cpu_name
-
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(), "mlx": mx.__version__,
-            "mlx_device": str(mx.default_device()), "blas": blas_info(), "python": platform.python_version()}
-    try:
-        import torch
-
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
-    except ImportError:
-        pass
-    return info
 
 
 # --- one run of each method: returns tokens and stats --------------------------
@@ -87,19 +68,8 @@ def _hf(model, ids, max_tokens, eos, lookup: int | None):
     import resource
 
     import torch
-    from transformers.generation.streamers import BaseStreamer
 
-    class Clock(BaseStreamer):
-        def __init__(self):
-            self.times = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    clock = Clock()
+    clock = step_clock()
     x = torch.tensor([ids])
     kw = {"prompt_lookup_num_tokens": lookup} if lookup else {}
     t0 = time.perf_counter()
@@ -268,48 +238,7 @@ def plot(result: dict, path: Path) -> None:
         ax2.set_xlabel("mean accepted tokens per step (per prompt)")
         ax2.set_title("Medusa (MLX) accepted length")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def _write(path: Path, text: str) -> None:
-    """Whole or not at all: a temporary file beside it, renamed; never left behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        _remove(tmp)
-
-
-def save(path: Path, text: str) -> None:
-    """Write a result file; if that fails, put the text in a temporary file (or on stdout) and
-    exit with one line saying where the results are (a run is minutes of measuring)."""
-    try:
-        _write(path, text)
-        return
-    except OSError as e:
-        why = e.strerror or str(e)
-    try:
-        fd, spare = tempfile.mkstemp(prefix=f"mlx_medusa-{path.stem}-", suffix=path.suffix)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    except OSError:
-        print(text)
-        fail(f"cannot write {path} ({why}); the results are printed above")
-    fail(f"cannot write {path} ({why}); the results are in {spare}")
+    save_figure(fig, path)
 
 
 def latency_curve(model=None, ns=(1, 2, 4, 8, 16, 32, 64, 128), cache_len=256, repeats=5, torch_side=True) -> dict:
@@ -376,6 +305,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="Folder for bench.json, bench.md, bench.png")
     p.add_argument("--distributed", action="store_true",
                    help="Medusa on/off over 1, 2, 3 loopback ranks of MLX distributed (--distributed --help)")
+    p.add_argument("--concurrency", default=None,
+                   help="Levels such as 1,2,4,8,16: many requests at once, batched (--concurrency 1 --help)")
     return p
 
 
@@ -385,6 +316,10 @@ def main(argv=None) -> None:
         from .distributed import main as distributed_main
 
         return distributed_main([a for a in argv if a != "--distributed"])
+    if any(a == "--concurrency" or a.startswith("--concurrency=") for a in argv):
+        from .concurrency import main as concurrency_main
+
+        return concurrency_main(argv)
     args = setup_arg_parser().parse_args(argv)
     if not set(args.methods) <= set("abcdef"):
         sys.exit(f"error: --methods '{args.methods}' must be letters among a-f")

@@ -108,16 +108,20 @@ def test_from_facts_uses_this_machines_table_only():
     assert BatchBudget.from_facts({}, here).nodes(2, CPU8) == FREE_ROWS // 2
 
 
-def test_measure_batch_latency_on_tiny_model():
-    from exo_medusa_mlx.core.latency import measure_batch_latency
+def test_tune_measures_the_batch_table_on_tiny_model(capsys):
+    """``tune``'s batch table: the batched step timed at each batch size over tree sizes up to
+    --max-nodes and the tuned tree's, as the tree file stores it and the budget reads it."""
+    from exo_medusa_mlx.tune import TuneOptions, batch_costs
     from tiny import tiny_medusa
 
-    table = measure_batch_latency(tiny_medusa(), [1, 3], [1, 2, 4], context=12, repeats=1, progress=False)
-    assert sorted(table) == [1, 3] and all(sorted(c) == [1, 2, 4] for c in table.values())
+    opts = TuneOptions(max_nodes=4, batch_sizes=(1, 3), context=12, repeats=2)
+    table = batch_costs(tiny_medusa(), opts, tree_size=6)
+    assert sorted(table) == ["1", "3"] and all(sorted(c, key=int) == ["1", "2", "3", "4", "6"] for c in table.values())
     for curve in table.values():
-        vals = list(curve.values())
-        assert all(v > 0 for v in vals) and vals == sorted(vals)
-    BatchCosts(table)  # what tune saves, the budget reads
+        vals = [curve[k] for k in sorted(curve, key=int)]
+        assert all(v > 0 for v in vals) and vals == sorted(vals)  # more rows never cheaper
+    assert BatchCosts(table)(3, 1) == pytest.approx(table["3"]["1"])
+    assert "batch 3: step ms N=1:" in capsys.readouterr().out
 
 
 def test_a_batch_with_the_budget_equals_each_request_alone():

@@ -188,14 +188,13 @@ def run_concurrency(model=None, heads=None, tree=None, levels=DEFAULT_LEVELS, ma
         refs = [alone[i % len(prompts)] for i in range(C)]
         context = float(np.mean([len(p) for p in batch])) + max_tokens / 2
         order = list(runners) if k % 2 == 0 else list(runners)[::-1]  # each first in turn
-        row = {"concurrency": C, "methods": {}}
+        done = {}
         for m in order:
-            row["methods"][m] = _summary(runners[m](batch), refs, med.config, context, peak)
+            s = done[m] = _summary(runners[m](batch), refs, med.config, context, peak)
             if progress:
-                s = row["methods"][m]
                 print(f"concurrency {C} {m}: {s['tokens_per_s']:.1f} tok/s, p95 {s['latency_p95_s']:.2f} s, "
                       f"{s['rows_per_step']:.1f} rows/step", file=sys.stderr)
-        levels_out.append(row)
+        levels_out.append({"concurrency": C, "methods": {m: done[m] for m in runners}})
     return {"machine": machine(), "backend": backend, "model": str(model or "default"), "heads": str(heads or "shipped"),
             "tree": {"size": med.tree.size, "choices": [list(c) for c in med.tree.choices]},
             "max_tokens": max_tokens, "matmul_peak_gflops": peak / 1e9, "methods": METHODS[backend],

@@ -28,7 +28,7 @@ class GenerationResponse:
     text: str  # the new text piece
     token: int
     accepted: int  # tokens emitted by this token's verification step
-    finish_reason: str | None  # "stop" (EOS), "length", or None
+    finish_reason: str | None  # "stop" (EOS), "length" (max_tokens or the context full), or None
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -64,7 +64,8 @@ def check_request(ids: np.ndarray, context: int | None, max_tokens: int, max_kv_
 
 def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok, max_tokens: int,
                  peak_memory: Callable[[], float], tic: float) -> Iterator[GenerationResponse]:
-    """One response per token from a step generator; ``tic`` is when the prefill began."""
+    """One response per token from a step generator, until EOS, ``max_tokens`` or the context's
+    end (the last step's ``finish``); ``tic`` is when the prefill began."""
     detok.reset()
     n, n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0, 0.0, tic
     for step in steps:
@@ -74,7 +75,7 @@ def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok
         else:
             n_steps += 1
             n_verified += len(step.tokens)
-        for tok in step.tokens:
+        for i, tok in enumerate(step.tokens):
             finish = None
             if tok in eos:
                 finish = "stop"
@@ -83,6 +84,8 @@ def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok
                 n += 1
                 if n == max_tokens:
                     finish = "length"
+                elif i == len(step.tokens) - 1:
+                    finish = step.finish  # "length" when this step filled the context
             if finish:
                 detok.finalize()
             elapsed = max(time.perf_counter() - gen_start, 1e-9)

@@ -1,4 +1,4 @@
-"""The Medusa step, written once for every caller: verify, accept, commit, propose.
+"""The Medusa step, written once for every caller: verify, accept, commit, propose; and where it ends.
 
 A step verifies the tree in one forward (the base model's verdict at every node
 and, at every node, the next tree the heads propose from it), accepts the longest
@@ -7,6 +7,13 @@ root-only tree. Both backends' ``generate_step``, the exo engines' last shard an
 ``tune``'s latency probe run this module; a backend supplies the model's array
 primitives (``forward``, ``propose``, ``logits``, ``to_numpy``...) and may
 override the ``Verifier`` with a fast path (MLX's lookahead, CUDA graphs).
+
+The context's end, for every caller (``tree_at``, ``advance``): a sequence, prompt
+and generated tokens, holds at most ``max_position_embeddings`` tokens, the last at
+position ``end - 1``. A step's tree keeps only the nodes whose next token still fits
+(one position before the end, the root alone), and the step that emits the token at
+the last position finishes the sequence with "length". With a rotating window
+(``max_kv_size``) positions run on, as mlx-lm's rotating cache: there is no end.
 """
 
 from __future__ import annotations
@@ -17,37 +24,83 @@ from typing import Iterator
 import numpy as np
 
 from .accept import Acceptance, Policy, make_policy
+from .limits import Limits
 from .slots import DEFAULT_KEEP, PREFILL_STEP, run_committed
-from .tree import ROOT_ONLY, TreeBuffers
+from .tree import ROOT_ONLY, TreeBuffers, build_tree
+
+LENGTH = "length"  # the finish reason of a sequence that fills the context
 
 
 @dataclass
 class Step:
     tokens: list[int]  # emitted by this verification step (first step: the token after the prompt)
     tree_size: int  # tokens verified in this step's forward (0 for the prefill)
+    finish: str | None = None  # "length": the last token fills the context, no step follows
 
 
 @dataclass
 class Verified:
     """What one verification gives the host, as numpy."""
 
-    verdict: np.ndarray  # (T,) the base model's argmax at each node, or (T, V) logits when the policy samples
+    verdict: np.ndarray  # (T,) the base model's argmax at each node, or (T, V) logits (any policy)
     drafts: np.ndarray | None  # (T, T') each node's next tree, its root the node's argmax; None: root alone
 
 
-def advance(policy: Policy, tree: TreeBuffers, tokens: np.ndarray, v: Verified) -> tuple[Acceptance, np.ndarray]:
-    """Accept from a verified ``tree`` and take the next tree from the last kept node, its
-    root the bonus token. After a prefill the verified tree is ``ROOT_ONLY``: the prompt's
-    last position, whose verdict gives the first token.
+@dataclass
+class Advanced:
+    """One verified tree's outcome: what it emits, and the step after it."""
 
-    Returns the acceptance (nodes to commit, tokens to emit) and the next tree's tokens (T',) int64.
+    acc: Acceptance  # nodes to commit, tokens to emit
+    root: int  # position of the next step's root: the last token emitted
+    tree: TreeBuffers  # the tree the next step verifies (``tree_at``)
+    tokens: np.ndarray  # (tree.size,) int64: its tokens, the root the bonus token
+    finish: str | None  # "length": the sequence fills the context, no step follows
+
+
+def context_end(context: int | None, window: int | None) -> int | None:
+    """Where a sequence ends: the model's context, unless a rotating window lets positions run on."""
+    return None if window is not None else context
+
+
+def tree_at(tree: TreeBuffers, root: int, end: int | None) -> TreeBuffers:
+    """The part of ``tree`` a step rooted at position ``root`` verifies, so no token passes ``end``.
+
+    A node at depth d gives the token at position root + d + 1, which must be below
+    ``end``: deeper nodes are cut. Nodes are ordered by depth, so the kept ones are
+    the tree's first ones and a draft laid out for ``tree`` holds this one's as its
+    first columns. ``tree`` itself (the same object) when nothing is cut.
     """
-    acc = policy.accept(tree, tokens, v.verdict)
+    if end is None or tree.size == 1 or root + tree.depth + 1 < end:
+        return tree
+    depth = end - 2 - root
+    if depth < 1:
+        return ROOT_ONLY
+    return build_tree([c for c in tree.choices if len(c) <= depth], topk=tree.topk)
+
+
+def advance(policy: Policy, verified: TreeBuffers, tokens: np.ndarray, v: Verified, *, root: int = 0,
+            tree: TreeBuffers | None = None, end: int | None = None) -> Advanced:
+    """Accept from ``verified`` (its root at position ``root``) and lay out the next step from the
+    last kept node, its root the bonus token: ``tree`` (default ``verified``) cut by ``tree_at``.
+
+    After a prefill the verified tree is ``ROOT_ONLY`` at the prompt's last position, whose
+    verdict gives the first token. ``v.drafts`` must be laid out for a tree holding the next
+    one (``read`` with ``tree_at(tree, root + 1, end)``). ``end``: the context (``context_end``).
+    """
+    verdict = v.verdict
+    if verdict.ndim == 2 and not policy.needs_logits:
+        verdict = verdict.argmax(-1)  # logits read for a caller that returns them (exo's last shard)
+    acc = policy.accept(verified, tokens, verdict)
+    root += len(acc.tokens)
+    nxt_tree = tree_at(verified if tree is None else tree, root, end)
     if v.drafts is None:
-        return acc, np.array(acc.tokens[-1:], dtype=np.int64)
-    nxt = v.drafts[int(acc.nodes[-1])].astype(np.int64)
-    nxt[0] = acc.tokens[-1]  # sampling may pick another root; its children stay valid candidates
-    return acc, nxt
+        assert nxt_tree.size == 1, "the verification read no drafts for the next tree"
+        nxt = np.array(acc.tokens[-1:], dtype=np.int64)
+    else:
+        nxt = v.drafts[int(acc.nodes[-1]), : nxt_tree.size].astype(np.int64)
+        nxt[0] = acc.tokens[-1]  # sampling may pick another root; its children stay valid candidates
+    finish = LENGTH if end is not None and root >= end - 1 else None
+    return Advanced(acc, root, nxt_tree, nxt, finish)
 
 
 def read(model, h, tree: TreeBuffers, logits: bool) -> Verified:
@@ -81,6 +134,10 @@ class Verifier:
     def commit(self, nodes: np.ndarray) -> None:
         self.ctx.commit(self.caches, nodes)
 
+    def release(self) -> None:
+        """Leave the cache holding the committed tokens alone, for another verifier to go on
+        (near the context's end, where the tree is cut); a fast path drops its work in flight."""
+
 
 def prefill(model, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP, check=None):
     """Commit the prompt in chunks; returns the last position's hidden state, (H,).
@@ -97,10 +154,11 @@ def prefill(model, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP, ch
 def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: int | None = None,
                   keep: int = DEFAULT_KEEP, tree: TreeBuffers | None = None,
                   fast_path: bool | None = None, max_tokens: int | None = None, check=None) -> Iterator[Step]:
-    """Yield the tokens each step emits, forever; the caller stops it.
+    """Yield the tokens each step emits until the sequence fills the model's context (the
+    last ``Step`` says "length"; with ``max_kv_size`` never); the caller may stop it before.
 
     Args:
-        prompt: token ids.
+        prompt: token ids, fewer than the model's context (``LimitError`` otherwise).
         model: either backend's ``MedusaModel``.
         policy: how tokens are picked (``make_policy``); greedy by default.
         max_kv_size: committed-token window (``keep`` sink tokens plus the most recent); None: unbounded.
@@ -112,17 +170,34 @@ def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: i
     """
     policy = policy or make_policy()
     tree = model.tree if tree is None else model.check_tree(tree)
+    Limits(model.max_context).check_prompt(len(prompt))  # as every caller's check: room for one token
+    end = context_end(model.max_context, max_kv_size)
     ctx, caches = model.make_cache(max_kv_size, keep)
     ctx.planned = None if max_tokens is None else len(prompt) + max_tokens
     h = prefill(model, ctx, caches, prompt, check=check)[None]  # (1, H): the prompt's last position
-    acc, tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, policy.needs_logits))
-    yield Step(acc.tokens, 0)
-    verifier = model.verifier(ctx, caches, tree, policy, fast_path)
-    while True:
-        acc, nxt = advance(policy, tree, tokens, verifier.verify(tokens))
-        verifier.commit(acc.nodes)
-        yield Step(acc.tokens, tree.size)
-        tokens = nxt
+    root = len(prompt) - 1  # the prefill's verdict: the prompt's last token as a root-only tree
+    v = read(model, h, tree_at(tree, root + 1, end), policy.needs_logits)
+    nxt = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), v, root=root, tree=tree, end=end)
+    yield Step(nxt.acc.tokens, 0, nxt.finish)
+    verifier = None
+    while nxt.finish is None:
+        verifier = _verifier_for(nxt.tree, tree, verifier, model, ctx, caches, policy, fast_path)
+        step_tree = nxt.tree
+        nxt = advance(policy, step_tree, nxt.tokens, verifier.verify(nxt.tokens), root=nxt.root, tree=tree, end=end)
+        verifier.commit(nxt.acc.nodes)
+        yield Step(nxt.acc.tokens, step_tree.size, nxt.finish)
 
 
-__all__ = ["ROOT_ONLY", "Step", "Verified", "Verifier", "advance", "generate_step", "prefill", "read", "read_arrays"]
+def _verifier_for(step_tree: TreeBuffers, tree: TreeBuffers, current: Verifier | None, model, ctx, caches,
+                  policy: Policy, fast_path: bool | None) -> Verifier:
+    """The verifier of ``step_tree``: the model's (a fast path where it pays) for the whole ``tree``;
+    for a tree cut at the context's end the plain one, since a fast path is built for one tree."""
+    if current is not None and current.tree is step_tree:
+        return current
+    if current is not None:
+        current.release()
+    return model.verifier(ctx, caches, step_tree, policy, fast_path if step_tree is tree else False)
+
+
+__all__ = ["LENGTH", "ROOT_ONLY", "Advanced", "Step", "Verified", "Verifier", "advance", "context_end",
+           "generate_step", "prefill", "read", "read_arrays", "tree_at"]

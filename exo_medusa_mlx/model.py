@@ -9,11 +9,14 @@ model is exactly as it was loaded, so mlx-lm can run it too.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from .array_ops import MLXOps
+from .heads import MedusaHeads, load_heads
 from .cache import DEFAULT_KEEP, CacheContext, TreeOffset, make_cache
 from .core.base import MedusaBase, swapped_class
 
@@ -104,6 +107,17 @@ class MedusaModel(MedusaBase):
     """An mlx-lm model with Medusa heads and a tree attached (``heads`` None: plain decoding)."""
 
     ops = MLXOps
+    backend = "mlx"
+    # No load-time probe: MLX's tree is the one ``mlx_medusa tune`` grew from this backend's own
+    # latency curve (the shipped tree.json, tuned on MLX on a CPU), which a few-second probe of
+    # at most 8 nodes would replace with a coarser guess; the torch twin probes, its shipped
+    # tree having been tuned on another machine.
+    probes_at_load = False
+
+    @classmethod
+    def heads_for(cls, base, path: Path) -> MedusaHeads:
+        """Heads for mlx-lm's ``base`` (also one exo loaded and sharded), in its compute dtype."""
+        return load_heads(path, base.args.hidden_size, base.args.vocab_size, dtype=base.model.norm.weight.dtype)
 
     def __post_init__(self):
         check_supported(self.base)
@@ -124,10 +138,6 @@ class MedusaModel(MedusaBase):
     @property
     def device(self) -> mx.Device:
         return mx.default_device()
-
-    def eos_ids(self, tokenizer) -> list[int]:
-        """mlx-lm's tokenizer wrapper knows every EOS id of the model's config."""
-        return list(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
 
     def detokenizer(self, tokenizer):
         return tokenizer.detokenizer  # mlx-lm's streaming detokenizer

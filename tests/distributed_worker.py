@@ -13,7 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import exo_medusa_mlx  # noqa: E402,F401  (before mlx: the BLAS)
+import exo_medusa_mlx  # noqa: E402
+
+exo_medusa_mlx.setup_blas()  # before the first import of mlx
 import numpy as np  # noqa: E402
 
 from exo_medusa_mlx import distributed as dist  # noqa: E402

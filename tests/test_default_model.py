@@ -8,12 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import exo_medusa_mlx  # noqa: F401  (preloads OpenBLAS before mlx)
+import numpy as np
+import pytest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-import exo_medusa_mlx.default_model as dm  # noqa: E402
+import exo_medusa_mlx
+import exo_medusa_mlx.default_model as dm
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 EXPECTED_PROMPT = (
@@ -247,8 +246,9 @@ def _run_py(code: str, **env: str) -> subprocess.CompletedProcess:
 
 _BLAS_PROBE = """
 import time
-from exo_medusa_mlx._blas import preload_blas, blas_info
-preload_blas()
+import exo_medusa_mlx
+from exo_medusa_mlx._blas import blas_info
+exo_medusa_mlx.setup_blas()
 import mlx.core as mx
 a = mx.random.normal((1024, 1024)); mx.eval(a)
 best = min((lambda t0: (mx.eval(a @ a), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(4))
@@ -257,7 +257,7 @@ print(blas_info()); print(2 * 1024**3 / best / 1e9)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is Linux-only (macOS uses Accelerate)")
-def test_preload_blas_gives_openblas(tmp_path):
+def test_setup_blas_gives_openblas(tmp_path):
     from importlib import metadata
 
     for dist in ("mlx-cuda-12", "mlx-cuda-13"):
@@ -278,9 +278,9 @@ def test_preload_blas_gives_openblas(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is Linux-only (macOS uses Accelerate)")
-def test_preload_blas_without_a_compiler_keeps_the_reference(tmp_path):
+def test_setup_blas_without_a_compiler_keeps_the_reference(tmp_path):
     res = _run_py(
-        "from exo_medusa_mlx._blas import preload_blas; print(preload_blas())",
+        "import exo_medusa_mlx; print(exo_medusa_mlx.setup_blas())",
         EXO_MEDUSA_CACHE=str(tmp_path), EXO_MEDUSA_BLAS="", CC="", PATH=str(tmp_path),
     )
     assert res.returncode == 0, res.stderr
@@ -288,13 +288,13 @@ def test_preload_blas_without_a_compiler_keeps_the_reference(tmp_path):
     assert not (tmp_path / "blas").exists()
 
 
-def test_preload_blas_off_and_too_late():
-    res = _run_py("from exo_medusa_mlx._blas import preload_blas; print(preload_blas())", EXO_MEDUSA_BLAS="off")
+def test_setup_blas_off_and_too_late():
+    res = _run_py("import exo_medusa_mlx; print(exo_medusa_mlx.setup_blas())", EXO_MEDUSA_BLAS="off")
     assert res.stdout.strip() in ("reference (EXO_MEDUSA_BLAS=off)", "accelerate (macOS)")
     if sys.platform.startswith("linux"):
         res = _run_py(
             "import mlx.core, warnings; warnings.simplefilter('always')\n"
-            "from exo_medusa_mlx._blas import preload_blas; print(preload_blas())"
+            "import exo_medusa_mlx; print(exo_medusa_mlx.setup_blas())"
         )
         assert res.stdout.strip().startswith("reference"), res.stdout
         assert "imported before exo_medusa_mlx" in res.stderr

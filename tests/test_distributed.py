@@ -22,6 +22,7 @@ import pytest
 
 from distributed_worker import decode, load_case
 from exo_medusa_mlx import distributed as dist
+from exo_medusa_mlx.cli_args import DIST_TIMEOUT_S, PARALLEL_MODES
 from exo_medusa_mlx.launch import launch, rank_env, write_hostfile, free_ports
 from test_exo_engine import save_hf_folder, tiny_base
 from tiny import random_heads
@@ -59,7 +60,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(folders, tmp_path_factory):
     """Every case decoded on 2 ranks, in one launch: ({name: case}, [rank0 results, rank1 results])."""
-    cases = [c for f in FAMILIES for p in dist.PARALLEL_MODES for c in cases_for(folders[f], f, p)]
+    cases = [c for f in FAMILIES for p in PARALLEL_MODES for c in cases_for(folders[f], f, p)]
     for family, split in (("llama", "3,1"), ("qwen2", "memory")):  # 3,1: rank 1's one layer receives and sends
         c = next(c for c in cases if c["name"] == f"{family}-pipeline-oracle")
         cases.append({**c, "name": f"{family}-pipeline-split", "split": split})
@@ -73,7 +74,7 @@ def two_ranks(folders, tmp_path_factory):
     return {c["name"]: c for c in cases}, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("parallel", dist.PARALLEL_MODES)
+@pytest.mark.parametrize("parallel", PARALLEL_MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_split_equals_one_process(two_ranks, family, parallel, kind):
@@ -89,7 +90,7 @@ def test_uneven_and_memory_splits_equal_one_process(two_ranks, family):
     assert ranks[0][name]["tokens"] == ranks[1][name]["tokens"] == cases[name]["ref"]
 
 
-@pytest.mark.parametrize("parallel", dist.PARALLEL_MODES)
+@pytest.mark.parametrize("parallel", PARALLEL_MODES)
 def test_oracle_heads_accept_deep_on_every_rank(two_ranks, parallel):
     _, ranks = two_ranks
     for r in ranks:
@@ -97,7 +98,7 @@ def test_oracle_heads_accept_deep_on_every_rank(two_ranks, parallel):
         assert N_WINDOW / r[f"qwen2-{parallel}-window"]["steps"] > 2.0  # through several wrap-arounds
 
 
-@pytest.mark.parametrize("parallel", dist.PARALLEL_MODES)
+@pytest.mark.parametrize("parallel", PARALLEL_MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_sampling_same_tokens_on_every_rank(two_ranks, family, parallel):
     cases, ranks = two_ranks
@@ -113,12 +114,10 @@ def test_exo1_engine_on_two_ranks_equals_one_process(two_ranks, folders):
     import exo1_standin as exo
 
     exo.install()
-    from exo_medusa_mlx.exo1 import attach_heads
     from exo_medusa_mlx.generate import stream_generate
     from exo_medusa_mlx.loading import load
 
-    model, tok = load(str(folders["llama"]))
-    model = attach_heads(model.base, folders["llama"] / "medusa", "cpu-8")
+    model, tok = load(str(folders["llama"]), heads=folders["llama"] / "medusa", tree="cpu-8")
     ref = [r.token for r in stream_generate(model, tok, "t1 t5 t9 t3 t7", max_tokens=20, temp=0.0)]
     _, ranks = two_ranks
     assert ranks[0]["engine"]["tokens"] == ref and len(ref) == 20
@@ -151,7 +150,7 @@ def one_process(folders):
     return last_json(cli(*generate_args(folders["llama"])))
 
 
-@pytest.mark.parametrize("parallel", dist.PARALLEL_MODES)
+@pytest.mark.parametrize("parallel", PARALLEL_MODES)
 def test_cli_launch_equals_one_process(folders, one_process, parallel):
     one = one_process
     p = cli(*generate_args(folders["llama"]), "--parallel", parallel, ranks=2)
@@ -251,7 +250,7 @@ def fail_time(rank0: subprocess.Popen, limit_s: float) -> tuple[float, str]:
 
 @pytest.fixture
 def pair(folders, tmp_path, request):
-    procs = start_pair(folders["llama"], tmp_path, getattr(request, "param", dist.DEFAULT_TIMEOUT_S))
+    procs = start_pair(folders["llama"], tmp_path, getattr(request, "param", DIST_TIMEOUT_S))
     yield procs
     for p in procs:
         if p.poll() is None:

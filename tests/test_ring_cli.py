@@ -24,7 +24,7 @@ from exo_medusa_mlx.engine import protocol as st  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.ring import node, proto  # noqa: E402
 from exo_medusa_mlx.ring.client import NodeInfo, RingClient  # noqa: E402
-from exo_medusa_mlx.ring.launcher import partition_layers  # noqa: E402
+from exo_medusa_mlx.engine.shard import partition_layers  # noqa: E402
 from exo_medusa_mlx.core.tree import build_tree, tree_choices  # noqa: E402
 from test_exo_engine import N, PROMPT, reference, save_hf_folder, tiny_base  # noqa: E402
 from hostile import gone  # noqa: E402

@@ -24,7 +24,7 @@ from exo_medusa_mlx import load, stream_generate
 from exo_medusa_mlx.server import Scheduler, Settings
 from exo_medusa_mlx.server.main import make_server
 from exo_medusa_mlx.server.stops import StopMatcher
-from exo_medusa_mlx.core.generation import chat_ids, encode_prompt
+from exo_medusa_mlx.core.tokens import chat_ids, encode_prompt
 from tiny import CONFIGS, VOCAB, random_heads, tiny_base
 
 MODEL_ID = "tiny-llama"

@@ -70,6 +70,13 @@ class MedusaBase:
 
     ops: ClassVar[ArrayOps]
     verify_rows_max: ClassVar[int] = 64  # beyond this many rows, both products cost about the same
+    backend: ClassVar[str]  # "mlx" or "torch": which tuned tree file a load reads (``default_tree_for``)
+    probes_at_load: ClassVar[bool] = False  # whether a load with no tree tuned here probes (``core.attach``)
+
+    @classmethod
+    def heads_for(cls, base, path: Path):
+        """The backend's heads from ``path`` for ``base``, in its compute dtype and on its device."""
+        raise NotImplementedError
 
     def __post_init__(self) -> None:
         self._draft = None
@@ -86,6 +93,11 @@ class MedusaBase:
     @property
     def max_context(self) -> int | None:
         return getattr(self.config, "max_position_embeddings", None)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End tokens the model's own config names, for a tokenizer that lists none (``core.tokens.eos_ids``)."""
+        return []
 
     # ------------------------------------------------------------ trees
 

@@ -3,7 +3,7 @@
 ``generate_step`` (``core/step.py``) yields ``Step``s, the tokens each verification
 step emits; ``stream_steps`` turns them into one ``GenerationResponse`` per token,
 stopping at EOS or ``max_tokens`` inside a step. The model supplies what differs
-by backend: ``eos_ids``, ``detokenizer``, ``max_context`` and its memory counters.
+by backend: its config's ``eos_token_ids``, ``detokenizer``, ``max_context`` and its memory counters.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .accept import make_policy
 from .limits import Limits, check_prompt_text
 from .slots import DEFAULT_KEEP
 from .step import ROOT_ONLY, Step, generate_step
+from .tokens import encode_prompt, eos_ids
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -36,19 +37,6 @@ class GenerationResponse:
     peak_memory: float  # GB
     steps: int  # verification steps so far
     mean_accepted: float  # tokens per verification step so far
-
-
-def encode_prompt(tokenizer, prompt) -> np.ndarray:
-    """A string (tokenised as mlx-lm does) or token ids, checked."""
-    if isinstance(prompt, str):
-        bos = getattr(tokenizer, "bos_token", None)
-        ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
-    else:
-        ids = prompt
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if ids.size == 0:
-        raise ValueError("prompt is empty: give at least one token")
-    return ids
 
 
 def check_request(ids: np.ndarray, context: int | None, max_tokens: int, max_kv_size: int | None = None,
@@ -122,20 +110,6 @@ def print_stats(r: GenerationResponse, file=sys.stdout) -> None:
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
 
 
-def apply_template(tokenizer, prompt: str, system: str | None, use_template: bool):
-    """The user message in the chat template (ids), or the raw prompt string."""
-    if not use_template or getattr(tokenizer, "chat_template", None) is None:
-        return prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return chat_ids(tokenizer, messages)
-
-
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Messages in the tokenizer's chat template, ready for the assistant's answer (ids)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def stream_generate(model, tokenizer, prompt, max_tokens: int = DEFAULT_MAX_TOKENS, temp: float = 0.0,
                     top_p: float = 1.0, seed: int | None = None, medusa: bool = True,
                     max_kv_size: int | None = None, keep: int = DEFAULT_KEEP, acceptance: str = "auto",
@@ -163,7 +137,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = DEFAULT_MAX_TOKE
     tic = time.perf_counter()
     steps = generate_step(ids, model, policy, max_kv_size=max_kv_size, keep=keep,
                           tree=None if medusa else ROOT_ONLY, max_tokens=max_tokens, check=check)
-    yield from stream_steps(steps, len(ids), set(model.eos_ids(tokenizer)), model.detokenizer(tokenizer),
+    yield from stream_steps(steps, len(ids), eos_ids(tokenizer, model.eos_token_ids), model.detokenizer(tokenizer),
                             max_tokens, model.peak_memory_gb, tic)
 
 

@@ -15,9 +15,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..cache import make_cache
-from ..core.heads_format import default_tree_for
-from ..core.tree import ROOT_ONLY, load_tree
-from ..heads import load_heads
+from ..core.attach import attach
+from ..loading import resolve_dtype
 from ..model import MedusaModel
 from .loaded import LoadedShard
 from .sessions import Session
@@ -37,15 +36,10 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
         raise ValueError(f"shard of '{shard.model_id}' says {shard.n_layers} layers but {path} has {n}; "
                          f"use n_layers={n}")
     tokenizer = load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
-    if dtype is None and mx.default_device() == mx.cpu:
-        dtype = mx.float32  # as loading.load: bf16/fp16 skip BLAS on CPU
+    dtype = resolve_dtype(dtype)
     if dtype is not None:
         base.set_dtype(dtype)
-    medusa_heads, buffers = None, ROOT_ONLY
-    if heads is not None:
-        medusa_heads = load_heads(heads, base.args.hidden_size, base.args.vocab_size, dtype=dtype or mx.float32)
-        buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads)))
-    model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id)
+    model = attach(base, heads, tree, MedusaModel, model_id=shard.model_id, probe=False)  # a shard cannot probe
     inner = base.model
     params = [inner.layers[i].parameters() for i in range(shard.start_layer, shard.end_layer + 1)]
     if shard.is_first_layer():
@@ -54,7 +48,7 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
         params.append(inner.norm.parameters())
         head = getattr(model.lm_head, "__self__", model.lm_head)  # tied: the embedding's as_linear
         params.append(head.parameters())
-        if medusa_heads is not None and medusa_heads.config.next_token:
+        if model.heads is not None and model.heads.config.next_token:
             params.append(inner.embed_tokens.parameters())  # the heads read the next token's embedding
     mx.eval(params)
     return model, tokenizer

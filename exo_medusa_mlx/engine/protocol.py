@@ -1,4 +1,4 @@
-"""The Medusa ring protocol (``PROTOCOL.md``): the keys of exo's ``inference_state``, parsed and checked.
+"""The Medusa ring protocol (``docs/protocol.md``): the keys of exo's ``inference_state``, parsed and checked.
 
 Every check of a pass runs here, before a shard touches its cache, with the model's
 facts passed in: well-formed keys (``parse_request``), the input's shape and size

@@ -1,5 +1,5 @@
 """What exo's node does with the last shard's output when a pass may emit several tokens
-(``NODE_HOOK.md`` says why and where it goes in the node).
+(``docs/node_hook.md`` says why and where it goes in the node).
 
 ``process_result`` takes the pass's tokens from ``inference_state`` (cut at EOS and
 ``max_tokens``; the last shard ends the request itself when the context is full) and the
@@ -25,15 +25,6 @@ class RingStep:
     finished: bool
     next_input: np.ndarray | None  # (1, T') token ids for the first shard; None when finished
     next_state: dict | None  # inference_state for that pass
-
-
-def eos_ids(tokenizer) -> set[int]:
-    """The EOS ids of an mlx-lm / Hugging Face tokenizer (empty if it has none)."""
-    ids = getattr(tokenizer, "eos_token_ids", None)
-    if ids is None:
-        one = getattr(tokenizer, "eos_token_id", None)
-        ids = [] if one is None else [one]
-    return {int(i) for i in ids}
 
 
 async def process_result(engine, result: np.ndarray, inference_state: dict | None, *,

@@ -18,7 +18,8 @@ import numpy as np
 
 from . import protocol as st
 from . import wire
-from .results import RingStep, eos_ids, on_request_finished, process_result
+from ..core.tokens import eos_ids
+from .results import RingStep, on_request_finished, process_result
 from .shard import as_shard
 
 Send = Callable[[np.ndarray, "dict | None"], Awaitable[tuple]]  # a pass round the ring -> (output, state)

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from ..core.accept import target_probs
-from ..core.generation import encode_prompt
 from ..core.limits import UNKNOWN_CONTEXT, Limits, check_prompt_text
 from ..core.model_files import check_model_folder, config_context
 from ..core.slots import DEFAULT_KEEP, SlotMap
+from ..core.tokens import encode_prompt
 from . import protocol as st
 from .contract import InferenceEngine, InferenceState
 from .downloader import LocalShardDownloader

@@ -18,12 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.heads_format import default_tree_for
-from ..core.tree import ROOT_ONLY, load_tree
+from ..core.attach import attach
 from ..torch_compat.cache import make_cache
 from ..torch_compat.generate import load_tokenizer
-from ..torch_compat.heads import load_heads
-from ..torch_compat.loading import default_device, default_dtype, parse_dtype
+from ..torch_compat.loading import default_device, resolve_dtype
 from ..torch_compat.model import MedusaModel
 from .loaded import LoadedShard
 from .sessions import Session
@@ -63,31 +61,10 @@ def _shard_prefixes(shard: Shard, tied: bool) -> tuple[str, ...]:
     return keep
 
 
-def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None, device=None):
-    """(MedusaModel, tokenizer) holding only ``shard``'s weights; the other layers stay on meta."""
+def _assign(base, files: dict[str, Path], keep: tuple[str, ...], device, dtype) -> set[str]:
+    """Read the tensors named ``keep*`` into ``base`` (in place of its meta ones); their names."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
-    device = torch.device(device) if device is not None else default_device()
-    dtype = parse_dtype(dtype) or default_dtype(device)
-    config = AutoConfig.from_pretrained(str(path))
-    n = config.num_hidden_layers
-    if n != shard.n_layers:
-        raise ValueError(f"shard of '{shard.model_id}' says {shard.n_layers} layers but {path} has {n}; "
-                         f"use n_layers={n}")
-    medusa_heads, buffers = None, ROOT_ONLY
-    if heads is not None:
-        medusa_heads = load_heads(heads, config.hidden_size, config.vocab_size, dtype=dtype, device=device)
-        buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads), "torch"))
-    # Next-token heads read the embedding of the base model's next token on the last shard.
-    next_token = medusa_heads is not None and medusa_heads.config.next_token
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    base.eval()
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    keep = _shard_prefixes(shard, tied or next_token)
-    files = _weight_files(path)
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         if name.startswith(keep):
@@ -96,15 +73,40 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     for f, names in by_file.items():
         with safe_open(str(f), framework="pt") as sf:
             weights.update({k: sf.get_tensor(k).to(device=device, dtype=dtype) for k in names})
-    tie_head = shard.is_last_layer() and "lm_head.weight" not in weights
-    if tie_head and not tied:
-        raise ValueError(f"{path}: no lm_head.weight and the config does not tie it to the embedding")
     base.load_state_dict(weights, strict=False, assign=True)
+    return set(weights)
+
+
+def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None, device=None):
+    """(MedusaModel, tokenizer) holding only ``shard``'s weights; the other layers stay on meta."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device)
+    config = AutoConfig.from_pretrained(str(path))
+    n = config.num_hidden_layers
+    if n != shard.n_layers:
+        raise ValueError(f"shard of '{shard.model_id}' says {shard.n_layers} layers but {path} has {n}; "
+                         f"use n_layers={n}")
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    base.eval()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    files = _weight_files(path)
+    loaded = _assign(base, files, _shard_prefixes(shard, tied), device, dtype)
     inner = base.model
-    if tie_head:
+    if shard.is_last_layer() and "lm_head.weight" not in loaded:
+        if not tied:
+            raise ValueError(f"{path}: no lm_head.weight and the config does not tie it to the embedding")
         base.lm_head.weight = inner.embed_tokens.weight
     # Buffers built at init (RoPE frequencies) were made on meta: build them again for real.
     inner.rotary_emb = type(inner.rotary_emb)(config=config).to(device)
+    model = attach(base, heads, tree, MedusaModel, model_id=shard.model_id, probe=False)  # a shard cannot probe
+    # Next-token heads read the embedding of the base model's next token on the last shard.
+    next_token = model.heads is not None and model.heads.config.next_token
+    if shard.is_last_layer() and next_token and not (shard.is_first_layer() or tied):
+        _assign(base, files, ("model.embed_tokens.",), device, dtype)
     held = [inner.layers[i] for i in range(shard.start_layer, shard.end_layer + 1)]
     if shard.is_first_layer() or (shard.is_last_layer() and next_token):
         held.append(inner.embed_tokens)
@@ -115,8 +117,6 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks weights of shard {shard.start_layer}-{shard.end_layer}: "
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-
-    model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id)
     return model, load_tokenizer(path)
 
 

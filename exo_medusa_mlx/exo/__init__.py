@@ -28,6 +28,9 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "MedusaMLXInferenceEngine":
+        from .._blas import setup_blas
+
+        setup_blas()  # before the engine imports mlx
         from ..engine.mlx_backend import MedusaMLXInferenceEngine
 
         return MedusaMLXInferenceEngine

@@ -1,4 +1,4 @@
-"""exo 0.0.x's ``Node``, changed for Medusa ring passes (``NODE_HOOK.md``); ``install`` applies it.
+"""exo 0.0.x's ``Node``, changed for Medusa ring passes (``docs/node_hook.md``); ``install`` applies it.
 
 - ``process_prompt``: a node holding one of our engines starts our protocol: the first
   pass's state gets ``state.initial_state`` (sampling at the node's ``--default-temp``).
@@ -25,7 +25,8 @@ import traceback
 import numpy as np
 
 from ..engine import protocol as st
-from ..engine.results import eos_ids, on_request_finished
+from ..core.tokens import eos_ids
+from ..engine.results import on_request_finished
 from ..engine.ring_loop import ring_steps
 
 MARK = "__exo_medusa_hook__"

@@ -5,6 +5,6 @@ exo installed). BOOTSTRAP.md shows the lines to change in exo's
 ``worker/runner/bootstrap.py``.
 """
 
-from .engine import MedusaBuilder, MedusaEngine, agree_ids, attach_heads
+from .engine import MedusaBuilder, MedusaEngine, agree_ids
 
-__all__ = ["MedusaBuilder", "MedusaEngine", "agree_ids", "attach_heads"]
+__all__ = ["MedusaBuilder", "MedusaEngine", "agree_ids"]

@@ -30,11 +30,10 @@ from exo.worker.engines.base import Builder, Engine
 from exo.worker.engines.mlx.constants import MAX_TOKENS
 from exo.worker.engines.mlx.utils_mlx import apply_chat_template
 
-from ..distributed import DEFAULT_TIMEOUT_S, Comm, Watchdog, check_agreement
-from ..generate import stream_generate
-from ..core.heads_format import default_tree_for
-from ..core.tree import ROOT_ONLY, load_tree
-from ..heads import load_heads
+from ..cli_args import DIST_TIMEOUT_S
+from ..core.attach import attach
+from ..core.generation import stream_generate
+from ..distributed import Comm, Watchdog, check_agreement
 from ..model import MedusaModel
 
 # exo's sampling defaults (mlx_generate), so a task decodes from the same distribution.
@@ -42,16 +41,6 @@ DEFAULT_TEMPERATURE, DEFAULT_SEED = 0.7, 42
 UNSUPPORTED = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs")
 ID_BYTES = 64  # a task id (a uuid: 36) as UTF-8, padded, for the all-gather
 WARMUP_PROMPT = "Prompt to warm up the inference engine. Repeat this."
-
-
-def attach_heads(base, heads: str | Path | None, tree=None, model_id: str | None = None) -> MedusaModel:
-    """exo's loaded (and sharded) mlx-lm model with Medusa heads beside it; no heads: plain decoding."""
-    if heads is None:
-        return MedusaModel(base, None, ROOT_ONLY, model_id=model_id)
-    dtype = base.model.norm.weight.dtype
-    medusa_heads = load_heads(heads, base.args.hidden_size, base.args.vocab_size, dtype=dtype)
-    buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads)))
-    return MedusaModel(base, medusa_heads, buffers, model_id=model_id)
 
 
 def agree_ids(comm: Comm | None, ids: list[str]) -> list[str]:
@@ -95,7 +84,7 @@ class MedusaEngine(Engine):
     event_sender: Any
     max_kv_size: int | None = None
     check_for_cancel_every: int = 16  # tokens between cancellation checks (an all-gather each)
-    timeout_s: float = DEFAULT_TIMEOUT_S
+    timeout_s: float = DIST_TIMEOUT_S
 
     _cancelled_tasks: set[TaskId] = field(default_factory=set, init=False)
     _maybe_queue: list[TextGeneration] = field(default_factory=list, init=False)
@@ -264,7 +253,9 @@ class MedusaBuilder(Builder):
         inner = self.inner
         if inner.inference_model is None or inner.tokenizer is None:
             raise ValueError("MedusaBuilder.build before load: the model is not loaded")
-        model = attach_heads(inner.inference_model, self.heads, self.tree, model_id=str(inner.model_id))
+        # Each rank holds part of the model (exo sharded it): no load-time probe.
+        model = attach(inner.inference_model, self.heads, self.tree, MedusaModel, model_id=str(inner.model_id),
+                       probe=False)
         group = inner.group
         return MedusaEngine(model=model, tokenizer=inner.tokenizer, group=group, model_id=inner.model_id,
                             device_rank=0 if group is None else group.rank(), cancel_receiver=inner.cancel_receiver,

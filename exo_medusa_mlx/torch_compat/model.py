@@ -8,12 +8,15 @@ the per-token positions), and the K/V through ``MedusaCache``.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..core.base import MedusaBase, swapped_class
 from .array_ops import TorchOps
+from .heads import MedusaHeads, load_heads
 from .cache import DEFAULT_KEEP, CacheContext, MedusaCache, make_cache
 
 # Families whose attention takes the 4D mask and position_ids as given and whose
@@ -75,6 +78,14 @@ class MedusaModel(MedusaBase):
     """A transformers causal LM with Medusa heads and a tree attached (``heads`` None: plain decoding)."""
 
     ops = TorchOps
+    backend = "torch"
+    probes_at_load = True  # its shipped tree.torch.json was tuned on another machine (see ``model.MedusaModel``)
+
+    @classmethod
+    def heads_for(cls, base, path: Path) -> MedusaHeads:
+        """Heads for transformers' ``base``, in its lm_head's dtype and on its device."""
+        head = base.get_output_embeddings().weight
+        return load_heads(path, base.config.hidden_size, base.config.vocab_size, dtype=head.dtype, device=head.device)
 
     def __post_init__(self):
         check_supported(self.base)
@@ -105,20 +116,13 @@ class MedusaModel(MedusaBase):
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """End tokens from the model's generation config (may list several)."""
+        """End tokens from the model's generation config (may list several): a bare transformers
+        tokenizer (no ``eos_token_ids``) ends on these and its own (``core.tokens.eos_ids``)."""
         gen = getattr(self.base, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         if eos is None:
             eos = self.base.config.eos_token_id
         return [] if eos is None else [int(e) for e in np.atleast_1d(eos)]
-
-    def eos_ids(self, tokenizer) -> list[int]:
-        """The wrapper's (config.json's and the tokenizer's); for a bare transformers tokenizer, the
-        generation config's and the tokenizer's."""
-        if getattr(tokenizer, "eos_token_ids", None) is not None:
-            return list(tokenizer.eos_token_ids)
-        own = getattr(tokenizer, "eos_token_id", None)
-        return sorted(set(self.eos_token_ids) | ({int(own)} if own is not None else set()))
 
     def detokenizer(self, tokenizer):
         from .generate import StreamingDetokenizer

@@ -30,7 +30,7 @@ from .generation import DEFAULT_MAX_TOKENS, TokenText, check_request
 from .tokens import encode_prompt, eos_ids
 from .limits import check_prompt_text
 from .slots import DEFAULT_KEEP, PREFILL_STEP
-from .step import ROOT_ONLY, BatchVerifier, Sequence, batch_step, prefill, start
+from .step import ROOT_ONLY, BatchVerifier, Sequence, batch_step, context_end, prefill, start
 from .tree import TreeBuffers
 
 DEFAULT_COMPLETION_BATCH = 32  # requests decoding at once, as mlx-lm's completion_batch_size
@@ -175,10 +175,11 @@ class BatchGenerator:
             self.stats.prompt_time += time.perf_counter() - tic
             return []
         self._pending.popleft()
-        r.seq, first = start(self.model, r.cache[0], h, r.policy, r.tree)
+        end = context_end(self.model.max_context, self.max_kv_size)
+        r.seq, first = start(self.model, r.cache[0], h, r.policy, r.tree, len(r.prompt) - 1, end)
         self.stats.prompt_time += time.perf_counter() - tic
         self.stats.prompt_tokens += len(r.prompt)
-        out = self._emit(r, first)
+        out = self._emit(r, first, r.seq.finish)
         if not out[-1].finish_reason:
             self._batch.join(r.seq, *r.cache)
             self._running[r.seq] = r
@@ -201,32 +202,24 @@ class BatchGenerator:
             r = self._running[s]
             r.steps += 1
             r.verified += len(acc.tokens)
-            emitted = self._emit(r, acc.tokens)
+            emitted = self._emit(r, acc.tokens, s.finish)
             self.stats.generation_tokens += len(emitted)
-            if not emitted[-1].finish_reason and self._context_full(s):
-                emitted[-1].finish_reason = "length"
-                emitted[-1].text += r.out.end()
             if emitted[-1].finish_reason:
                 gone.append(s)
             out += emitted
         self._leave(gone)
         return out
 
-    def _emit(self, r: _Request, tokens: list[int]) -> list[Response]:
+    def _emit(self, r: _Request, tokens: list[int], ends: str | None = None) -> list[Response]:
+        """One response per token; ``ends``: the sequence ends after the last ("length": the context)."""
         out = []
-        for tok in tokens:
-            text, finish = r.out.add(tok)
+        for i, tok in enumerate(tokens):
+            text, finish = r.out.add(tok, ends if i == len(tokens) - 1 else None)
             out.append(self.Response(r.uid, tok, text, finish, len(tokens), r.out.n, r.steps,
                                      r.verified / r.steps if r.steps else 0.0))
             if finish:
                 break
         return out
-
-    def _context_full(self, s: Sequence) -> bool:
-        """The next step would write a position past the model's context (without a window the
-        cache holds every position)."""
-        context = self.model.max_context
-        return context is not None and s.slots.window is None and s.slots.committed + s.tree.depth >= context
 
     def _leave(self, gone: list[Sequence]) -> None:
         if gone:

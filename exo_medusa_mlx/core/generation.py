@@ -30,7 +30,7 @@ class GenerationResponse:
     text: str  # the new text piece
     token: int
     accepted: int  # tokens emitted by this token's verification step
-    finish_reason: str | None  # "stop" (EOS), "length", or None
+    finish_reason: str | None  # "stop" (EOS), "length" (max_tokens or the context full), or None
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -61,16 +61,18 @@ class TokenText:
         self.stops = StopMatcher(stops) if stops else None
         self.n = 0  # tokens generated (EOS not counted)
 
-    def add(self, tok: int) -> tuple[str, str | None]:
-        """The text ``tok`` adds, and the finish reason (None: the request goes on)."""
+    def add(self, tok: int, ends: str | None = None) -> tuple[str, str | None]:
+        """The text ``tok`` adds, and the finish reason (None: the request goes on).
+
+        ``ends``: the reason the sequence ends after ``tok`` whatever it is ("length": it fills
+        the model's context, ``Step.finish``)."""
         finish = None
         if tok in self.eos:
             finish = "stop"
         else:
             self.detok.add_token(tok)
             self.n += 1
-            if self.n == self.max_tokens:
-                finish = "length"
+            finish = "length" if self.n == self.max_tokens else ends
         if finish:
             self.detok.finalize()
         text = self.detok.last_segment
@@ -91,7 +93,8 @@ class TokenText:
 
 def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok, max_tokens: int,
                  peak_memory: Callable[[], float], tic: float) -> Iterator[GenerationResponse]:
-    """One response per token from a step generator; ``tic`` is when the prefill began."""
+    """One response per token from a step generator, until EOS, ``max_tokens`` or the context's
+    end (the last step's ``finish``); ``tic`` is when the prefill began."""
     out = TokenText(detok, eos, max_tokens)
     n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0.0, tic
     for step in steps:
@@ -101,8 +104,8 @@ def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok
         else:
             n_steps += 1
             n_verified += len(step.tokens)
-        for tok in step.tokens:
-            text, finish = out.add(tok)
+        for i, tok in enumerate(step.tokens):
+            text, finish = out.add(tok, step.finish if i == len(step.tokens) - 1 else None)
             n = out.n
             elapsed = max(time.perf_counter() - gen_start, 1e-9)
             yield GenerationResponse(

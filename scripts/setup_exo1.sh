@@ -43,7 +43,11 @@ if [ ! -f "$src/pyproject.toml" ]; then
   mv "$src.tmp" "$src"
 fi
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install -q)
+log="$home/setup.log"
+: > "$log"
+pip() {  # quiet, the output kept for a failure
+  "$venv/bin/python" -m pip install -q "$@" >> "$log" 2>&1 || { tail -n 30 "$log"; echo "setup_exo1: pip failed (log: $log)"; exit 1; }
+}
 # exo's own dependencies, less its Rust bindings (only exo.main and exo.routing import them).
 mapfile -t deps < <("$venv/bin/python" - "$src/pyproject.toml" <<'EOF'
 import sys, tomllib
@@ -54,9 +58,9 @@ EOF
 )
 # exo pins a fork of mlx 0.32.0 and of mlx-lm: PyPI's mlx 0.32.0 (CPU build on Linux) and mlx-lm stand in.
 # mlx-vlm: imported by exo's MlxBuilder. numpy, safetensors, scipy-openblas32: this project's own needs.
-"${pip[@]}" "${deps[@]}" "mlx[cpu]==0.32.0; sys_platform == 'linux'" "mlx==0.32.0; sys_platform == 'darwin'" \
+pip "${deps[@]}" "mlx[cpu]==0.32.0; sys_platform == 'linux'" "mlx==0.32.0; sys_platform == 'darwin'" \
   mlx-lm mlx-vlm numpy safetensors "scipy-openblas32; sys_platform == 'linux'"
-"${pip[@]}" --no-deps -e "$src"
+pip --no-deps -e "$src"
 # PyPI's mlx-lm lacks exo's fork's deepseek_v4, which exo imports at module level for isinstance
 # checks and its DeepSeek-V4 sharding only: empty classes under those names let the rest import.
 "$venv/bin/python" - <<'EOF'

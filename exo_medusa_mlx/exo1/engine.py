@@ -79,7 +79,6 @@ class Decode:
     tree_size: int  # nodes each verification checks (1: no heads)
     acceptor: object  # the policy's acceptor: a ProcessedAcceptor carries the log-probabilities
     on_generation_token: Callable[[], None] | None = None
-    tokens: list[int] = field(default_factory=list)
 
     def responses(self, ours: Iterable[Response]) -> Iterator[GenerationResponse]:
         """exo's responses from ``stream_steps``' (one per token, the EOS included, as exo counts)."""
@@ -87,7 +86,6 @@ class Decode:
         longest = max((len(s) for s in stops), default=0)
         text, seen_calls, row = "", -1, 0
         for n, r in enumerate(ours, start=1):
-            self.tokens.append(r.token)
             text += r.text
             piece, finish = r.text, r.finish_reason
             hit = next((s for s in stops if s in text), None)

@@ -38,7 +38,7 @@ from exo.utils.channels import channel
 from exo.worker.runner import supervisor as exo_supervisor
 from exo.worker.runner.supervisor import RunnerSupervisor
 
-LOAD_TIMEOUT_S = 600
+LOAD_TIMEOUT_S = 300  # a runner that does not answer fails the run instead of hanging it
 
 LOG: list[str] = []
 
@@ -93,9 +93,12 @@ class Events:
             elif isinstance(event, TaskStatusUpdated) and event.task_status == TaskStatus.Complete:
                 self.completed[event.task_id] = self.completed.get(event.task_id, 0) + 1
 
-    async def finished(self, task_id: TaskId, ranks: int) -> None:
+    async def finished(self, task_id: TaskId, sups: list[RunnerSupervisor]) -> None:
         """Every rank's runner is done with the task (rank 0's last chunk came before its own report)."""
-        while self.completed.get(task_id, 0) < ranks:
+        while self.completed.get(task_id, 0) < len(sups):
+            failed = [s.status for s in sups if isinstance(s.status, RunnerFailed)]
+            if failed:
+                raise RuntimeError(f"runner failed: {failed[0].error_message}")
             await anyio.sleep(0.002)
 
 
@@ -135,27 +138,49 @@ def summary(chunks: list, t0: float) -> dict:
     }
 
 
+async def start_all(sups: list[RunnerSupervisor], task) -> None:
+    """Hand every rank the task at once: a rank that joins the ring holds its GIL until all have
+    joined, so its acknowledgement can wait on the others' tasks."""
+    with anyio.fail_after(LOAD_TIMEOUT_S):
+        async with anyio.create_task_group() as tg:
+            for s in sups:
+                tg.start_soon(s.start_task, task)
+
+
 async def serve(sups: list[RunnerSupervisor], events: Events, spec: dict, req: dict, instance_id) -> dict:
     task = TextGeneration(instance_id=instance_id, command_id=CommandId(), task_params=params_for(spec, req))
     t0 = time.perf_counter()
-    for s in sups:  # exo hands every rank the same task
-        await s.start_task(task)
+    await start_all(sups, task)  # exo hands every rank the same task
     if "cancel_after" in req:
         with anyio.fail_after(LOAD_TIMEOUT_S):
             while sum(isinstance(c, TokenChunk) for _, c in events.chunks.get(task.command_id, [])) \
                     < req["cancel_after"]:
                 await anyio.sleep(0.005)
-        for s in sups:
-            await s.cancel_task(task.task_id)
+        async with anyio.create_task_group() as tg:
+            for s in sups:
+                tg.start_soon(s.cancel_task, task.task_id)
     with anyio.fail_after(LOAD_TIMEOUT_S):
-        await events.finished(task.task_id, len(sups))
+        await events.finished(task.task_id, sups)
     sampling = task.task_params.model_dump(include={"temperature", "top_p", "top_k", "min_p", "seed"},
                                            exclude_none=True)
     return {**summary(events.chunks.get(task.command_id, []), t0), "sampling": sampling}
 
 
 async def run_runner(spec: dict, ports: list[int]) -> dict:
-    os.environ.update(spec.get("env", {}))  # the runner processes inherit it at spawn
+    env = spec.get("env", {})
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the runner processes inherit it at spawn
+    try:
+        return await _run_runner(spec, ports)
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+async def _run_runner(spec: dict, ports: list[int]) -> dict:
     if spec.get("sampling_defaults"):
         card_cache.cc[ModelId(spec["model_id"])] = card_for(spec)
     instances = bound_instances(spec, ports)
@@ -169,15 +194,12 @@ async def run_runner(spec: dict, ports: list[int]) -> dict:
             tg.start_soon(s.run)
         iid = instances[0].instance.instance_id
         if len(sups) > 1:
-            for s in sups:  # every rank before waiting on any: the ring's init waits for all
-                await s.start_task(ConnectToGroup(instance_id=iid))
+            await start_all(sups, ConnectToGroup(instance_id=iid))
             await wait_status(sups, RunnerConnected)
         t0 = time.perf_counter()
-        for s in sups:
-            await s.start_task(LoadModel(instance_id=iid))
+        await start_all(sups, LoadModel(instance_id=iid))
         await wait_status(sups, RunnerLoaded)
-        for s in sups:
-            await s.start_task(StartWarmup(instance_id=iid))
+        await start_all(sups, StartWarmup(instance_id=iid))
         await wait_status(sups, RunnerReady)
         out["ready_s"] = time.perf_counter() - t0
         for group in spec["requests"]:  # a list: served one after another; a list of lists: at once
@@ -199,8 +221,6 @@ async def run_runner(spec: dict, ports: list[int]) -> dict:
             await s.runner_process.wait()
             s.shutdown()
         sender.close()
-    for key in spec.get("env", {}):
-        os.environ.pop(key, None)
     return out
 
 
@@ -216,7 +236,12 @@ async def main(plan: dict) -> dict:
            "runners": {}}
     for spec in plan["runners"]:
         LOG.clear()
-        res = await run_runner(spec, plan["ports"])
+        try:
+            res = await run_runner(spec, plan["ports"])
+        except Exception as e:  # the bench reports a runner that fails and goes on with the next
+            if not plan.get("keep_going"):
+                raise
+            res = {"error": f"{type(e).__name__}: {e}"}
         res["log"] = list(LOG)
         out["runners"][spec["name"]] = res
     return out

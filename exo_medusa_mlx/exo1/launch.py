@@ -16,9 +16,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         install()
-        exo_main = importlib.import_module("exo.main")
     except ImportError as e:
         sys.exit(f"error: {e}")
+    try:
+        exo_main = importlib.import_module("exo.main")
+    except ImportError as e:
+        sys.exit(f"error: cannot import exo's node ({e}): install exo 1.x in this environment with its Rust "
+                 "bindings (exo-rs), as exo's README says")
     sys.argv = ["exo", *argv]
     exo_main.main()
 

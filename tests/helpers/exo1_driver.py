@@ -241,6 +241,8 @@ async def main(plan: dict) -> dict:
         except Exception as e:  # the bench reports a runner that fails and goes on with the next
             if not plan.get("keep_going"):
                 raise
+            while isinstance(e, BaseExceptionGroup) and e.exceptions:  # anyio's task groups wrap it
+                e = e.exceptions[0]
             res = {"error": f"{type(e).__name__}: {e}"}
         res["log"] = list(LOG)
         out["runners"][spec["name"]] = res

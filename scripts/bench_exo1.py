@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     p.add_argument("--json", default=None, help="write the raw results here too")
     args = p.parse_args(argv)
-    from exo_medusa_mlx.bench.main import bench_prompts
+    from exo_medusa_mlx.training.prompts import bench_prompts
     from exo_medusa_mlx.core.machine import free_ports
     from exo_medusa_mlx.default_model import DEFAULT_MODEL_ID, default_model_path
 

@@ -8,7 +8,8 @@ import mlx.core as mx
 
 from .core.heads_format import default_heads_for, default_tree_for
 from .core.latency import fit_to_machine, tuned_facts
-from .core.tree import ROOT_ONLY, load_tree, tree_choices
+from .core.dynamic import checked_spec
+from .core.tree import ROOT_ONLY
 from .heads import load_heads
 from .model import MedusaModel
 
@@ -20,7 +21,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
         model: local Hugging Face folder or repo id; None for the embedded default model.
         heads: Medusa heads folder or file; None for the heads shipped with the default
             model (if any). Without heads, decoding is plain.
-        tree: preset name, JSON file or choices; None for the heads' tuned tree or
+        tree: preset name, JSON file, choices or ``dynamic[:N]``; None for the heads' tuned tree or
             the CPU default.
         dtype: weights' dtype; default float32 on CPU (bf16/fp16 skip BLAS there).
         lazy: leave the base model's weights unread until used (a pipeline rank keeps
@@ -36,8 +37,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
     heads_path = Path(heads) if heads is not None else default_heads_for(model)
     tuned = default_tree_for(heads_path)
     # Resolved first (even without heads), so a bad --tree fails before the model loads.
-    choices = tree_choices(tree if tree is not None else tuned)
-    buffers = load_tree(choices)  # its size cap too, before the model loads
+    buffers = checked_spec(tree if tree is not None else tuned)  # its size cap too, before the model loads
     path = resolve_model_path(model)
     base, tokenizer = mlx_load(str(path), lazy=lazy)
     if dtype is None and mx.default_device() == mx.cpu:
@@ -49,7 +49,8 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
         medusa_heads = load_heads(heads_path, base.args.hidden_size, base.args.vocab_size,
                                   dtype=dtype or mx.float32)
     buffers = buffers if medusa_heads is not None else ROOT_ONLY
-    medusa = MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None)
+    facts = tuned_facts(tuned)
+    medusa = MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None, facts=facts)
     if tree is None:  # the product layout tuned with the tree, where it was tuned on this machine
-        medusa = fit_to_machine(medusa, tuned_facts(tuned), str(heads_path), probe_here=False)
+        medusa = fit_to_machine(medusa, facts, str(heads_path), probe_here=False)
     return medusa, tokenizer

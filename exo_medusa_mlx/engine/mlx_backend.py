@@ -16,7 +16,9 @@ import numpy as np
 
 from ..cache import make_cache
 from ..core.heads_format import default_tree_for
-from ..core.tree import ROOT_ONLY, load_tree
+from ..core.dynamic import checked_spec
+from ..core.latency import tuned_facts
+from ..core.tree import ROOT_ONLY
 from ..heads import load_heads
 from ..model import MedusaModel
 from .shard_engine import Loaded, MedusaShardEngine
@@ -40,11 +42,12 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
         dtype = mx.float32  # as loading.load: bf16/fp16 skip BLAS on CPU
     if dtype is not None:
         base.set_dtype(dtype)
-    medusa_heads, buffers = None, ROOT_ONLY
+    medusa_heads, buffers, facts = None, ROOT_ONLY, {}
     if heads is not None:
         medusa_heads = load_heads(heads, base.args.hidden_size, base.args.vocab_size, dtype=dtype or mx.float32)
-        buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads)))
-    model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id)
+        tuned = default_tree_for(Path(heads))
+        buffers, facts = checked_spec(tree if tree is not None else tuned), tuned_facts(tuned)
+    model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id, facts=facts)
     inner = base.model
     params = [inner.layers[i].parameters() for i in range(shard.start_layer, shard.end_layer + 1)]
     if shard.is_first_layer():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from ..core.generation import encode_prompt
 from ..core.limits import UNKNOWN_CONTEXT, CancelToken, Limits, check_prompt_text
 from ..core.model_files import check_model_folder, config_context
 from ..core.slots import DEFAULT_KEEP, SlotMap, run_committed
-from ..core.step import ROOT_ONLY, Verified, advance, read
+from ..core.step import ROOT_ONLY, advance, read
 from . import protocol as st
 from .downloader import LocalShardDownloader
 from .contract import InferenceEngine, InferenceState
@@ -258,10 +258,8 @@ class MedusaShardEngine(InferenceEngine):
         if sess is None or sess.policy is None:
             s = req.settings
             make_policy(s.temp, s.top_p, s.acceptance, s.seed)  # raises on a bad combination
-            tree = self.model.tree if (self.medusa if s.medusa is None else s.medusa) else ROOT_ONLY
-        else:
-            tree = sess.tree
-        st.check_tree_pass(request_id, req, tokens, tree)
+        # A tree pass is the one this shard laid out last (a dynamic plan's changes every pass).
+        st.check_tree_pass(request_id, req, tokens, sess.proposed if sess is not None else None)
 
     def _forward(self, sess: Session, x: np.ndarray, req: st.StepRequest):
         """This shard's layers over the pass, (T, H) (normed on the last shard). A tree pass stays
@@ -299,13 +297,15 @@ class MedusaShardEngine(InferenceEngine):
         whole = req.is_tree or h.shape[0] == 1
         logits = v.verdict if whole else self.model.to_numpy(self.model.logits(h))[0]
         if not policy.needs_logits:
-            v = Verified(v.verdict.argmax(-1), v.drafts)
-        acc, nxt = advance(policy, tree if req.is_tree else ROOT_ONLY,
-                           tokens if req.is_tree else np.zeros(1, dtype=np.int64), v)
+            v = replace(v, verdict=v.verdict.argmax(-1))
+        acc, nxt = advance(policy, sess.proposed if req.is_tree else ROOT_ONLY,
+                           tokens if req.is_tree else np.zeros(1, dtype=np.int64), v, tree)
         sess.passes += 1
         root_pos = committed + (len(acc.nodes) if req.is_tree else h.shape[0])
+        tree, nxt = nxt.tree, nxt.tokens
         if tree.size > 1 and not self._fits(root_pos, tree):
             tree, nxt = ROOT_ONLY, np.array([acc.tokens[-1]], dtype=np.int64)  # the context's end: plainly
+        sess.proposed = tree
         out = {k: v for k, v in (state or {}).items() if not k.startswith("medusa_")}
         out.update(st.settings_state(sess.settings))
         out[st.EMITTED] = np.asarray(acc.tokens, dtype=np.int64)

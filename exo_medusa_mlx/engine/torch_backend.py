@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from ..core.heads_format import default_tree_for
-from ..core.tree import ROOT_ONLY, load_tree
+from ..core.dynamic import checked_spec
+from ..core.latency import tuned_facts
+from ..core.tree import ROOT_ONLY
 from ..torch_compat.cache import make_cache
 from ..torch_compat.generate import load_tokenizer
 from ..torch_compat.heads import load_heads
@@ -75,10 +77,11 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     if n != shard.n_layers:
         raise ValueError(f"shard of '{shard.model_id}' says {shard.n_layers} layers but {path} has {n}; "
                          f"use n_layers={n}")
-    medusa_heads, buffers = None, ROOT_ONLY
+    medusa_heads, buffers, facts = None, ROOT_ONLY, {}
     if heads is not None:
         medusa_heads = load_heads(heads, config.hidden_size, config.vocab_size, dtype=dtype, device=device)
-        buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads), "torch"))
+        tuned = default_tree_for(Path(heads), "torch")
+        buffers, facts = checked_spec(tree if tree is not None else tuned), tuned_facts(tuned)
     # Next-token heads read the embedding of the base model's next token on the last shard.
     next_token = medusa_heads is not None and medusa_heads.config.next_token
     with torch.device("meta"):
@@ -115,7 +118,7 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
         raise ValueError(f"{path}: the checkpoint lacks weights of shard {shard.start_layer}-{shard.end_layer}: "
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
-    model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id)
+    model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id, facts=facts)
     return model, load_tokenizer(path)
 
 

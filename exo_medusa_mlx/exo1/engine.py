@@ -33,7 +33,9 @@ from exo.worker.engines.mlx.utils_mlx import apply_chat_template
 from ..distributed import DEFAULT_TIMEOUT_S, Comm, Watchdog, check_agreement
 from ..generate import stream_generate
 from ..core.heads_format import default_tree_for
-from ..core.tree import ROOT_ONLY, load_tree
+from ..core.dynamic import checked_spec
+from ..core.latency import tuned_facts
+from ..core.tree import ROOT_ONLY
 from ..heads import load_heads
 from ..model import MedusaModel
 
@@ -50,8 +52,9 @@ def attach_heads(base, heads: str | Path | None, tree=None, model_id: str | None
         return MedusaModel(base, None, ROOT_ONLY, model_id=model_id)
     dtype = base.model.norm.weight.dtype
     medusa_heads = load_heads(heads, base.args.hidden_size, base.args.vocab_size, dtype=dtype)
-    buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads)))
-    return MedusaModel(base, medusa_heads, buffers, model_id=model_id)
+    tuned = default_tree_for(Path(heads))
+    return MedusaModel(base, medusa_heads, checked_spec(tree if tree is not None else tuned), model_id=model_id,
+                       facts=tuned_facts(tuned))
 
 
 def agree_ids(comm: Comm | None, ids: list[str]) -> list[str]:
@@ -231,7 +234,7 @@ class MedusaEngine(Engine):
     def _usage(self, r) -> Usage:
         verified = round(r.mean_accepted * r.steps)  # tokens the verification steps emitted
         accepted = max(verified - r.steps, 0)  # all but each step's bonus token were guesses kept
-        guessed = r.steps * (self.model.tree.size - 1) if self.model.heads is not None else 0
+        guessed = round(r.steps * (r.mean_tree_size - 1)) if self.model.heads is not None else 0
         return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.generation_tokens,
                      total_tokens=r.prompt_tokens + r.generation_tokens,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=0),

@@ -8,7 +8,8 @@ import torch
 
 from ..core.heads_format import default_heads_for, default_tree_for
 from ..core.latency import fit_to_machine, tuned_facts
-from ..core.tree import ROOT_ONLY, load_tree, tree_choices
+from ..core.dynamic import checked_spec
+from ..core.tree import ROOT_ONLY
 from .generate import load_tokenizer
 from .heads import load_heads
 from .model import MedusaModel
@@ -42,7 +43,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
         model: local Hugging Face folder or repo id; None for the embedded default model.
         heads: Medusa heads folder or file; None for the heads shipped with the default
             model (if any). Without heads, decoding is plain.
-        tree: preset name, JSON file or choices; None for the heads' tuned tree (``tree.torch.json``,
+        tree: preset name, JSON file, choices or ``dynamic[:N]``; None for the heads' tuned tree (``tree.torch.json``,
             else ``tree.json``) when it was tuned on this machine, else the tree a few-second probe
             of this machine picks from the heads' recorded accuracies (``core.latency.fit_to_machine``).
         dtype: weights' dtype (or its name); default float32 on CPU, bfloat16 on CUDA.
@@ -59,8 +60,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
     heads_path = Path(heads) if heads is not None else default_heads_for(model)
     tuned = default_tree_for(heads_path, "torch")
     # Resolved first (even without heads), so a bad --tree fails before the model loads.
-    choices = tree_choices(tree if tree is not None else tuned)
-    buffers = load_tree(choices)  # its size cap too, before the model loads
+    buffers = checked_spec(tree if tree is not None else tuned)  # its size cap too, before the model loads
     path = resolve_model_path(model)
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
@@ -72,7 +72,8 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
         medusa_heads = load_heads(heads_path, base.config.hidden_size, base.config.vocab_size,
                                   dtype=dtype, device=device)
     buffers = buffers if medusa_heads is not None else ROOT_ONLY
-    medusa = MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None)
+    facts = tuned_facts(tuned)
+    medusa = MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None, facts=facts)
     if tree is None:  # the tree tuned with the heads, if tuned here; else a probe of this machine picks one
-        medusa = fit_to_machine(medusa, tuned_facts(tuned), str(heads_path))
+        medusa = fit_to_machine(medusa, facts, str(heads_path))
     return medusa, tokenizer

@@ -13,7 +13,7 @@ from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step
 from exo_medusa_mlx.exo import MedusaMLXInferenceEngine, Shard, run_ring
 from exo_medusa_mlx.lookahead import Lookahead
 from exo_medusa_mlx.model import MedusaModel
-from oracle import take
+from oracle import take, take_sized
 from tiny import OracleMedusa, random_heads, tiny_base
 
 PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
@@ -28,12 +28,7 @@ def plan_for(model, n: int = 12, slope: float = 0.06, scale: float = 0.0) -> Dyn
 
 
 def sizes_and_tokens(model, n: int = N, **kw) -> tuple[list[int], list[int]]:
-    out, sizes = [], []
-    for s in generate_step(PROMPT, model, **kw):
-        out += s.tokens
-        sizes.append(s.tree_size)
-        if len(out) >= n:
-            return out[:n], sizes[1:]
+    return take_sized(generate_step(PROMPT, model, **kw), n)
 
 
 @pytest.fixture(scope="module")

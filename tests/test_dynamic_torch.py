@@ -13,9 +13,9 @@ pytest.importorskip("transformers")
 from exo_medusa_mlx.core.dynamic import Calibration, make_dynamic  # noqa: E402
 from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step  # noqa: E402
 from exo_medusa_mlx.torch_compat import graphs, static  # noqa: E402
-from exo_medusa_mlx.torch_compat.graphs import GraphedVerifier  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
-from oracle import OracleHeads, take  # noqa: E402
+from helpers.graphs import CpuGraphed, StandInCapture  # noqa: E402
+from oracle import OracleHeads, take, take_sized  # noqa: E402
 from torch_models import CONFIGS, VOCAB, random_heads, random_model  # noqa: E402
 
 torch.set_num_threads(1)
@@ -54,12 +54,7 @@ def plain(base):
 
 
 def run(model, **kw) -> tuple[list[int], list[int]]:
-    out, sizes = [], []
-    for s in generate_step(PROMPT, model, **kw):
-        out += s.tokens
-        sizes.append(s.tree_size)
-        if len(out) >= N:
-            return out[:N], sizes[1:]
+    return take_sized(generate_step(PROMPT, model, **kw), N)
 
 
 @pytest.mark.parametrize("window", [None, 16])
@@ -80,21 +75,7 @@ def test_eager_and_static_steps_equal_plain_decoding(base, plain, window, monkey
 
 
 def test_graphed_flow_captures_once_per_tree_size(base, plain, monkeypatch):
-    captured = []
-
-    def stand_in(fn):  # a graph that refills the captured outputs on replay
-        out = fn()
-        captured.append(out)
-
-        def replay():
-            for o, new in zip(out, fn()):
-                if o is not None:
-                    o.copy_(new)
-            return out
-        return replay
-
-    class CpuGraphed(GraphedVerifier):
-        device_type = "cpu"
+    stand_in = StandInCapture()
 
     class Graphed(Oracle):
         def verifier(self, ctx, caches, tree, policy, fast_path=None):
@@ -106,7 +87,7 @@ def test_graphed_flow_captures_once_per_tree_size(base, plain, monkeypatch):
     model.tree = plan()
     tokens, sizes = run(model, fast_path=True)
     assert tokens == plain[:N]
-    assert len(captured) == len(set(sizes)) == len(model.used.replays) >= 2  # one graph per size, no resize here
+    assert len(stand_in.captured) == len(set(sizes)) == len(model.used.replays) >= 2  # one graph per size, no resize here
 
 
 def test_scores_equal_mlx(tmp_path):

@@ -110,3 +110,17 @@ def test_scores_equal_mlx(tmp_path):
     theirs = [a.numpy() for a in MedusaModel(tb, load_heads(folder, 64, VOCAB)).propose_scored(torch.from_numpy(h), p)]
     assert np.array_equal(ours[1], theirs[1])
     np.testing.assert_allclose(ours[2], theirs[2], atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: real CUDA graphs are GPU-only (their flow "
+                    "is tested above on a CPU)")
+def test_real_graphs_equal_eager_on_cuda():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    base = random_model(CONFIGS["llama"], device="cuda")
+    model = MedusaModel(base, random_heads().cuda(), plan())
+    eager = take(generate_step(PROMPT, model, fast_path=False), 48)[0]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture falls back to eager with a warning
+        assert take(generate_step(PROMPT, model, fast_path=True), 48)[0] == eager

@@ -34,8 +34,9 @@ class Verified:
     """What one verification gives the host, as numpy."""
 
     verdict: np.ndarray  # (T,) the base model's argmax at each node, or (T, V) logits when the policy samples
-    drafts: np.ndarray | None  # (T, S) each node's next tree on the plan's tree (a dynamic plan's superset), its
-    #                            root the node's argmax; None: root alone
+    # (T, S) each node's next tree laid out on the plan (a dynamic plan's: its superset), its root the node's
+    # argmax; None: root alone
+    drafts: np.ndarray | None
     scores: np.ndarray | None = None  # (T, S) dynamic plans: each candidate's calibrated path log-probability
 
 

@@ -8,8 +8,10 @@ import itertools
 import numpy as np
 import pytest
 
-from exo_medusa_mlx.core.dynamic import (Calibration, DynamicTree, checked_spec, dynamic_nodes, fit_calibration,
-                                         make_dynamic, plan_costs, step_costs, superset_paths)
+from exo_medusa_mlx.core.dynamic import (Calibration, DynamicTree, best_choices, best_nodes, checked_spec,
+                                         dynamic_nodes, fit_calibration, make_dynamic, plan_costs, step_costs,
+                                         superset_paths)
+from exo_medusa_mlx.core.growth import empirical_accept_length
 from exo_medusa_mlx.core.tree import ROOT_ONLY, TreeBuffers
 
 DEPTH, TOPK = 3, 4
@@ -50,6 +52,25 @@ def test_specs():
     assert checked_spec("dynamic:4") == "dynamic:4" and isinstance(checked_spec("cpu-4"), TreeBuffers)
     with pytest.raises(ValueError, match="dynamic:N"):
         checked_spec("dynamic:zero")  # fails before any model loads
+    assert best_nodes("best:5") == 5 and best_nodes("dynamic:5") is None and checked_spec("best:3") == "best:3"
+    for bad in ("best", "best:", "best:0", "best:a"):
+        with pytest.raises(ValueError, match="best:N"):
+            checked_spec(bad)
+
+
+def test_best_static_tree_of_a_size():
+    """best:N names the static tree of N nodes that accepts the most, to compare a dynamic run of mean size N with."""
+    facts = {"max_nodes_choices": [[0], [0, 0], [1], [2], [0, 0, 0]], "head_conditional_accuracy": [[0.5, 0.2]] * 3}
+    assert best_choices(facts, 3) == [[0], [0, 0]] and best_choices(facts, 1) == []
+    grown = best_choices({"head_conditional_accuracy": [[0.5, 0.2], [0.4, 0.1]]}, 4)  # past the tuned tree: grown
+    assert len(grown) == 3 and grown[0] == [0]
+    rng = np.random.default_rng(0)  # on rows drawn from those accuracies, no 4-node tree accepts more
+    ranks = np.stack([rng.choice(3, size=4000, p=[0.5, 0.2, 0.3]), rng.choice(3, size=4000, p=[0.4, 0.1, 0.5])], 1)
+    best = empirical_accept_length(ranks, grown)
+    for other in ([[0], [1], [0, 0]], [[0], [1], [0, 1]], [[0], [0, 0], [0, 1]], [[0], [1], [1, 0]]):
+        assert empirical_accept_length(ranks, other) <= best + 0.02
+    with pytest.raises(ValueError, match="tuned tree file"):
+        best_choices({}, 4)
 
 
 @pytest.mark.parametrize("n", [2, 4, 8, 16, 40])

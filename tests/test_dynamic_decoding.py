@@ -115,6 +115,8 @@ def test_a_model_builds_its_plan_from_the_heads_facts(base):
     assert plan.calibration.log_scale == (0.5, 0.25, 0.0)
     assert isinstance(model.with_tree("cpu-4").tree.choices, tuple)
     assert MedusaModel(base, None, "dynamic").tree is ROOT_ONLY  # no heads: plain decoding
+    best = MedusaModel(base, random_heads(3), "best:3", facts={"head_conditional_accuracy": [[0.6, 0.1]] * 3}).tree
+    assert best.choices == ((0,), (0, 0))
 
 
 def test_hydra_heads_refuse_dynamic_trees(base):

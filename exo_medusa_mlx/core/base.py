@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from .dynamic import Calibration, DynamicTree, dynamic_nodes, make_dynamic, plan_costs
+from .dynamic import Calibration, DynamicTree, best_choices, best_nodes, dynamic_nodes, make_dynamic, plan_costs
 from .heads_format import DRAFT_KEY, module_keys, write_heads
 from .machine import this_machine
 from .step import Verifier
@@ -123,8 +123,11 @@ class MedusaBase:
 
     def plan(self, spec) -> TreeBuffers | DynamicTree:
         """The tree ``spec`` names, for these heads: ``dynamic[:N]`` builds a dynamic plan from the heads'
-        tuned facts (calibration; step costs, this machine's where tuned here)."""
-        n = dynamic_nodes(spec)
+        tuned facts (calibration; step costs, this machine's where tuned here), ``best:N`` the static
+        tree of N nodes that accepts the most (``best_choices``)."""
+        n, best = dynamic_nodes(spec), best_nodes(spec)
+        if best is not None:
+            return load_tree(best_choices(self.facts, best)) if self.heads is not None else ROOT_ONLY
         if n is None:
             return load_tree(spec)
         if self.heads is None:

@@ -27,6 +27,7 @@ from .limits import MAX_TREE_NODES
 from .tree import ROOT_ONLY, TreeBuffers, build_tree
 
 DYNAMIC = "dynamic"
+BEST = "best"  # best:N, the static tree of N nodes that accepts the most (to compare a dynamic run with)
 DEFAULT_MAX_NODES = 16  # "dynamic" without ":N"; the cost curve decides how many of them a step uses
 TOPK = 10  # ranks per head a dynamic tree may use (the reference's TOPK)
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # sizes a step may verify
@@ -36,21 +37,45 @@ MIN_CALIBRATION_ROWS = 50
 
 def dynamic_nodes(spec) -> int | None:
     """N for a ``dynamic:N`` tree spec (``DEFAULT_MAX_NODES`` for ``dynamic``); None for any other spec."""
-    if not isinstance(spec, str) or not (spec == DYNAMIC or spec.startswith(DYNAMIC + ":")):
+    return _sized(spec, DYNAMIC, DEFAULT_MAX_NODES, "the most nodes a step verifies")
+
+
+def best_nodes(spec) -> int | None:
+    """N for a ``best:N`` tree spec: the best static tree of N nodes for the heads (``best_choices``)."""
+    return _sized(spec, BEST, None, "its nodes")
+
+
+def _sized(spec, name: str, default: int | None, what: str) -> int | None:
+    if not isinstance(spec, str) or not (spec == name or spec.startswith(name + ":")):
         return None
-    n = spec[len(DYNAMIC) + 1:] if spec != DYNAMIC else str(DEFAULT_MAX_NODES)
+    n = spec[len(name) + 1:] if spec != name else str(default)
     if not n.isdigit() or not 1 <= int(n) <= MAX_TREE_NODES:
-        raise ValueError(f"tree '{spec}': a dynamic tree is named dynamic or dynamic:N, N the most nodes a step "
-                         f"verifies (1..{MAX_TREE_NODES}), e.g. dynamic:16")
+        form = f"{name} or {name}:N" if default else f"{name}:N"
+        raise ValueError(f"tree '{spec}': name it {form}, N {what} (1..{MAX_TREE_NODES}), e.g. {name}:8")
     return int(n)
 
 
+def best_choices(facts: dict, n: int) -> list[list[int]]:
+    """The static tree of ``n`` nodes that accepts the most for the heads whose tuned facts these are:
+    the first n-1 paths of ``mlx_medusa tune``'s longest-accepting tree (the best tree of every size is
+    a prefix of it), else grown from the recorded accuracies."""
+    from .growth import grow_tree
+
+    longest, acc = facts.get("max_nodes_choices"), facts.get("head_conditional_accuracy")
+    if isinstance(longest, list) and len(longest) >= n - 1:
+        return [list(p) for p in longest[: n - 1]]
+    if acc is None:
+        raise ValueError(f"tree 'best:{n}' needs the heads' tuned tree file (mlx_medusa tune writes it): "
+                         "these heads have none, or it holds fewer nodes; name a preset instead")
+    return grow_tree(np.asarray(acc), {1: 1.0}, n, min_nodes=n)
+
+
 def checked_spec(spec):
-    """A tree spec checked before a model loads: a static tree's buffers, or a dynamic spec as it is
-    (``MedusaBase`` builds the plan for its heads)."""
+    """A tree spec checked before a model loads: a static tree's buffers, or a spec the heads resolve
+    (``dynamic[:N]``, ``best:N``) as it is (``MedusaBase.plan``)."""
     from .tree import load_tree
 
-    return spec if dynamic_nodes(spec) is not None else load_tree(spec)
+    return spec if dynamic_nodes(spec) is not None or best_nodes(spec) is not None else load_tree(spec)
 
 
 def superset_paths(max_nodes: int, depth: int, topk: int) -> list[tuple[int, ...]]:

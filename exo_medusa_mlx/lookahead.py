@@ -102,7 +102,8 @@ class Lookahead(Verifier):
         """The ``n`` best superset nodes by ``score`` (S,), sorted: ``DynamicTree.pick``'s order
         (higher score, then the smaller node number)."""
         nodes = self._nodes
-        beats = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (nodes[None, :] < nodes[:, None]))
+        ahead = nodes[None, :] < nodes[:, None]  # (S, S): m before n in the superset's order
+        beats = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & ahead)
         chosen = beats.sum(axis=1) < n  # (S,): fewer than n nodes come before it
         return mx.sort(mx.where(chosen, nodes, nodes + nodes.shape[0]))[:n]
 

@@ -50,9 +50,11 @@ def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: i
     from .training.loss import path_embeds, ranks_and_logprobs
 
     k = min(topk, heads.config.candidates)
-    out = [tuple(np.array(a) for a in ranks_and_logprobs(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32),
-                                                         mx.array(b["targets"]), path_embeds(heads, embed, b), draft, k))
-           for b in iterate_batches(folder, files, heads.num_heads, batch_size)]
+    out = []
+    for b in iterate_batches(folder, files, heads.num_heads, batch_size):
+        h, targets = mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"])
+        out.append(tuple(np.array(a) for a in ranks_and_logprobs(heads, lm_head, h, targets,
+                                                                 path_embeds(heads, embed, b), draft, k)))
     return np.concatenate([r for r, _ in out]), np.concatenate([lp for _, lp in out])
 
 

@@ -43,7 +43,11 @@ class Machine:
         monkeypatch.setattr(latency, "measure_plain_step", self.plain)
         monkeypatch.setattr(latency, "measure_latency", self.curve)
         real = latency.probe
-        monkeypatch.setattr(latency, "probe", lambda *a, **k: (setattr(self, "probes", self.probes + 1), real(*a, **k))[1])
+
+        def counted(*a, **k):
+            self.probes += 1
+            return real(*a, **k)
+        monkeypatch.setattr(latency, "probe", counted)
 
     def _spend(self, deadline):
         latency._check_deadline(deadline)

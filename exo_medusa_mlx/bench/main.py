@@ -248,7 +248,8 @@ def markdown(result: dict) -> str:
     lines.append("")
     for side, t in result.get("trees", {}).items():
         used = result["overall"].get({"mlx": "c", "torch": "f"}[side], {}).get("mean_tree_size")
-        shape = (f"dynamic, at most {t['size']} nodes" if t["choices"] == "dynamic" else f"{t['size']} nodes {t['choices']}")
+        shape = (f"dynamic, at most {t['size']} nodes" if t["choices"] == "dynamic"
+                 else f"{t['size']} nodes {t['choices']}")
         lines.append(f"{side} tree: {shape}" + (f", {used:.2f} nodes per step on average" if used else "")
                      + f", transposed product {'on' if t['rows_product'] else 'off'}")
     lines.append("")
@@ -378,7 +379,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_medusa bench", allow_abbrev=False, description="Medusa vs the decoders users have, one run.")
     p.add_argument("--model", default=None)
     p.add_argument("--heads", default=None)
-    p.add_argument("--tree", default=None, help="Tree preset, JSON file, dynamic[:N] (chosen every step; the runs record the mean size used) or best:N (the heads' best static tree of N nodes) (default: the heads' tuned tree)")
+    p.add_argument("--tree", default=None,
+                   help="Tree preset, JSON file, dynamic[:N] (chosen every step; the runs record the mean size "
+                        "used) or best:N (the heads' best static tree of N nodes); default: the heads' tuned tree")
     p.add_argument("--max-tokens", type=positive_int, default=128)
     p.add_argument("--limit", type=positive_int, default=None, help="Only the first N prompts")
     p.add_argument("--methods", default="abcdef", help="Subset of a-f")

@@ -19,7 +19,6 @@ import numpy as np
 
 from .dynamic import Calibration, DynamicTree, best_choices, best_nodes, dynamic_nodes, make_dynamic, plan_costs
 from .heads_format import DRAFT_KEY, module_keys, write_heads
-from .machine import this_machine
 from .step import Verifier
 from .tree import ROOT_ONLY, TreeBuffers, load_tree
 
@@ -133,7 +132,7 @@ class MedusaBase:
         if self.heads is None:
             return ROOT_ONLY
         depth, topk = self.heads.num_heads, self.heads.config.candidates
-        cost, _ = plan_costs(self.facts, n, this_machine(self.device))
+        cost = plan_costs(self.facts, n)
         calibration = Calibration.from_json(self.facts.get("calibration"), depth)
         return self.check_tree(make_dynamic(n, depth, topk, cost, calibration))
 

@@ -117,7 +117,8 @@ class Calibration:
         """A tree file's ``calibration`` (None or too few heads: the raw probabilities)."""
         if not isinstance(d, dict) or len(d.get("log_scale", ())) < depth or len(d.get("power", ())) < depth:
             return cls.identity(depth)
-        return cls(tuple(float(x) for x in d["log_scale"][:depth]), tuple(max(float(x), 0.0) for x in d["power"][:depth]))
+        scale, power = d["log_scale"][:depth], d["power"][:depth]
+        return cls(tuple(float(x) for x in scale), tuple(max(float(x), 0.0) for x in power))
 
     def to_json(self) -> dict:
         return {"log_scale": [round(x, 4) for x in self.log_scale], "power": [round(x, 4) for x in self.power]}
@@ -254,18 +255,16 @@ def make_dynamic(max_nodes: int, depth: int, topk: int, cost: np.ndarray | None 
                        cost, calibration or Calibration.identity(depth), sizes)
 
 
-def plan_costs(facts: dict, max_nodes: int, machine: dict) -> tuple[np.ndarray, str]:
-    """A dynamic plan's step costs from a tuned tree file's facts, and where they came from.
-
-    Tuned on this machine: its latency curve and plain step (plus a ring's transport per pass,
-    ``pass_overhead_ms``, which every step pays alike). Tuned elsewhere: the same, as a prior
-    (the model's shape of cost relative to its plain step). Else ``step_costs``' default.
+def plan_costs(facts: dict, max_nodes: int) -> np.ndarray:
+    """A dynamic plan's step costs from a tuned tree file's facts: its latency curve relative to its
+    plain step, plus a ring's transport per pass (``pass_overhead_ms``), which every step pays alike.
+    Measured on another machine, the curve is still the model's shape of cost (relative to a plain
+    step), the best prior at hand; ``mlx_medusa tune`` measures this one. None: ``step_costs``' default.
+    (A commit that gathers nodes out of place costs extra; the curve leaves it out.)
     """
     curve, plain = facts.get("latency_curve"), facts.get("plain_step")
     if not isinstance(curve, dict) or not curve:
-        return step_costs(max_nodes), "default"
+        return step_costs(max_nodes)
     extra = float(facts.get("pass_overhead_ms") or 0.0) / 1e3
     curve = {k: float(v) + extra for k, v in curve.items()}
-    plain = float(plain) + extra if plain else None
-    where = "measured here" if facts.get("machine") == machine else "measured on another machine"
-    return step_costs(max_nodes, curve, plain), where
+    return step_costs(max_nodes, curve, float(plain) + extra if plain else None)

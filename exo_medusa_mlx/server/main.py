@@ -25,7 +25,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="Local Hugging Face folder or repo id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--heads", default=None,
                    help="Medusa heads folder or file (default: shipped heads of the default model)")
-    p.add_argument("--tree", default=None, help="Tree preset (cpu-4..cpu-16, chain-N, mc_sim_7b_63), JSON file, dynamic[:N] (chosen every step, at most N nodes), or best:N (the heads' best static tree of N nodes)")
+    p.add_argument("--tree", default=None,
+                   help="Tree preset (cpu-4..cpu-16, chain-N, mc_sim_7b_63), JSON file, dynamic[:N] (chosen every "
+                        "step, at most N nodes), or best:N (the heads' best static tree of N nodes)")
     p.add_argument("--no-medusa", action="store_true", help="Plain decoding through the same code")
     p.add_argument("--host", default="127.0.0.1",
                    help="Address to bind (default 127.0.0.1; 0.0.0.0 serves the network)")

@@ -149,3 +149,41 @@ def test_a_batch_with_the_budget_equals_each_request_alone():
     assert full and max(max(sizes) for sizes in full) <= budget.nodes(3, model.tree) < model.tree.size
     after = seen[seen.index(full[-1]):]
     assert [model.tree.size] in after  # alone again at the end: its own tree again
+
+
+def test_a_dynamic_plan_takes_the_batch_cost_curve():
+    """A dynamic plan in a batch picks its sizes by the batched step's cost: alone its own curve, at B the
+    budget's relative costs (one copy per batch size, the same superset), so its picks shrink as the batch fills."""
+    from tiny import tiny_medusa
+
+    plan = tiny_medusa().plan("dynamic:8")
+    budget = BatchBudget(BatchCosts(TABLE))
+    assert budget.tree_for(1, plan) is plan
+    at4 = budget.tree_for(4, plan)
+    assert budget.tree_for(4, plan) is at4 and at4.superset is plan.superset and at4.sizes == plan.sizes
+    assert np.allclose(at4.cost[1:], budget.relative_costs(4, len(plan.cost) - 1)[1:])
+    scores = np.log(np.full(plan.superset.size, 0.2))  # each node 1 in 5: a tree pays alone, not among 4
+    scores[0] = 0.0
+    alone, full = plan.pick(scores)[0].size, at4.pick(scores)[0].size
+    budget8 = BatchBudget()  # the default rule: from FREE_ROWS requests, the root alone
+    assert full < alone and budget8.tree_for(FREE_ROWS, plan).pick(scores)[0].size == 1
+
+
+def test_dynamic_plans_with_the_budget_equal_each_request_alone():
+    """Dynamic plans cut by the batch's costs: greedy tokens still each request's alone."""
+    from exo_medusa_mlx.core.batch_generation import BatchGenerator
+    from batch_oracle import Tokenizer, prompts_of, run, tokens
+    from test_batch_generation import oracle, references
+    from tiny import tiny_base
+
+    base = tiny_base("llama")
+    prompts = prompts_of([7, 15, 26], seed=3)
+    refs = references(base, prompts, 24)
+    model = oracle(base, prompts, refs)
+    gen = BatchGenerator(model, Tokenizer())
+    gen.tree_for = BatchBudget(BatchCosts(TABLE)).tree_for
+    uids = gen.insert(prompts, [24] * 3, trees=[model.plan("dynamic:8")] * 3)
+    sizes = []
+    out = run(gen, uids, until=lambda _: sizes.append([s.tree.size for s in gen._batch.seqs]) and False)
+    assert [tokens(out[u]) for u in uids] == refs
+    assert max(max(s) for s in sizes if len(s) == 3) < max(max(s) for s in sizes if len(s) == 1)

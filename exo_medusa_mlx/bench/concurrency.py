@@ -31,7 +31,7 @@ import numpy as np
 
 from ..cli_args import fail, positive_int, positive_ints
 from ..training.prompts import bench_prompts
-from .measure import machine, save_figure, step_clock, write_results
+from .measure import machine, save_figure, step_clock, tree_facts, write_results
 from .roofline import matmul_peak, roofline
 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16)
@@ -196,7 +196,7 @@ def run_concurrency(model=None, heads=None, tree=None, levels=DEFAULT_LEVELS, ma
                       f"{s['rows_per_step']:.1f} rows/step", file=sys.stderr)
         levels_out.append({"concurrency": C, "methods": {m: done[m] for m in runners}})
     return {"machine": machine(), "backend": backend, "model": str(model or "default"), "heads": str(heads or "shipped"),
-            "tree": {"size": med.tree.size, "choices": [list(c) for c in med.tree.choices]},
+            "tree": tree_facts(med),
             "max_tokens": max_tokens, "matmul_peak_gflops": peak / 1e9, "methods": METHODS[backend],
             "arrival": "all requests of a level arrive at once", "levels": levels_out}
 

@@ -1,4 +1,5 @@
-"""The machine a bench ran on, and how results are written (whole or not at all); for ``bench`` and its suites."""
+"""How one decoder run is measured (tokens and generation tokens/s, counted the same way for
+every method), the machine it ran on, and how results are written; for ``bench`` and its suites."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..cli_args import fail
+from ..core.dynamic import DynamicTree
 
 
 def machine() -> dict:
@@ -28,6 +30,49 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def tree_facts(model) -> dict:
+    """What a run verifies with: the tree (a dynamic plan: ``choices`` "dynamic", ``size`` its most
+    nodes; the runs record the mean size used, ``mean_tree_size``) and the product layout."""
+    tree = model.tree
+    choices = "dynamic" if isinstance(tree, DynamicTree) else [list(c) for c in tree.choices]
+    return {"size": tree.size, "choices": choices, "rows_product": model.rows_product}
+
+
+def timed(responses):
+    """Tokens (EOS dropped) and generation tokens/s measured the same way for every
+    method: tokens after the first over the time since the first arrived (mlx-lm's
+    own figure counts the first token too, which flatters short runs)."""
+    toks, last, first, n = [], None, None, 0
+    for last in responses:
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+        if last.finish_reason != "stop":
+            toks.append(last.token)
+    dt = time.perf_counter() - first
+    return toks, last, (n - 1) / dt if n > 1 and dt > 0 else 0.0
+
+
+def run_ours(model, tokenizer, ids, max_tokens, medusa, stream, temp=0.0, seed=0):
+    toks, last, tps = timed(stream(model, tokenizer, ids, max_tokens=max_tokens, medusa=medusa, temp=temp,
+                                    seed=seed))
+    return {"tokens": toks, "generation_tps": tps, "prompt_tps": last.prompt_tps,
+            "mean_accepted": last.mean_accepted, "mean_tree_size": last.mean_tree_size, "steps": last.steps,
+            "peak_memory_gb": last.peak_memory}
+
+
+def run_mlx_lm(base, tokenizer, ids, max_tokens, temp=0.0, seed=0):
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    mx.random.seed(seed)
+    toks, last, tps = timed(stream_generate(base, tokenizer, mx.array(ids), max_tokens=max_tokens,
+                                             sampler=make_sampler(temp)))
+    return {"tokens": toks, "generation_tps": tps, "prompt_tps": last.prompt_tps,
+            "mean_accepted": 1.0, "steps": len(toks), "peak_memory_gb": last.peak_memory}
 
 
 def step_clock():

@@ -26,11 +26,12 @@ from typing import Callable
 import numpy as np
 
 from .accept import Policy, make_policy
+from .dynamic import DynamicTree
 from .generation import DEFAULT_MAX_TOKENS, TokenText, check_request
 from .tokens import encode_prompt, eos_ids
 from .limits import check_prompt_text
 from .slots import DEFAULT_KEEP, PREFILL_STEP
-from .step import ROOT_ONLY, BatchVerifier, Sequence, batch_step, prefill, start
+from .step import ROOT_ONLY, BatchVerifier, Sequence, batch_step, context_end, prefill, start
 from .tree import TreeBuffers
 
 DEFAULT_COMPLETION_BATCH = 32  # requests decoding at once, as mlx-lm's completion_batch_size
@@ -60,7 +61,7 @@ class _Request:
     uid: int
     prompt: np.ndarray
     policy: Policy
-    tree: TreeBuffers
+    tree: TreeBuffers | DynamicTree
     out: TokenText
     cache: tuple | None = None  # (ctx, caches) while its prompt is prefilled
     done: int = 0  # prompt tokens prefilled
@@ -102,9 +103,9 @@ class BatchGenerator:
         self.max_tokens, self.max_kv_size, self.keep = max_tokens, max_kv_size, keep
         self.completion_batch_size, self.prefill_step_size = completion_batch_size, prefill_step_size
         self.default_tree = model.tree if medusa else ROOT_ONLY
-        # The scheduler's hook: tree_for(batch size, the request's own tree) -> the tree a sequence
-        # proposes next (its first tree when it joins, then at every step; ``core.budget``).
-        self.tree_for: Callable[[int, TreeBuffers], TreeBuffers] | None = None
+        # The scheduler's hook: tree_for(batch size, the request's own tree or dynamic plan) -> the one
+        # a sequence proposes next (its first when it joins, then at every step; ``core.budget``).
+        self.tree_for: Callable[[int, TreeBuffers | DynamicTree], TreeBuffers | DynamicTree] | None = None
         self.stats = BatchStats()
         self._eos = eos_ids(tokenizer, model.eos_token_ids)
         self._uids = 0
@@ -181,10 +182,12 @@ class BatchGenerator:
             self.stats.prompt_time += time.perf_counter() - tic
             return []
         self._pending.popleft()
-        r.seq, first = start(self.model, r.cache[0], h, r.policy, self._tree(len(self._running) + 1, r))
+        end = context_end(self.model.max_context, self.max_kv_size)
+        plan = self._tree(len(self._running) + 1, r)
+        r.seq, first = start(self.model, r.cache[0], h, r.policy, plan, len(r.prompt) - 1, end)
         self.stats.prompt_time += time.perf_counter() - tic
         self.stats.prompt_tokens += len(r.prompt)
-        out = self._emit(r, first)
+        out = self._emit(r, first, r.seq.finish)
         if not out[-1].finish_reason:
             self._batch.join(r.seq, *r.cache)
             self._running[r.seq] = r
@@ -207,36 +210,28 @@ class BatchGenerator:
             r = self._running[s]
             r.steps += 1
             r.verified += len(acc.tokens)
-            emitted = self._emit(r, acc.tokens)
+            emitted = self._emit(r, acc.tokens, s.finish)
             self.stats.generation_tokens += len(emitted)
-            if not emitted[-1].finish_reason and self._context_full(s):
-                emitted[-1].finish_reason = "length"
-                emitted[-1].text += r.out.end()
             if emitted[-1].finish_reason:
                 gone.append(s)
             out += emitted
         self._leave(gone)
         return out
 
-    def _tree(self, batch: int, r: _Request) -> TreeBuffers:
-        """The tree ``r`` proposes next in a batch of ``batch``: its own, or the scheduler's pick."""
+    def _tree(self, batch: int, r: _Request) -> TreeBuffers | DynamicTree:
+        """The tree (or dynamic plan) ``r`` proposes next in a batch of ``batch``: its own, or the scheduler's pick."""
         return r.tree if self.tree_for is None else self.model.check_tree(self.tree_for(batch, r.tree))
 
-    def _emit(self, r: _Request, tokens: list[int]) -> list[Response]:
+    def _emit(self, r: _Request, tokens: list[int], ends: str | None = None) -> list[Response]:
+        """One response per token; ``ends``: the sequence ends after the last ("length": the context)."""
         out = []
-        for tok in tokens:
-            text, finish = r.out.add(tok)
+        for i, tok in enumerate(tokens):
+            text, finish = r.out.add(tok, ends if i == len(tokens) - 1 else None)
             out.append(self.Response(r.uid, tok, text, finish, len(tokens), r.out.n, r.steps,
                                      r.verified / r.steps if r.steps else 0.0))
             if finish:
                 break
         return out
-
-    def _context_full(self, s: Sequence) -> bool:
-        """The next step would write a position past the model's context (without a window the
-        cache holds every position)."""
-        context = self.model.max_context
-        return context is not None and s.slots.window is None and s.slots.committed + s.tree.depth >= context
 
     def _leave(self, gone: list[Sequence]) -> None:
         if gone:

@@ -14,20 +14,23 @@ plainly.
 - E(n) for a static tree: its n most probable nodes (an ancestor-closed prefix), each
   node's chance the product of the heads' recorded conditional accuracies along its path
   (``head_conditional_accuracy`` in the tree file; ``PRIOR_ACCURACY`` without one).
-- A dynamic tree plan picks its own size each step from the heads' scores: it takes this
-  budget's ``relative_costs(B, N)`` as its cost curve at batch size B, or hands its
-  expected tokens by size to ``pick``.
+- A dynamic tree plan picks its own size each step from the heads' scores: at batch size B
+  ``tree_for`` hands it this budget's ``relative_costs(B, N)`` as its cost curve
+  (``plan_for``), so its picks shrink as the batch fills; ``pick`` takes any expected
+  tokens by size.
 
 A batch of one keeps the request's own tree: it was tuned for one request.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from .dynamic import DynamicTree
 from .heads_format import default_tree_for
 from .latency import tuned_facts
 from .machine import this_machine
@@ -113,6 +116,7 @@ class BatchBudget:
         self.accuracy = None if accuracy is None else np.asarray(accuracy, dtype=np.float64)
         self._trees: dict[tuple, TreeBuffers] = {}
         self._sizes: dict[tuple, int] = {}
+        self._plans: dict[tuple, tuple[DynamicTree, DynamicTree]] = {}  # (id, B) -> (the plan, its batch copy)
 
     @classmethod
     def from_facts(cls, facts: dict, machine: dict) -> "BatchBudget":
@@ -163,9 +167,23 @@ class BatchBudget:
             self._sizes[key] = self.pick(batch, np.concatenate([[1.0], 1.0 + np.cumsum(probs)]))
         return self._sizes[key]
 
-    def tree_for(self, batch: int, tree: TreeBuffers) -> TreeBuffers:
-        """``tree`` cut to ``nodes(batch, tree)`` nodes: what a sequence proposes in a batch of ``batch``."""
+    def tree_for(self, batch: int, tree: TreeBuffers | DynamicTree) -> TreeBuffers | DynamicTree:
+        """What a sequence proposes in a batch of ``batch``: a static ``tree`` cut to ``nodes(batch, tree)``
+        nodes, a dynamic plan with the batch's cost curve (``plan_for``)."""
+        if isinstance(tree, DynamicTree):
+            return self.plan_for(batch, tree)
         return self.cut(tree, self.nodes(batch, tree))
+
+    def plan_for(self, batch: int, plan: DynamicTree) -> DynamicTree:
+        """``plan`` picking its sizes by a step's cost at ``batch`` sequences (alone: its own curve, as tuned).
+        One copy per plan and batch size, so a batch's sequences stay one group for the verifier."""
+        if batch <= 1:
+            return plan
+        known = self._plans.get((id(plan), batch))
+        if known is None or known[0] is not plan:
+            cost = self.relative_costs(batch, len(plan.cost) - 1)
+            known = self._plans[(id(plan), batch)] = (plan, replace(plan, cost=cost))  # shares its subtree memo
+        return known[1]
 
     def cut(self, tree: TreeBuffers, n: int) -> TreeBuffers:
         """``tree``'s ``n`` most probable nodes, root included (the tree itself when n covers it)."""

@@ -30,7 +30,7 @@ class GenerationResponse:
     text: str  # the new text piece
     token: int
     accepted: int  # tokens emitted by this token's verification step
-    finish_reason: str | None  # "stop" (EOS), "length", or None
+    finish_reason: str | None  # "stop" (EOS), "length" (max_tokens or the context full), or None
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -38,6 +38,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     steps: int  # verification steps so far
     mean_accepted: float  # tokens per verification step so far
+    mean_tree_size: float = 0.0  # tree nodes verified per verification step so far (a dynamic tree's vary)
 
 
 def check_request(ids: np.ndarray, context: int | None, max_tokens: int, max_kv_size: int | None = None,
@@ -61,16 +62,18 @@ class TokenText:
         self.stops = StopMatcher(stops) if stops else None
         self.n = 0  # tokens generated (EOS not counted)
 
-    def add(self, tok: int) -> tuple[str, str | None]:
-        """The text ``tok`` adds, and the finish reason (None: the request goes on)."""
+    def add(self, tok: int, ends: str | None = None) -> tuple[str, str | None]:
+        """The text ``tok`` adds, and the finish reason (None: the request goes on).
+
+        ``ends``: the reason the sequence ends after ``tok`` whatever it is ("length": it fills
+        the model's context, ``Step.finish``)."""
         finish = None
         if tok in self.eos:
             finish = "stop"
         else:
             self.detok.add_token(tok)
             self.n += 1
-            if self.n == self.max_tokens:
-                finish = "length"
+            finish = "length" if self.n == self.max_tokens else ends
         if finish:
             self.detok.finalize()
         text = self.detok.last_segment
@@ -91,9 +94,10 @@ class TokenText:
 
 def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok, max_tokens: int,
                  peak_memory: Callable[[], float], tic: float) -> Iterator[GenerationResponse]:
-    """One response per token from a step generator; ``tic`` is when the prefill began."""
+    """One response per token from a step generator, until EOS, ``max_tokens`` or the context's
+    end (the last step's ``finish``); ``tic`` is when the prefill began."""
     out = TokenText(detok, eos, max_tokens)
-    n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0.0, tic
+    n_steps, n_verified, n_nodes, prompt_tps, gen_start = 0, 0, 0, 0.0, tic
     for step in steps:
         if step.tree_size == 0:
             prompt_tps = prompt_tokens / max(time.perf_counter() - tic, 1e-9)
@@ -101,8 +105,9 @@ def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok
         else:
             n_steps += 1
             n_verified += len(step.tokens)
-        for tok in step.tokens:
-            text, finish = out.add(tok)
+            n_nodes += step.tree_size
+        for i, tok in enumerate(step.tokens):
+            text, finish = out.add(tok, step.finish if i == len(step.tokens) - 1 else None)
             n = out.n
             elapsed = max(time.perf_counter() - gen_start, 1e-9)
             yield GenerationResponse(
@@ -112,6 +117,7 @@ def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok
                 generation_tps=(n - 1) / elapsed if n > 1 else 0.0,
                 peak_memory=peak_memory(), steps=n_steps,
                 mean_accepted=n_verified / n_steps if n_steps else 0.0,
+                mean_tree_size=n_nodes / n_steps if n_steps else 0.0,
             )
             if finish:
                 return
@@ -134,7 +140,8 @@ def print_stats(r: GenerationResponse, file=sys.stdout) -> None:
     print("=" * 10, file=file)
     print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
     print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
-    print(f"Medusa: {r.mean_accepted:.2f} tokens per step over {r.steps} steps", file=file)
+    print(f"Medusa: {r.mean_accepted:.2f} tokens per step over {r.steps} steps, "
+          f"{r.mean_tree_size:.2f} tree nodes per step", file=file)
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
 
 

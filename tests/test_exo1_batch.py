@@ -2,10 +2,12 @@
 
 One driver run (``helpers/exo1_driver.py``, exo's Python 3.13 venv) with exo's batching on
 (``EXO_NO_BATCH`` unset): several greedy requests at once, one joining while another
-is mid-decode, one cancelled mid-batch while the others go on, a prompt served again
-(exo's KV prefix cache), on 1 rank and on a 2-rank pipeline. The oracle is exo's own
-``SequentialGenerator`` serving each request alone in the same run: every request's
-tokens, text, finish reason and usage equal it, whatever else was in the batch.
+is mid-decode, one cancelled mid-batch while the others go on, one refused (an error
+chunk, the batch unharmed), a prompt served again
+(exo's KV prefix cache), on 1 rank, on a 2-rank pipeline and (a tiny model whose heads
+split in two) on 2 ranks of exo's tensor parallelism. The oracle is exo's own
+``SequentialGenerator`` serving each request alone in the same run, on the same split:
+every request's tokens, text, finish reason and usage equal it, whatever else was in the batch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 
 from exo_medusa_mlx.core.machine import free_ports
 from exo_medusa_mlx.default_model import DEFAULT_MODEL_ID
-from helpers.exo1_plan import run_plan, venv_reason
+from helpers.exo1_plan import models_folder, run_plan, tiny_folder, venv_reason
 
 pytestmark = pytest.mark.skipif(venv_reason() is not None, reason=str(venv_reason()))
 
@@ -31,6 +33,8 @@ REQUESTS = {  # name: a greedy request, served alone by exo's engine (the oracle
                   repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3),
 }
 JOIN_AT = 10  # tokens of "poem" before "story" is sent: it joins a batch in mid-decode
+TINY = "test/tiny-tensor"  # 4 attention heads, 2 key-value heads: exo's tensor split runs on 2 ranks
+TINY_REQUESTS = {"a": "t1 t2 t3", "b": "t7 t8", "c": "t20 t30 t40 t50 t60"}
 
 
 def request(name: str, as_name: str | None = None, **more) -> dict:
@@ -40,20 +44,27 @@ def request(name: str, as_name: str | None = None, **more) -> dict:
 def plan() -> dict:
     together = [request(n) for n in ("poem", "eos", "stop", "logprobs")] + [request("story", after=["poem", JOIN_AT])]
     cancel = [dict(name="cancel", prompt=POEM, max_output_tokens=2000, cancel_after=5, **GREEDY),
-              request("story", "story-beside-cancel")]
+              request("story", "story-beside-cancel"),
+              dict(name="too-long", prompt="sea " * 9000, max_output_tokens=8, **GREEDY)]  # past the 8192 context
     pipeline = [request("poem"), request("eos"), request("story", after=["poem", JOIN_AT])]
     smol = dict(model_id=DEFAULT_MODEL_ID, n_layers=30, hidden_size=576)
+    tiny = [dict(name=n, prompt=p, max_output_tokens=24, **GREEDY) for n, p in TINY_REQUESTS.items()]
+    tensor = dict(model_id=TINY, n_layers=4, ranks=2, parallel="tensor")
     return {"ports": free_ports(2), "runners": [
         dict(name="plain", env={"EXO_MEDUSA": "off", "EXO_NO_BATCH": "1"},
              requests=[request(n) for n in REQUESTS], **smol),
         dict(name="batch", requests=[together, cancel, request("poem", "poem-again")], **smol),
         dict(name="batch-2", ranks=2, requests=[pipeline], **smol),
+        dict(name="tensor-plain", env={"EXO_MEDUSA": "off", "EXO_NO_BATCH": "1"}, requests=tiny, **tensor),
+        dict(name="tensor-batch", requests=[tiny[:2] + [dict(tiny[2], after=["a", 4])]], **tensor),
     ]}
 
 
 @pytest.fixture(scope="module")
 def exo1(tmp_path_factory) -> dict:
-    out = run_plan(plan(), tmp_path_factory.mktemp("exo1-batch"), {"EXO_NO_BATCH": ""}, timeout=900)
+    tmp = tmp_path_factory.mktemp("exo1-batch")
+    tiny_folder(models_folder(tmp) / TINY.replace("/", "--"), "llama")
+    out = run_plan(plan(), tmp, {"EXO_NO_BATCH": ""}, timeout=900)
     sys.stderr.write("".join(f"{n}: ready in {r['ready_s']:.1f} s\n" for n, r in out["runners"].items()))
     return out
 
@@ -70,7 +81,7 @@ def same_as_alone(got: dict, want: dict) -> None:
 
 
 def test_the_runner_says_it_batches(exo1):
-    for runner in ("batch", "batch-2"):
+    for runner in ("batch", "batch-2", "tensor-batch"):
         log = exo1["runners"][runner]["log"]
         assert "decodes with Medusa" in log[0] and "continuous batching in exo's BatchGenerator" in log[0], log
 
@@ -86,6 +97,15 @@ def test_each_request_equals_exos_sequential_generator(exo1, runner, name, oracl
         assert got["finish"] == "stop" and len(got["tokens"]) < 40
     if name == "eos":
         assert got["finish"] == "stop" and len(got["tokens"]) < 200
+
+
+@pytest.mark.parametrize("name", list(TINY_REQUESTS))
+def test_tensor_parallel_requests_equal_exos_on_the_same_split(exo1, name):
+    got, want = req(exo1, "tensor-batch", name), req(exo1, "tensor-plain", name)
+    same_as_alone(got, want)
+    assert len(got["tokens"]) == 24
+    a, c = req(exo1, "tensor-batch", "a")["span"], req(exo1, "tensor-batch", "c")["span"]
+    assert a[0] < c[0] < a[1], (a, c)  # "c" joined while "a" was decoding
 
 
 def test_requests_were_decoded_together_and_one_joined_mid_decode(exo1):
@@ -112,6 +132,12 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(exo1):
     assert 5 <= len(r["tokens"]) < 2000 and r["finish"] is None and r["errors"] == []
     beside = req(exo1, "batch", "story-beside-cancel")
     assert beside["span"][0] < r["span"][1]  # they were decoding together when the cancel came
+
+
+def test_a_refused_request_gets_exos_error_chunk_and_the_batch_goes_on(exo1):
+    r = req(exo1, "batch", "too-long")
+    assert r["tokens"] == [] and len(r["errors"]) == 1 and "the model's context is 8192" in r["errors"][0], r
+    same_as_alone(req(exo1, "batch", "story-beside-cancel"), req(exo1, "plain", "story"))
 
 
 def test_a_prompt_served_again_reuses_exos_prefix_cache(exo1):

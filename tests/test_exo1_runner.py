@@ -11,7 +11,6 @@ run (an unsupported architecture, no heads) left to exo's engine with the reason
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import pytest
 
 from exo_medusa_mlx.core.machine import free_ports
 from exo_medusa_mlx.default_model import DEFAULT_MODEL_ID
-from helpers.exo1_plan import models_folder, run_plan, venv_reason
-from hostile import save_folder
+from helpers.exo1_plan import models_folder, run_plan, tiny_folder, venv_reason
 
 N_TV = 30  # sampled requests per engine for the distribution test (about 0.5 s each here)
 TV_ALPHA = 1e-3
@@ -36,36 +34,6 @@ THINK_PROMPT = "t1 t5 t9 t3"
 
 
 pytestmark = pytest.mark.skipif(venv_reason() is not None, reason=str(venv_reason()))
-
-
-def tiny_folder(folder: Path, model_type: str, vocab_names: dict[int, str] | None = None, heads: bool = True):
-    """A tiny random model in exo's models folder, with a chat template and optionally heads beside it."""
-    import importlib
-
-    import mlx.core as mx
-    from mlx.utils import tree_map
-
-    from tiny import CONFIGS, random_heads
-
-    config = dict(CONFIGS["llama"], model_type=model_type, num_hidden_layers=4, head_dim=16)
-    mod = importlib.import_module(f"mlx_lm.models.{model_type}")
-    mx.random.seed(0)
-    base = mod.Model(mod.ModelArgs.from_dict(config))
-    base.update(tree_map(lambda w: w * 2.0, base.parameters()))
-    mx.eval(base.parameters())
-    save_folder(folder, config, base, random_heads(4) if heads else None)
-    tok = json.loads((folder / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    for i, name in (vocab_names or {}).items():  # thinking tags as single tokens, as Qwen3's
-        vocab[name] = vocab.pop(f"t{i}")
-        tok.setdefault("added_tokens", []).append({"id": i, "content": name, "single_word": False, "lstrip": False,
-                                                   "rstrip": False, "normalized": False, "special": False})
-    (folder / "tokenizer.json").write_text(json.dumps(tok))
-    template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                + ("{% if add_generation_prompt %}<think>{% endif %}" if vocab_names else ""))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                              "chat_template": template}))
-    return folder
 
 
 def think_ids() -> dict[int, str]:

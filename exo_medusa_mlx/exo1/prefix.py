@@ -39,13 +39,13 @@ class PrefixCache:
         return self.kept is not None and (not task.bench or task.use_prefix_cache)
 
     def load(self, ids: np.ndarray, task) -> tuple:
-        """A fresh Medusa cache holding the longest kept start of ``ids`` (exo leaves at least one
-        token to prefill). Returns (ctx, caches, tokens loaded, exo's matched entry or None)."""
+        """A fresh Medusa cache holding the longest kept start of ``ids``, less at least its last token.
+        Returns (ctx, caches, tokens loaded, exo's matched entry or None)."""
         ctx, caches = self.medusa.make_cache()
         if not self.uses(task):
             return ctx, caches, 0, None
         kept, rest, index, _ = self.kept.get_kv_cache(self.model, mx.array(ids.tolist()))
-        hit = len(ids) - len(rest)
+        hit = min(len(ids) - len(rest), len(ids) - 1)  # the last token's hidden state starts the decoding
         if index is None or hit == 0:
             return ctx, caches, 0, None
         ctx.begin(n=hit)  # the kept tokens, written as a prefill chunk writes them

@@ -33,7 +33,7 @@ from exo.shared.types.text_generation import InputMessage, InputMessageContent, 
 from exo.shared.types.worker.instances import BoundInstance, InstanceId, MlxRingInstance
 from exo.shared.types.worker.runners import (RunnerConnected, RunnerFailed, RunnerId, RunnerLoaded, RunnerReady,
                                              ShardAssignments)
-from exo.shared.types.worker.shards import PipelineShardMetadata
+from exo.shared.types.worker.shards import PipelineShardMetadata, TensorShardMetadata
 from exo.utils.channels import channel
 from exo.worker.runner import supervisor as exo_supervisor
 from exo.worker.runner.supervisor import RunnerSupervisor
@@ -54,20 +54,24 @@ def log_sink(message) -> None:
 
 def card_for(spec: dict) -> ModelCard:
     return ModelCard(model_id=ModelId(spec["model_id"]), storage_size=Memory.from_mb(spec.get("mb", 300)),
-                     n_layers=spec["n_layers"], hidden_size=spec.get("hidden_size", 64), supports_tensor=False,
+                     n_layers=spec["n_layers"], hidden_size=spec.get("hidden_size", 64),
+                     supports_tensor=spec.get("parallel") == "tensor",
                      tasks=[ModelTask.TextGeneration], backends=[Backend.MlxCpu],
                      sampling_defaults=spec.get("sampling_defaults", {}))
 
 
 def bound_instances(spec: dict, ports: list[int]) -> list[BoundInstance]:
-    """Every rank's ``BoundInstance`` of one instance: layers split evenly, a ring on loopback."""
+    """Every rank's ``BoundInstance`` of one instance, a ring on loopback: layers split evenly
+    (``parallel``: "pipeline", the default), or every layer's linears split ("tensor")."""
     card, ranks, n = card_for(spec), spec.get("ranks", 1), spec["n_layers"]
+    tensor = spec.get("parallel", "pipeline") == "tensor"
     cuts = [round(n * r / ranks) for r in range(ranks + 1)]
+    layers = [(0, n) if tensor else (cuts[r], cuts[r + 1]) for r in range(ranks)]
     nodes = [NodeId(f"node-{spec['name']}-{r}") for r in range(ranks)]
     runners = [RunnerId(f"runner-{spec['name']}-{r}") for r in range(ranks)]
-    shards = {runners[r]: PipelineShardMetadata(model_card=card, device_rank=r, world_size=ranks,
-                                                start_layer=cuts[r], end_layer=cuts[r + 1], n_layers=n)
-              for r in range(ranks)}
+    shard_cls = TensorShardMetadata if tensor else PipelineShardMetadata
+    shards = {runners[r]: shard_cls(model_card=card, device_rank=r, world_size=ranks, start_layer=layers[r][0],
+                                    end_layer=layers[r][1], n_layers=n) for r in range(ranks)}
     hosts = [Host(ip="127.0.0.1", port=p) for p in ports[:ranks]]
     instance = MlxRingInstance(
         instance_id=InstanceId(f"instance-{spec['name']}"),

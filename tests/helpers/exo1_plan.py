@@ -1,5 +1,6 @@
 """Run a plan through ``exo1_driver.py`` in exo 1.x's venv (built by ``scripts/setup_exo1.sh``), from
-the project's own Python: for the exo 1.x runner tests and ``scripts/bench_exo1.py``."""
+the project's own Python, with the models it serves: for the exo 1.x runner tests and
+``scripts/bench_exo1.py``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,37 @@ def models_folder(tmp: Path) -> Path:
     if not link.exists():
         link.symlink_to(default_model_path())
     return models
+
+
+def tiny_folder(folder: Path, model_type: str, vocab_names: dict[int, str] | None = None, heads: bool = True):
+    """A tiny random model in exo's models folder, with a chat template and optionally heads beside it."""
+    import importlib
+
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from hostile import save_folder
+    from tiny import CONFIGS, random_heads
+
+    config = dict(CONFIGS["llama"], model_type=model_type, num_hidden_layers=4, head_dim=16)
+    mod = importlib.import_module(f"mlx_lm.models.{model_type}")
+    mx.random.seed(0)
+    base = mod.Model(mod.ModelArgs.from_dict(config))
+    base.update(tree_map(lambda w: w * 2.0, base.parameters()))
+    mx.eval(base.parameters())
+    save_folder(folder, config, base, random_heads(4) if heads else None)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    for i, name in (vocab_names or {}).items():  # thinking tags as single tokens, as Qwen3's
+        vocab[name] = vocab.pop(f"t{i}")
+        tok.setdefault("added_tokens", []).append({"id": i, "content": name, "single_word": False, "lstrip": False,
+                                                   "rstrip": False, "normalized": False, "special": False})
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                + ("{% if add_generation_prompt %}<think>{% endif %}" if vocab_names else ""))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "chat_template": template}))
+    return folder
 
 
 def run_plan(plan: dict, tmp: Path, env: dict[str, str] | None = None, timeout: float | None = None) -> dict:

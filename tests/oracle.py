@@ -105,3 +105,13 @@ def take(gen, n):
         steps += 1
         if len(out) >= n:
             return out[:n], steps
+
+
+def take_sized(gen, n):
+    """The first n tokens a step generator emits, and the size of each tree it verified (the prefill's left out)."""
+    out, sizes = [], []
+    for s in gen:
+        out += s.tokens
+        sizes.append(s.tree_size)
+        if len(out) >= n:
+            return out[:n], sizes[1:]

@@ -33,6 +33,7 @@ from exo.shared.types.text_generation import TextGenerationTaskParams
 from exo.shared.types.worker.runner_response import GenerationResponse
 from exo.worker.runner.llm_inference.batch_generator import BatchGenerator
 
+from ..core.dynamic import DynamicTree
 from ..core.step import BatchVerifier, Sequence, Step, batch_step, context_end, prefill, start
 from ..core.tree import TreeBuffers, build_tree
 from ..distributed import Comm, check_agreement
@@ -101,7 +102,7 @@ class MedusaBatch:
     _verifier: BatchVerifier = field(init=False)
     _rows: dict[Sequence, _Row] = field(default_factory=dict, init=False)  # the running tasks, by sequence
     _ready: dict[int, list[GenerationResponse]] = field(default_factory=dict, init=False)  # out at the next step
-    _trees: dict[int, TreeBuffers] = field(default_factory=dict, init=False)
+    _trees: dict[int, TreeBuffers | DynamicTree] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self._verifier = BatchVerifier(self.medusa)
@@ -182,15 +183,20 @@ class MedusaBatch:
             for s in gone:
                 del self._rows[s]
 
-    def _tree(self, batch_size: int) -> TreeBuffers:
+    def _tree(self, batch_size: int) -> TreeBuffers | DynamicTree:
         """The tree each row proposes in a batch of ``batch_size``: the model's first nodes (by
-        depth, so still a tree), one object per size (the batch reads rows by tree)."""
+        depth, so still a tree), or a dynamic plan's sizes up to that many; one object per size
+        (the batch reads rows by tree)."""
         full = self.medusa.tree
         n = tree_nodes(full.size, batch_size)
         if n == full.size:
             return full
         if n not in self._trees:
-            self._trees[n] = build_tree(full.choices[: n - 1], topk=full.topk)
+            if isinstance(full, DynamicTree):
+                sizes = tuple(s for s in full.sizes if s <= n)  # 1 is always among them
+                self._trees[n] = DynamicTree(full.superset, full.cost, full.calibration, sizes)
+            else:
+                self._trees[n] = build_tree(full.choices[: n - 1], topk=full.topk)
         return self._trees[n]
 
 

@@ -119,18 +119,11 @@ class Decode:
     acceptor: object  # the policy's acceptor: a ProcessedAcceptor carries the log-probabilities
     on_generation_token: Callable[[], None] | None = None
     cached: int = 0  # prompt tokens taken from exo's KV prefix cache
-    guessed: int = field(default=0, init=False)  # tree nodes verified beyond each step's root
 
     def stream(self, model: MedusaModel, steps: Iterable[Step], max_tokens: int, tic: float
                ) -> Iterator[GenerationResponse]:
         """exo's responses from a task's ``Step``s (``tic``: when its prefill began)."""
-
-        def counted() -> Iterator[Step]:
-            for step in steps:
-                self.guessed += max(step.tree_size - 1, 0)
-                yield step
-
-        ours = stream_steps(counted(), self.prompt_tokens, eos_ids(self.tokenizer, model.eos_token_ids),
+        ours = stream_steps(steps, self.prompt_tokens, eos_ids(self.tokenizer, model.eos_token_ids),
                             model.detokenizer(self.tokenizer), max_tokens, model.peak_memory_gb, tic)
         return self.responses(ours)
 
@@ -166,12 +159,13 @@ class Decode:
     def _usage(self, r: Response, completion: int) -> Usage:
         verified = round(r.mean_accepted * r.steps)  # tokens the verification steps emitted
         accepted = max(verified - r.steps, 0)  # all but each step's bonus token were guesses kept
+        guessed = round(r.steps * (r.mean_tree_size - 1))  # a dynamic tree's size varies per step
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
                      total_tokens=self.prompt_tokens + completion,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached),
                      completion_tokens_details=CompletionTokensDetails(
                          accepted_prediction_tokens=accepted,
-                         rejected_prediction_tokens=max(self.guessed - accepted, 0)))
+                         rejected_prediction_tokens=max(guessed - accepted, 0)))
 
     def _stats(self, r: Response) -> GenerationStats:
         return GenerationStats(prompt_tps=float(r.prompt_tps), generation_tps=float(r.generation_tps),

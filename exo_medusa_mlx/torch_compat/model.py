@@ -186,8 +186,8 @@ class MedusaModel(MedusaBase):
 
     # Inference mode (no autograd bookkeeping) for the neutral methods that run the heads.
     @torch.inference_mode()
-    def propose(self, h, depth, k):
-        return super().propose(h, depth, k)
+    def propose(self, h, depth, k, logprobs=False):
+        return super().propose(h, depth, k, logprobs)
 
     @torch.inference_mode()
     def project(self, h, depth=None):
@@ -196,6 +196,10 @@ class MedusaModel(MedusaBase):
     @torch.inference_mode()
     def propose_tree(self, h, tree):
         return super().propose_tree(h, tree)
+
+    @torch.inference_mode()
+    def propose_scored(self, h, plan):
+        return super().propose_scored(h, plan)
 
     def fast_verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
         """The fast path (``graphs.fast_verifier``): on CUDA the static step replayed from a CUDA

@@ -4,7 +4,7 @@ import sys
 # Import the package first: it gives MLX an optimized BLAS before mlx loads.
 import exo_medusa_mlx  # noqa: F401
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared code as ``helpers.*``
 
 if os.environ.get("EXO_MEDUSA_REQUIRE_ALL") == "1":
     # scripts/test.sh (and so CI) installs the test extra: there a missing optional

@@ -8,15 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import exo1_standin as exo
+from helpers import exo1_standin as exo
 
 exo.install()
 
 from exo_medusa_mlx.exo1 import MedusaBuilder, MedusaEngine  # noqa: E402
 from exo_medusa_mlx.generate import stream_generate  # noqa: E402
 from exo_medusa_mlx.loading import load  # noqa: E402
-from test_exo_engine import save_hf_folder, tiny_base  # noqa: E402
-from tiny import OracleMedusa, random_heads  # noqa: E402
+from helpers.folders import save_hf_folder  # noqa: E402
+from helpers.tiny import N_LAYERS, OracleMedusa, random_heads, tiny_base  # noqa: E402
 
 TEXT = "t1 t5 t9 t3 t7"
 
@@ -44,7 +44,8 @@ class TinyMlxBuilder:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return save_hf_folder(tmp_path_factory.mktemp("llama"), "llama", tiny_base("llama"), random_heads(4))
+    base = tiny_base("llama", layers=N_LAYERS)
+    return save_hf_folder(tmp_path_factory.mktemp("llama"), "llama", base, random_heads(4))
 
 
 @pytest.fixture

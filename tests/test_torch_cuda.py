@@ -21,15 +21,14 @@ from exo_medusa_mlx.torch_compat import graphs  # noqa: E402
 from exo_medusa_mlx.torch_compat.graphs import GraphedVerifier  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.torch_compat.static import StaticVerifier  # noqa: E402
-from test_torch_tiny import TorchOracleMedusa, hf_greedy, take  # noqa: E402
-from torch_models import CONFIGS, random_heads, random_model  # noqa: E402
+from helpers.oracle import PROMPT, take  # noqa: E402
+from helpers.torch_models import CONFIGS, TorchOracleMedusa, hf_greedy, random_heads, random_model  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="no CUDA device: CUDA graphs are GPU-only (the static step they replay is tested on CPU "
            "in test_torch_static.py)",
 )
-PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
 
 
 @pytest.fixture

@@ -14,11 +14,10 @@ from exo_medusa_mlx.core.step import generate_step, prefill  # noqa: E402
 from exo_medusa_mlx.torch_compat.heads import load_heads  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices  # noqa: E402
-from test_decode import mlx_lm_greedy  # noqa: E402
-from test_torch_tiny import HIDDEN, TorchOracleMedusa, take, tiny_pair  # noqa: E402
-from tiny import CONFIGS, VOCAB  # noqa: E402
+from helpers.oracle import PROMPT, take  # noqa: E402
+from helpers.tiny import CONFIGS, VOCAB, mlx_lm_greedy  # noqa: E402
+from helpers.torch_models import HIDDEN, TorchOracleMedusa, tiny_pair  # noqa: E402
 
-PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
 TOL = 1e-4
 
 
@@ -96,7 +95,7 @@ def test_window_equals_mlx_lm_rotating(pair, medusa):
 def test_sampling_matches_mlx_seed_for_seed(pair, acceptance):
     """The exact sampler's law on torch: the acceptors are the same numpy code, and with
     the same seed and logits equal to 1e-4 both backends draw the same tokens, so the
-    torch path inherits the distribution test run on MLX (tests/test_sampling.py)."""
+    torch path inherits the distribution test run on MLX (tests/test_accept.py)."""
     from exo_medusa_mlx.core.accept import make_policy
 
     _, mm, tm = pair

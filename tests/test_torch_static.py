@@ -23,10 +23,9 @@ from exo_medusa_mlx.torch_compat.cache import CacheContext  # noqa: E402
 from exo_medusa_mlx.torch_compat.graphs import GraphedVerifier, fast_verifier  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.torch_compat.static import DeviceSteps, StaticVerifier, static_size  # noqa: E402
-from test_torch_tiny import TorchOracleMedusa, hf_greedy, take  # noqa: E402
-from torch_models import CONFIGS, random_heads, random_model  # noqa: E402
+from helpers.oracle import PROMPT, take  # noqa: E402
+from helpers.torch_models import CONFIGS, TorchOracleMedusa, hf_greedy, random_heads, random_model  # noqa: E402
 
-PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
 N = 60  # tokens per run: through a 16-token window several times
 
 

@@ -83,7 +83,7 @@ def test_accuracy_tables():
 
 
 def test_measure_latency_on_tiny_model():
-    from tiny import tiny_medusa
+    from helpers.tiny import tiny_medusa
 
     curve, overhead = measure_latency(tiny_medusa(), [1, 2, 4, 8], context=16, repeats=2)
     assert sorted(curve) == [1, 2, 4, 8]

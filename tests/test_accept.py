@@ -1,4 +1,5 @@
-"""Exact sampling: Medusa's emitted tokens are distributed as plain sampling.
+"""The acceptors (``core/accept.py``): with exact sampling Medusa's emitted tokens are distributed as
+plain sampling.
 
 A tiny llama with a 12-token vocabulary runs the step generator for three tokens
 per seed, over thousands of seeds; the counts of the 12^3 sequences are compared

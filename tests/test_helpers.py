@@ -1,6 +1,6 @@
 """The test helpers are what they say: no test module imports another (shared code lives in
-``helpers/`` or ``conftest.py``), the torch tiny sizes are the MLX ones, and a folder saved from a
-tiny MLX model holds its weights as transformers loads them."""
+``helpers/`` or ``conftest.py``), no test asserts on a clock, the torch tiny sizes are the MLX ones,
+and a folder saved from a tiny MLX model holds its weights as transformers loads them."""
 
 from __future__ import annotations
 
@@ -29,6 +29,29 @@ def test_no_test_module_imports_another():
     bad = [f"{file.relative_to(TESTS)}:{line} imports {name}" for file in files for line, name in imported(file)
            if name.split(".")[0].startswith("test_")]
     assert bad == [], "shared test code goes in tests/helpers/ (or a fixture in conftest.py): " + "; ".join(bad)
+
+
+CLOCKS = {"monotonic", "perf_counter", "time", "monotonic_ns", "perf_counter_ns"}
+
+
+def reads_a_clock(node: ast.AST) -> bool:
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in CLOCKS
+               and isinstance(n.func.value, ast.Name) and n.func.value.id == "time" for n in ast.walk(node))
+
+
+def test_no_test_asserts_on_a_clock():
+    """A shared machine makes any wall-clock bound flaky: assert what happened (helpers/events.py).
+    A tripwire, not a proof: it sees clock reads in an assert, or names bound to one (or elapsed, took)."""
+    bad = []
+    for file in sorted(TESTS.glob("test_*.py")) + sorted((TESTS / "helpers").glob("*.py")):
+        tree = ast.parse(file.read_text())
+        timed = {"elapsed", "took"} | {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                                       and reads_a_clock(n.value) for t in n.targets if isinstance(t, ast.Name)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Assert) and (reads_a_clock(n.test) or any(
+                    isinstance(x, ast.Name) and x.id in timed for x in ast.walk(n.test))):
+                bad.append(f"{file.relative_to(TESTS)}:{n.lineno}")
+    assert bad == [], "asserts on elapsed time: " + ", ".join(bad)
 
 
 def test_helpers_are_modules_of_the_helpers_package():

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -166,16 +165,20 @@ def test_the_command_serves_on_loopback(folder):
     cmd = [sys.executable, "-m", "exo_medusa_mlx", "server", "--model", str(folder), "--heads", str(folder / "medusa"),
            "--tree", TREE, "--port", str(port), "--log-level", "WARNING"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    answers = []
+
+    def answered() -> bool:
+        assert p.poll() is None, "the server exited"
+        try:
+            answers.append(client(f"http://127.0.0.1:{port}").completions.create(model=str(folder), prompt="t5 t6",
+                                                                                max_tokens=4))
+        except openai.APIConnectionError:
+            return False  # not listening yet
+        return True
+
     try:
-        url, end = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while True:
-            assert p.poll() is None and time.monotonic() < end, "the server did not start"
-            try:
-                r = client(url).completions.create(model=str(folder), prompt="t5 t6", max_tokens=4)
-                break
-            except openai.APIConnectionError:
-                time.sleep(0.2)
-        assert r.usage.completion_tokens == 4
+        assert wait_until(answered, 120, poll=0.2), "the server did not start"
+        assert answers[0].usage.completion_tokens == 4
     finally:
         p.terminate()
         p.wait(30)

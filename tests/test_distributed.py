@@ -110,7 +110,7 @@ def test_exact_sampling_same_tokens_on_every_rank(two_ranks, family, parallel):
 
 
 def test_exo1_engine_on_two_ranks_equals_one_process(two_ranks, folders):
-    import exo1_standin as exo
+    from helpers import exo1_standin as exo
 
     exo.install()
     from exo_medusa_mlx.exo1 import attach_heads

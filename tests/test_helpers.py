@@ -25,9 +25,11 @@ def imported(file: Path) -> list[tuple[int, str]]:
 
 
 def test_no_test_module_imports_another():
+    """Nor a helper by its bare name (``import tiny``): a second copy of the module, and not in helpers/."""
     files = sorted(TESTS.glob("*.py")) + sorted((TESTS / "helpers").glob("*.py"))
+    helpers = {p.stem for p in (TESTS / "helpers").glob("*.py")}
     bad = [f"{file.relative_to(TESTS)}:{line} imports {name}" for file in files for line, name in imported(file)
-           if name.split(".")[0].startswith("test_")]
+           if name.split(".")[0].startswith("test_") or name.split(".")[0] in helpers]
     assert bad == [], "shared test code goes in tests/helpers/ (or a fixture in conftest.py): " + "; ".join(bad)
 
 

@@ -1,5 +1,9 @@
 """Give MLX an optimized BLAS on Linux, before ``mlx.core`` is imported (this module imports no mlx).
 
+Nothing happens on import: ``setup_blas()`` is called by the entry points that run MLX
+(``cli.main``, MLX's ``load()``, the MLX shard engine's importers, ``backends``), before
+they import ``mlx``; once ``mlx.core`` is loaded, MLX keeps the BLAS it linked.
+
 ``mlx[cpu]`` links a reference BLAS, ~50x slower than OpenBLAS for a float32 GEMM. We
 load ``scipy-openblas32`` (numpy's OpenBLAS: kernels picked for the CPU at run time) and a
 three-function shim giving its ``scipy_``-prefixed ``cblas_{s,d,c}gemm`` MLX's names,
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,7 +27,7 @@ from pathlib import Path
 
 from .core.machine import cache_root
 
-__all__ = ["preload_blas", "blas_info", "set_blas_threads"]
+__all__ = ["setup_blas", "blas_info", "set_blas_threads"]
 
 _INFO: str | None = None
 _HANDLES: list[ctypes.CDLL] = []  # keep the libraries loaded for the process lifetime
@@ -125,11 +130,12 @@ def _load_openblas() -> str:
     return _describe(lib)
 
 
-def preload_blas() -> str:
+def setup_blas() -> str:
     """Load OpenBLAS for MLX (Linux CPU build only, before ``mlx.core``); return the BLAS description.
 
     Idempotent. Falls back to MLX's reference BLAS when anything is missing; the
-    description then says ``reference (<why>)``.
+    description then says ``reference (<why>)``. Called after ``mlx.core`` was
+    imported, it changes nothing and warns (once).
     """
     global _INFO
     if _INFO is not None:
@@ -140,16 +146,18 @@ def preload_blas() -> str:
         _INFO = f"mlx default ({sys.platform})"
     elif os.environ.get("EXO_MEDUSA_BLAS", "").lower() in ("off", "0", "false", "reference"):
         _INFO = "reference (EXO_MEDUSA_BLAS=off)"
+    elif importlib.util.find_spec("mlx") is None:
+        _INFO = "none (mlx not installed)"
     elif _has_dist("mlx-cuda-12") or _has_dist("mlx-cuda-13") or _has_dist("mlx-cuda"):
         _INFO = "mlx cuda build (cpu blas unchanged)"
     elif "mlx.core" in sys.modules:
         warnings.warn(
-            "mlx.core was imported before exo_medusa_mlx; MLX keeps its slow reference BLAS. "
-            "Import exo_medusa_mlx first.",
+            "mlx.core was imported before exo_medusa_mlx.setup_blas(); MLX keeps its slow reference BLAS. "
+            "Call exo_medusa_mlx.setup_blas() before the first 'import mlx'.",
             RuntimeWarning,
             stacklevel=2,
         )
-        _INFO = "reference (mlx.core imported before preload)"
+        _INFO = "reference (mlx.core imported before setup_blas)"
     else:
         _torch_first()
         _INFO = _load_openblas()
@@ -167,15 +175,13 @@ def _torch_first() -> None:
     """
     if "torch" in sys.modules or os.environ.get("EXO_MEDUSA_TORCH_FIRST", "1") == "0":
         return
-    import importlib.util
-
     if importlib.util.find_spec("torch") is not None:
         import torch  # noqa: F401
 
 
 def blas_info() -> str:
     """Short description of the BLAS MLX uses, e.g. ``openblas 0.3.31 (cmeel, patched, Haswell, 2 threads)``."""
-    return preload_blas()
+    return setup_blas()
 
 
 def set_blas_threads(n: int) -> int | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ._blas import setup_blas
+
 BACKENDS = ("mlx", "torch")
 
 
@@ -35,17 +37,16 @@ def load(backend: str = "auto", model: str | None = None, heads: str | Path | No
         return torch_load(model, heads=heads, tree=tree, dtype=dtype, device=device)
     if device is not None:
         raise ValueError("--device is for --backend torch; MLX uses its default device")
-    import mlx.core as mx
-
     from .loading import load as mlx_load
 
-    return mlx_load(model, heads=heads, tree=tree, dtype=getattr(mx, dtype) if dtype else None)
+    return mlx_load(model, heads=heads, tree=tree, dtype=dtype)
 
 
 def thread_exit(backend: str):
     """What a thread that ran the backend's array work must call before it ends (MLX frees the
     thread's streams, or their cleanup can race interpreter shutdown), or None."""
     if resolve_backend(backend) == "mlx":
+        setup_blas()  # before the first import of mlx
         import mlx.core as mx
 
         return mx.clear_streams

@@ -1,9 +1,14 @@
-"""``mlx_medusa <command>``: one dispatcher, one module with ``main()`` per command."""
+"""``mlx_medusa <command>``: one dispatcher, one module with ``main()`` per command.
+
+``main`` sets up MLX's BLAS (``setup_blas``) before a command module imports MLX.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from ._blas import setup_blas
 
 COMMANDS = {
     "generate": "exo_medusa_mlx.generate",
@@ -14,6 +19,7 @@ COMMANDS = {
     "ring": "exo_medusa_mlx.ring.command",
     "server": "exo_medusa_mlx.server.main",
     "exo": "exo_medusa_mlx.exo.launch",
+    "exo1": "exo_medusa_mlx.exo1.launch",
     "launch": "exo_medusa_mlx.launch",
 }
 
@@ -27,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         sys.exit(f"error: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}")
+    setup_blas()  # before the command imports mlx
     importlib.import_module(COMMANDS[name]).main(rest)
 
 

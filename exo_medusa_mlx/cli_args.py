@@ -1,11 +1,12 @@
-"""What every command's flags and inputs share: argparse types that refuse bad numbers at parse
-time, the prompt read as UTF-8, and errors printed as one line.
+"""What every command's flags and inputs share: one ``Rule`` per kind of number, the prompt read
+as UTF-8, and errors printed as one line.
 
-``type=finite_float`` (and the others) make argparse refuse ``nan``, ``inf`` and
-out-of-range values before anything loads, with its usual ``error: argument --temp:
-...`` line and exit code 2. ``one_line`` shortens any message to one line;
-``fail`` exits with it (code 1). ``interrupt_flag`` makes Ctrl-C stop a generation loop
-for sure.
+A ``Rule`` checks a value the same way wherever it arrives. ``type=finite_float`` (and the
+others, a rule's ``parse``) make argparse refuse ``nan``, ``inf`` and out-of-range values
+before anything loads, with its usual ``error: argument --temp: ...`` line and exit code 2;
+options dataclasses and the server's settings call the same rules' ``check`` (``check_fields``).
+``one_line`` shortens any message to one line; ``fail`` exits with it (code 1).
+``interrupt_flag`` makes Ctrl-C stop a generation loop for sure.
 """
 
 from __future__ import annotations
@@ -16,87 +17,84 @@ import math
 import signal
 import sys
 import threading
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from .core.slots import DEFAULT_KEEP
 
 MAX_ERROR_CHARS = 400  # a message longer than this is cut (mlx-lm lists every missing weight)
+PARALLEL_MODES = ("pipeline", "tensor")  # --parallel: split by layers, or mlx-lm's tensor sharding
+DIST_TIMEOUT_S = 120.0  # --dist-timeout: a wait on another rank (a prefill chunk of a large model on a slow rank fits)
 
 
-def _number(text: str, cast, what: str):
-    try:
-        value = cast(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number: give {what}")
-    return value
+@dataclass(frozen=True)
+class Rule:
+    """What a number flag must be, checked one way wherever the value arrives: argparse refuses a
+    bad flag at parse time (``parse``, a ``type=``); an options dataclass or a server setting
+    refuses a bad value with a one-line ``ValueError`` naming the flag (``check``); the same words."""
+
+    cast: type  # int or float
+    what: str  # what a value must look like: "a whole number >= 1"
+    ok: Callable[[Any], bool]
+    says: str  # what is wrong with a value out of range: "must be at least 1"
+
+    def parse(self, text: str):
+        try:
+            value = self.cast(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"'{text}' is not {self.what}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"'{text}' is not a finite number: give {self.what}")
+        if not self.ok(value):
+            raise argparse.ArgumentTypeError(f"{text} {self.says}")
+        return value
+
+    def check(self, flag: str, value):
+        """``value`` if it is right for ``flag`` (None: not given), else a ``ValueError`` naming it."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.cast is int and
+                                                                              not isinstance(value, int)):
+            raise ValueError(f"{flag} {value!r} is not {self.what}")
+        if not math.isfinite(value) or not self.ok(value):
+            raise ValueError(f"{flag} {value} {self.says or 'must be a finite number'}")
+        return value
 
 
-def finite_float(text: str) -> float:
-    """Any finite float (no nan, inf)."""
-    return _number(text, float, "a finite number")
+def int_range(low: int, high: int, note: str = "") -> Rule:
+    """A whole number in ``low..high``."""
+    return Rule(int, f"a whole number in {low}..{high}", lambda v: low <= v <= high, f"must be in {low}..{high}{note}")
 
 
-def non_negative_float(text: str) -> float:
-    """A finite float >= 0 (a temperature, a weight decay)."""
-    v = _number(text, float, "a finite number >= 0")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return v
+FINITE = Rule(float, "a finite number", lambda v: True, "")
+NON_NEGATIVE = Rule(float, "a finite number >= 0", lambda v: v >= 0, "must be >= 0")  # a temperature, a weight decay
+POSITIVE = Rule(float, "a finite number > 0", lambda v: v > 0, "must be > 0")  # seconds, a learning rate, epochs
+PROBABILITY = Rule(float, "a number in (0, 1]", lambda v: 0 < v <= 1, "must be in (0, 1]")  # top-p
+FRACTION = Rule(float, "a number in [0, 1)", lambda v: 0 <= v < 1, "must be in [0, 1)")  # a split, a noise level
+POSITIVE_INT = Rule(int, "a whole number >= 1", lambda v: v >= 1, "must be at least 1")
+NON_NEGATIVE_INT = Rule(int, "a whole number >= 0", lambda v: v >= 0, "must be >= 0")
+PORT = int_range(0, 65535, " (0: any free port)")
+# --max-kv-size: the sink tokens and at least two more.
+KV_WINDOW = Rule(int, "a whole number of tokens", lambda v: v >= DEFAULT_KEEP + 2,
+                 f"is too small: the window keeps {DEFAULT_KEEP} sink tokens, give at least {DEFAULT_KEEP + 2}")
+
+# The argparse types (``type=positive_int``).
+finite_float = FINITE.parse
+non_negative_float = NON_NEGATIVE.parse
+positive_float = POSITIVE.parse
+probability = PROBABILITY.parse
+fraction = FRACTION.parse
+positive_int = POSITIVE_INT.parse
+non_negative_int = NON_NEGATIVE_INT.parse
+port = PORT.parse
+kv_window = KV_WINDOW.parse
 
 
-def positive_float(text: str) -> float:
-    """A finite float > 0 (seconds, a learning rate, epochs)."""
-    v = _number(text, float, "a finite number > 0")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return v
-
-
-def probability(text: str) -> float:
-    """A float in (0, 1] (top-p)."""
-    v = _number(text, float, "a number in (0, 1]")
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
-    return v
-
-
-def fraction(text: str) -> float:
-    """A float in [0, 1) (a validation split, a noise level)."""
-    v = _number(text, float, "a number in [0, 1)")
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
-    return v
-
-
-def positive_int(text: str) -> int:
-    v = _number(text, int, "a whole number >= 1")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return v
-
-
-def non_negative_int(text: str) -> int:
-    v = _number(text, int, "a whole number >= 0")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return v
-
-
-def port(text: str) -> int:
-    v = _number(text, int, "a port number")
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} must be in 0..65535 (0: any free port)")
-    return v
-
-
-def kv_window(text: str) -> int:
-    """A committed-token window (``--max-kv-size``): the sink tokens and at least two more."""
-    v = _number(text, int, "a whole number of tokens")
-    if v < DEFAULT_KEEP + 2:
-        raise argparse.ArgumentTypeError(f"{text} is too small: the window keeps {DEFAULT_KEEP} sink tokens, "
-                                         f"give at least {DEFAULT_KEEP + 2}")
-    return v
+def check_fields(options, rules: dict[str, Rule]) -> None:
+    """Each field of an options dataclass named in ``rules`` against its rule, the flag named
+    ``--field-name`` (what the command's parser refuses for the same value)."""
+    for name, rule in rules.items():
+        rule.check(f"--{name.replace('_', '-')}", getattr(options, name))
 
 
 def read_prompt(arg: str, flag: str = "--prompt") -> str:

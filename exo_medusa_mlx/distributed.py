@@ -27,10 +27,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.nn.layers.distributed import ShardedToAllLinear
 
+from .cli_args import DIST_TIMEOUT_S, PARALLEL_MODES, POSITIVE
+from .core.generation import stream_generate
 from .engine.shard import partition_layers
 
-from .core.generation import stream_generate
-from .generate import DIST_TIMEOUT_S as DEFAULT_TIMEOUT_S, PARALLEL_MODES
 LOAD_TIMEOUT_S = 1800.0  # ranks finish loading their weights at different times
 WATCHDOG_EXIT = 3
 
@@ -43,9 +43,8 @@ class Watchdog:
     (the ring backend raises), this catches the peers that hang or vanish silently.
     """
 
-    def __init__(self, rank: int, timeout_s: float = DEFAULT_TIMEOUT_S):
-        if not timeout_s > 0:
-            raise ValueError(f"--dist-timeout {timeout_s} must be a positive number of seconds")
+    def __init__(self, rank: int, timeout_s: float = DIST_TIMEOUT_S):
+        POSITIVE.check("--dist-timeout", timeout_s)
         self.rank, self.timeout_s = rank, timeout_s
         self._deadline: float | None = None
         self._what, self._limit = "", timeout_s
@@ -109,7 +108,7 @@ class Comm:
         self.all_sum(mx.array(1.0), what, timeout_s)
 
 
-def init(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str = "ring") -> Comm:
+def init(timeout_s: float = DIST_TIMEOUT_S, backend: str = "ring") -> Comm:
     """Join the ranks started by ``mlx_medusa launch`` or ``mlx.launch`` (MLX_RANK, MLX_HOSTFILE)."""
     if backend == "ring" and not (os.environ.get("MLX_RANK") and os.environ.get("MLX_HOSTFILE")):
         raise ValueError("--parallel needs ranks started by 'mlx_medusa launch -n N -- generate ...' "
@@ -268,12 +267,11 @@ def check_agreement(comm: Comm, tokens: list[int]) -> None:
 # --------------------------------------------------------------------------- mlx_medusa generate --parallel
 
 
-def run_cli(args) -> None:
-    """``mlx_medusa generate --parallel``: ``generate.run`` on every rank, rank 0 printing.
+def run_cli(args, run) -> None:
+    """``mlx_medusa generate --parallel``: ``run`` (``generate.run``) on every rank, rank 0 printing.
 
     The model loads lazily; each rank then keeps and reads its share.
     """
-    from .generate import run
     from .loading import load
 
     if args.backend == "torch" or args.device:
@@ -294,8 +292,7 @@ def run_cli(args) -> None:
     layout = {}
 
     def sharded_load(a):
-        dtype = getattr(mx, a.dtype) if a.dtype else None
-        model, tokenizer = load(a.model, heads=a.heads, tree=a.tree, dtype=dtype, lazy=True)
+        model, tokenizer = load(a.model, heads=a.heads, tree=a.tree, dtype=a.dtype, lazy=True)
         layout["layout"] = shard(model, comm, a.parallel, weights)
         return model, tokenizer
 

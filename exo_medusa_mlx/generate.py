@@ -11,6 +11,8 @@ import sys
 
 from . import backends
 from .cli_args import (
+    DIST_TIMEOUT_S,
+    PARALLEL_MODES,
     fail,
     interrupt_flag,
     kv_window,
@@ -21,18 +23,17 @@ from .cli_args import (
     probability,
     read_prompt,
 )
+from .core.batch_generation import BatchGenerator, batch_generate  # noqa: F401  (re-exported: mlx-lm's names)
 from .core.generation import (  # noqa: F401  (re-exported: mlx-lm's names)
     DEFAULT_MAX_TOKENS,
     GenerationResponse,
-    apply_template,
     generate,
     print_stats,
     stream_generate,
 )
+from .core.tokens import apply_template
 
 DEFAULT_PROMPT = "Hello"
-PARALLEL_MODES = ("pipeline", "tensor")
-DIST_TIMEOUT_S = 120.0  # a wait on another rank: a prefill chunk of a large model on a slow rank fits
 
 
 def setup_arg_parser(prog: str = "mlx_medusa generate") -> argparse.ArgumentParser:
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.parallel:
         from . import distributed
 
-        return distributed.run_cli(args)
+        return distributed.run_cli(args, run)
     run(args)
 
 

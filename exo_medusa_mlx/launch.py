@@ -4,7 +4,7 @@ Each rank runs ``python -m exo_medusa_mlx <command>`` with ``MLX_RANK`` and a ri
 hostfile of 127.0.0.1 ports (``MLX_HOSTFILE``), as ``mlx.launch`` sets them, and one
 BLAS thread unless told otherwise (the ranks share the cores). Rank 0 prints; the
 launcher exits with the first failing rank's code after stopping the others.
-For several machines use ``mlx.launch --backend ring --hostfile hosts.json`` (README).
+For several machines use ``mlx.launch --backend ring --hostfile hosts.json`` (``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli_args import positive_float
+from .cli_args import non_negative_int, positive_float, positive_int
 from .core.machine import free_ports
 
 STOP_GRACE_S = 5.0
@@ -99,8 +99,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_medusa launch", allow_abbrev=False,
                                 description="Run an mlx_medusa command as N ranks of MLX distributed on this machine.",
                                 epilog="example: mlx_medusa launch -n 2 -- generate --parallel pipeline --prompt Hi")
-    p.add_argument("-n", "--ranks", type=int, default=2, help="number of ranks (processes)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("-n", "--ranks", type=positive_int, default=2, help="number of ranks (processes)")
+    p.add_argument("--threads", type=non_negative_int, default=1,
                    help="BLAS threads per rank (OMP/OPENBLAS_NUM_THREADS); 0 leaves the environment's")
     p.add_argument("--timeout", type=positive_float, default=None, help="stop every rank after this many seconds")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the mlx_medusa command, e.g. generate ...")

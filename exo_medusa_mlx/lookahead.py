@@ -104,6 +104,23 @@ class Lookahead(Verifier):
         if len(self._host_valid) - int(self._host_valid.sum()) >= COMPACT_AT:
             self._compact()
 
+    def release(self) -> None:
+        """Drop the step in flight and gather the kept tokens to the front, in order: the
+        cache then holds the committed sequence alone, as the plain ``Verifier`` keeps it.
+
+        Only a tree is ever cut at the context's end (the step loop then switches verifiers);
+        the step in flight may have run its deepest nodes past the end: it is thrown away.
+        """
+        assert self.tree.size > 1, "a root-only step is never cut: its lookahead is never released"
+        if self._queued is None:
+            return
+        kept = np.flatnonzero(self._host_valid)  # the in-flight step's slots lie beyond
+        self.ctx.compact(self.caches, kept)
+        # Unbounded (``usable``): slot i now holds position i, and the device kept the count alone.
+        self.ctx.slot_pos = np.arange(len(kept), dtype=np.int64)
+        self.ctx.committed = len(kept)
+        self._queued = None
+
     def _compact(self) -> None:
         """Gather the holes away; the step in flight keeps all its slots."""
         valid = self._host_valid

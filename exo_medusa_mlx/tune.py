@@ -23,7 +23,7 @@ from . import backends
 from .core.growth import (TOPK, conditional_accuracy, empirical_accept_length, gather_fraction, grow_tree,
                           topk_accuracy)
 from .core.latency import MAX_LATENCY_NODES, measure_gather, measure_latency, measure_plain_step
-from .cli_args import non_negative_float
+from .cli_args import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, check_fields, int_range
 from .core.machine import this_machine
 from .core.tree import save_tree
 
@@ -43,7 +43,7 @@ def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: i
     heads' draft vocabulary and rows (``MedusaModel.draft()``), as decoding scores them."""
     import mlx.core as mx
 
-    from .training.distill import iterate_batches
+    from .training.hidden_files import iterate_batches
     from .training.loss import path_embeds, target_ranks
 
     out = [np.array(target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
@@ -57,7 +57,8 @@ def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: i
 
 def compare_generation(model, tokenizer, prompts: list[str], tree, max_tokens: int) -> dict:
     """Greedy generation with the tree and with ``medusa=False`` on each prompt, alternating which goes first."""
-    from .core.generation import apply_template, stream_generate
+    from .core.generation import stream_generate
+    from .core.tokens import prompt_ids
 
     def run(ids, medusa):
         toks, last = [], None
@@ -66,14 +67,11 @@ def compare_generation(model, tokenizer, prompts: list[str], tree, max_tokens: i
         secs = (last.generation_tokens - 1) / last.generation_tps if last.generation_tps else 0.0
         return toks, last, secs
 
-    def chat_ids(tok, p):
-        return apply_template(tok, p, None, True)
-
-    run(chat_ids(tokenizer, prompts[0]), True)  # warm-up
+    run(prompt_ids(tokenizer, prompts[0]), True)  # warm-up
     agg = {m: {"tokens": 0, "seconds": 0.0, "steps": 0} for m in ("medusa", "plain")}
     same = 0
     for k, p in enumerate(tqdm(prompts, desc="generate", unit="prompt")):
-        ids = chat_ids(tokenizer, p)
+        ids = prompt_ids(tokenizer, p)
         out = {}
         for medusa in ((True, False) if k % 2 == 0 else (False, True)):
             toks, last, secs = run(ids, medusa)
@@ -92,6 +90,14 @@ def compare_generation(model, tokenizer, prompts: list[str], tree, max_tokens: i
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+# Each number flag's rule: its parser type and ``TuneOptions.check``'s check.
+RULES = dict(
+    data_max_tokens=POSITIVE_INT, gen_batch_size=POSITIVE_INT, max_nodes=int_range(1, MAX_LATENCY_NODES),
+    min_nodes=POSITIVE_INT, topk=POSITIVE_INT, context=POSITIVE_INT, repeats=POSITIVE_INT,
+    num_prompts=NON_NEGATIVE_INT, max_tokens=POSITIVE_INT, pass_overhead_ms=NON_NEGATIVE,
+)
 
 
 @dataclass
@@ -121,18 +127,10 @@ class TuneOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
     def check(self) -> None:
-        """One-line errors for bad values, before minutes of measuring."""
-        if not 1 <= self.max_nodes <= MAX_LATENCY_NODES:
-            raise ValueError(f"--max-nodes {self.max_nodes} must be in 1..{MAX_LATENCY_NODES}")
-        if not 1 <= self.min_nodes <= self.max_nodes:
+        """One-line errors for bad values, before minutes of measuring (the numbers by ``RULES``, as the parser)."""
+        check_fields(self, RULES)
+        if not self.min_nodes <= self.max_nodes:
             raise ValueError(f"--min-nodes {self.min_nodes} must be in 1..--max-nodes ({self.max_nodes})")
-        for name in ("topk", "repeats", "context", "data_max_tokens", "gen_batch_size", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.num_prompts < 0:
-            raise ValueError(f"--num-prompts {self.num_prompts} must not be negative (0 skips the generation check)")
-        if not 0.0 <= self.pass_overhead_ms < 1e6:  # also refuses NaN
-            raise ValueError(f"--pass-overhead-ms {self.pass_overhead_ms} must be a number of milliseconds >= 0")
         if self.model is not None and self.heads is None:
             raise ValueError("--heads is required with --model")
 
@@ -146,20 +144,20 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="whose step to time (auto: MLX where installed); torch reads the held-out ranks an MLX tune saved")
     p.add_argument("--device", default=d.device, help="torch only: device (default cuda when available, else cpu)")
     p.add_argument("--prompts", default=d.prompts, help=f"Held-out prompts (default {DEFAULT_HELDOUT.name})")
-    p.add_argument("--cache-dir", default=d.cache_dir, help="Held-out hidden-state shards (default: under the exo_medusa_mlx cache)")
-    p.add_argument("--data-max-tokens", type=int, default=d.data_max_tokens, help="Response length of the held-out data")
-    p.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size)
-    p.add_argument("--max-nodes", type=int, default=d.max_nodes, help="Largest tree, root included")
-    p.add_argument("--min-nodes", type=int, default=d.min_nodes,
+    p.add_argument("--cache-dir", default=d.cache_dir, help="Held-out hidden-state files (default: under the exo_medusa_mlx cache)")
+    p.add_argument("--data-max-tokens", type=RULES["data_max_tokens"].parse, default=d.data_max_tokens, help="Response length of the held-out data")
+    p.add_argument("--gen-batch-size", type=RULES["gen_batch_size"].parse, default=d.gen_batch_size)
+    p.add_argument("--max-nodes", type=RULES["max_nodes"].parse, default=d.max_nodes, help="Largest tree, root included")
+    p.add_argument("--min-nodes", type=RULES["min_nodes"].parse, default=d.min_nodes,
                    help="Smallest tree (1: plain decoding may win; 2: always at least one guess)")
-    p.add_argument("--topk", type=int, default=d.topk)
-    p.add_argument("--context", type=int, default=d.context, help="Prefilled tokens under the latency probes")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="Latency passes over N = 1..64")
+    p.add_argument("--topk", type=RULES["topk"].parse, default=d.topk)
+    p.add_argument("--context", type=RULES["context"].parse, default=d.context, help="Prefilled tokens under the latency probes")
+    p.add_argument("--repeats", type=RULES["repeats"].parse, default=d.repeats, help="Latency passes over N = 1..64")
     p.add_argument("--output", "-o", default=d.output,
                    help="Tree JSON to write (default: HEADS/tree.json, or HEADS/tree.<backend>.json but for MLX)")
-    p.add_argument("--num-prompts", type=int, default=d.num_prompts, help="Held-out prompts for the real generation check (0: skip)")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="Tokens per prompt in the generation check")
-    p.add_argument("--pass-overhead-ms", type=non_negative_float, default=d.pass_overhead_ms,
+    p.add_argument("--num-prompts", type=RULES["num_prompts"].parse, default=d.num_prompts, help="Held-out prompts for the real generation check (0: skip)")
+    p.add_argument("--max-tokens", type=RULES["max_tokens"].parse, default=d.max_tokens, help="Tokens per prompt in the generation check")
+    p.add_argument("--pass-overhead-ms", type=RULES["pass_overhead_ms"].parse, default=d.pass_overhead_ms,
                    help="A fixed cost every step pays on top of its compute: a ring's transport per pass "
                         "(scripts/bench_ring.py prints it); the tree is then saved as tree.ring.json")
     return p
@@ -176,12 +174,13 @@ def main(argv=None) -> None:
 def heldout_accuracy(model, tokenizer, opts: TuneOptions, prompts: list[str]) -> np.ndarray:
     """The heads' ranks on the held-out answers, (rows, K), computed on MLX (self-distilled data)."""
     from .core.machine import cache_root
-    from .training.distill import build_cache, cache_key, chat_ids, eos_ids
+    from .core.tokens import eos_ids, prompt_ids
+    from .training.distill import build_cache, cache_key
 
     key = cache_key(prompts=prompts, max_tokens=opts.data_max_tokens, model=model.model_id, temp=0.0, val_split=0.0,
                     seed=0)
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else cache_root() / "heldout" / key
-    meta = build_cache(cache_dir, model.base, model.lm_head, prompts=[chat_ids(tokenizer, p) for p in prompts],
+    meta = build_cache(cache_dir, model.base, model.lm_head, prompts=[prompt_ids(tokenizer, p) for p in prompts],
                        eos=eos_ids(tokenizer), key=key, max_tokens=opts.data_max_tokens, batch_size=opts.gen_batch_size)
     return held_out_ranks(model.heads, model.lm_head, cache_dir, [f["file"] for f in meta["splits"]["train"]],
                           embed=model.base.model.embed_tokens, draft=model.draft())
@@ -261,7 +260,7 @@ def choose_tree(model, opts: TuneOptions, ranks, cond) -> dict:
 
 def run(opts: TuneOptions) -> dict:
     from .core.heads_format import SHIPPED_HEADS
-    from .training.distill import read_prompts
+    from .training.prompts import read_prompts
 
     opts.check()
     backend = backends.resolve_backend(opts.backend)

@@ -10,8 +10,10 @@ import argparse
 import sys
 import time
 
-import exo_medusa_mlx  # noqa: F401  (preloads OpenBLAS; must come before mlx)
+import exo_medusa_mlx
 from exo_medusa_mlx._blas import blas_info
+
+exo_medusa_mlx.setup_blas()  # before the first import of mlx
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402

@@ -23,10 +23,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import exo_medusa_mlx  # noqa: F401  (before mlx: the BLAS)
+import exo_medusa_mlx
+
+exo_medusa_mlx.setup_blas()  # before the first import of mlx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the exo harness: tests/helpers
-from exo_medusa_mlx.bench.main import bench_prompts
+from exo_medusa_mlx.training.prompts import bench_prompts
 from helpers.exo_harness import MEDUSA, STOCK, ExoRing, exo_source, missing_imports
 
 ENGINES = {"mlx": "medusa-mlx", "torch": "medusa-torch"}

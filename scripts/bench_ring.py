@@ -14,8 +14,10 @@ import json
 import sys
 import time
 
-import exo_medusa_mlx  # noqa: F401  (before mlx: the BLAS)
-from exo_medusa_mlx.core.generation import apply_template
+import exo_medusa_mlx
+
+exo_medusa_mlx.setup_blas()  # before the first import of mlx
+from exo_medusa_mlx.core.tokens import apply_template
 from exo_medusa_mlx.ring.command import load_tokenizer
 from exo_medusa_mlx.ring.launcher import LocalRing
 

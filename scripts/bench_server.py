@@ -21,10 +21,12 @@ import subprocess
 import sys
 import time
 
-import exo_medusa_mlx  # noqa: F401  (before mlx: the BLAS)
-from exo_medusa_mlx.bench.main import bench_prompts
+import exo_medusa_mlx
+
+exo_medusa_mlx.setup_blas()  # before the first import of mlx
+from exo_medusa_mlx.training.prompts import bench_prompts
 from exo_medusa_mlx.server.main import backend_api
-from exo_medusa_mlx.core.generation import chat_ids
+from exo_medusa_mlx.core.tokens import chat_ids
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:

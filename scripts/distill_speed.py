@@ -17,9 +17,12 @@ import argparse
 import importlib.util
 import time
 
-import exo_medusa_mlx  # noqa: F401  (preloads OpenBLAS; must come before mlx)
+import exo_medusa_mlx
+
+exo_medusa_mlx.setup_blas()  # before the first import of mlx
 from exo_medusa_mlx.training.distill import self_distill
-from exo_medusa_mlx.training.prompts import DEFAULT_PROMPTS, Excluded, chat_ids, eos_ids, mix_prompts, read_prompts
+from exo_medusa_mlx.core.tokens import eos_ids, prompt_ids
+from exo_medusa_mlx.training.prompts import DEFAULT_PROMPTS, Excluded, mix_prompts, read_prompts
 from exo_medusa_mlx.training.data import load_base
 
 import mlx.core as mx  # noqa: E402
@@ -54,7 +57,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     base, lm_head, tokenizer, model_id = load_base(args.model)
     texts = mix_prompts([("train prompts", read_prompts(DEFAULT_PROMPTS))], Excluded(), log=lambda *_: None)
-    prompts = [chat_ids(tokenizer, t) for t in texts[: args.num_prompts]]
+    prompts = [prompt_ids(tokenizer, t) for t in texts[: args.num_prompts]]
     eos = eos_ids(tokenizer)
     timed(self_distill, base, lm_head, prompts[:2], eos, 4, 2, 0.0)  # warm-up
     passes = {"sequential (batch 1)": (self_distill, 1, {}),

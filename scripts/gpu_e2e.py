@@ -20,8 +20,9 @@ import json
 import time
 
 from exo_medusa_mlx import backends
-from exo_medusa_mlx.bench.main import bench_prompts
-from exo_medusa_mlx.core.generation import apply_template, stream_generate
+from exo_medusa_mlx.training.prompts import bench_prompts
+from exo_medusa_mlx.core.generation import stream_generate
+from exo_medusa_mlx.core.tokens import apply_template
 
 
 def decode(model, tokenizer, ids, max_tokens: int, tree) -> dict:

@@ -42,7 +42,7 @@ TRAIN=("$PY" -m exo_medusa_mlx.training.train --output "$RUN" --cache-dir "$RUN/
 $NICE "${TRAIN[@]}" --epochs 1
 $NICE "${TRAIN[@]}" --epochs 2 --resume
 
-# 3. The shipped heads are next-token heads (README, Heads): the plain heads above, now also
+# 3. The shipped heads are next-token heads (docs/training.md): the plain heads above, now also
 #    reading the embedding of the base model's next token (maps starting at zero), trained two
 #    more epochs on the greedy answers alone (one per prompt: the fed token is the argmax, as
 #    in greedy decoding; the same 5% of prompts held out), their guesses scored over the 8192
@@ -78,7 +78,7 @@ $NICE "$PY" -m exo_medusa_mlx.tune --heads "$OUT" --prompts exo_medusa_mlx/data/
 #    plus head 0's top-1: with it `mlx_medusa bench` (f) ran at 1.29x, with the MLX tree 1.04x.
 echo '{"choices": [[0]], "topk": 1}' > "$OUT/tree.torch.json"
 
-# 6. Optional, not yet run to the end (HYDRA=1): hydra heads (README, Heads) from the shipped
+# 6. Optional, not yet run to the end (HYDRA=1): hydra heads (docs/training.md) from the shipped
 #    next-token heads, on the greedy answers to the training prompts plus 3000 the model
 #    writes itself. Budget on this 2-core CPU: self-instruct about 16 minutes; the data
 #    about 75 minutes (about 450k rows at about 100 rows/s); training about 65 minutes per

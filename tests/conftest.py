@@ -1,8 +1,10 @@
 import os
 import sys
 
-# Import the package first: it gives MLX an optimized BLAS before mlx loads.
-import exo_medusa_mlx  # noqa: F401
+import exo_medusa_mlx
+
+# Before any test module imports mlx: MLX's CPU build gets OpenBLAS only if it is loaded first.
+exo_medusa_mlx.setup_blas()
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared code as ``helpers.*``
 

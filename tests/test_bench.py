@@ -2,7 +2,8 @@
 
 import json
 
-from exo_medusa_mlx.bench.main import bench_prompts, markdown, plot, summarize
+from exo_medusa_mlx.bench.main import markdown, plot, summarize
+from exo_medusa_mlx.training.prompts import bench_prompts
 
 
 def _run(tps, toks, acc=None):

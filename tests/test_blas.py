@@ -1,6 +1,6 @@
-"""MLX's BLAS on Linux (``_blas.py``): OpenBLAS is preloaded through a compiled shim (MLX's products are
-then OpenBLAS's, bit for bit), cached, and skipped with a reason without a compiler, when turned off or
-when mlx was imported first."""
+"""MLX's BLAS on Linux (``_blas.py``): ``setup_blas()`` loads OpenBLAS through a compiled shim (MLX's
+products are then OpenBLAS's, bit for bit), cached, and skipped with a reason without a compiler,
+when turned off or when mlx was imported first."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def _run_py(code: str, **env: str) -> subprocess.CompletedProcess:
 _BLAS_PROBE = """
 import ctypes
 import numpy as np
-from exo_medusa_mlx._blas import _openblas, blas_info, preload_blas
-preload_blas()
+import exo_medusa_mlx
+from exo_medusa_mlx._blas import _openblas, blas_info
+exo_medusa_mlx.setup_blas()
 import mlx.core as mx
 rng = np.random.default_rng(0)
 M, K, N = 256, 384, 320
@@ -45,7 +46,7 @@ print(blas_info()); print(np.array_equal(got, want))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is Linux-only (macOS uses Accelerate)")
-def test_preload_blas_gives_openblas(tmp_path):
+def test_setup_blas_gives_openblas(tmp_path):
     from importlib import metadata
 
     for dist in ("mlx-cuda-12", "mlx-cuda-13"):
@@ -68,9 +69,9 @@ def test_preload_blas_gives_openblas(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is Linux-only (macOS uses Accelerate)")
-def test_preload_blas_without_a_compiler_keeps_the_reference(tmp_path):
+def test_setup_blas_without_a_compiler_keeps_the_reference(tmp_path):
     res = _run_py(
-        "from exo_medusa_mlx._blas import preload_blas; print(preload_blas())",
+        "import exo_medusa_mlx; print(exo_medusa_mlx.setup_blas())",
         EXO_MEDUSA_CACHE=str(tmp_path), EXO_MEDUSA_BLAS="", CC="", PATH=str(tmp_path),
     )
     assert res.returncode == 0, res.stderr
@@ -78,13 +79,13 @@ def test_preload_blas_without_a_compiler_keeps_the_reference(tmp_path):
     assert not (tmp_path / "blas").exists()
 
 
-def test_preload_blas_off_and_too_late():
-    res = _run_py("from exo_medusa_mlx._blas import preload_blas; print(preload_blas())", EXO_MEDUSA_BLAS="off")
+def test_setup_blas_off_and_too_late():
+    res = _run_py("import exo_medusa_mlx; print(exo_medusa_mlx.setup_blas())", EXO_MEDUSA_BLAS="off")
     assert res.stdout.strip() in ("reference (EXO_MEDUSA_BLAS=off)", "accelerate (macOS)")
     if sys.platform.startswith("linux"):
         res = _run_py(
             "import mlx.core, warnings; warnings.simplefilter('always')\n"
-            "from exo_medusa_mlx._blas import preload_blas; print(preload_blas())"
+            "import exo_medusa_mlx; print(exo_medusa_mlx.setup_blas())"
         )
         assert res.stdout.strip().startswith("reference"), res.stdout
         assert "imported before exo_medusa_mlx" in res.stderr

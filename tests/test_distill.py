@@ -1,6 +1,6 @@
 """Batched self-distillation on tiny random models: the rows are the base model's own
 (against a plain forward and mlx-lm's greedy decoding), sampling is per sequence, the
-top-k is exact, and a killed cache build resumes from its last complete shard."""
+top-k is exact, and a killed cache build resumes from its last complete part."""
 
 import itertools
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 
-import exo_medusa_mlx.training.hidden_files as shards
+import exo_medusa_mlx.training.hidden_files as hidden_files
 from exo_medusa_mlx.training.distill import TEACHER_TOPK, build_cache, sample, self_distill, shared_prefix, top_k
 from exo_medusa_mlx.model import base_lm_head
 from helpers.training import EOS, base, random_prompts  # noqa: F401 (base: a fixture)
@@ -89,34 +89,34 @@ def _rows_by_sequence(folder, meta):
     return out
 
 
-def test_killed_build_resumes_from_its_last_complete_shard(base, tmp_path, monkeypatch):
+def test_killed_build_resumes_from_its_last_complete_part(base, tmp_path, monkeypatch):
     lm = base_lm_head(base)
     prompts = random_prompts(30, seed=6)
     kw = dict(key="k", prompts=prompts, eos={EOS}, val_split=0.2, max_tokens=16, batch_size=8, log=lambda *_: None)
-    monkeypatch.setattr(shards, "SHARD_ROWS", 40)
+    monkeypatch.setattr(hidden_files, "PART_ROWS", 40)
     whole = build_cache(tmp_path / "whole", base, lm, **kw)
 
-    real, flushes = shards.ShardWriter.flush, []
+    real, flushes = hidden_files.PartWriter.flush, []
 
     def flush_then_die(self):
         real(self)
         flushes.append(self.split)
         if len(flushes) == 3:
-            raise KeyboardInterrupt  # killed right after the third shard
+            raise KeyboardInterrupt  # killed right after the third part
 
-    monkeypatch.setattr(shards.ShardWriter, "flush", flush_then_die)
+    monkeypatch.setattr(hidden_files.PartWriter, "flush", flush_then_die)
     folder = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         build_cache(folder, base, lm, **kw)
-    monkeypatch.setattr(shards.ShardWriter, "flush", real)
+    monkeypatch.setattr(hidden_files.PartWriter, "flush", real)
     progress = json.loads((folder / "progress.json").read_text())
     kept = {f["file"]: (folder / f["file"]).read_bytes() for s in progress["splits"].values() for f in s}
     assert len(kept) == 3 and not (folder / "meta.json").exists()
-    (folder / "train-00009.safetensors.tmp").write_bytes(b"half")  # a shard cut by the kill
+    (folder / "train-00009.safetensors.tmp").write_bytes(b"half")  # a part cut by the kill
 
     with pytest.raises(ValueError, match="unfinished cache of other data"):
         build_cache(folder, base, lm, **{**kw, "key": "other"})
-    done = shards.done_sequences(folder, [f for s in progress["splits"].values() for f in s])
+    done = hidden_files.done_sequences(folder, [f for s in progress["splits"].values() for f in s])
     asked = []
     import exo_medusa_mlx.training.distill as D
 
@@ -124,8 +124,8 @@ def test_killed_build_resumes_from_its_last_complete_shard(base, tmp_path, monke
     monkeypatch.setattr(D, "self_distill", lambda *a, indices=None, **k: asked.extend(indices) or real_distill(
         *a, indices=indices, **k))
     meta = build_cache(folder, base, lm, **kw)
-    assert sorted(asked) == sorted(set(range(30)) - done)  # only what no complete shard holds
-    assert all((folder / f).read_bytes() == b for f, b in kept.items())  # the complete shards kept as they were
+    assert sorted(asked) == sorted(set(range(30)) - done)  # only what no complete part holds
+    assert all((folder / f).read_bytes() == b for f, b in kept.items())  # the complete parts kept as they were
     assert not (folder / "progress.json").exists() and not list(folder.glob("*.tmp"))
     assert meta["sequences"] == whole["sequences"] and meta["rows"] == whole["rows"]
     assert _rows_by_sequence(folder, meta) == _rows_by_sequence(tmp_path / "whole", whole)

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from exo_medusa_mlx import distributed as dist
+from exo_medusa_mlx.cli_args import DIST_TIMEOUT_S, PARALLEL_MODES
 from exo_medusa_mlx.launch import launch, rank_env, write_hostfile, free_ports
 from helpers.distributed_worker import decode, load_case
 from helpers.folders import save_hf_folder
@@ -59,12 +60,10 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(folders, tmp_path_factory):
     """Every case decoded on 2 ranks, in one launch: ({name: case}, [rank0 results, rank1 results])."""
-    cases = [c for f in FAMILIES for p in dist.PARALLEL_MODES for c in cases_for(folders[f], f, p)]
+    cases = [c for f in FAMILIES for p in PARALLEL_MODES for c in cases_for(folders[f], f, p)]
     for family, split in (("llama", "3,1"), ("qwen2", "memory")):  # 3,1: rank 1's one layer receives and sends
         c = next(c for c in cases if c["name"] == f"{family}-pipeline-oracle")
         cases.append({**c, "name": f"{family}-pipeline-split", "split": split})
-    cases.append({"name": "engine", "engine": True, "folder": str(folders["llama"]), "parallel": "pipeline",
-                  "text": "t1 t5 t9 t3 t7", "n": 20})
     out = tmp_path_factory.mktemp("ranks")
     spec = out / "spec.json"
     spec.write_text(json.dumps({"prompt": PROMPT, "cases": cases}))
@@ -73,7 +72,7 @@ def two_ranks(folders, tmp_path_factory):
     return {c["name"]: c for c in cases}, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("parallel", dist.PARALLEL_MODES)
+@pytest.mark.parametrize("parallel", PARALLEL_MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_split_equals_one_process(two_ranks, family, parallel, kind):
@@ -89,7 +88,7 @@ def test_uneven_and_memory_splits_equal_one_process(two_ranks, family):
     assert ranks[0][name]["tokens"] == ranks[1][name]["tokens"] == cases[name]["ref"]
 
 
-@pytest.mark.parametrize("parallel", dist.PARALLEL_MODES)
+@pytest.mark.parametrize("parallel", PARALLEL_MODES)
 def test_oracle_heads_accept_deep_on_every_rank(two_ranks, parallel):
     _, ranks = two_ranks
     for r in ranks:
@@ -97,7 +96,7 @@ def test_oracle_heads_accept_deep_on_every_rank(two_ranks, parallel):
         assert N_WINDOW / r[f"qwen2-{parallel}-window"]["steps"] > 2.0  # through several wrap-arounds
 
 
-@pytest.mark.parametrize("parallel", dist.PARALLEL_MODES)
+@pytest.mark.parametrize("parallel", PARALLEL_MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_sampling_same_tokens_on_every_rank(two_ranks, family, parallel):
     cases, ranks = two_ranks
@@ -107,22 +106,6 @@ def test_exact_sampling_same_tokens_on_every_rank(two_ranks, family, parallel):
         assert ranks[0][name]["tokens"] == cases[name]["ref"]
     greedy = cases[f"{family}-{parallel}-plain"]["ref"]
     assert ranks[0][name]["tokens"] != greedy  # it did sample
-
-
-def test_exo1_engine_on_two_ranks_equals_one_process(two_ranks, folders):
-    from helpers import exo1_standin as exo
-
-    exo.install()
-    from exo_medusa_mlx.exo1 import attach_heads
-    from exo_medusa_mlx.generate import stream_generate
-    from exo_medusa_mlx.loading import load
-
-    model, tok = load(str(folders["llama"]))
-    model = attach_heads(model.base, folders["llama"] / "medusa", "cpu-8")
-    ref = [r.token for r in stream_generate(model, tok, "t1 t5 t9 t3 t7", max_tokens=20, temp=0.0)]
-    _, ranks = two_ranks
-    assert ranks[0]["engine"]["tokens"] == ref and len(ref) == 20
-    assert ranks[1]["engine"]["chunks"] == 0  # rank 0 alone hands chunks to exo
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -151,7 +134,7 @@ def one_process(folders):
     return last_json(cli(*generate_args(folders["llama"])))
 
 
-@pytest.mark.parametrize("parallel", dist.PARALLEL_MODES)
+@pytest.mark.parametrize("parallel", PARALLEL_MODES)
 def test_cli_launch_equals_one_process(folders, one_process, parallel):
     one = one_process
     p = cli(*generate_args(folders["llama"]), "--parallel", parallel, ranks=2)
@@ -251,7 +234,7 @@ def exit_error(rank0: subprocess.Popen) -> str:
 
 @pytest.fixture
 def pair(folders, tmp_path, request):
-    procs = start_pair(folders["llama"], tmp_path, getattr(request, "param", dist.DEFAULT_TIMEOUT_S))
+    procs = start_pair(folders["llama"], tmp_path, getattr(request, "param", DIST_TIMEOUT_S))
     yield procs
     for p in procs:
         if p.poll() is None:

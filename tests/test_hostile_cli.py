@@ -70,6 +70,10 @@ FLAGS = [
     ("server", ["--top-p", "inf"], "argument --top-p: 'inf' is not a finite number"),
     ("server", ["--request-timeout", "nan"], "argument --request-timeout: 'nan' is not a finite number"),
     ("server", ["--max-kv-size", "1"], "argument --max-kv-size: 1 is too small"),
+    ("server", ["--top-p", "0"], "argument --top-p: 0 must be in (0, 1]"),
+    ("server", ["--port", "-1"], "argument --port: -1 must be in 0..65535"),
+    ("server", ["--queue-size", "-1"], "argument --queue-size: -1 must be >= 0"),
+    ("tune", ["--max-nodes", "1000"], "argument --max-nodes: 1000 must be in 1..64"),
     ("generate", ["--dist-timeout", "nan"], "argument --dist-timeout: 'nan' is not a finite number"),
     ("tune", ["--pass-overhead-ms", "nan"], "argument --pass-overhead-ms: 'nan' is not a finite number"),
     ("tune", ["--pass-overhead-ms", "-1"], "argument --pass-overhead-ms: -1 must be >= 0"),
@@ -109,8 +113,6 @@ BEFORE_LOAD = [
     ("node", ["--peers", "nohost"], None, "--peers: 'nohost' is not host:port"),
     ("node", ["--start-layer", "3", "--end-layer", "1"], None, "--end-layer 1 is before --start-layer 3"),
     ("node", ["--model", "{tiny}", "--end-layer", "7"], None, "outside its 4 layers"),
-    ("tune", ["--max-nodes", "1000"], None, "--max-nodes 1000 must be in 1..64"),
-    ("server", ["--top-p", "0"], None, "--top-p 0.0 must be in (0, 1]"),
     ("generate", ["--device", "cuda", "--backend", "mlx", "--model", "{tiny}"], None, "--device is for --backend torch"),
 ]
 

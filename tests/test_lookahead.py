@@ -28,14 +28,14 @@ def steps(model, tree, verifier_cls, n: int) -> list[tuple]:
     policy = make_policy()
     ctx, caches = model.make_cache()
     h = prefill(model, ctx, caches, PROMPT)[None]
-    _, tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, False))
+    tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, False), tree=tree).tokens
     verifier, out = verifier_cls(model, ctx, caches, tree, policy), []
     for _ in range(n):
         v = verifier.verify(tokens)
-        acc, nxt = advance(policy, tree, tokens, v)
-        verifier.commit(acc.nodes)
-        out.append((v.verdict.tolist(), None if v.drafts is None else v.drafts.tolist(), acc.nodes.tolist()))
-        tokens = nxt
+        step = advance(policy, tree, tokens, v)
+        verifier.commit(step.acc.nodes)
+        out.append((v.verdict.tolist(), None if v.drafts is None else v.drafts.tolist(), step.acc.nodes.tolist()))
+        tokens = step.tokens
     return out
 
 
@@ -62,12 +62,13 @@ def test_a_tree_other_than_the_one_queued_is_refused():
     policy = make_policy()
     ctx, caches = model.make_cache()
     h = prefill(model, ctx, caches, PROMPT)[None]
-    _, tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, model.tree, False))
-    la = Lookahead(model, ctx, caches, model.tree, policy)
-    acc, nxt = advance(policy, model.tree, tokens, la.verify(tokens))
-    la.commit(acc.nodes)
+    tree = model.tree
+    tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, False), tree=tree).tokens
+    la = Lookahead(model, ctx, caches, tree, policy)
+    step = advance(policy, tree, tokens, la.verify(tokens))
+    la.commit(step.acc.nodes)
     with pytest.raises(AssertionError, match="lookahead queued tree"):
-        la.verify((nxt + 1) % 96)
+        la.verify((step.tokens + 1) % 96)
 
 
 def test_used_only_where_exact():
@@ -79,7 +80,7 @@ def test_used_only_where_exact():
     model = MedusaModel(tiny_base("llama"), random_heads(4), tree)
     ctx, caches = model.make_cache(16)
     with pytest.raises(ValueError, match="the lookahead fast path needs greedy acceptance"):
-        model.verifier(ctx, caches, tree, greedy, fast_path=True)
+        model.fast_verifier(ctx, caches, tree, greedy, fast_path=True)
 
 
 @pytest.mark.parametrize("tree", ["chain-3", "cpu-8"])

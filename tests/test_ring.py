@@ -41,7 +41,7 @@ def heads():
 def reference(heads) -> dict:
     """Single-process MLX tokens: the text prompt (raw) and the chat-templated one, N each."""
     from exo_medusa_mlx.core.step import generate_step
-    from exo_medusa_mlx.core.generation import apply_template, encode_prompt
+    from exo_medusa_mlx.core.tokens import apply_template, encode_prompt
     from exo_medusa_mlx.heads import load_heads
     from exo_medusa_mlx.loading import load
     from exo_medusa_mlx.model import MedusaModel

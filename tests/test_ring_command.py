@@ -24,7 +24,7 @@ from exo_medusa_mlx.engine import protocol as st  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.ring import node, proto  # noqa: E402
 from exo_medusa_mlx.ring.client import NodeInfo, RingClient  # noqa: E402
-from exo_medusa_mlx.ring.launcher import partition_layers  # noqa: E402
+from exo_medusa_mlx.engine.shard import partition_layers  # noqa: E402
 from exo_medusa_mlx.core.tree import build_tree, tree_choices  # noqa: E402
 from helpers.folders import save_hf_folder  # noqa: E402
 from helpers.oracle import N, PROMPT, reference  # noqa: E402

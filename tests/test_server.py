@@ -14,8 +14,8 @@ import random
 import openai
 import pytest
 
-from exo_medusa_mlx.core.generation import encode_prompt
-from exo_medusa_mlx.server.stops import StopMatcher
+from exo_medusa_mlx.core.stops import StopMatcher
+from exo_medusa_mlx.core.tokens import encode_prompt
 from helpers.server import GOOD, MODEL_ID, PROMPTS, chat, client, folder, oracle, post, server, serving  # noqa: F401
 from helpers.tiny import VOCAB
 

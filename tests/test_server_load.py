@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from exo_medusa_mlx.core.generation import chat_ids
+from exo_medusa_mlx.core.tokens import chat_ids
 from helpers.events import wait_until
 from helpers.server import (GOOD, MODEL_ID, PROMPTS, TREE, chat, client, folder, oracle, post, server,  # noqa: F401
                             serving)
@@ -186,9 +186,6 @@ def test_the_command_serves_on_loopback(folder):
 
 @pytest.mark.parametrize("args,msg", [
     (["--model", "/no/such/folder"], "/no/such/folder"),
-    (["--queue-size", "-1"], "--queue-size -1"),
-    (["--request-timeout", "0"], "--request-timeout 0"),
-    (["--top-p", "0"], "--top-p 0"),
     (["--backend", "mlx", "--device", "cuda"], "--device is for --backend torch"),
 ])
 def test_bad_flags_give_one_line_errors(args, msg):
@@ -197,6 +194,19 @@ def test_bad_flags_give_one_line_errors(args, msg):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert str(e.value).startswith("error: ") and msg in str(e.value)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--queue-size", "-1"], "argument --queue-size: -1 must be >= 0"),
+    (["--request-timeout", "0"], "argument --request-timeout: 0 must be > 0"),
+    (["--top-p", "0"], "argument --top-p: 0 must be in (0, 1]"),
+])
+def test_bad_numbers_are_refused_at_parse_time(args, msg, capsys):
+    from exo_medusa_mlx.server.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
 def test_default_model_server_equals_mlx_medusa_generate():

@@ -135,19 +135,20 @@ def test_engine_pass_stops_at_the_next_layer_when_its_caller_gives_up(llama):
     shard = Shard("m", 0, N_LAYERS - 1, N_LAYERS)
     layers: list[int] = []
     started, gave_up = threading.Event(), threading.Event()
-    done_layer = engine._layer_done
-
-    def held_layer(h):  # the first layer ends only once its caller has given up
-        layers.append(1)
-        started.set()
-        assert gave_up.wait(30), "the caller never gave up"
-        done_layer(h)
-
-    engine._layer_done = held_layer
     prompt = (np.arange(300) % 96)[None]
 
     async def main():
         await engine.ensure_shard(shard)
+        loaded = engine.runner.loaded
+        done_layer = loaded.layer_done
+
+        def held_layer(h, check):  # the first layer ends only once its caller has given up
+            layers.append(1)
+            started.set()
+            assert gave_up.wait(30), "the caller never gave up"
+            done_layer(h, check)
+
+        loaded.layer_done = held_layer
         task = asyncio.ensure_future(engine.infer_tensor("r", shard, prompt, st.initial_state()))
         assert await asyncio.to_thread(started.wait, 30), "the pass never began"
         task.cancel()
@@ -156,7 +157,7 @@ def test_engine_pass_stops_at_the_next_layer_when_its_caller_gives_up(llama):
         gave_up.set()
         await engine._run(lambda: None)  # the worker is free again
         assert layers == [1] and engine.request_ids == []  # stopped after the layer it was in, its cache dropped
-        engine._layer_done = done_layer
+        loaded.layer_done = done_layer
         out, state = await engine.infer_tensor("next", shard, prompt, st.initial_state())
         return out, state
 

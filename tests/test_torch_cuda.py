@@ -50,7 +50,7 @@ def captures(monkeypatch):
 class StaticOracle(TorchOracleMedusa):
     """Oracle heads rig their logits on the host, which a graph cannot hold: the static step, eager."""
 
-    def verifier(self, ctx, caches, tree, policy, fast_path=None):
+    def fast_verifier(self, ctx, caches, tree, policy, fast_path=None):
         return StaticVerifier(self, ctx, caches, tree, policy)
 
 

@@ -48,8 +48,12 @@ class Kept(TorchOracleMedusa):
         ctx, self.caches = super().make_cache(*args, **kw)
         return ctx, self.caches
 
-    def verifier(self, ctx, caches, tree, policy, fast_path=None):
-        self.verifier_used = super().verifier(ctx, caches, tree, policy, fast_path)
+    def make_batch_cache(self):  # without a fast path the sequence decodes as a batch of one
+        ctx, self.caches = super().make_batch_cache()
+        return ctx, self.caches
+
+    def fast_verifier(self, ctx, caches, tree, policy, fast_path=None):
+        self.verifier_used = super().fast_verifier(ctx, caches, tree, policy, fast_path)
         return self.verifier_used
 
 
@@ -203,7 +207,7 @@ def test_graphed_verifier_on_a_stand_in_graph(base, monkeypatch):
         device_type = "cpu"
 
     class Graphed(MedusaModel):
-        def verifier(self, ctx, caches, tree, policy, fast_path=None):
+        def fast_verifier(self, ctx, caches, tree, policy, fast_path=None):
             return CpuGraphed(self, ctx, caches, tree, policy)
 
     resizes = []

@@ -11,10 +11,14 @@ from mlx_lm.generate import generate_step as mlx_generate_step
 from exo_medusa_mlx.heads import load_heads
 from exo_medusa_mlx.core.heads_format import MedusaConfig
 from exo_medusa_mlx.model import base_lm_head
-from exo_medusa_mlx.training.distill import (build_cache, iterate_batches, load_shard, read_documents, read_prompts, self_distill)
-from exo_medusa_mlx.training.train import loss_fn, new_heads, train
+from exo_medusa_mlx.training.distill import build_cache, self_distill
+from exo_medusa_mlx.training.hidden_files import iterate_batches, load_part
+from exo_medusa_mlx.training.loss import loss_fn
+from exo_medusa_mlx.training.prompts import read_documents, read_prompts
+from exo_medusa_mlx.training.train import new_heads, train
 from helpers.tiny import VOCAB
 from helpers.training import EOS, K, base, cache, random_prompts, tiny_heads  # noqa: F401 (base, cache: fixtures)
+
 
 def test_self_distill_equals_plain_greedy(base):
     """The continuous batch (filter, extend) gives each prompt what mlx-lm's unbatched greedy gives."""
@@ -55,14 +59,14 @@ def test_samples_per_prompt(base, tmp_path):
         build_cache(tmp_path / "d", base, lm, key="t", prompts=prompts, samples=2, temp=0.0)
 
 
-def test_shards_hold_targets_at_offset_two(cache):
+def test_parts_hold_targets_at_offset_two(cache):
     folder, meta = cache
     assert meta["rows"]["train"] > 0 and meta["rows"]["val"] > 0
     assert meta["sequences"]["val"] == round(0.2 * 24)
     from safetensors.numpy import load_file
 
     raw = load_file(str(folder / meta["splits"]["train"][0]["file"]))
-    d = load_shard(folder / meta["splits"]["train"][0]["file"], K)
+    d = load_part(folder / meta["splits"]["train"][0]["file"], K)
     labels, left = raw["labels"], raw["left"]
     rows = np.flatnonzero(left >= 1)
     assert len(d["targets"]) == len(rows)
@@ -118,17 +122,17 @@ def test_resume_equals_uninterrupted(base, cache, tmp_path, monkeypatch):
     class Stop(Exception):
         pass
 
-    real = T._save_checkpoint
+    real = T.save_checkpoint
 
     def save_then_stop(*args):
         real(*args)
         raise Stop
 
     ck = tmp_path / "ck"
-    monkeypatch.setattr(T, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(T, "save_checkpoint", save_then_stop)
     with pytest.raises(Stop):
         train(tiny_heads(base), lm, folder, meta, **kw, checkpoint=ck, save_every=5)
-    monkeypatch.setattr(T, "_save_checkpoint", real)
+    monkeypatch.setattr(T, "save_checkpoint", real)
     assert json.loads((ck / "state.json").read_text())["step"] == 5
     # ... and resumed from heads initialised differently: everything must come from the checkpoint.
     resumed = tiny_heads(base, seed=123)
@@ -168,7 +172,7 @@ def test_relabel_uses_base_predictions(base, tmp_path):
 
 
 def test_data_files_and_errors(tmp_path):
-    from exo_medusa_mlx.training.distill import DEFAULT_PROMPTS
+    from exo_medusa_mlx.training.prompts import DEFAULT_PROMPTS
 
     p = read_prompts(DEFAULT_PROMPTS)
     assert len(p) >= 300 and len(set(p)) == len(p)
@@ -221,32 +225,32 @@ def test_fewer_rows_than_a_batch_is_an_error_not_a_hang(base, cache):
 def test_resume_refuses_another_layout_and_a_broken_state(base, tmp_path):
     import mlx.optimizers as optim
 
-    from exo_medusa_mlx.training.train import _resume_step, _save_checkpoint
+    from exo_medusa_mlx.training.checkpoints import resume_step, save_checkpoint
 
     heads = tiny_heads(base)
     opt = optim.AdamW(learning_rate=1e-3)
     opt.init(heads.trainable_parameters())
     ck = tmp_path / "checkpoint"
-    _save_checkpoint(ck, heads, opt, 7)
-    _save_checkpoint(ck, heads, opt, 9)  # replaces the previous one whole, leaves nothing beside it
+    save_checkpoint(ck, heads, opt, 7)
+    save_checkpoint(ck, heads, opt, 9)  # replaces the previous one whole, leaves nothing beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     other = new_heads(MedusaConfig(num_heads=K + 1, hidden_size=base.args.hidden_size, vocab_size=VOCAB),
                       base.lm_head.weight, 0)
     with pytest.raises(ValueError, match="another layout"):
-        _resume_step(ck, other)
-    assert _resume_step(ck, tiny_heads(base, seed=5)) == 9
+        resume_step(ck, other)
+    assert resume_step(ck, tiny_heads(base, seed=5)) == 9
     (ck / "state.json").write_text("{broken")
     with pytest.raises(ValueError, match="state.json is unreadable"):
-        _resume_step(ck, tiny_heads(base))
+        resume_step(ck, tiny_heads(base))
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "unrecognized arguments: --steps"),  # no abbreviation of --steps-per-eval
-    (["--iters", "0"], "--iters must be at least 1"),
+    (["--iters", "0"], "argument --iters: 0 must be at least 1"),
     (["--epochs", "0"], "argument --epochs: 0 must be > 0"),
-    (["--warmup", "-5"], "--warmup must not be negative"),
+    (["--warmup", "-5"], "argument --warmup: -5 must be >= 0"),
     (["--learning-rate", "-1"], "argument --learning-rate: -1 must be > 0"),
-    (["--self-instruct", "-1"], "--self-instruct must not be negative"),
+    (["--self-instruct", "-1"], "argument --self-instruct: -1 must be >= 0"),
     (["--data", "d.txt", "--add-prompts", "p.jsonl"], "--add-prompts and --self-instruct add prompts"),
     (["--add-prompts", "missing.jsonl"], "prompt file missing.jsonl not found"),
 ])

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from exo_medusa_mlx.core.heads_format import MedusaConfig
-from exo_medusa_mlx.training.distill import iterate_batches, load_shard
+from exo_medusa_mlx.training.hidden_files import iterate_batches, load_part
 from exo_medusa_mlx.heads import load_heads
 from exo_medusa_mlx.model import base_lm_head
-from exo_medusa_mlx.training.train import loss_fn, new_heads, train
+from exo_medusa_mlx.training.loss import loss_fn
+from exo_medusa_mlx.training.train import new_heads, train
 from helpers.tiny import VOCAB
 from helpers.training import K, base, cache, random_prompts, tiny_heads  # noqa: F401 (base, cache: fixtures)
 
@@ -19,11 +20,11 @@ from helpers.training import K, base, cache, random_prompts, tiny_heads  # noqa:
 def test_next_token_heads_learn_from_the_fed_token(base, cache, tmp_path):
     """--next-token: rows carry the token fed after them (the greedy one here, so the base argmax);
     plain saved heads are a starting point (zero next-token maps), and training lowers the loss."""
-    from exo_medusa_mlx.training.train import init_from, saved_heads
+    from exo_medusa_mlx.training.checkpoints import init_from, saved_heads
 
     folder, meta = cache
     lm = base_lm_head(base)
-    d = load_shard(folder / meta["splits"]["train"][0]["file"], K)
+    d = load_part(folder / meta["splits"]["train"][0]["file"], K)
     from safetensors.numpy import load_file
 
     raw = load_file(str(folder / meta["splits"]["train"][0]["file"]))
@@ -54,7 +55,8 @@ def test_next_token_heads_learn_from_the_fed_token(base, cache, tmp_path):
 def test_hydra_heads_start_from_next_token_heads_and_learn_their_path(base, cache, tmp_path):
     """--hydra: head d reads the fed token and the d tokens after it (teacher forcing); from next-token
     heads it starts exactly where they were (the root's map copied, the others zero), then learns."""
-    from exo_medusa_mlx.training.train import init_from, path_embeds, saved_heads
+    from exo_medusa_mlx.training.checkpoints import init_from, saved_heads
+    from exo_medusa_mlx.training.loss import path_embeds
 
     folder, meta = cache
     lm = base_lm_head(base)
@@ -135,7 +137,7 @@ def test_kl_loss_and_own_layout_train(base, cache, tmp_path):
 def test_init_from_deeper_heads_start_where_the_saved_ones_were(base, cache, tmp_path):
     """--init-from: saved 1-layer heads fill the first block of 2-layer heads, the new block is
     the identity, so the logits match before training; training then moves on from there."""
-    from exo_medusa_mlx.training.train import init_from, saved_heads
+    from exo_medusa_mlx.training.checkpoints import init_from, saved_heads
 
     folder, meta = cache
     lm = base_lm_head(base)

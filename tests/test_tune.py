@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from exo_medusa_mlx.training.distill import DATA_DIR, read_prompts
+from exo_medusa_mlx.training.prompts import DATA_DIR, read_prompts
 from exo_medusa_mlx.core.tree import build_tree
 from exo_medusa_mlx.core.growth import (conditional_accuracy, empirical_accept_length, grow_tree, latency_table,
                                         topk_accuracy)
@@ -113,13 +113,13 @@ def test_shipped_heads_lossless_on_default_model():
     assert (SHIPPED_HEADS / "medusa_lm_head.safetensors").is_file(), f"shipped heads missing in {SHIPPED_HEADS}"
     from exo_medusa_mlx.generate import stream_generate
     from exo_medusa_mlx.loading import load
-    from exo_medusa_mlx.training.distill import chat_ids
+    from exo_medusa_mlx.core.tokens import prompt_ids
 
     model, tok = load()
     assert model.heads is not None and 2 <= model.tree.size <= 16  # the tuned tree.json is picked up
     info = json.loads((SHIPPED_HEADS / "config.json").read_text())["info"]
     assert info["val_top1"][0] > 0.15  # well above an untrained head's (~0.03)
-    ids = chat_ids(tok, "Write a short note to a friend about a trip to the seaside.")
+    ids = prompt_ids(tok, "Write a short note to a friend about a trip to the seaside.")
     plain = [r.token for r in stream_generate(model, tok, ids, max_tokens=30, medusa=False)]
     runs = list(stream_generate(model, tok, ids, max_tokens=30))
     assert [r.token for r in runs] == plain

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cli_args import positive_float
+from ..cli_args import non_negative_int, positive_float, positive_int
 
 DEFAULT_RANKS = "1,2,3"
 
@@ -43,12 +43,15 @@ def _decode(model, tokenizer, ids, max_tokens, medusa, comm) -> dict:
 
 def worker(args) -> None:
     """One rank: load, split, decode every prompt with Medusa off and on; rank 0 writes the result."""
+    from .._blas import setup_blas
+
+    setup_blas()  # before the first import of mlx (``python -m exo_medusa_mlx.bench.distributed``)
     import mlx.core as mx
 
     from .. import distributed as dist
-    from .main import bench_prompts
-    from ..generate import apply_template
+    from ..core.tokens import apply_template
     from ..loading import load
+    from ..training.prompts import bench_prompts
 
     comm = dist.init(args.dist_timeout) if os.environ.get("MLX_RANK") else None
     model, tokenizer = load(args.model, heads=args.heads, tree=args.tree, lazy=comm is not None)
@@ -131,11 +134,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--heads", default=None)
     p.add_argument("--tree", default=None)
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--limit", type=int, default=None, help="Only the first N bench prompts")
+    p.add_argument("--max-tokens", type=positive_int, default=48)
+    p.add_argument("--limit", type=positive_int, default=None, help="Only the first N bench prompts")
     p.add_argument("--ranks", default=DEFAULT_RANKS, help="Rank counts, comma-separated")
     p.add_argument("--parallel", default="pipeline", help="pipeline, tensor or both (comma-separated)")
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads per rank (0: the environment's)")
+    p.add_argument("--threads", type=non_negative_int, default=1, help="BLAS threads per rank (0: the environment's)")
     p.add_argument("--dist-timeout", type=positive_float, default=600.0)
     p.add_argument("--out", default="runs/bench_distributed", help="Folder for bench_distributed.{json,md}")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -151,9 +154,6 @@ def _parse(args) -> tuple[list[int], list[str]]:
     splits = args.parallel.split(",")
     if any(r < 1 for r in ranks) or not set(splits) <= {"pipeline", "tensor"}:
         raise ValueError(f"--ranks {args.ranks} / --parallel {args.parallel}: ranks >= 1; pipeline and/or tensor")
-    for name in ("max_tokens", "limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     return ranks, splits
 
 

@@ -19,20 +19,15 @@ import platform
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from ..cli_args import fail, non_negative_float, positive_int
+from ..training.prompts import bench_prompts
 
 MLX_METHODS = {"a": "mlx-lm stream_generate", "b": "ours --no-medusa (MLX)", "c": "ours Medusa (MLX)"}
 TORCH_METHODS = {"d": "transformers generate", "e": "transformers prompt lookup", "f": "ours Medusa (torch)"}
-
-
-def bench_prompts() -> list[dict]:
-    text = resources.files("exo_medusa_mlx").joinpath("data/bench_prompts.json").read_text()
-    return json.loads(text)["prompts"]
 
 
 def machine() -> dict:
@@ -130,7 +125,8 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
     acceptance for Medusa): speeds and accepted lengths, not token equality, then count."""
     from tqdm import tqdm
 
-    from ..core.generation import apply_template, stream_generate
+    from ..core.generation import stream_generate
+    from ..core.tokens import apply_template, eos_ids
     from ..loading import load
 
     med, tokenizer = load(model, heads=heads, tree=tree)
@@ -155,7 +151,7 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
             from transformers import AutoModelForCausalLM
 
             hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-            eos = list(set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]))
+            eos = sorted(eos_ids(tokenizer))
             runners["d"] = lambda ids: _hf(hf, ids, max_tokens, eos, None)
             runners["e"] = lambda ids: _hf(hf, ids, max_tokens, eos, 10)
             try:

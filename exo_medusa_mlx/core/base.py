@@ -3,7 +3,7 @@
 A backend subclasses ``MedusaBase`` and ``HeadsBase`` and gives them ``ops`` (an
 ``ArrayOps``: stack, concat, argmax, top-k, scatter, to-numpy) plus the model
 primitives the base cannot know: ``hidden`` (the base model's layers over the
-cache), ``logits``, ``embed``, ``draft_rows``, ``make_cache``, ``transposes`` and,
+cache), ``logits``, ``embed``, ``draft_rows``, ``make_cache``, ``make_batch_cache``, ``transposes`` and,
 for heads, ``named_arrays`` / ``assign``. Everything else, proposing, the heads'
 projection and the checkpoint key mapping, is written here once.
 """
@@ -70,6 +70,13 @@ class MedusaBase:
 
     ops: ClassVar[ArrayOps]
     verify_rows_max: ClassVar[int] = 64  # beyond this many rows, both products cost about the same
+    backend: ClassVar[str]  # "mlx" or "torch": which tuned tree file a load reads (``default_tree_for``)
+    probes_at_load: ClassVar[bool] = False  # whether a load with no tree tuned here probes (``core.attach``)
+
+    @classmethod
+    def heads_for(cls, base, path: Path):
+        """The backend's heads from ``path`` for ``base``, in its compute dtype and on its device."""
+        raise NotImplementedError
 
     def __post_init__(self) -> None:
         self._draft = None
@@ -86,6 +93,11 @@ class MedusaBase:
     @property
     def max_context(self) -> int | None:
         return getattr(self.config, "max_position_embeddings", None)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End tokens the model's own config names, for a tokenizer that lists none (``core.tokens.eos_ids``)."""
+        return []
 
     # ------------------------------------------------------------ trees
 
@@ -126,9 +138,12 @@ class MedusaBase:
             ctx.begin(tree.depths, tree.mask)
         return self.hidden(tokens, caches, transposed=tree is not None and self.transposes(T))
 
-    def verifier(self, ctx, caches, tree: TreeBuffers, policy, fast_path: bool | None = None) -> Verifier:
-        """The step's verifier; a backend returns its fast path where it pays."""
-        return Verifier(self, ctx, caches, tree, policy)
+    def fast_verifier(self, ctx, caches, tree: TreeBuffers, policy, fast_path: bool | None = None) -> Verifier | None:
+        """A backend's single-sequence fast path where it pays (``fast_path`` None), or as asked;
+        None: the step's own (``BatchVerifier``, a batch of one)."""
+        if fast_path:
+            raise ValueError(f"{type(self).__name__} has no fast path: leave fast_path unset")
+        return None
 
     def settle(self, caches) -> None:
         """After a prefill chunk is committed (MLX evaluates, to bound the graph)."""

@@ -3,7 +3,7 @@
 ``generate_step`` (``core/step.py``) yields ``Step``s, the tokens each verification
 step emits; ``stream_steps`` turns them into one ``GenerationResponse`` per token,
 stopping at EOS or ``max_tokens`` inside a step. The model supplies what differs
-by backend: ``eos_ids``, ``detokenizer``, ``max_context`` and its memory counters.
+by backend: its config's ``eos_token_ids``, ``detokenizer``, ``max_context`` and its memory counters.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from .accept import make_policy
 from .limits import Limits, check_prompt_text
 from .slots import DEFAULT_KEEP
 from .step import ROOT_ONLY, Step, generate_step
+from .tokens import encode_prompt, eos_ids
+from .stops import StopMatcher
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -28,7 +30,7 @@ class GenerationResponse:
     text: str  # the new text piece
     token: int
     accepted: int  # tokens emitted by this token's verification step
-    finish_reason: str | None  # "stop" (EOS), "length", or None
+    finish_reason: str | None  # "stop" (EOS), "length" (max_tokens or the context full), or None
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -36,19 +38,6 @@ class GenerationResponse:
     peak_memory: float  # GB
     steps: int  # verification steps so far
     mean_accepted: float  # tokens per verification step so far
-
-
-def encode_prompt(tokenizer, prompt) -> np.ndarray:
-    """A string (tokenised as mlx-lm does) or token ids, checked."""
-    if isinstance(prompt, str):
-        bos = getattr(tokenizer, "bos_token", None)
-        ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
-    else:
-        ids = prompt
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if ids.size == 0:
-        raise ValueError("prompt is empty: give at least one token")
-    return ids
 
 
 def check_request(ids: np.ndarray, context: int | None, max_tokens: int, max_kv_size: int | None = None,
@@ -62,11 +51,52 @@ def check_request(ids: np.ndarray, context: int | None, max_tokens: int, max_kv_
         raise ValueError(f"max_kv_size {max_kv_size} is too small: it must be at least keep + 2 = {keep + 2}")
 
 
+class TokenText:
+    """One request's tokens as text deltas, and when it ends: EOS ("stop"), ``max_tokens``
+    ("length") or one of the ``stops`` strings ("stop": found across token boundaries, never emitted)."""
+
+    def __init__(self, detok, eos: set[int], max_tokens: int, stops: list[str] | None = None):
+        detok.reset()
+        self.detok, self.eos, self.max_tokens = detok, eos, max_tokens
+        self.stops = StopMatcher(stops) if stops else None
+        self.n = 0  # tokens generated (EOS not counted)
+
+    def add(self, tok: int, ends: str | None = None) -> tuple[str, str | None]:
+        """The text ``tok`` adds, and the finish reason (None: the request goes on).
+
+        ``ends``: the reason the sequence ends after ``tok`` whatever it is ("length": it fills
+        the model's context, ``Step.finish``)."""
+        finish = None
+        if tok in self.eos:
+            finish = "stop"
+        else:
+            self.detok.add_token(tok)
+            self.n += 1
+            finish = "length" if self.n == self.max_tokens else ends
+        if finish:
+            self.detok.finalize()
+        text = self.detok.last_segment
+        if self.stops is not None:
+            text, hit = self.stops.feed(text)
+            if hit:
+                finish = "stop"
+            elif finish:
+                text += self.stops.flush()
+        return text, finish
+
+    def end(self) -> str:
+        """The text still held back, when the request ends for another reason (a limit)."""
+        self.detok.finalize()
+        text = self.detok.last_segment
+        return text + self.stops.flush() if self.stops is not None else text
+
+
 def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok, max_tokens: int,
                  peak_memory: Callable[[], float], tic: float) -> Iterator[GenerationResponse]:
-    """One response per token from a step generator; ``tic`` is when the prefill began."""
-    detok.reset()
-    n, n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0, 0.0, tic
+    """One response per token from a step generator, until EOS, ``max_tokens`` or the context's
+    end (the last step's ``finish``); ``tic`` is when the prefill began."""
+    out = TokenText(detok, eos, max_tokens)
+    n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0.0, tic
     for step in steps:
         if step.tree_size == 0:
             prompt_tps = prompt_tokens / max(time.perf_counter() - tic, 1e-9)
@@ -74,20 +104,12 @@ def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok
         else:
             n_steps += 1
             n_verified += len(step.tokens)
-        for tok in step.tokens:
-            finish = None
-            if tok in eos:
-                finish = "stop"
-            else:
-                detok.add_token(tok)
-                n += 1
-                if n == max_tokens:
-                    finish = "length"
-            if finish:
-                detok.finalize()
+        for i, tok in enumerate(step.tokens):
+            text, finish = out.add(tok, step.finish if i == len(step.tokens) - 1 else None)
+            n = out.n
             elapsed = max(time.perf_counter() - gen_start, 1e-9)
             yield GenerationResponse(
-                text=detok.last_segment, token=tok, accepted=len(step.tokens), finish_reason=finish,
+                text=text, token=tok, accepted=len(step.tokens), finish_reason=finish,
                 prompt_tokens=prompt_tokens, prompt_tps=prompt_tps, generation_tokens=n,
                 # The first token comes from the prefill, as in mlx-lm's count.
                 generation_tps=(n - 1) / elapsed if n > 1 else 0.0,
@@ -119,20 +141,6 @@ def print_stats(r: GenerationResponse, file=sys.stdout) -> None:
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
 
 
-def apply_template(tokenizer, prompt: str, system: str | None, use_template: bool):
-    """The user message in the chat template (ids), or the raw prompt string."""
-    if not use_template or getattr(tokenizer, "chat_template", None) is None:
-        return prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return chat_ids(tokenizer, messages)
-
-
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Messages in the tokenizer's chat template, ready for the assistant's answer (ids)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def stream_generate(model, tokenizer, prompt, max_tokens: int = DEFAULT_MAX_TOKENS, temp: float = 0.0,
                     top_p: float = 1.0, seed: int | None = None, medusa: bool = True,
                     max_kv_size: int | None = None, keep: int = DEFAULT_KEEP, acceptance: str = "auto",
@@ -160,7 +168,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = DEFAULT_MAX_TOKE
     tic = time.perf_counter()
     steps = generate_step(ids, model, policy, max_kv_size=max_kv_size, keep=keep,
                           tree=None if medusa else ROOT_ONLY, max_tokens=max_tokens, check=check)
-    yield from stream_steps(steps, len(ids), set(model.eos_ids(tokenizer)), model.detokenizer(tokenizer),
+    yield from stream_steps(steps, len(ids), eos_ids(tokenizer, model.eos_token_ids), model.detokenizer(tokenizer),
                             max_tokens, model.peak_memory_gb, tic)
 
 

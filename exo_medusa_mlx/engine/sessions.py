@@ -21,9 +21,8 @@ class Session:
     caches: list
     settings: Settings = field(default_factory=Settings)
     pending: tuple[np.ndarray, np.ndarray] | None = None  # (depths, mask) of a tree forward not yet committed
-    policy: Policy | None = None  # last shard: set on the first pass
+    policy: Policy | None = None  # last shard: how the request picks tokens, chosen when it starts
     tree: TreeBuffers | None = None  # last shard: the tree it proposes (root alone: plain decoding)
-    passes: int = 0  # passes verified (last shard)
 
 
 class Sessions:

@@ -18,15 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.heads_format import default_tree_for
-from ..core.tree import ROOT_ONLY, load_tree
+from ..core.attach import attach
 from ..torch_compat.cache import make_cache
 from ..torch_compat.generate import load_tokenizer
-from ..torch_compat.heads import load_heads
-from ..torch_compat.loading import default_device, default_dtype, parse_dtype
+from ..torch_compat.loading import default_device, resolve_dtype
 from ..torch_compat.model import MedusaModel
-from .shard_engine import Loaded, MedusaShardEngine
+from .loaded import LoadedShard
 from .sessions import Session
+from .shard_engine import MedusaShardEngine
 from .shard import Shard
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -62,31 +61,10 @@ def _shard_prefixes(shard: Shard, tied: bool) -> tuple[str, ...]:
     return keep
 
 
-def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None, device=None):
-    """(MedusaModel, tokenizer) holding only ``shard``'s weights; the other layers stay on meta."""
+def _assign(base, files: dict[str, Path], keep: tuple[str, ...], device, dtype) -> set[str]:
+    """Read the tensors named ``keep*`` into ``base`` (in place of its meta ones); their names."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
-    device = torch.device(device) if device is not None else default_device()
-    dtype = parse_dtype(dtype) or default_dtype(device)
-    config = AutoConfig.from_pretrained(str(path))
-    n = config.num_hidden_layers
-    if n != shard.n_layers:
-        raise ValueError(f"shard of '{shard.model_id}' says {shard.n_layers} layers but {path} has {n}; "
-                         f"use n_layers={n}")
-    medusa_heads, buffers = None, ROOT_ONLY
-    if heads is not None:
-        medusa_heads = load_heads(heads, config.hidden_size, config.vocab_size, dtype=dtype, device=device)
-        buffers = load_tree(tree if tree is not None else default_tree_for(Path(heads), "torch"))
-    # Next-token heads read the embedding of the base model's next token on the last shard.
-    next_token = medusa_heads is not None and medusa_heads.config.next_token
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    base.eval()
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    keep = _shard_prefixes(shard, tied or next_token)
-    files = _weight_files(path)
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         if name.startswith(keep):
@@ -95,15 +73,40 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     for f, names in by_file.items():
         with safe_open(str(f), framework="pt") as sf:
             weights.update({k: sf.get_tensor(k).to(device=device, dtype=dtype) for k in names})
-    tie_head = shard.is_last_layer() and "lm_head.weight" not in weights
-    if tie_head and not tied:
-        raise ValueError(f"{path}: no lm_head.weight and the config does not tie it to the embedding")
     base.load_state_dict(weights, strict=False, assign=True)
+    return set(weights)
+
+
+def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None, device=None):
+    """(MedusaModel, tokenizer) holding only ``shard``'s weights; the other layers stay on meta."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device)
+    config = AutoConfig.from_pretrained(str(path))
+    n = config.num_hidden_layers
+    if n != shard.n_layers:
+        raise ValueError(f"shard of '{shard.model_id}' says {shard.n_layers} layers but {path} has {n}; "
+                         f"use n_layers={n}")
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    base.eval()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    files = _weight_files(path)
+    loaded = _assign(base, files, _shard_prefixes(shard, tied), device, dtype)
     inner = base.model
-    if tie_head:
+    if shard.is_last_layer() and "lm_head.weight" not in loaded:
+        if not tied:
+            raise ValueError(f"{path}: no lm_head.weight and the config does not tie it to the embedding")
         base.lm_head.weight = inner.embed_tokens.weight
     # Buffers built at init (RoPE frequencies) were made on meta: build them again for real.
     inner.rotary_emb = type(inner.rotary_emb)(config=config).to(device)
+    model = attach(base, heads, tree, MedusaModel, model_id=shard.model_id, probe=False)  # a shard cannot probe
+    # Next-token heads read the embedding of the base model's next token on the last shard.
+    next_token = model.heads is not None and model.heads.config.next_token
+    if shard.is_last_layer() and next_token and not (shard.is_first_layer() or tied):
+        _assign(base, files, ("model.embed_tokens.",), device, dtype)
     held = [inner.layers[i] for i in range(shard.start_layer, shard.end_layer + 1)]
     if shard.is_first_layer() or (shard.is_last_layer() and next_token):
         held.append(inner.embed_tokens)
@@ -114,9 +117,49 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks weights of shard {shard.start_layer}-{shard.end_layer}: "
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-
-    model = MedusaModel(base, medusa_heads, buffers, model_id=shard.model_id)
     return model, load_tokenizer(path)
+
+
+class TorchShard(LoadedShard):
+    """A shard's transformers layers over the torch twin's ``MedusaCache`` (one per request)."""
+
+    def __init__(self, shard: Shard, tokenizer, model: MedusaModel, device: torch.device):
+        super().__init__(shard, tokenizer, model)
+        self.device = device
+        self.dtype = model.dtype  # what hidden states are computed in (the lm_head's, on meta or not)
+        params = inspect.signature(model.base.model.layers[shard.start_layer].forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def new_cache(self, max_kv_size: int | None, keep: int):
+        base = self.model.base
+        return make_cache(self.shard.n_layers, max_kv_size, keep, device=self.device, dtype=self.dtype,
+                          implicit_causal=base.config._attn_implementation == "sdpa")
+
+    def running(self):
+        return torch.inference_mode()
+
+    def device_array(self, x: np.ndarray) -> torch.Tensor:
+        # exo's gRPC server hands over read-only np.frombuffer arrays: torch wants writable ones.
+        t = torch.from_numpy(np.require(x, requirements="CW")).to(self.device)
+        return t if x.dtype.kind in "iu" else t.to(self.dtype)
+
+    def layers(self, h: torch.Tensor, sess: Session, transposed: bool, check) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        base = self.model.base
+        ctx, caches = sess.ctx, sess.caches
+        # As the model's own forward: the cache's 4D tree mask passes through untouched, a
+        # first prompt chunk gets sdpa's implicit causal mask.
+        mask = create_causal_mask(config=base.config, inputs_embeds=h, attention_mask=ctx.mask,
+                                  **{self.cache_arg: caches}, position_ids=ctx.positions)
+        rope = base.model.rotary_emb(h, ctx.positions)
+        layers = base.model.layers[self.shard.start_layer : self.shard.end_layer + 1]
+        with self.model.placed(caches, transposed):
+            for layer in layers:
+                h = layer(h, attention_mask=mask, position_ids=ctx.positions, use_cache=True,
+                          position_embeddings=rope, **{self.cache_arg: caches})
+                self.layer_done(h, check)
+        return h
 
 
 class MedusaTorchInferenceEngine(MedusaShardEngine):
@@ -131,45 +174,9 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
         super().__init__(shard_downloader, **kw)
         self.device = torch.device(device) if device is not None else default_device()
 
-    def _load_backend(self, shard: Shard, path: Path, heads, tree) -> Loaded:
+    def _load_backend(self, shard: Shard, path: Path, heads, tree) -> TorchShard:
         model, tokenizer = load_shard_model(shard, path, heads, tree, self.dtype, self.device)
-        self._dtype = model.dtype  # what hidden states are computed in (the lm_head's, on meta or not)
-        layer = model.base.model.layers[shard.start_layer]
-        params = inspect.signature(layer.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        return Loaded(shard, tokenizer, model)
-
-    def _new_cache(self):
-        base = self.model.base
-        return make_cache(self.shard.n_layers, self.max_kv_size, self.keep, device=self.device, dtype=self._dtype,
-                          implicit_causal=base.config._attn_implementation == "sdpa")
-
-    def _infer(self, *args):
-        with torch.inference_mode():
-            return super()._infer(*args)
-
-    def _device_array(self, x: np.ndarray) -> torch.Tensor:
-        # exo's gRPC server hands over read-only np.frombuffer arrays: torch wants writable ones.
-        t = torch.from_numpy(np.require(x, requirements="CW")).to(self.device)
-        return t if x.dtype.kind in "iu" else t.to(self._dtype)
-
-    def _layers(self, h: torch.Tensor, sess: Session, transposed: bool) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
-        base = self.model.base
-        ctx, caches = sess.ctx, sess.caches
-        # As the model's own forward: the cache's 4D tree mask passes through untouched, a
-        # first prompt chunk gets sdpa's implicit causal mask.
-        mask = create_causal_mask(config=base.config, inputs_embeds=h, attention_mask=ctx.mask,
-                                  **{self._cache_arg: caches}, position_ids=ctx.positions)
-        rope = base.model.rotary_emb(h, ctx.positions)
-        layers = base.model.layers[self.shard.start_layer : self.shard.end_layer + 1]
-        with self.model.placed(caches, transposed):
-            for layer in layers:
-                h = layer(h, attention_mask=mask, position_ids=ctx.positions, use_cache=True,
-                          position_embeddings=rope, **{self._cache_arg: caches})
-                self._layer_done(h)
-        return h
+        return TorchShard(shard, tokenizer, model, self.device)
 
     async def load_checkpoint(self, shard: Shard, path: str | Path) -> None:
         """Load weights (safetensors, Hugging Face names) over the shard's layers; other names are ignored."""

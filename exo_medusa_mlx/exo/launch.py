@@ -9,12 +9,13 @@ importable: install it from its v0.0.15-alpha tag.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
+
+from ..backends import resolve_backend
 
 
 def default_engine() -> str:
-    return "medusa-mlx" if importlib.util.find_spec("mlx") is not None else "medusa-torch"
+    return f"medusa-{resolve_backend('auto')}"
 
 
 def exo_argv(argv: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ import time
 
 from ..cli_args import fail, interrupt_flag, kv_window, non_negative_float, non_negative_int, port, positive_float
 from ..cli_args import positive_int, probability, read_prompt
+from ..core.tokens import apply_template, encode_prompt, eos_ids
 from .auth import TOKEN_ENV, env_token
 from .client import DEFAULT_TIMEOUT_S, RingError
 from .launcher import LocalRing
@@ -126,8 +127,6 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         ring.start()
         tokenizer = load_tokenizer(args.model)
-        from ..core.generation import apply_template, encode_prompt
-
         # Token ids with the template applied; raw text is encoded by the first node (exo's SendPrompt).
         prompt = apply_template(tokenizer, text, args.system_prompt, not args.ignore_chat_template)
         n_prompt = len(encode_prompt(tokenizer, prompt))
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         detok = tokenizer.detokenizer
         detok.reset()
 
-        eos = set(tokenizer.eos_token_ids)
+        eos = eos_ids(tokenizer)
 
         def stream(tokens: list[int]) -> None:
             for t in tokens:
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
 
         with ring.client(args.timeout) as client, interrupt_flag() as stopped:
             result = client.generate(prompt, max_tokens, not args.no_medusa,
-                                     eos_token_ids=tokenizer.eos_token_ids, temp=args.temp, top_p=args.top_p,
+                                     eos_token_ids=eos, temp=args.temp, top_p=args.top_p,
                                      seed=args.seed, on_tokens=stream)
         detok.finalize()
         print(detok.last_segment, file=out, flush=True)

@@ -27,7 +27,7 @@ from typing import Sequence
 
 from ..cli_args import one_line
 from ..core.machine import free_ports
-from ..engine.shard import Shard, partition_layers  # noqa: F401 (partition_layers: imported from here)
+from ..engine.shard import Shard, partition_layers
 from .auth import TOKEN_ENV
 from .client import DEFAULT_TIMEOUT_S, NodeInfo, RingClient, RingError
 from .node import BACKENDS, format_address

@@ -206,6 +206,9 @@ def make_engine(backend: str, model: str, heads=None, tree=None, max_kv_size=Non
 
     dl = LocalShardDownloader()
     if backend == "mlx":
+        from .._blas import setup_blas
+
+        setup_blas()  # before the engine imports mlx
         from ..engine.mlx_backend import MedusaMLXInferenceEngine
 
         return MedusaMLXInferenceEngine(dl, heads=heads, tree=tree, max_kv_size=max_kv_size, medusa=medusa)

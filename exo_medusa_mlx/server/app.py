@@ -19,7 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..core.generation import chat_ids, encode_prompt
+from ..cli_args import NON_NEGATIVE, POSITIVE_INT, PROBABILITY, check_fields
+from ..core.tokens import chat_ids, encode_prompt
 from .responses import DONE, Shape, sse
 from .scheduler import GenerationArgs, Job, Scheduler
 from .schema import APIError, ChatRequest, CompletionRequest, parse
@@ -33,6 +34,11 @@ class Settings:
     temp: float = 0.0
     top_p: float = 1.0
     allowed_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # The rules of the server's flags of the same names (``mlx_medusa server --max-tokens ...``).
+        check_fields(self, dict(max_body_bytes=POSITIVE_INT, max_tokens=POSITIVE_INT, temp=NON_NEGATIVE,
+                                top_p=PROBABILITY))
 
 
 def model_limits(model) -> tuple[int | None, int]:

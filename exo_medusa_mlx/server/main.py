@@ -9,13 +9,15 @@ import sys
 from typing import Callable
 
 from .. import backends
-from ..cli_args import finite_float, kv_window
+from ..cli_args import KV_WINDOW, NON_NEGATIVE, NON_NEGATIVE_INT, PORT, POSITIVE, POSITIVE_INT, PROBABILITY
 from ..core.generation import stream_generate
 
 API_KEY_ENV = "MLX_MEDUSA_API_KEY"
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
+    """mlx_lm.server's flags where they mean the same; the numbers' types are the rules ``Settings``
+    and ``Scheduler`` check their values with (``cli_args``)."""
     p = argparse.ArgumentParser(prog="mlx_medusa server", allow_abbrev=False,
                                 description="OpenAI-compatible HTTP server with Medusa decoding.")
     p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto",
@@ -28,19 +30,20 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-medusa", action="store_true", help="Plain decoding through the same code")
     p.add_argument("--host", default="127.0.0.1",
                    help="Address to bind (default 127.0.0.1; 0.0.0.0 serves the network)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=PORT.parse, default=8080)
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"Require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none)")
-    p.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens of a request that gives none")
-    # NaN and inf are refused at parse time; the ranges by check_args, in one line.
-    p.add_argument("--temp", type=finite_float, default=0.0, help="Default temperature")
-    p.add_argument("--top-p", type=finite_float, default=1.0, help="Default top_p")
-    p.add_argument("--max-kv-size", type=kv_window, default=None, help="Committed KV window per request (rotating)")
-    p.add_argument("--queue-size", type=int, default=32,
+    p.add_argument("--max-tokens", type=POSITIVE_INT.parse, default=512,
+                   help="Default max_tokens of a request that gives none")
+    p.add_argument("--temp", type=NON_NEGATIVE.parse, default=0.0, help="Default temperature")
+    p.add_argument("--top-p", type=PROBABILITY.parse, default=1.0, help="Default top_p")
+    p.add_argument("--max-kv-size", type=KV_WINDOW.parse, default=None, help="Committed KV window per request (rotating)")
+    p.add_argument("--queue-size", type=NON_NEGATIVE_INT.parse, default=32,
                    help="Requests that may wait behind the running one; more are answered 503")
-    p.add_argument("--request-timeout", type=finite_float, default=300.0,
+    p.add_argument("--request-timeout", type=POSITIVE.parse, default=300.0,
                    help="Seconds of generation per request; then it ends with finish_reason 'length'")
-    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="Largest request body accepted (413 above)")
+    p.add_argument("--max-body-bytes", type=POSITIVE_INT.parse, default=4 << 20,
+                   help="Largest request body accepted (413 above)")
     p.add_argument("--allowed-origins", type=lambda s: tuple(x for x in s.split(",") if x), default=(),
                    help="Comma-separated origins for browser (CORS) access (default: none)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -57,19 +60,6 @@ def backend_api(args) -> tuple[Callable, Callable, Callable | None]:
         raise ValueError("--device is for --backend torch; MLX uses its default device")
     return (lambda: backends.load(backend, args.model, args.heads, args.tree, args.dtype, args.device),
             stream_generate, backends.thread_exit(backend))
-
-
-def check_args(args) -> None:
-    for flag, value, low in (("--port", args.port, 0), ("--max-tokens", args.max_tokens, 1),
-                             ("--max-body-bytes", args.max_body_bytes, 1), ("--queue-size", args.queue_size, 0)):
-        if value < low:
-            raise ValueError(f"{flag} {value} must be >= {low}")
-    if not args.request_timeout > 0:
-        raise ValueError(f"--request-timeout {args.request_timeout} must be > 0 seconds")
-    if not args.temp >= 0:
-        raise ValueError(f"--temp {args.temp} must be >= 0")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p {args.top_p} must be in (0, 1]")
 
 
 def make_server(scheduler, settings, host: str, port: int, log_level: str = "info"):
@@ -95,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
     from .scheduler import Scheduler
 
     try:
-        check_args(args)
         load, stream_generate, on_exit = backend_api(args)
         scheduler = Scheduler(load, stream_generate, args.queue_size, args.request_timeout, on_exit,
                               medusa=not args.no_medusa, max_kv_size=args.max_kv_size)

@@ -16,10 +16,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from ..cli_args import NON_NEGATIVE_INT, POSITIVE
 from ..core.limits import Cancelled
 from ..engine.worker import WorkerThread
 from .schema import APIError
-from .stops import StopMatcher
+from ..core.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,8 @@ class Scheduler:
 
     def __init__(self, load: Callable, stream_generate: Callable, queue_size: int = 32, time_limit: float = 300.0,
                  on_exit: Callable[[], None] | None = None, **gen_kwargs):
-        if queue_size < 0:
-            raise ValueError(f"--queue-size {queue_size} must be >= 0")
-        if not time_limit > 0:
-            raise ValueError(f"--request-timeout {time_limit} must be > 0 seconds")
+        NON_NEGATIVE_INT.check("--queue-size", queue_size)  # the rules of the server's flags
+        POSITIVE.check("--request-timeout", time_limit)
         self._worker = WorkerThread("mlx-medusa-server", on_exit)
         try:
             self.model, self.tokenizer = self._worker.submit(load).result()

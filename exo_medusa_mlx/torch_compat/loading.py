@@ -6,11 +6,9 @@ from pathlib import Path
 
 import torch
 
-from ..core.heads_format import default_heads_for, default_tree_for
-from ..core.latency import fit_to_machine, tuned_facts
-from ..core.tree import ROOT_ONLY, load_tree, tree_choices
+from ..core.attach import attach, check_tree, weights_dtype
+from ..core.heads_format import default_heads_for
 from .generate import load_tokenizer
-from .heads import load_heads
 from .model import MedusaModel
 
 
@@ -18,20 +16,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU (exact, and fast BLAS); bfloat16 on CUDA where supported."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """torch's dtype for the weights (``dtype`` by name or a ``torch.dtype``; None for float32 on
+    a CPU, bfloat16 on CUDA where supported, else float16; ``core.attach.weights_dtype``)."""
+    if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"dtype '{dtype}' is not supported: use one of {', '.join(names)}")
-    return names[dtype]
+    on_gpu = device.type == "cuda"
+    gpu = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float16"
+    return getattr(torch, weights_dtype(dtype, not on_gpu, gpu))
 
 
 def load(model: str | None = None, heads: str | Path | None = None, tree=None,
@@ -56,23 +48,12 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
 
     from ..default_model import resolve_model_path
 
-    heads_path = Path(heads) if heads is not None else default_heads_for(model)
-    tuned = default_tree_for(heads_path, "torch")
-    # Resolved first (even without heads), so a bad --tree fails before the model loads.
-    choices = tree_choices(tree if tree is not None else tuned)
-    buffers = load_tree(choices)  # its size cap too, before the model loads
-    path = resolve_model_path(model)
     device = torch.device(device) if device is not None else default_device()
-    dtype = parse_dtype(dtype) or default_dtype(device)
+    dtype = resolve_dtype(dtype, device)
+    heads = Path(heads) if heads is not None else default_heads_for(model)
+    check_tree(heads, tree, MedusaModel.backend)  # even without heads: a bad --tree fails before the model loads
+    path = resolve_model_path(model)
     base = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     base = base.to(device).eval()
-    tokenizer = load_tokenizer(path)
-    medusa_heads = None
-    if heads_path is not None:
-        medusa_heads = load_heads(heads_path, base.config.hidden_size, base.config.vocab_size,
-                                  dtype=dtype, device=device)
-    buffers = buffers if medusa_heads is not None else ROOT_ONLY
-    medusa = MedusaModel(base, medusa_heads, buffers, model_id=str(model) if model else None)
-    if tree is None:  # the tree tuned with the heads, if tuned here; else a probe of this machine picks one
-        medusa = fit_to_machine(medusa, tuned_facts(tuned), str(heads_path))
-    return medusa, tokenizer
+    model_id = str(model) if model else None
+    return attach(base, heads, tree, MedusaModel, model_id=model_id), load_tokenizer(path)

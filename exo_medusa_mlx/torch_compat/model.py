@@ -8,13 +8,16 @@ the per-token positions), and the K/V through ``MedusaCache``.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..core.base import MedusaBase, swapped_class
 from .array_ops import TorchOps
-from .cache import DEFAULT_KEEP, CacheContext, MedusaCache, make_cache
+from .heads import MedusaHeads, load_heads
+from .cache import DEFAULT_KEEP, BatchContext, CacheContext, MedusaCache, make_batch_cache, make_cache
 
 # Families whose attention takes the 4D mask and position_ids as given and whose
 # ``model.model`` returns normed hidden states: checked by tests.
@@ -75,6 +78,14 @@ class MedusaModel(MedusaBase):
     """A transformers causal LM with Medusa heads and a tree attached (``heads`` None: plain decoding)."""
 
     ops = TorchOps
+    backend = "torch"
+    probes_at_load = True  # its shipped tree.torch.json was tuned on another machine (see ``model.MedusaModel``)
+
+    @classmethod
+    def heads_for(cls, base, path: Path) -> MedusaHeads:
+        """Heads for transformers' ``base``, in its lm_head's dtype and on its device."""
+        head = base.get_output_embeddings().weight
+        return load_heads(path, base.config.hidden_size, base.config.vocab_size, dtype=head.dtype, device=head.device)
 
     def __post_init__(self):
         check_supported(self.base)
@@ -105,20 +116,13 @@ class MedusaModel(MedusaBase):
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """End tokens from the model's generation config (may list several)."""
+        """End tokens from the model's generation config (may list several): a bare transformers
+        tokenizer (no ``eos_token_ids``) ends on these and its own (``core.tokens.eos_ids``)."""
         gen = getattr(self.base, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         if eos is None:
             eos = self.base.config.eos_token_id
         return [] if eos is None else [int(e) for e in np.atleast_1d(eos)]
-
-    def eos_ids(self, tokenizer) -> list[int]:
-        """The wrapper's (config.json's and the tokenizer's); for a bare transformers tokenizer, the
-        generation config's and the tokenizer's."""
-        if getattr(tokenizer, "eos_token_ids", None) is not None:
-            return list(tokenizer.eos_token_ids)
-        own = getattr(tokenizer, "eos_token_id", None)
-        return sorted(set(self.eos_token_ids) | ({int(own)} if own is not None else set()))
 
     def detokenizer(self, tokenizer):
         from .generate import StreamingDetokenizer
@@ -140,6 +144,9 @@ class MedusaModel(MedusaBase):
         return make_cache(self.num_layers, max_kv_size, keep, device=self.device, dtype=self.dtype,
                           implicit_causal=self.base.config._attn_implementation == "sdpa")
 
+    def make_batch_cache(self) -> tuple[BatchContext, MedusaCache]:
+        return make_batch_cache(self.num_layers, device=self.device, dtype=self.dtype)
+
     def transposes(self, rows: int) -> bool:
         """Whether ``rows_product`` pays for ``rows`` rows: 2-64 of them, on a CPU (unless turned off)."""
         return self.rows_product and transposes(rows, self.device)
@@ -151,13 +158,16 @@ class MedusaModel(MedusaBase):
 
     @torch.inference_mode()
     def hidden(self, tokens, caches: MedusaCache, transposed: bool = False) -> torch.Tensor:
-        """Normed last hidden states (T, H) of ``tokens`` (T,), for the forward ``caches.ctx`` began."""
+        """Normed last hidden states (T, H) of ``tokens`` (T,), or (B, T, H) of a batch's (B, T), for the
+        forward ``caches.ctx`` began."""
         ctx = caches.ctx
         tokens = torch.as_tensor(tokens if torch.is_tensor(tokens) else np.asarray(tokens), dtype=torch.long)
+        one = tokens.ndim == 1
         with self.placed(caches, transposed):
-            out = self.base.model(input_ids=tokens.to(self.device).view(1, -1), attention_mask=ctx.mask,
-                                  position_ids=ctx.positions, use_cache=True, **{self._cache_arg: caches})
-        return out.last_hidden_state[0]
+            out = self.base.model(input_ids=tokens.to(self.device).view(1, -1) if one else tokens.to(self.device),
+                                  attention_mask=ctx.mask, position_ids=ctx.positions, use_cache=True,
+                                  **{self._cache_arg: caches})
+        return out.last_hidden_state[0] if one else out.last_hidden_state
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -187,12 +197,10 @@ class MedusaModel(MedusaBase):
     def propose_tree(self, h, tree):
         return super().propose_tree(h, tree)
 
-    def verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
+    def fast_verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
         """The fast path (``graphs.fast_verifier``): on CUDA the static step replayed from a CUDA
         graph; on a CPU when asked (``fast_path=True``), the same static step run eagerly."""
         from .graphs import fast_verifier
 
         cls = fast_verifier(self.device, fast_path)
-        if cls is not None:
-            return cls(self, ctx, caches, tree, policy)
-        return super().verifier(ctx, caches, tree, policy, fast_path)
+        return None if cls is None else cls(self, ctx, caches, tree, policy)

@@ -8,10 +8,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import mlx.core as mx
-
+from ..core.tokens import eos_ids, prompt_ids
 from .distill import build_cache, cache_key
-from .prompts import (DEFAULT_PROMPTS, Excluded, chat_ids, eos_ids, mix_prompts, normalize, read_documents, read_jsonl_prompts, read_prompts)
+from .prompts import (DEFAULT_PROMPTS, Excluded, mix_prompts, normalize, read_documents, read_jsonl_prompts, read_prompts)
 from .self_instruct import SEEDS, WRITE_TEMP, load_seeds, model_writer, write_prompts
 
 
@@ -20,11 +19,13 @@ def load_base(model: str | None):
     from mlx_lm.utils import load as mlx_load
 
     from ..default_model import DEFAULT_MODEL_ID, resolve_model_path
+    from ..loading import resolve_dtype
     from ..model import base_lm_head
 
     base, tokenizer = mlx_load(str(resolve_model_path(model)))
-    if mx.default_device() == mx.cpu:
-        base.set_dtype(mx.float32)
+    dtype = resolve_dtype(None)
+    if dtype is not None:
+        base.set_dtype(dtype)
     base.freeze()
     return base, base_lm_head(base), tokenizer, model or DEFAULT_MODEL_ID
 
@@ -73,7 +74,7 @@ def build_data(opts, sources, base, lm_head, tokenizer, model_id: str, out: Path
     prompts = training_prompts(opts, sources, base, lm_head, tokenizer, model_id, out, log)
     extra = {"samples": opts.samples_per_prompt} if opts.samples_per_prompt != 1 else {}
     key = cache_key(prompts=prompts, max_tokens=opts.max_tokens, temp=opts.temp, **extra, **common)
-    return build_cache(cache_dir, base, lm_head, prompts=[chat_ids(tokenizer, p) for p in prompts],
+    return build_cache(cache_dir, base, lm_head, prompts=[prompt_ids(tokenizer, p) for p in prompts],
                        eos=eos_ids(tokenizer), key=key, val_split=opts.val_split, max_tokens=opts.max_tokens,
                        batch_size=opts.gen_batch_size, temp=opts.temp, seed=opts.seed,
                        samples=opts.samples_per_prompt, lanes=opts.gen_lanes, log=log)

@@ -1,6 +1,6 @@
 """Data for Medusa head training: the frozen base model's own answers to many prompts at
 once (self-distillation, continuous batching over mlx-lm's model), or text relabelled
-with its predictions, streamed into hidden-state shards (``build_cache``) that a killed
+with its predictions, streamed into hidden-state files (``build_cache``) that a killed
 run resumes from.
 """
 
@@ -17,14 +17,13 @@ import mlx.core as mx
 import numpy as np
 from tqdm.auto import tqdm
 
-from .prompts import DATA_DIR, DEFAULT_PROMPTS, chat_ids, eos_ids, read_documents, read_prompts  # noqa: F401
-from .hidden_files import (SPLITS, Row, ShardWriter, check_folder, done_sequences, iterate_batches, load_shard, shard_files, write_json)
+from .hidden_files import SPLITS, PartWriter, Row, check_folder, done_sequences, part_files, write_json
 
 TEACHER_TOPK = 8  # base-model top-k kept per row, for --loss kl
 TOPK_BLOCK = 128  # vocabulary block of the two-stage top-k
 MIN_PREFIX = 4  # shorter shared prompt prefixes are not worth a separate pass
-# 2: shards hold the token fed after each row. Since then teacher_probs are the top-k's own softmax
-# (the KL loss renormalises them anyway, so older shards train the same) and shards list their sequences.
+# 2: parts hold the token fed after each row. Since then teacher_probs are the top-k's own softmax
+# (the KL loss renormalises them anyway, so older parts train the same) and parts list their sequences.
 CACHE_VERSION = 2
 
 
@@ -298,8 +297,8 @@ def cache_key(**facts) -> str:
 def _open_cache(folder: Path, key: str) -> tuple[dict | None, dict | None]:
     """(meta of a finished cache with this key, progress of an unfinished one), refusing other data.
 
-    A finished cache, or an unfinished one with complete shards, of other data (or
-    another seed, split, length) is hours of work: never overwritten. Shards without
+    A finished cache, or an unfinished one with complete parts, of other data (or
+    another seed, split, length) is hours of work: never overwritten. Parts without
     a progress file, or not listed in it, are half-written: deleted.
     """
     check_folder(folder)
@@ -318,7 +317,7 @@ def _open_cache(folder: Path, key: str) -> tuple[dict | None, dict | None]:
     if progress is not None and progress.get("key") != key:
         progress = None
     listed = {f["file"] for files in (progress or {"splits": {}})["splits"].values() for f in files}
-    for f in shard_files(folder):
+    for f in part_files(folder):
         if f.name not in listed:
             f.unlink()
     return None, progress
@@ -328,7 +327,7 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
                 eos: set[int] | None = None, docs: list[tuple[list[int], int]] | None = None,
                 val_split: float = 0.0, max_tokens: int = 160, batch_size: int = 32, temp: float = 0.0,
                 seed: int = 0, samples: int = 1, lanes: int = 1, log=print) -> dict:
-    """Run the frozen model once over the data and write shards to ``folder``; reuse them if ``key`` matches.
+    """Run the frozen model once over the data and write parts to ``folder``; reuse them if ``key`` matches.
 
     ``prompts`` (token ids, chat template applied) are self-distilled, stopping at
     ``eos``; ``docs`` (ids, first trained position) are relabelled. A ``val_split``
@@ -336,7 +335,7 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
     ``samples`` > 1 each prompt is answered that many times, greedily first and
     then sampled at ``temp``; the split is drawn by prompt, so no val prompt is
     trained on. ``lanes``: see self_distill. A killed run resumes after its last
-    complete shard. Returns the cache's meta.
+    complete part. Returns the cache's meta.
     """
     if samples < 1 or (samples > 1 and (prompts is None or temp <= 0)):
         raise ValueError(f"samples per prompt {samples}: must be 1, or more with prompts and a temperature > 0")
@@ -363,7 +362,7 @@ def build_cache(folder: str | Path, base, lm_head, *, key: str, prompts: list[li
         write_json(folder / "progress.json", {"key": key, "data": what, "seconds": before + time.perf_counter() - tic,
                                               "splits": {s: w.files for s, w in writers.items()}})
 
-    writers = {s: ShardWriter(folder, s, splits[s], on_flush=save_progress) for s in SPLITS}
+    writers = {s: PartWriter(folder, s, splits[s], on_flush=save_progress) for s in SPLITS}
     save_progress()
     made = _fill(writers, val, todo, len(done), prompts, docs, base, lm_head, eos, max_tokens, batch_size, temp,
                  seed, samples, lanes)

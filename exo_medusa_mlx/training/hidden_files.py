@@ -1,8 +1,9 @@
-"""Hidden-state shards on disk: written as sequences finish, a progress file that lets
-a killed run resume from its last complete shard, and batches of rows read back for training.
+"""Hidden-state files on disk: parts written as sequences finish, a progress file that lets
+a killed run resume from its last complete part, and batches of rows read back for training.
 
-A cache folder holds ``{split}-NNNNN.safetensors`` shards, ``progress.json`` while it
-is being built and ``meta.json`` once it is finished. Nothing else may be in it.
+A cache folder holds ``{split}-NNNNN.safetensors`` parts, ``progress.json`` while it
+is being built and ``meta.json`` once it is finished. Nothing else may be in it. (A part is
+a file of rows; a shard is elsewhere a model's layer range, ``engine/shard.py``.)
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-SHARD_ROWS = 8192  # rows per shard (a shard never splits a sequence)
-MIX_SHARDS = 4  # shards shuffled together in training
+PART_ROWS = 8192  # rows per part (a part never splits a sequence)
+MIX_PARTS = 4  # parts shuffled together in training
 SPLITS = ("train", "val")
-_SHARD = re.compile(r"(train|val)-\d{5}\.safetensors(\.tmp)?")
+_PART = re.compile(r"(train|val)-\d{5}\.safetensors(\.tmp)?")
 
 
 class Row:
@@ -35,11 +36,11 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-class ShardWriter:
-    """Buffers sequences and writes ``{split}-NNNNN.safetensors`` shards of about SHARD_ROWS rows.
+class PartWriter:
+    """Buffers sequences and writes ``{split}-NNNNN.safetensors`` parts of about PART_ROWS rows.
 
-    ``files``: the split's shards written so far (by an interrupted run, when resuming);
-    ``on_flush`` is called after each shard is in place (build_cache records progress).
+    ``files``: the split's parts written so far (by an interrupted run, when resuming);
+    ``on_flush`` is called after each part is in place (build_cache records progress).
     """
 
     def __init__(self, folder: Path, split: str, files: list[dict] | None = None, on_flush=None):
@@ -51,7 +52,7 @@ class ShardWriter:
     def add(self, row: Row) -> None:
         if len(row.labels) >= 2:  # one row alone has no head target
             self.buf.append(row)
-        if sum(len(r.labels) for r in self.buf) >= SHARD_ROWS:
+        if sum(len(r.labels) for r in self.buf) >= PART_ROWS:
             self.flush()
 
     def flush(self) -> None:
@@ -82,16 +83,16 @@ class ShardWriter:
             self.on_flush()
 
 
-def shard_files(folder: Path) -> list[Path]:
-    """Shards (and half-written shards) in ``folder``."""
-    return sorted(f for f in folder.iterdir() if _SHARD.fullmatch(f.name)) if folder.is_dir() else []
+def part_files(folder: Path) -> list[Path]:
+    """Parts (and half-written parts) in ``folder``."""
+    return sorted(f for f in folder.iterdir() if _PART.fullmatch(f.name)) if folder.is_dir() else []
 
 
 def check_folder(folder: Path) -> None:
     """Refuse a cache folder that holds anything but a cache: it may be a model folder."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cache folder {folder} is a file: pass a folder to --cache-dir")
-    ours = set(shard_files(folder)) | {folder / (n + t) for n in ("meta.json", "progress.json") for t in ("", ".tmp")}
+    ours = set(part_files(folder)) | {folder / (n + t) for n in ("meta.json", "progress.json") for t in ("", ".tmp")}
     others = sorted(set(folder.iterdir()) - ours) if folder.is_dir() else []
     if others:
         raise ValueError(f"cache folder {folder} holds files that are not a hidden-state cache ({others[0].name}): "
@@ -99,7 +100,7 @@ def check_folder(folder: Path) -> None:
 
 
 def done_sequences(folder: Path, files: list[dict]) -> set[int]:
-    """Sequence indices stored in the given shards."""
+    """Sequence indices stored in the given parts."""
     from safetensors import safe_open
 
     done: set[int] = set()
@@ -109,8 +110,8 @@ def done_sequences(folder: Path, files: list[dict]) -> set[int]:
     return done
 
 
-def load_shard(path: Path, num_heads: int) -> dict[str, np.ndarray]:
-    """Rows of one shard with per-head targets, (rows, K); rows without any target dropped."""
+def load_part(path: Path, num_heads: int) -> dict[str, np.ndarray]:
+    """Rows of one part with per-head targets, (rows, K); rows without any target dropped."""
     from safetensors.numpy import load_file
 
     d = load_file(str(path))
@@ -129,11 +130,11 @@ def load_shard(path: Path, num_heads: int) -> dict[str, np.ndarray]:
 
 
 def iterate_batches(folder: Path, files: list[str], num_heads: int, batch_size: int, rng=None):
-    """Batches of rows; shuffled across MIX_SHARDS shards at a time when ``rng`` is given."""
+    """Batches of rows; shuffled across MIX_PARTS parts at a time when ``rng`` is given."""
     order = rng.permutation(len(files)) if rng is not None else np.arange(len(files))
     carry = None
-    for g in range(0, len(order), MIX_SHARDS if rng is not None else 1):
-        parts = [load_shard(folder / files[i], num_heads) for i in order[g : g + (MIX_SHARDS if rng is not None else 1)]]
+    for g in range(0, len(order), MIX_PARTS if rng is not None else 1):
+        parts = [load_part(folder / files[i], num_heads) for i in order[g : g + (MIX_PARTS if rng is not None else 1)]]
         if carry is not None:
             parts.insert(0, carry)
         data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

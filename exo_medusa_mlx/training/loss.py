@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .distill import iterate_batches
+from .hidden_files import iterate_batches
 from ..heads import MedusaHeads
 
 

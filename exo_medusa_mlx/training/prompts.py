@@ -10,6 +10,8 @@ import re
 import unicodedata
 from pathlib import Path
 
+from ..core.tokens import chat_ids, prompt_ids
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_PROMPTS = DATA_DIR / "train_prompts.json"
 HELDOUT_PROMPTS = DATA_DIR / "heldout_prompts.json"
@@ -40,6 +42,11 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError(f"prompt file {path} must hold a non-empty list of strings or {{\"prompt\": str}} objects")
     return prompts
+
+
+def bench_prompts() -> list[dict]:
+    """The bench's prompts: dicts with "prompt" and its "category" (``BENCH_PROMPTS``)."""
+    return json.loads(BENCH_PROMPTS.read_text(encoding="utf-8"))["prompts"]
 
 
 def json_lines(path: Path, text: str):
@@ -73,16 +80,6 @@ def read_jsonl_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None) is None:
-        return tokenizer.encode(prompt)
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
-
-
-def eos_ids(tokenizer) -> set[int]:
-    return set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-
-
 def read_documents(path: str | Path, tokenizer, seq_len: int) -> list[tuple[list[int], int]]:
     """(token ids, first trained position) per document of a text or JSONL file.
 
@@ -102,9 +99,9 @@ def read_documents(path: str | Path, tokenizer, seq_len: int) -> list[tuple[list
             if "text" in rec:
                 docs.append((tokenizer.encode(rec["text"]), 0))
             elif "messages" in rec:
-                docs.append((list(tokenizer.apply_chat_template(rec["messages"])), 0))
+                docs.append((chat_ids(tokenizer, rec["messages"], add_generation_prompt=False), 0))
             elif "prompt" in rec and "completion" in rec:
-                p = chat_ids(tokenizer, rec["prompt"])
+                p = prompt_ids(tokenizer, rec["prompt"])
                 docs.append((p + tokenizer.encode(rec["completion"], add_special_tokens=False), len(p) - 1))
             else:
                 raise ValueError(f"{path}:{n}: expected 'text', 'messages' or 'prompt'+'completion'")

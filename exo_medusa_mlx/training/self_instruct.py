@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .prompts import DATA_DIR, Excluded, eos_ids, junk_reason, normalize
+from ..core.tokens import eos_ids
+from .prompts import DATA_DIR, Excluded, junk_reason, normalize
 from .hidden_files import write_json
 
 SEEDS = DATA_DIR / "self_instruct_seeds.json"

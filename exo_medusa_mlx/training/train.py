@@ -4,7 +4,7 @@ The data is the base model's own: its answers to a prompt set (the shipped
 prompts, the user's, and prompts it writes itself; generated many at once,
 greedy by default), or a text/JSONL file relabelled with its predictions
 (train_data.py). The frozen model runs once; its last hidden states and its own
-next-token choices go to shards on disk, and the heads train on those shards.
+next-token choices go to hidden-state files on disk, and the heads train on those.
 The base lm_head stays in the loss, so the heads learn in its vocabulary space.
 
 Targets: a row is one position t with hidden state h_t and the base model's
@@ -27,16 +27,14 @@ import mlx.optimizers as optim
 import numpy as np
 from tqdm.auto import tqdm
 
-from .distill import build_cache, cache_key, iterate_batches, load_shard  # noqa: F401  (re-exported)
-from ..heads import MedusaHeads
-from ..cli_args import fraction, non_negative_float, positive_float
+from ..cli_args import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check_fields
 from ..core.heads_format import MedusaConfig
-from .prompts import DATA_DIR, DEFAULT_PROMPTS, chat_ids, eos_ids, read_documents, read_prompts  # noqa: F401
-from .checkpoints import init_from, resume_from, saved_heads  # noqa: F401  (re-exported)
-from .checkpoints import resume_step as _resume_step  # noqa: F401
-from .checkpoints import save_checkpoint as _save_checkpoint
+from ..heads import MedusaHeads
+from .checkpoints import init_from, resume_from, save_checkpoint, saved_heads
 from .data import build_data, load_base, prompt_sources
-from .loss import HEAD_DECAY, evaluate, head_logits, loss_fn, path_embeds, target_ranks  # noqa: F401
+from .hidden_files import iterate_batches
+from .loss import evaluate, loss_fn, path_embeds
+from .prompts import DEFAULT_PROMPTS
 
 # --------------------------------------------------------------------------- training
 
@@ -47,7 +45,7 @@ def check_draft_size(size: int, vocab_size: int) -> None:
 
 
 def draft_vocabulary(folder: Path, files: list[str], size: int, vocab_size: int) -> np.ndarray:
-    """The ``size`` tokens the base model emits most often in the shards (ties: lower ids,
+    """The ``size`` tokens the base model emits most often in the cache (ties: lower ids,
     which byte-pair vocabularies give to more frequent pieces), in id order."""
     from safetensors.numpy import load_file
 
@@ -78,7 +76,7 @@ def new_heads(cfg: MedusaConfig, lm_head_weight: mx.array | None, seed: int) -> 
 
 
 def steps_per_epoch(meta: dict, batch_size: int) -> int:
-    # A sequence's last row has no head target and is dropped by load_shard.
+    # A sequence's last row has no head target and is dropped by load_part.
     usable = meta["rows"]["train"] - meta["sequences"]["train"]
     return max(usable // batch_size, 1)
 
@@ -143,13 +141,13 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
                 metrics = evaluate(heads, lm_head, cache_dir, val_files, batch_size, embed=embed)
                 bar.write(f"step {step}: val top-1 {metrics['top1']}, top-5 {metrics['top5']}")
             if checkpoint is not None and save_every and step % save_every == 0:
-                _save_checkpoint(checkpoint, heads, opt, step)
+                save_checkpoint(checkpoint, heads, opt, step)
             if step >= steps or step - epoch * per_epoch >= per_epoch:
                 break
         epoch += 1
     bar.close()
     if checkpoint is not None and save_every:
-        _save_checkpoint(checkpoint, heads, opt, step)
+        save_checkpoint(checkpoint, heads, opt, step)
     metrics = evaluate(heads, lm_head, cache_dir, val_files, batch_size, embed=embed) if val_files else {}
     metrics["train_loss_per_head"] = [round(float(x), 4) for x in smooth[0]] if smooth is not None else None
     metrics["train_top1_per_head"] = [round(float(x), 4) for x in smooth[1]] if smooth is not None else None
@@ -167,6 +165,14 @@ NUM_HEADS = 4
 LEARNING_RATE = 1e-3
 BATCH_SIZE = 32  # rows per optimizer step
 SAVE_EVERY = 100
+# Each number flag's rule: its parser type and ``TrainOptions.validate``'s check.
+RULES = dict(
+    self_instruct=NON_NEGATIVE_INT, num_prompts=POSITIVE_INT, max_tokens=POSITIVE_INT, temp=NON_NEGATIVE,
+    samples_per_prompt=POSITIVE_INT, gen_batch_size=POSITIVE_INT, gen_lanes=POSITIVE_INT, seq_len=POSITIVE_INT,
+    val_split=FRACTION, num_heads=POSITIVE_INT, num_layers=POSITIVE_INT, learning_rate=POSITIVE,
+    weight_decay=NON_NEGATIVE, noise=NON_NEGATIVE, warmup=NON_NEGATIVE_INT, iters=POSITIVE_INT, epochs=POSITIVE,
+    batch_size=POSITIVE_INT, steps_per_eval=NON_NEGATIVE_INT, save_every=NON_NEGATIVE_INT, seed=NON_NEGATIVE_INT,
+)
 
 
 @dataclass
@@ -216,24 +222,12 @@ class TrainOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
     def validate(self) -> None:
-        """Flag errors before any work (ValueError naming the flag)."""
-        for name in ("num_heads", "num_layers", "batch_size", "max_tokens", "gen_batch_size", "gen_lanes", "seq_len",
-                     "iters"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("warmup", "steps_per_eval", "save_every", "weight_decay", "noise", "self_instruct"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"--epochs {self.epochs} must be positive")
-        if self.learning_rate <= 0:
-            raise ValueError(f"--learning-rate {self.learning_rate} must be positive")
-        if self.samples_per_prompt != 1 and (self.samples_per_prompt < 1 or self.data or self.temp <= 0):
+        """Flag errors before any work (ValueError naming the flag; the numbers by ``RULES``, as the parser)."""
+        check_fields(self, RULES)
+        if self.samples_per_prompt != 1 and (self.data or self.temp <= 0):
             raise ValueError(f"--samples-per-prompt {self.samples_per_prompt}: use 1, or more with --prompts and --temp > 0")
         if self.data and (self.add_prompts or self.self_instruct):
             raise ValueError("--add-prompts and --self-instruct add prompts to self-distil: not with --data")
-        if not 0 <= self.val_split < 1:
-            raise ValueError(f"--val-split {self.val_split} must be in [0, 1)")
         if self.next_token and self.hydra:
             raise ValueError("--next-token and --hydra are two layouts: hydra heads read the next token too")
         if self.draft_vocab and self.layout == "own":
@@ -249,29 +243,29 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", default=None, help="Text or JSONL file, relabelled with the base model's predictions")
     p.add_argument("--add-prompts", action="append", default=[], metavar="JSONL",
                    help="More prompts to self-distil, one {\"prompt\": ...} a line (repeatable)")
-    p.add_argument("--self-instruct", type=int, default=0, metavar="N",
+    p.add_argument("--self-instruct", type=RULES["self_instruct"].parse, default=0, metavar="N",
                    help="Also answer N prompts the base model writes itself from seed topics and tasks "
                         "(kept in --self-instruct-dir; a rerun continues them)")
     p.add_argument("--self-instruct-seeds", default=None, help="Seed topics and tasks (JSON; default the shipped ones)")
     p.add_argument("--self-instruct-dir", default=None,
                    help="Where the written prompts are kept (default OUTPUT/self_instruct); share it between runs")
-    p.add_argument("--num-prompts", type=int, default=None,
+    p.add_argument("--num-prompts", type=RULES["num_prompts"].parse, default=None,
                    help="Use only the first N prompts (of --prompts and --add-prompts) or documents")
-    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="Response length for self-distillation")
-    p.add_argument("--temp", type=non_negative_float, default=0.0, help="Sampling temperature of the self-distilled responses")
-    p.add_argument("--samples-per-prompt", type=int, default=1,
+    p.add_argument("--max-tokens", type=RULES["max_tokens"].parse, default=MAX_TOKENS, help="Response length for self-distillation")
+    p.add_argument("--temp", type=RULES["temp"].parse, default=0.0, help="Sampling temperature of the self-distilled responses")
+    p.add_argument("--samples-per-prompt", type=RULES["samples_per_prompt"].parse, default=1,
                    help="Responses per prompt: the first greedy, the others sampled at --temp (> 0)")
-    p.add_argument("--gen-batch-size", type=int, default=GEN_BATCH_SIZE, help="Sequences per batch in the frozen model's pass")
-    p.add_argument("--gen-lanes", type=int, default=GEN_LANES,
+    p.add_argument("--gen-batch-size", type=RULES["gen_batch_size"].parse, default=GEN_BATCH_SIZE, help="Sequences per batch in the frozen model's pass")
+    p.add_argument("--gen-lanes", type=RULES["gen_lanes"].parse, default=GEN_LANES,
                    help="On a CPU, split that batch over N MLX streams, one thread each (MLX's element-wise ops "
                         "use one core per stream); GEMMs then get one BLAS thread each")
-    p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="Cut --data documents to this many tokens")
+    p.add_argument("--seq-len", type=RULES["seq_len"].parse, default=SEQ_LEN, help="Cut --data documents to this many tokens")
     p.add_argument("--cache-dir", default=None,
-                   help="Hidden-state shards (default: OUTPUT/cache); reused when the data matches, resumed when unfinished")
-    p.add_argument("--val-split", type=fraction, default=VAL_SPLIT, help="Fraction of sequences held out for validation")
+                   help="Hidden-state files (default: OUTPUT/cache); reused when the data matches, resumed when unfinished")
+    p.add_argument("--val-split", type=RULES["val_split"].parse, default=VAL_SPLIT, help="Fraction of sequences held out for validation")
     p.add_argument("--data-only", action="store_true", help="Build the hidden-state cache and stop")
-    p.add_argument("--num-heads", type=int, default=NUM_HEADS)
-    p.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
+    p.add_argument("--num-heads", type=RULES["num_heads"].parse, default=NUM_HEADS)
+    p.add_argument("--num-layers", type=RULES["num_layers"].parse, default=1, help="ResBlocks per head")
     p.add_argument("--layout", choices=["shared", "own"], default="shared",
                    help="shared: heads reuse the base lm_head (small); own: each head has its own")
     p.add_argument("--next-token", action="store_true",
@@ -284,21 +278,21 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="Score the heads' guesses over the N tokens the model emits most in the data (a cheaper "
                         "pass over part of lm_head; pays with --next-token on a CPU); 0: the whole vocabulary")
     p.add_argument("--loss", choices=["ce", "kl"], default="ce", help="CE to the base argmax, or KL to its top-k distribution")
-    p.add_argument("--learning-rate", type=positive_float, default=LEARNING_RATE)
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
-    p.add_argument("--noise", type=non_negative_float, default=0.0, help="Gaussian noise on the input states, as a fraction of their RMS")
-    p.add_argument("--warmup", type=int, default=None, help="Warm-up steps (default 5%% of the steps)")
+    p.add_argument("--learning-rate", type=RULES["learning_rate"].parse, default=LEARNING_RATE)
+    p.add_argument("--weight-decay", type=RULES["weight_decay"].parse, default=0.0)
+    p.add_argument("--noise", type=RULES["noise"].parse, default=0.0, help="Gaussian noise on the input states, as a fraction of their RMS")
+    p.add_argument("--warmup", type=RULES["warmup"].parse, default=None, help="Warm-up steps (default 5%% of the steps)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--iters", type=int, default=None, help="Optimizer steps")
-    g.add_argument("--epochs", type=positive_float, default=None, help="Passes over the training rows (default 1)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="Rows (positions) per step")
-    p.add_argument("--steps-per-eval", type=int, default=0, help="Validate every N steps (0: at the end only)")
-    p.add_argument("--save-every", type=int, default=SAVE_EVERY, help="Checkpoint every N steps into OUTPUT/checkpoint")
+    g.add_argument("--iters", type=RULES["iters"].parse, default=None, help="Optimizer steps")
+    g.add_argument("--epochs", type=RULES["epochs"].parse, default=None, help="Passes over the training rows (default 1)")
+    p.add_argument("--batch-size", type=RULES["batch_size"].parse, default=BATCH_SIZE, help="Rows (positions) per step")
+    p.add_argument("--steps-per-eval", type=RULES["steps_per_eval"].parse, default=0, help="Validate every N steps (0: at the end only)")
+    p.add_argument("--save-every", type=RULES["save_every"].parse, default=SAVE_EVERY, help="Checkpoint every N steps into OUTPUT/checkpoint")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="Continue from OUTPUT/checkpoint")
     start.add_argument("--init-from", default=None,
                        help="Start from saved heads (fine-tune); with a larger --num-layers the new blocks start as the identity")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=RULES["seed"].parse, default=0)
     return p
 
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from exo_medusa_mlx import load, stream_generate
-from exo_medusa_mlx.core.generation import chat_ids, encode_prompt
+from exo_medusa_mlx.core.tokens import chat_ids, encode_prompt
 from exo_medusa_mlx.server import Scheduler, Settings
 from exo_medusa_mlx.server.main import make_server
 from helpers.events import wait_until

@@ -79,9 +79,10 @@ def test_target_probs_is_mlx_lm_sampler(temp, top_p):
 
 
 @pytest.mark.parametrize("tree,heads,seed0", [("chain", "random", 0), ("chain", "close", 10_000),
-                                              ("branch", "random", 20_000), ("branch", "close", 30_000)])
+                                              ("branch", "random", 20_000), ("branch", "close", 30_000),
+                                              ("dynamic", "close", 50_000)])
 def test_exact_sampling_is_plain_sampling(base, reference, tree, heads, seed0):
-    buf = build_tree(TREES[tree])
+    buf = TREES[tree]() if callable(TREES[tree]) else build_tree(TREES[tree])
     model = CloseMedusa(base, buf) if heads == "close" else MedusaModel(base, tiny_heads(buf.depth), buf)
     counts, per_step = sample_counts(model, lambda s: make_policy(TEMP, TOP_P, "exact", s), N_SEEDS, seed0)
     stat, df, p = chi_square(counts, reference)

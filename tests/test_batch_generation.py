@@ -153,6 +153,19 @@ def test_trees_per_request_and_per_step(base):
     assert max(picks) == 4 and min(picks) < 4  # called per sequence per step, with the batch's size
 
 
+def test_dynamic_plans_in_a_batch(base):
+    """Dynamic plans (each step's tree picked from the heads' scores at the node it extends) beside
+    static trees in one batch: the rows' trees differ in size every step, padded to one shape."""
+    prompts = prompts_of([6, 21, 11], seed=7)
+    refs = references(base, prompts, 30)
+    model = oracle(base, prompts, refs)
+    gen = BatchGenerator(model, Tokenizer())
+    uids = gen.insert(prompts, [30] * 3, trees=[model.plan("dynamic:8"), TREES["cpu-8"], model.plan("dynamic:16")])
+    out = run(gen, uids)
+    assert [tokens(out[u]) for u in uids] == refs
+    assert out[uids[0]][-1].mean_accepted > 1.5  # the picked trees held the oracle's guesses
+
+
 def test_plain_batched_decoding_equals_mlx_lm(base):
     prompts = prompts_of([4, 44, 17], seed=5)
     refs = references(base, prompts, 25)

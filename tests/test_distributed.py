@@ -30,7 +30,7 @@ WORKER = Path(__file__).parent / "helpers" / "distributed_worker.py"
 PROMPT = [1, 5, 9, 3, 7, 2, 8, 11, 4]
 FAMILIES = ("llama", "qwen2")  # qwen2: biases, tied embeddings, mlx-lm's PipelineMixin model
 N, WINDOW, N_WINDOW = 32, 16, 48
-KINDS = ("plain", "medusa", "oracle", "window")
+KINDS = ("plain", "medusa", "oracle", "window", "dynamic")
 EXIT_LIMIT_S = 60.0  # a rank still running this long after its peer died or hung is killed: a broken run
 HANG_TIMEOUT_S = 3.0  # --dist-timeout for the hung-peer test
 
@@ -48,6 +48,7 @@ def cases_for(folder: Path, family: str, parallel: str) -> list[dict]:
         {**base, "name": f"{name}-window", "medusa": True, "n": N_WINDOW, "max_kv_size": WINDOW, "ref": ref_w,
          "future": PROMPT + ref_w},
         {**base, "name": f"{name}-sample", **sample, "ref": decode(load_case(base)[0], sample, PROMPT)["tokens"]},
+        {**base, "name": f"{name}-dynamic", "medusa": True, "n": N, "ref": ref, "tree": "dynamic:8"},
     ]
 
 

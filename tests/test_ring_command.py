@@ -139,6 +139,15 @@ def test_last_node_takes_the_tree_tuned_for_its_backend(tmp_path):
     assert node.resolve_heads_and_tree("m", str(tmp_path), "cpu-8", "torch")[1] == "cpu-8"
 
 
+def test_last_node_prefers_the_tree_tuned_for_a_ring(tmp_path):
+    """``tree.ring.json`` (tuned on a ring's per-pass cost) comes before the single-machine trees."""
+    for name in ("tree.json", "tree.torch.json", "tree.ring.json"):
+        (tmp_path / name).write_text("[[0]]")
+    assert node.resolve_heads_and_tree("m", str(tmp_path), None, "mlx")[1] == str(tmp_path / "tree.ring.json")
+    (tmp_path / "tree.ring.torch.json").write_text("[[0]]")
+    assert node.resolve_heads_and_tree("m", str(tmp_path), None, "torch")[1] == str(tmp_path / "tree.ring.torch.json")
+
+
 def test_nodes_on_one_host_share_its_cores(tiny, monkeypatch):
     """Idle threads sleep at once (a pass visits one node at a time); a user's own settings win."""
     from exo_medusa_mlx.ring.launcher import SHARE_CORES, LocalRing

@@ -20,6 +20,17 @@ from helpers.server import GOOD, MODEL_ID, PROMPTS, chat, client, folder, oracle
 from helpers.tiny import VOCAB
 
 
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_a_dynamic_tree_serves_plain_greedy_answers(folder, oracle, backend):
+    """--tree dynamic: each step's tree picked from the heads' probabilities; the answers are greedy's."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    with serving(folder, backend=backend, tree="dynamic:8") as (url, scheduler):
+        r = client(url).chat.completions.create(model=MODEL_ID, messages=chat(PROMPTS[3]), max_tokens=16, temperature=0)
+        assert r.choices[0].message.content == oracle(messages=chat(PROMPTS[3]), max_tokens=16)[0]
+        assert scheduler.model.tree.size == 8
+
+
 # --------------------------------------------------------------------------- stop strings
 
 

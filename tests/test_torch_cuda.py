@@ -22,7 +22,8 @@ from exo_medusa_mlx.torch_compat.graphs import GraphedVerifier  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.torch_compat.static import StaticVerifier  # noqa: E402
 from helpers.oracle import PROMPT, take  # noqa: E402
-from helpers.torch_models import CONFIGS, TorchOracleMedusa, hf_greedy, random_heads, random_model  # noqa: E402
+from helpers.torch_models import (CONFIGS, TorchOracleMedusa, dynamic_plan, hf_greedy, random_heads,  # noqa: E402
+                                  random_model)
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -88,6 +89,15 @@ def test_graphs_recapture_when_the_cache_grows(captures):
 
 
 @needs_cuda
+def test_graphs_equal_eager_with_dynamic_trees(captures):
+    """A graph per tree size (a failed capture falls back to eager with a warning: an error here)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = MedusaModel(random_model(CONFIGS["llama"], device="cuda"), random_heads().cuda(), dynamic_plan())
+    eager = take(generate_step(PROMPT, model, fast_path=False), 48)[0]
+    assert take(generate_step(PROMPT, model, fast_path=True), 48)[0] == eager
+
+
+@needs_cuda
 @pytest.mark.parametrize("window", [None, 16])
 def test_a_graphed_step_never_blocks_the_host(window, monkeypatch):
     """From the host's tokens to the verdict's copy back, and in a commit, nothing synchronizes:
@@ -98,7 +108,7 @@ def test_a_graphed_step_never_blocks_the_host(window, monkeypatch):
 
     def strict(fn):
         def run(self, *args):
-            if self.replay is None:  # the first launch captures, which synchronizes on purpose
+            if not self.replays:  # the first launch captures, which synchronizes on purpose
                 return fn(self, *args)
             torch.cuda.set_sync_debug_mode("error")
             try:

@@ -13,10 +13,10 @@ from exo_medusa_mlx.core.heads_format import MedusaConfig
 from exo_medusa_mlx.model import base_lm_head
 from exo_medusa_mlx.training.distill import build_cache, self_distill
 from exo_medusa_mlx.training.hidden_files import iterate_batches, load_part
-from exo_medusa_mlx.training.loss import loss_fn
+from exo_medusa_mlx.training.loss import loss_fn, ranks_and_logprobs, target_ranks
 from exo_medusa_mlx.training.prompts import read_documents, read_prompts
 from exo_medusa_mlx.training.train import new_heads, train
-from helpers.tiny import VOCAB
+from helpers.tiny import VOCAB, random_heads, tiny_base
 from helpers.training import EOS, K, base, cache, random_prompts, tiny_heads  # noqa: F401 (base, cache: fixtures)
 
 
@@ -76,6 +76,18 @@ def test_parts_hold_targets_at_offset_two(cache):
     valid = d["targets"] >= 0
     assert (d["teacher_ids"] == d["targets"][..., None]).any(-1)[valid].all()  # the argmax is in the top-k
     assert (d["teacher_probs"].sum(-1)[valid] <= 1.0 + 1e-3).all()
+
+
+def test_ranks_and_logprobs():
+    heads, model = random_heads(3), tiny_base()
+    h = mx.random.normal((7, 64))
+    targets = mx.array(np.random.default_rng(0).integers(-1, 96, (7, 3)))
+    ranks, logp = (np.array(a) for a in ranks_and_logprobs(heads, model.lm_head, h, targets, k=5))
+    assert np.array_equal(ranks, np.array(target_ranks(heads, model.lm_head, h, targets)))
+    assert logp.shape == (7, 3, 5) and (np.diff(logp, axis=-1) <= 0).all() and (logp <= 0).all()
+    full = np.array(heads.project(h, model.lm_head, base=False))  # (3, 7, V)
+    want = -np.sort(-(full - np.log(np.exp(full).sum(-1, keepdims=True))), axis=-1)[..., :5]
+    np.testing.assert_allclose(logp, want.transpose(1, 0, 2), atol=1e-5)
 
 
 def test_training_lowers_loss_and_heads_round_trip(base, cache, tmp_path):

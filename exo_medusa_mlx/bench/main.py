@@ -25,6 +25,7 @@ import numpy as np
 
 from ..cli_args import fail, non_negative_float, positive_int
 from ..training.prompts import bench_prompts
+from ..core.dynamic import DynamicTree
 
 MLX_METHODS = {"a": "mlx-lm stream_generate", "b": "ours --no-medusa (MLX)", "c": "ours Medusa (MLX)"}
 TORCH_METHODS = {"d": "transformers generate", "e": "transformers prompt lookup", "f": "ours Medusa (torch)"}
@@ -68,7 +69,8 @@ def _ours(model, tokenizer, ids, max_tokens, medusa, stream, temp=0.0, seed=0):
     toks, last, tps = _timed(stream(model, tokenizer, ids, max_tokens=max_tokens, medusa=medusa, temp=temp,
                                     seed=seed))
     return {"tokens": toks, "generation_tps": tps, "prompt_tps": last.prompt_tps,
-            "mean_accepted": last.mean_accepted, "steps": last.steps, "peak_memory_gb": last.peak_memory}
+            "mean_accepted": last.mean_accepted, "mean_tree_size": last.mean_tree_size, "steps": last.steps,
+            "peak_memory_gb": last.peak_memory}
 
 
 def _mlx_lm(base, tokenizer, ids, max_tokens, temp=0.0, seed=0):
@@ -196,8 +198,11 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
 
 
 def _tree_facts(model) -> dict:
-    return {"size": model.tree.size, "choices": [list(c) for c in model.tree.choices],
-            "rows_product": model.rows_product}
+    """What a run verifies with: the tree (a dynamic plan: ``choices`` "dynamic", ``size`` its most
+    nodes; the runs record the mean size used, ``mean_tree_size``) and the product layout."""
+    tree = model.tree
+    choices = "dynamic" if isinstance(tree, DynamicTree) else [list(c) for c in tree.choices]
+    return {"size": tree.size, "choices": choices, "rows_product": model.rows_product}
 
 
 def summarize(rows: list[dict], order: list[str]) -> dict:
@@ -208,10 +213,13 @@ def summarize(rows: list[dict], order: list[str]) -> dict:
         # Overall tokens/s: total tokens over total generation time.
         secs = sum(len(r["tokens"]) / r["generation_tps"] for r in runs if r["generation_tps"])
         acc = [r["mean_accepted"] for r in runs if r.get("mean_accepted")]
+        # Weighted by steps: the nodes verified over the steps taken (a dynamic tree's size varies).
+        nodes = [(r["mean_tree_size"] * r["steps"], r["steps"]) for r in runs if r.get("mean_tree_size")]
         out[m] = {
             "generation_tps": toks / secs if secs else 0.0,
             "prompt_tps": float(np.mean([r["prompt_tps"] for r in runs])),
             "mean_accepted": float(np.mean(acc)) if acc else None,
+            "mean_tree_size": sum(n for n, _ in nodes) / sum(k for _, k in nodes) if nodes else None,
             "peak_memory_gb": max(r["peak_memory_gb"] for r in runs),
             # None: the baseline ((a) or (d)) did not run, so nothing was compared.
             "all_same_tokens": all(r["same_tokens"] for r in runs) if all("same_tokens" in r for r in runs) else None,
@@ -235,8 +243,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| ({m}) {names[m]} | {s['generation_tps']:.2f} | {s['prompt_tps']:.1f} | {acc} | {sp} | {same} |")
     lines.append("")
     for side, t in result.get("trees", {}).items():
-        lines.append(f"{side} tree: {t['size']} nodes {t['choices']}, transposed product "
-                     f"{'on' if t['rows_product'] else 'off'}")
+        used = result["overall"].get({"mlx": "c", "torch": "f"}[side], {}).get("mean_tree_size")
+        shape = (f"dynamic, at most {t['size']} nodes" if t["choices"] == "dynamic"
+                 else f"{t['size']} nodes {t['choices']}")
+        lines.append(f"{side} tree: {shape}" + (f", {used:.2f} nodes per step on average" if used else "")
+                     + f", transposed product {'on' if t['rows_product'] else 'off'}")
     lines.append("")
     lines.append("| prompt | category | " + " | ".join(f"({m}) tok/s" for m in result["order"]) + " | (c) accepted |")
     lines.append("|---|---|" + "---|" * (len(result["order"]) + 1))
@@ -364,7 +375,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_medusa bench", allow_abbrev=False, description="Medusa vs the decoders users have, one run.")
     p.add_argument("--model", default=None)
     p.add_argument("--heads", default=None)
-    p.add_argument("--tree", default=None)
+    p.add_argument("--tree", default=None,
+                   help="Tree preset, JSON file, dynamic[:N] (chosen every step; the runs record the mean size "
+                        "used) or best:N (the heads' best static tree of N nodes); default: the heads' tuned tree")
     p.add_argument("--max-tokens", type=positive_int, default=128)
     p.add_argument("--limit", type=positive_int, default=None, help="Only the first N prompts")
     p.add_argument("--methods", default="abcdef", help="Subset of a-f")

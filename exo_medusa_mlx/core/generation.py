@@ -38,6 +38,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     steps: int  # verification steps so far
     mean_accepted: float  # tokens per verification step so far
+    mean_tree_size: float = 0.0  # tree nodes verified per verification step so far (a dynamic tree's vary)
 
 
 def check_request(ids: np.ndarray, context: int | None, max_tokens: int, max_kv_size: int | None = None,
@@ -96,7 +97,7 @@ def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok
     """One response per token from a step generator, until EOS, ``max_tokens`` or the context's
     end (the last step's ``finish``); ``tic`` is when the prefill began."""
     out = TokenText(detok, eos, max_tokens)
-    n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0.0, tic
+    n_steps, n_verified, n_nodes, prompt_tps, gen_start = 0, 0, 0, 0.0, tic
     for step in steps:
         if step.tree_size == 0:
             prompt_tps = prompt_tokens / max(time.perf_counter() - tic, 1e-9)
@@ -104,6 +105,7 @@ def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok
         else:
             n_steps += 1
             n_verified += len(step.tokens)
+            n_nodes += step.tree_size
         for i, tok in enumerate(step.tokens):
             text, finish = out.add(tok, step.finish if i == len(step.tokens) - 1 else None)
             n = out.n
@@ -115,6 +117,7 @@ def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok
                 generation_tps=(n - 1) / elapsed if n > 1 else 0.0,
                 peak_memory=peak_memory(), steps=n_steps,
                 mean_accepted=n_verified / n_steps if n_steps else 0.0,
+                mean_tree_size=n_nodes / n_steps if n_steps else 0.0,
             )
             if finish:
                 return
@@ -137,7 +140,8 @@ def print_stats(r: GenerationResponse, file=sys.stdout) -> None:
     print("=" * 10, file=file)
     print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
     print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
-    print(f"Medusa: {r.mean_accepted:.2f} tokens per step over {r.steps} steps", file=file)
+    print(f"Medusa: {r.mean_accepted:.2f} tokens per step over {r.steps} steps, "
+          f"{r.mean_tree_size:.2f} tree nodes per step", file=file)
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
 
 

@@ -2,7 +2,8 @@
 
 A step verifies the tree in one forward (the base model's verdict at every node
 and, at every node, the next tree the heads propose from it), accepts the longest
-agreeing path, commits it, and takes the next tree from the last accepted node. Plain decoding is the
+agreeing path, commits it, and takes the next tree from the last accepted node (a dynamic plan,
+``core/dynamic.py``, picks it there from the heads' probabilities). Plain decoding is the
 root-only tree. Both backends' ``generate_step``, the batch generator, the exo engines' last shard and
 ``tune``'s latency probe run this module; a backend supplies the model's array
 primitives (``forward``, ``propose``, ``logits``, ``to_numpy``...) and may
@@ -30,6 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from .accept import Acceptance, Policy, make_policy
+from .dynamic import DynamicTree
 from .limits import Limits
 from .slots import DEFAULT_KEEP, PREFILL_STEP, run_committed
 from .tree import ROOT_ONLY, TreeBuffers, build_tree
@@ -49,7 +51,10 @@ class Verified:
     """What one verification gives the host, as numpy."""
 
     verdict: np.ndarray  # (T,) the base model's argmax at each node, or (T, V) logits (any policy)
-    drafts: np.ndarray | None  # (T, T') each node's next tree, its root the node's argmax; None: root alone
+    # (T, S) each node's next tree laid out on the plan (a dynamic plan's: its superset), its root the node's
+    # argmax; None: root alone
+    drafts: np.ndarray | None
+    scores: np.ndarray | None = None  # (T, S) dynamic plans: each candidate's calibrated path log-probability
 
 
 @dataclass
@@ -61,6 +66,7 @@ class Advanced:
     tree: TreeBuffers  # the tree the next step verifies (``tree_at``)
     tokens: np.ndarray  # (tree.size,) int64: its tokens, the root the bonus token
     finish: str | None  # "length": the sequence fills the context, no step follows
+    select: np.ndarray | None = None  # dynamic plans: the tree's nodes as superset nodes
 
 
 def context_end(context: int | None, window: int | None) -> int | None:
@@ -85,46 +91,54 @@ def tree_at(tree: TreeBuffers, root: int, end: int | None) -> TreeBuffers:
 
 
 def advance(policy: Policy, verified: TreeBuffers, tokens: np.ndarray, v: Verified, *, root: int = 0,
-            tree: TreeBuffers | None = None, end: int | None = None) -> Advanced:
+            plan: TreeBuffers | DynamicTree | None = None, end: int | None = None) -> Advanced:
     """Accept from ``verified`` (its root at position ``root``) and lay out the next step from the
-    last kept node, its root the bonus token: ``tree`` (default ``verified``) cut by ``tree_at``.
+    last kept node, its root the bonus token: the ``plan``'s tree (default ``verified``), or for a
+    dynamic plan the one it picks from the node's scores, cut by ``tree_at``.
 
     After a prefill the verified tree is ``ROOT_ONLY`` at the prompt's last position, whose
-    verdict gives the first token. ``v.drafts`` must be laid out for a tree holding the next
-    one (``read`` with ``tree_at(tree, root + 1, end)``). ``end``: the context (``context_end``).
+    verdict gives the first token. ``v.drafts`` must be laid out on ``plan`` (``read``).
+    ``end``: the context (``context_end``).
     """
     verdict = v.verdict
     if verdict.ndim == 2 and not policy.needs_logits:
         verdict = verdict.argmax(-1)  # logits read for a caller that returns them (exo's last shard)
     acc = policy.accept(verified, tokens, verdict)
     root += len(acc.tokens)
-    nxt_tree = tree_at(verified if tree is None else tree, root, end)
-    if v.drafts is None:
-        assert nxt_tree.size == 1, "the verification read no drafts for the next tree"
-        nxt = np.array(acc.tokens[-1:], dtype=np.int64)
-    else:
-        nxt = v.drafts[int(acc.nodes[-1]), : nxt_tree.size].astype(np.int64)
-        nxt[0] = acc.tokens[-1]  # sampling may pick another root; its children stay valid candidates
     finish = LENGTH if end is not None and root >= end - 1 else None
-    return Advanced(acc, root, nxt_tree, nxt, finish)
+    if v.drafts is None:
+        return Advanced(acc, root, ROOT_ONLY, np.array(acc.tokens[-1:], dtype=np.int64), finish)
+    last = int(acc.nodes[-1])
+    row, select, picked = v.drafts[last].astype(np.int64), None, verified if plan is None else plan
+    if v.scores is not None:
+        picked, select = plan.pick(v.scores[last])
+        row = row[select]
+    nxt_tree = tree_at(picked, root, end)  # a prefix of ``picked``: nodes are ordered by depth
+    nxt = row[: nxt_tree.size].copy()
+    nxt[0] = acc.tokens[-1]  # sampling may pick another root; its children stay valid candidates
+    return Advanced(acc, root, nxt_tree, nxt, finish, None if select is None else select[: nxt_tree.size])
 
 
-def read(model, h, tree: TreeBuffers, logits: bool) -> Verified:
-    """The verdict and the next tree's tokens at hidden states ``h`` (T, H) (``propose_tree``).
+def read(model, h, plan: TreeBuffers | DynamicTree, logits: bool) -> Verified:
+    """The verdict and the next tree's candidates at hidden states ``h`` (T, H) (``propose_tree``).
 
     ``logits``: the policy samples, so the verdict is the logits, not their argmax.
-    ``tree``: the tree the next step verifies (only the heads it reads are run).
+    ``plan``: the tree the next step verifies, or a dynamic plan (only the heads it reads are run).
     """
-    return Verified(*model.to_numpy(*read_arrays(model, h, tree, logits)))
+    return Verified(*model.to_numpy(*read_arrays(model, h, plan, logits)))
 
 
-def read_arrays(model, h, tree: TreeBuffers, logits: bool) -> tuple:
-    """``read`` before the copy to the host: the backend's arrays (what a CUDA graph returns)."""
-    if tree.size > 1:
-        out, drafts = model.propose_tree(h, tree)  # (T, V), (T, T')
-    else:
+def read_arrays(model, h, plan: TreeBuffers | DynamicTree, logits: bool) -> tuple:
+    """``read`` before the copy to the host: the backend's arrays (what a CUDA graph returns):
+    the verdict, the drafts and (dynamic plans) the scores, None where there are none."""
+    scores = None
+    if plan.size == 1:
         out, drafts = model.logits(h), None
-    return out if logits else model.argmax(out), drafts
+    elif isinstance(plan, DynamicTree):
+        out, drafts, scores = model.propose_scored(h, plan)  # (T, V), (T, S), (T, S)
+    else:
+        out, drafts = model.propose_tree(h, plan)  # (T, V), (T, T')
+    return out if logits else model.argmax(out), drafts, scores
 
 
 @dataclass(eq=False)
@@ -138,8 +152,10 @@ class Sequence:
     root: int = 0  # position of ``tokens[0]``, the next step's root
     end: int | None = None  # the context's end (``context_end``): None, no end
     finish: str | None = None  # "length": the sequence filled the context, no step follows
-    # The tree the next step proposes; a scheduler may set it per step (smaller as the batch fills).
-    next_tree: TreeBuffers | None = None  # None: ``tree`` again
+    # The tree (or dynamic plan) the next step proposes; a scheduler may set it per step (smaller as
+    # the batch fills).
+    next_tree: TreeBuffers | DynamicTree | None = None  # None: ``tree`` again
+    select: np.ndarray | None = None  # ``tree``'s nodes in a dynamic plan's superset (a fast path reads them)
 
     def __post_init__(self):
         if self.next_tree is None:
@@ -150,12 +166,13 @@ class Verifier:
     """One sequence's verification forward per step over its own cache; a backend's fast path
     (MLX's lookahead, the torch static step) overrides it. ``batch_step`` runs it as a batch of one."""
 
-    def __init__(self, model, ctx, caches, tree: TreeBuffers, policy: Policy):
-        self.model, self.ctx, self.caches, self.tree, self.policy = model, ctx, caches, tree, policy
+    def __init__(self, model, ctx, caches, plan: TreeBuffers | DynamicTree, policy: Policy):
+        self.model, self.ctx, self.caches, self.plan, self.policy = model, ctx, caches, plan, policy
 
-    def verify(self, tokens: np.ndarray) -> Verified:
-        h = self.model.forward(self.ctx, self.caches, tokens, self.tree)  # (T, H)
-        return read(self.model, h, self.tree, self.policy.needs_logits)
+    def verify(self, seq: Sequence) -> Verified:
+        """Verify ``seq.tokens`` laid out on ``seq.tree``; read the next tree on the plan."""
+        h = self.model.forward(self.ctx, self.caches, seq.tokens, seq.tree)  # (T, H)
+        return read(self.model, h, self.plan, self.policy.needs_logits)
 
     def commit(self, nodes: np.ndarray) -> None:
         self.ctx.commit(self.caches, nodes)
@@ -165,8 +182,8 @@ class Verifier:
         (near the context's end, where the tree is cut); a fast path drops its work in flight."""
 
     def verify_batch(self, seqs: list[Sequence]) -> list[Verified]:
-        (seq,) = seqs  # one sequence, its tree fixed
-        return [self.verify(seq.tokens)]
+        (seq,) = seqs  # one sequence, its plan fixed
+        return [self.verify(seq)]
 
     def commit_batch(self, nodes: list[np.ndarray]) -> None:
         (one,) = nodes
@@ -224,10 +241,10 @@ class BatchVerifier:
         host = self.model.to_numpy(*arrays)  # one wait for every row's verdict
         out: list[Verified | None] = [None] * len(seqs)
         for g, rows in enumerate(groups.values()):
-            verdict, drafts = host[2 * g], host[2 * g + 1]
+            verdict, drafts, scores = host[3 * g: 3 * g + 3]
             for i, b in enumerate(rows):
-                out[b] = Verified(verdict, drafts) if len(rows) == 1 else \
-                    Verified(verdict[i], None if drafts is None else drafts[i])
+                out[b] = Verified(verdict, drafts, scores) if len(rows) == 1 else \
+                    Verified(verdict[i], *(None if a is None else a[i] for a in (drafts, scores)))
         return out
 
     def commit_batch(self, nodes: list[np.ndarray]) -> None:
@@ -242,8 +259,8 @@ def batch_step(verifier, seqs: list[Sequence]) -> list[Acceptance]:
     verified = verifier.verify_batch(seqs)
     accs = []
     for s, v in zip(seqs, verified):
-        nxt = advance(s.policy, s.tree, s.tokens, v, root=s.root, tree=s.next_tree, end=s.end)
-        s.tree, s.tokens, s.root, s.finish = nxt.tree, nxt.tokens, nxt.root, nxt.finish
+        nxt = advance(s.policy, s.tree, s.tokens, v, root=s.root, plan=s.next_tree, end=s.end)
+        s.tree, s.tokens, s.root, s.finish, s.select = nxt.tree, nxt.tokens, nxt.root, nxt.finish, nxt.select
         accs.append(nxt.acc)
     verifier.commit_batch([a.nodes for a in accs])
     return accs
@@ -261,19 +278,20 @@ def prefill(model, ctx, caches, prompt: np.ndarray, step: int = PREFILL_STEP, ch
     return outs[-1][-1]
 
 
-def start(model, ctx, h, policy: Policy, tree: TreeBuffers, root: int, end: int | None
+def start(model, ctx, h, policy: Policy, plan: TreeBuffers | DynamicTree, root: int, end: int | None
           ) -> tuple[Sequence, list[int]]:
     """After a prefill: the first token, the acceptance of the root-only tree at the prompt's
     last hidden state ``h`` (H,) at position ``root``, and the sequence ready for its first step
-    over ``tree`` (cut at ``end``, the context's end: ``context_end``)."""
-    v = read(model, h[None], tree_at(tree, root + 1, end), policy.needs_logits)
-    nxt = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), v, root=root, tree=tree, end=end)
-    seq = Sequence(ctx, policy, nxt.tree, nxt.tokens, nxt.root, end, nxt.finish, next_tree=tree)
+    over ``plan``'s tree (cut at ``end``, the context's end: ``context_end``)."""
+    v = read(model, h[None], plan, policy.needs_logits)
+    nxt = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), v, root=root, plan=plan, end=end)
+    seq = Sequence(ctx, policy, nxt.tree, nxt.tokens, nxt.root, end, nxt.finish, next_tree=plan,
+                   select=nxt.select)
     return seq, nxt.acc.tokens
 
 
 def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: int | None = None,
-                  keep: int = DEFAULT_KEEP, tree: TreeBuffers | None = None,
+                  keep: int = DEFAULT_KEEP, tree: TreeBuffers | DynamicTree | None = None,
                   fast_path: bool | None = None, max_tokens: int | None = None, check=None) -> Iterator[Step]:
     """Yield the tokens each step emits until the sequence fills the model's context (the
     last ``Step`` says "length"; with ``max_kv_size`` never); the caller may stop it before.
@@ -283,44 +301,46 @@ def generate_step(prompt, model, policy: Policy | None = None, *, max_kv_size: i
         model: either backend's ``MedusaModel``.
         policy: how tokens are picked (``make_policy``); greedy by default.
         max_kv_size: committed-token window (``keep`` sink tokens plus the most recent); None: unbounded.
-        tree: the tree to verify (default the model's; ``ROOT_ONLY`` decodes plainly).
+        tree: the tree to verify, or a dynamic plan (default the model's; ``ROOT_ONLY`` decodes plainly).
         fast_path: the backend's fast verifier (MLX lookahead, CUDA graphs); None: where it pays.
         max_tokens: the most tokens the caller will take, if known: sizes a fast path's static cache.
         check: called between prefill chunks; raises to stop a long prompt (the caller stops
             the steps by no longer iterating).
     """
     policy = policy or make_policy()
-    tree = model.tree if tree is None else model.check_tree(tree)
+    plan = model.tree if tree is None else model.check_tree(tree)
     Limits(model.max_context).check_prompt(len(prompt))  # as every caller's check: room for one token
     end = context_end(model.max_context, max_kv_size)
     ctx, caches = model.make_cache(max_kv_size, keep)
     ctx.planned = None if max_tokens is None else len(prompt) + max_tokens
     h = prefill(model, ctx, caches, prompt, check=check)
-    seq, first = start(model, ctx, h, policy, tree, len(prompt) - 1, end)
+    verifier = None if near_end(plan, len(prompt), end) else model.fast_verifier(ctx, caches, plan, policy, fast_path)
+    if verifier is not None:
+        plan = verifier.plan  # a fast path may fix a dynamic plan's size
+    seq, first = start(model, ctx, h, policy, plan, len(prompt) - 1, end)
     yield Step(first, 0, seq.finish)
-    verifier = None
     while seq.finish is None:
-        verifier = _verifier_for(seq, tree, verifier, model, caches, fast_path)
+        if verifier is None or (near_end(plan, seq.root, end) and not isinstance(verifier, BatchVerifier)):
+            verifier = _batch_of_one(seq, verifier, model, caches)
         size = seq.tree.size
         (acc,) = batch_step(verifier, [seq])
         yield Step(acc.tokens, size, seq.finish)
 
 
-def _verifier_for(seq: Sequence, tree: TreeBuffers, current, model, caches, fast_path: bool | None):
-    """The verifier of ``seq``'s next step: the backend's fast path where it pays, built for the
-    whole ``tree``, else a batch of one; a tree cut at the context's end goes to the batch of one."""
-    cut = seq.tree is not tree
-    if current is not None and (cut is False or isinstance(current, BatchVerifier)):
-        return current
+def near_end(plan: TreeBuffers | DynamicTree, root: int, end: int | None) -> bool:
+    """Whether a step rooted at ``root`` may have its tree cut at the context's end (``tree_at``)."""
+    return end is not None and plan.size > 1 and root + plan.depth + 1 >= end
+
+
+def _batch_of_one(seq: Sequence, current: Verifier | None, model, caches) -> BatchVerifier:
+    """``seq`` as a batch of one; a fast path (built for its plan's whole trees) hands the
+    committed cache over first, as trees are cut at the context's end."""
     if current is not None:
-        current.release()  # the fast path hands the committed cache over
-    fast = None if cut else model.fast_verifier(seq.slots, caches, tree, seq.policy, fast_path)
-    if fast is not None:
-        return fast
+        current.release()
     batch = BatchVerifier(model)
     batch.join(seq, seq.slots, caches)
     return batch
 
 
-__all__ = ["LENGTH", "ROOT_ONLY", "Advanced", "BatchVerifier", "Sequence", "Step", "Verified", "Verifier", "advance",
+__all__ = ["LENGTH", "ROOT_ONLY", "Advanced", "near_end", "BatchVerifier", "Sequence", "Step", "Verified", "Verifier", "advance",
            "batch_step", "context_end", "generate_step", "prefill", "read", "read_arrays", "start", "tree_at"]

@@ -303,12 +303,14 @@ def check_path(request_id: str, nodes: np.ndarray, depths: np.ndarray, mask: np.
 
 
 def check_tree_pass(request_id: str, req: StepRequest, tokens, tree) -> None:
-    """On the last shard: a tree pass has its ``tokens`` and is the tree this shard proposes."""
+    """On the last shard: a tree pass has its ``tokens`` and is the tree this shard laid out for it
+    (``tree``; None: it laid out none, or not a tree)."""
     if not req.is_tree:
         return
     if tokens is None:
         raise ValueError(f"request '{request_id}': a tree pass reaching the last shard needs "
                          f"inference_state['{TOKENS}']")
-    if not (np.array_equal(req.depths, tree.depths) and np.array_equal(req.tree_mask, tree.mask)):
+    if tree is None or not (np.array_equal(req.depths, tree.depths) and np.array_equal(req.tree_mask, tree.mask)):
+        proposed = "none" if tree is None else f"{tree.size} nodes"
         raise ValueError(f"request '{request_id}': the tree in inference_state ({len(req.depths)} nodes) "
-                         f"is not the one this shard proposes ({tree.size} nodes)")
+                         f"is not the one this shard laid out ({proposed})")

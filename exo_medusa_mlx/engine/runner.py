@@ -21,7 +21,7 @@ import numpy as np
 from ..core.accept import make_policy
 from ..core.limits import Limits
 from ..core.slots import DEFAULT_KEEP, run_committed
-from ..core.step import ROOT_ONLY, advance, context_end, read, tree_at
+from ..core.step import ROOT_ONLY, advance, context_end, read
 from . import protocol as st
 from .loaded import LoadedShard
 from .sessions import Session
@@ -89,7 +89,7 @@ class ShardRunner:
         if new:
             sess = self.new_session(req.settings)
         if shard.is_last_layer():
-            st.check_tree_pass(request_id, req, tokens, tree_at(sess.tree, root, self.end))
+            st.check_tree_pass(request_id, req, tokens, sess.proposed)  # a dynamic plan's changes every pass
         return Pass(request_id, x, state, req, tokens, root, sess, new)
 
     def new_session(self, settings: st.Settings) -> Session:
@@ -150,12 +150,13 @@ class ShardRunner:
         """
         sess, req = p.session, p.req
         if req.is_tree:
-            verified, tokens, root, rows = tree_at(sess.tree, p.root, self.end), p.tokens, p.root, h
+            verified, tokens, root, rows = sess.proposed, p.tokens, p.root, h
         else:
             verified, tokens, root, rows = ROOT_ONLY, np.zeros(1, np.int64), p.root + h.shape[0] - 1, h[-1:]
-        v = read(self.model, rows, tree_at(sess.tree, root + 1, self.end), logits=True)
+        v = read(self.model, rows, sess.tree, logits=True)
         # exo's contract: the last shard returns the logits of every position of the pass; a
         # tree's or one token's are the verdict already (the vocabulary projection runs once).
         logits = v.verdict if rows.shape[0] == h.shape[0] else self.model.to_numpy(self.model.logits(h))[0]
-        nxt = advance(sess.policy, verified, tokens, v, root=root, tree=sess.tree, end=self.end)
+        nxt = advance(sess.policy, verified, tokens, v, root=root, plan=sess.tree, end=self.end)
+        sess.proposed = nxt.tree
         return logits.astype(np.float32)[None], st.pass_output(p.state, sess.settings, nxt, req.is_tree)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..core.accept import Policy
+from ..core.dynamic import DynamicTree
 from ..core.tree import TreeBuffers
 from .protocol import Settings
 
@@ -22,7 +23,8 @@ class Session:
     settings: Settings = field(default_factory=Settings)
     pending: tuple[np.ndarray, np.ndarray] | None = None  # (depths, mask) of a tree forward not yet committed
     policy: Policy | None = None  # last shard: how the request picks tokens, chosen when it starts
-    tree: TreeBuffers | None = None  # last shard: the tree it proposes (root alone: plain decoding)
+    tree: TreeBuffers | DynamicTree | None = None  # last shard: its plan (root alone: plain decoding)
+    proposed: TreeBuffers | None = None  # last shard: the tree of the pass it laid out last
 
 
 class Sessions:

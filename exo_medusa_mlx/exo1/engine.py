@@ -112,7 +112,7 @@ class Decode:
     def _usage(self, r: Response, completion: int) -> Usage:
         verified = round(r.mean_accepted * r.steps)  # tokens the verification steps emitted
         accepted = max(verified - r.steps, 0)  # all but each step's bonus token were guesses kept
-        guessed = r.steps * (self.tree_size - 1)
+        guessed = round(r.steps * (r.mean_tree_size - 1))  # a dynamic tree's size varies per step
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
                      total_tokens=self.prompt_tokens + completion,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=0),

@@ -64,7 +64,7 @@ def check_supported(base: nn.Module) -> None:
     if mtype not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type '{mtype}' is not supported by Medusa yet (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
-            "run it with --no-medusa or use transformers' generate"
+            "decode it with transformers' generate instead"
         )
     if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
         raise ValueError(f"model type '{mtype}' with sliding-window layers is not supported by Medusa")
@@ -186,8 +186,8 @@ class MedusaModel(MedusaBase):
 
     # Inference mode (no autograd bookkeeping) for the neutral methods that run the heads.
     @torch.inference_mode()
-    def propose(self, h, depth, k):
-        return super().propose(h, depth, k)
+    def propose(self, h, depth, k, logprobs=False):
+        return super().propose(h, depth, k, logprobs)
 
     @torch.inference_mode()
     def project(self, h, depth=None):
@@ -196,6 +196,10 @@ class MedusaModel(MedusaBase):
     @torch.inference_mode()
     def propose_tree(self, h, tree):
         return super().propose_tree(h, tree)
+
+    @torch.inference_mode()
+    def propose_scored(self, h, plan):
+        return super().propose_scored(h, plan)
 
     def fast_verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
         """The fast path (``graphs.fast_verifier``): on CUDA the static step replayed from a CUDA

@@ -30,6 +30,7 @@ def load_case(case: dict, comm=None):
     model, tokenizer = load(str(folder), heads=folder / "medusa", tree=case.get("tree", "cpu-8"), lazy=True)
     if comm is not None:
         dist.shard(model, comm, case["parallel"], dist.split_weights(case.get("split", "even"), comm))
+        model = dist.agree_plan(comm, model)  # a dynamic tree's costs: rank 0's
     if case.get("future"):  # heads that know the greedy continuation: deep acceptance, gathered commits
         model = OracleMedusa(model.base, model.heads, model.tree, np.array(case["future"]), ranks=(0, 1, 2))
     return model, tokenizer

@@ -26,6 +26,16 @@ def take(gen, n):
             return out[:n], steps
 
 
+def take_sized(gen, n):
+    """The first n tokens a step generator emits, and the size of each tree it verified (the prefill's left out)."""
+    out, sizes = [], []
+    for s in gen:
+        out += s.tokens
+        sizes.append(s.tree_size)
+        if len(out) >= n:
+            return out[:n], sizes[1:]
+
+
 def root_path(tree, node: int) -> list[int]:
     """The nodes from the root down to ``node``, walking the tree's parents."""
     path = [node]
@@ -135,4 +145,3 @@ class OracleEngine:
             return emit(p, h)
 
         runner.emit, runner.oracle = rigged, True
-

@@ -14,6 +14,7 @@ from mlx_lm.models import llama
 
 from exo_medusa_mlx.cache import DEFAULT_KEEP, CacheContext, MedusaKVCache
 from exo_medusa_mlx.core.accept import target_probs
+from exo_medusa_mlx.core.dynamic import make_dynamic
 from exo_medusa_mlx.core.heads_format import MedusaConfig
 from exo_medusa_mlx.core.step import generate_step
 from exo_medusa_mlx.heads import MedusaHeads
@@ -26,7 +27,8 @@ N_SEEDS = 2000  # per exactness test
 N_CONTROL = 600  # per negative control: both fail by far (p < 1e-10)
 ALPHA = 1e-3
 PROMPT = np.array([3, 7, 1])
-TREES = {"chain": [[0], [0, 0]], "branch": [[0], [1], [2], [0, 0], [0, 1], [1, 0]]}
+TREES = {"chain": [[0], [0, 0]], "branch": [[0], [1], [2], [0, 0], [0, 1], [1, 0]],
+         "dynamic": lambda: make_dynamic(8, 2, V)}  # picked per step from the heads' probabilities
 
 CONFIG = dict(model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=V,

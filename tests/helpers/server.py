@@ -54,14 +54,14 @@ def oracle(folder):
 
 
 @contextmanager
-def serving(folder, *, backend="mlx", queue_size=32, time_limit=300.0, **settings):
+def serving(folder, *, backend="mlx", queue_size=32, time_limit=300.0, tree=TREE, **settings):
     """A live server on a free loopback port (uvicorn in a thread); yields (base url, scheduler)."""
     if backend == "torch":
         from exo_medusa_mlx.torch_compat import load as load_torch, stream_generate as generate_torch
 
-        loader, gen, on_exit = lambda: load_torch(str(folder), heads=folder / "medusa", tree=TREE), generate_torch, None
+        loader, gen, on_exit = lambda: load_torch(str(folder), heads=folder / "medusa", tree=tree), generate_torch, None
     else:
-        loader = load if folder is None else (lambda: load(str(folder), heads=folder / "medusa", tree=TREE))
+        loader = load if folder is None else (lambda: load(str(folder), heads=folder / "medusa", tree=tree))
         gen, on_exit = stream_generate, mx.clear_streams
     scheduler = Scheduler(loader, gen, queue_size, time_limit, on_exit)
     sock = socket.socket()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exo_medusa_mlx.core.dynamic import Calibration, DynamicTree, make_dynamic
 from exo_medusa_mlx.core.heads_format import MedusaConfig
 from exo_medusa_mlx.torch_compat.heads import MedusaHeads
 from exo_medusa_mlx.torch_compat.model import MedusaModel
@@ -52,6 +53,13 @@ def random_heads(hidden: int = HIDDEN, vocab: int = VOCAB, num_heads: int = 4, s
         for p in heads.parameters():
             p.normal_(0.0, 0.3)
     return heads.eval()
+
+
+def dynamic_plan(n: int = 12, slope: float = 0.06) -> DynamicTree:
+    """A dynamic tree for ``random_heads()`` (4 heads): cost 1 + ``slope`` per node. Oracle heads put
+    <= 0.1 on their top guess: the calibration lifts them, so trees of 8 or 12 nodes are picked."""
+    return make_dynamic(n, 4, VOCAB, 1 + slope * np.maximum(np.arange(n + 1) - 1, 0),
+                        Calibration((1.0, 1.0, 0.5, 0.0), (1.0,) * 4))
 
 
 def torch_base(folder: Path, attn: str = "sdpa"):

@@ -16,10 +16,10 @@ from exo_medusa_mlx.core.generation import stream_generate
 from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from exo_medusa_mlx.model import MedusaModel
-from batch_oracle import BatchOracleHeads, Tokenizer, prompts_of, run, tokens
-from oracle import take
-from test_decode import mlx_lm_greedy
-from tiny import random_heads, tiny_base
+from helpers.batch_oracle import BatchOracleHeads, Tokenizer, prompts_of, run, tokens
+from helpers.oracle import take
+from helpers.tiny import mlx_lm_greedy
+from helpers.tiny import random_heads, tiny_base
 
 TREES = {name: build_tree(tree_choices(name)) for name in ("cpu-8", "chain-3", "mc_sim_7b_63")}
 

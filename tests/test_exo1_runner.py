@@ -42,7 +42,7 @@ def think_ids() -> dict[int, str]:
     from mlx_lm.generate import generate_step
 
     import mlx.core as mx
-    from tiny import CONFIGS
+    from helpers.tiny import CONFIGS
     import importlib
     from mlx.utils import tree_map
 

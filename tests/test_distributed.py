@@ -1,8 +1,8 @@
 """Medusa over MLX distributed on loopback: 2 ranks (ring backend) == one process.
 
-One launch of ``distributed_worker.py`` decodes every case on both ranks; the
+One launch of ``helpers/distributed_worker.py`` decodes every case on both ranks; the
 oracle is the same folder decoded in this process (plain greedy, which
-test_decode checks against mlx-lm). Then the CLI under ``mlx_medusa launch``, the
+test_step checks against mlx-lm). Then the CLI under ``mlx_medusa launch``, the
 default model, and ranks that die or hang.
 """
 
@@ -14,26 +14,25 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from distributed_worker import decode, load_case
 from exo_medusa_mlx import distributed as dist
 from exo_medusa_mlx.cli_args import DIST_TIMEOUT_S, PARALLEL_MODES
 from exo_medusa_mlx.launch import launch, rank_env, write_hostfile, free_ports
-from test_exo_engine import save_hf_folder, tiny_base
-from tiny import random_heads
+from helpers.distributed_worker import decode, load_case
+from helpers.folders import save_hf_folder
+from helpers.tiny import N_LAYERS, random_heads, tiny_base
 
-HERE = Path(__file__).parent
+WORKER = Path(__file__).parent / "helpers" / "distributed_worker.py"
 PROMPT = [1, 5, 9, 3, 7, 2, 8, 11, 4]
 FAMILIES = ("llama", "qwen2")  # qwen2: biases, tied embeddings, mlx-lm's PipelineMixin model
 N, WINDOW, N_WINDOW = 32, 16, 48
 KINDS = ("plain", "medusa", "oracle", "window", "dynamic")
-DEATH_LIMIT_S = 15.0  # a rank whose peer died must fail within this (in practice: at once)
-HANG_TIMEOUT_S = 3.0  # --dist-timeout for the hung-peer test; the watchdog fires within about this
+EXIT_LIMIT_S = 60.0  # a rank still running this long after its peer died or hung is killed: a broken run
+HANG_TIMEOUT_S = 3.0  # --dist-timeout for the hung-peer test
 
 
 def cases_for(folder: Path, family: str, parallel: str) -> list[dict]:
@@ -55,7 +54,8 @@ def cases_for(folder: Path, family: str, parallel: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    return {f: save_hf_folder(tmp_path_factory.mktemp(f), f, tiny_base(f), random_heads(4)) for f in FAMILIES}
+    return {f: save_hf_folder(tmp_path_factory.mktemp(f), f, tiny_base(f, layers=N_LAYERS), random_heads(4))
+            for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def two_ranks(folders, tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     spec = out / "spec.json"
     spec.write_text(json.dumps({"prompt": PROMPT, "cases": cases}))
-    code = launch([sys.executable, str(HERE / "distributed_worker.py"), str(spec), str(out)], 2, timeout_s=300)
+    code = launch([sys.executable, str(WORKER), str(spec), str(out)], 2, timeout_s=300)
     assert code == 0
     return {c["name"]: c for c in cases}, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -172,7 +172,7 @@ def test_bad_flags_give_one_line_errors(args, msg):
 
 
 def test_tensor_parallel_refuses_indivisible_heads():
-    base = tiny_base("llama")  # 4 attention heads, 2 key/value heads: not over 3 ranks
+    base = tiny_base("llama", layers=N_LAYERS)  # 4 attention heads, 2 key/value heads: not over 3 ranks
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\), num_key_value_heads \(2\) divisible by 3"):
         dist.tensor(base, SimpleNamespace(size=3))
 
@@ -223,14 +223,14 @@ def wait_decoding(rank0: subprocess.Popen, limit_s: float = 120.0) -> None:
     assert got.wait(limit_s), "rank 0 printed nothing"
 
 
-def fail_time(rank0: subprocess.Popen, limit_s: float) -> tuple[float, str]:
-    tic = time.monotonic()
+def exit_error(rank0: subprocess.Popen) -> str:
+    """Rank 0's stderr once it exits by itself (still running after EXIT_LIMIT_S: killed, and the test fails)."""
     try:
-        rank0.wait(limit_s)
+        rank0.wait(EXIT_LIMIT_S)
     finally:
         if rank0.poll() is None:
             rank0.kill()
-    return time.monotonic() - tic, rank0.stderr.read().decode(errors="replace")
+    return rank0.stderr.read().decode(errors="replace")
 
 
 @pytest.fixture
@@ -247,15 +247,16 @@ def pair(folders, tmp_path, request):
 def test_dead_rank_makes_the_other_fail_at_once(pair):
     wait_decoding(pair[0])
     pair[1].kill()
-    took, err = fail_time(pair[0], DEATH_LIMIT_S)
-    assert pair[0].returncode not in (0, None), "rank 0 kept running"
-    assert took < DEATH_LIMIT_S and "error: rank 0:" in err and "Traceback" not in err
+    err = exit_error(pair[0])
+    # At once: the peer's death fails rank 0's next exchange, not its watchdog's timeout.
+    assert pair[0].returncode not in (0, dist.WATCHDOG_EXIT), (pair[0].returncode, err[-2000:])
+    assert "error: rank 0:" in err and "no answer within" not in err and "Traceback" not in err, err[-2000:]
 
 
 @pytest.mark.parametrize("pair", [HANG_TIMEOUT_S], indirect=True)
 def test_hung_rank_trips_the_watchdog(pair):
     wait_decoding(pair[0])
     os.killpg(pair[1].pid, signal.SIGSTOP)  # alive, sockets open, silent
-    took, err = fail_time(pair[0], HANG_TIMEOUT_S + 10)
-    assert pair[0].returncode == dist.WATCHDOG_EXIT
-    assert took < HANG_TIMEOUT_S + 3 and "no answer within 3 s (--dist-timeout)" in err
+    err = exit_error(pair[0])
+    assert pair[0].returncode == dist.WATCHDOG_EXIT, (pair[0].returncode, err[-2000:])
+    assert "no answer within 3 s (--dist-timeout)" in err

@@ -11,9 +11,6 @@ run (an unsupported architecture, no heads) left to exo's engine with the reason
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,12 +18,9 @@ import numpy as np
 import pytest
 
 from exo_medusa_mlx.core.machine import free_ports
-from exo_medusa_mlx.default_model import DEFAULT_MODEL_ID, default_model_path
-from hostile import save_folder
+from exo_medusa_mlx.default_model import DEFAULT_MODEL_ID
+from helpers.exo1_plan import models_folder, run_plan, tiny_folder, venv_reason
 
-ROOT = Path(__file__).resolve().parent.parent
-EXO1_HOME = Path(os.environ.get("EXO1_HOME", Path.home() / ".cache" / "exo_medusa_mlx" / "exo1"))
-PYTHON = EXO1_HOME / "venv" / "bin" / "python"
 N_TV = 30  # sampled requests per engine for the distribution test (about 0.5 s each here)
 TV_ALPHA = 1e-3
 POEM = "Write a short poem about the sea."
@@ -39,46 +33,7 @@ CARD_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}  
 THINK_PROMPT = "t1 t5 t9 t3"
 
 
-def exo1_venv_reason() -> str | None:
-    if not PYTHON.exists():
-        return (f"no exo 1.x venv at {EXO1_HOME / 'venv'}: scripts/setup_exo1.sh builds it (needs Python 3.13 "
-                "and exo's source tarball; it printed why it did not)")
-    if not list((EXO1_HOME / "venv").glob(".setup-*")):
-        return f"exo 1.x venv at {EXO1_HOME / 'venv'} is half built: rerun scripts/setup_exo1.sh"
-    return None
-
-
-pytestmark = pytest.mark.skipif(exo1_venv_reason() is not None, reason=str(exo1_venv_reason()))
-
-
-def tiny_folder(folder: Path, model_type: str, vocab_names: dict[int, str] | None = None, heads: bool = True):
-    """A tiny random model in exo's models folder, with a chat template and optionally heads beside it."""
-    import importlib
-
-    import mlx.core as mx
-    from mlx.utils import tree_map
-
-    from tiny import CONFIGS, random_heads
-
-    config = dict(CONFIGS["llama"], model_type=model_type, num_hidden_layers=4, head_dim=16)
-    mod = importlib.import_module(f"mlx_lm.models.{model_type}")
-    mx.random.seed(0)
-    base = mod.Model(mod.ModelArgs.from_dict(config))
-    base.update(tree_map(lambda w: w * 2.0, base.parameters()))
-    mx.eval(base.parameters())
-    save_folder(folder, config, base, random_heads(4) if heads else None)
-    tok = json.loads((folder / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    for i, name in (vocab_names or {}).items():  # thinking tags as single tokens, as Qwen3's
-        vocab[name] = vocab.pop(f"t{i}")
-        tok.setdefault("added_tokens", []).append({"id": i, "content": name, "single_word": False, "lstrip": False,
-                                                   "rstrip": False, "normalized": False, "special": False})
-    (folder / "tokenizer.json").write_text(json.dumps(tok))
-    template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                + ("{% if add_generation_prompt %}<think>{% endif %}" if vocab_names else ""))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                              "chat_template": template}))
-    return folder
+pytestmark = pytest.mark.skipif(venv_reason() is not None, reason=str(venv_reason()))
 
 
 def think_ids() -> dict[int, str]:
@@ -87,7 +42,7 @@ def think_ids() -> dict[int, str]:
     from mlx_lm.generate import generate_step
 
     import mlx.core as mx
-    from tiny import CONFIGS
+    from helpers.tiny import CONFIGS
     import importlib
     from mlx.utils import tree_map
 
@@ -117,7 +72,7 @@ def plan(models: Path) -> dict:
               dict(name="after-cancel", prompt=POEM, max_output_tokens=8, **GREEDY)]
     smol = dict(model_id=DEFAULT_MODEL_ID, n_layers=30, hidden_size=576, sampling_defaults=CARD_DEFAULTS)
     think = [dict(name="think", prompt=THINK_PROMPT, max_output_tokens=16, **GREEDY)]
-    return {"project": str(ROOT), "ports": free_ports(2), "runners": [
+    return {"ports": free_ports(2), "runners": [
         dict(name="plain", env={"EXO_MEDUSA": "off"}, requests=greedy + card + tv + control, **smol),
         dict(name="medusa", requests=greedy + card + tv + cancel, **smol),
         dict(name="medusa-2", ranks=2, requests=greedy[:3], **smol),
@@ -131,22 +86,12 @@ def plan(models: Path) -> dict:
 def exo1(tmp_path_factory) -> dict:
     """Every runner's results, from one driver run (exo's venv, exo's source)."""
     tmp = tmp_path_factory.mktemp("exo1")
-    models = tmp / "models"
-    models.mkdir()
-    (models / DEFAULT_MODEL_ID.replace("/", "--")).symlink_to(default_model_path())
+    models = models_folder(tmp)
     names = think_ids()
     tiny_folder(models / "test--tiny-gemma", "gemma", heads=True)  # heads beside it: the architecture says no
     tiny_folder(models / "test--tiny-think", "llama", names)
     tiny_folder(models / "test--tiny-think-noheads", "llama", names, heads=False)
-    plan_file = tmp / "plan.json"
-    plan_file.write_text(json.dumps(plan(models)))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "EXO_HOME": str(tmp / "exo-home"), "EXO_DASHBOARD_DIR": str(tmp),
-           "EXO_DEFAULT_MODELS_DIR": str(models), "EXO_NO_BATCH": "1", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([str(PYTHON), str(ROOT / "tests" / "helpers" / "exo1_driver.py"), str(plan_file)], env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    (tmp / "result.json").write_text(p.stdout)  # for a look after a failure
-    out = json.loads(p.stdout)
+    out = run_plan(plan(models), tmp, {"EXO_NO_BATCH": "1"}, timeout=900)
     sys.stderr.write("".join(f"{n}: ready in {r['ready_s']:.1f} s\n" for n, r in out["runners"].items()))
     return out
 
@@ -159,6 +104,7 @@ def test_install_reaches_the_runner_and_says_what_it_chose(exo1):
     assert exo1["entrypoint"] == "exo_medusa_mlx.exo1.install.runner_entrypoint"
     log = exo1["runners"]["medusa"]["log"]
     assert len(log) == 1 and "decodes with Medusa: heads shipped for the default model" in log[0], log
+    assert "one task at a time (EXO_NO_BATCH)" in log[0], log
     assert "BLAS: openblas" in log[0] or not sys.platform.startswith("linux"), log[0]  # OpenBLAS before MLX
     assert "runs exo's own engine: EXO_MEDUSA=off" in exo1["runners"]["plain"]["log"][0]
 

@@ -1,4 +1,4 @@
-"""Our engines in exo 0.0.x's own code (EXO_SRC, else ../shared/exo-0.0.x/: see exo/exo_harness.py).
+"""Our engines in exo 0.0.x's own code (EXO_SRC, else ../shared/exo-0.0.x/: see helpers/exo_harness.py).
 
 In this process, on a tiny model: exo's own ``test_inference_engine()`` through exo's
 downloader, with heads beside the model, from a heads repo in the model card, or none;
@@ -27,10 +27,10 @@ from exo_medusa_mlx.engine.wire import state_from_proto as from_proto, state_to_
 from exo_medusa_mlx.engine.results import process_result
 from exo_medusa_mlx.model import MedusaModel
 from helpers.exo_harness import EXO_MODULES, MEDUSA, STOCK, ExoRing, exo_source, seed_download
-from test_exo_engine import (N, N_LAYERS, PROMPT, OracleEngine, llama, reference, save_hf_folder,  # noqa: F401
-                             tiny_base)
-from test_exo_stock import stock_ring
-from tiny import random_heads
+from helpers.engines import OracleEngine, llama, stock_ring  # noqa: F401 (llama: a fixture)
+from helpers.folders import save_hf_folder
+from helpers.oracle import N, PROMPT, reference
+from helpers.tiny import N_LAYERS, random_heads, tiny_base
 
 SRC, WHY = exo_source()
 REQUIRE = os.environ.get("EXO_MEDUSA_REQUIRE_ALL") == "1" and os.environ.get("EXO_SRC")
@@ -110,7 +110,7 @@ def test_exos_engine_test_through_exos_downloader(exo_home, tmp_path, heads_at, 
     from exo.models import model_cards
 
     model_id = f"tiny-{heads_at}"  # one per case: a model without heads is reported once per process
-    base, heads = tiny_base("llama"), random_heads(4)
+    base, heads = tiny_base("llama", layers=N_LAYERS), random_heads(4)
     folder = save_hf_folder(tmp_path / "model", "llama", base, heads if heads_at == "beside" else None)
     seed_download(exo_home, f"test/{model_id}", folder)
     card = {"layers": N_LAYERS, "repo": dict.fromkeys(OURS, f"test/{model_id}")}
@@ -201,7 +201,10 @@ def test_hooked_node_streams_new_tokens_and_frees_caches(exo_src, llama, capsys)
         node.on_token.register("api").on_next(lambda rid, tokens, fin: (got.extend(tokens), fin and done.set()))
         await node.process_prompt(ExoShard(llama.name, 0, 0, N_LAYERS), " ".join(f"t{i}" for i in PROMPT), "r")
         await asyncio.wait_for(done.wait(), 120)
-        await asyncio.sleep(0.1)  # the caches are freed by a task the finish started
+        for _ in range(3000):  # the caches are freed by a task the finish started: wait for it (30 s at most)
+            if not engine.request_ids:
+                break
+            await asyncio.sleep(0.01)
         return got
 
     assert asyncio.run(ask()) == plain[:N]

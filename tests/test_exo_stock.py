@@ -14,7 +14,9 @@ from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, S
 from exo_medusa_mlx.exo.cards import DEFAULT_CARD, FLOAT_REPOS, add_model_cards
 from exo_medusa_mlx.exo.launch import default_engine, exo_argv
 from exo_medusa_mlx.model import MedusaModel
-from test_exo_engine import N, N_LAYERS, PROMPT, SPLITS, llama, reference  # noqa: F401 (llama: a fixture)
+from helpers.engines import SPLITS, llama, stock_ring  # noqa: F401 (llama: a fixture)
+from helpers.oracle import N, PROMPT, reference
+from helpers.tiny import N_LAYERS
 
 OURS = {"medusa-mlx": "MedusaMLXInferenceEngine", "medusa-torch": "MedusaTorchInferenceEngine"}
 
@@ -36,23 +38,6 @@ class CountingEngine(MedusaMLXInferenceEngine):
 
         counted.counted = True
         self.runner.emit = counted
-
-
-async def stock_ring(pairs, prompt: np.ndarray, n: int, hop=None, rid: str = "stock"):
-    """What exo 0.0.x's stock node does: the prompt with exo's default state ``{}``, then one
-    token per pass, sampled by the last engine and sent as (1, 1) with the state the last
-    shard returned. ``hop`` stands for exo's serializer between nodes. Returns (tokens, states)."""
-    x, state, out, states = prompt[None], {}, [], []
-    while len(out) < n:
-        for engine, shard in pairs:
-            if hop is not None and state is not None:
-                state = hop(state)
-            x, state = await engine.infer_tensor(rid, shard, x, state)
-            states.append(state)
-        token = int((await pairs[-1][0].sample(x)).item())
-        out.append(token)
-        x = np.array([[token]])
-    return out, states
 
 
 def test_stock_node_decodes_plainly_and_gets_no_state(llama):

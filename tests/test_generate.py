@@ -6,8 +6,8 @@ import pytest
 from exo_medusa_mlx.generate import stream_generate
 from exo_medusa_mlx.model import MedusaModel
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
-from test_decode import PROMPT, mlx_lm_greedy
-from tiny import OracleMedusa, random_heads, tiny_base
+from helpers.oracle import PROMPT
+from helpers.tiny import OracleMedusa, mlx_lm_greedy, random_heads, tiny_base
 
 
 class Detok:

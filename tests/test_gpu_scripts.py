@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import test_torch_tiny  # noqa: E402,F401  (one torch thread: tiny models gain nothing from more)
-from hostile import load_script  # noqa: E402
+from helpers import torch_models  # noqa: E402,F401  (one torch thread: tiny models gain nothing from more)
+from helpers.processes import load_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +61,10 @@ def test_the_128_token_tree(bench):
 def test_e2e_gives_plain_tokens_on_each_backend(backend, tmp_path):
     """scripts/gpu_e2e.py on a tiny model folder with heads: Medusa's tokens == plain decoding's."""
     pytest.importorskip("mlx")  # the tiny folder is built from an MLX model
-    from test_exo_engine import save_hf_folder, tiny_base
-    from tiny import random_heads
+    from helpers.folders import save_hf_folder
+    from helpers.tiny import N_LAYERS, random_heads, tiny_base
 
-    folder = save_hf_folder(tmp_path / "llama", "llama", tiny_base("llama"), random_heads(4))
+    folder = save_hf_folder(tmp_path / "llama", "llama", tiny_base("llama", layers=N_LAYERS), random_heads(4))
     e2e = load_script("gpu_e2e")
     out = e2e.main(["--backend", backend, "--model", str(folder), "--tree", "default", "--tree", "cpu-16",
                     "--limit", "2", "--max-tokens", "12"])

@@ -8,7 +8,7 @@ from exo_medusa_mlx.heads import load_heads
 from exo_medusa_mlx.core.heads_format import MedusaConfig, write_heads
 from exo_medusa_mlx.model import MedusaModel
 from exo_medusa_mlx.core.tree import build_tree
-from tiny import VOCAB, random_heads, tiny_base
+from helpers.tiny import VOCAB, random_heads, tiny_base
 
 H = 64
 
@@ -264,3 +264,12 @@ def test_corrupt_pt_and_config_files(tmp_path):
 def test_candidates_are_the_draft_else_the_vocabulary():
     assert MedusaConfig(num_heads=2, hidden_size=H, vocab_size=VOCAB).candidates == VOCAB
     assert MedusaConfig(num_heads=2, hidden_size=H, vocab_size=VOCAB, draft_vocab_size=8).candidates == 8
+
+
+def test_heads_that_are_not_finite_are_never_written(tmp_path):
+    heads = random_heads(2)
+    weights = heads.reference_weights()
+    weights["0.0.linear.weight"] = np.full_like(weights["0.0.linear.weight"], np.nan)
+    with pytest.raises(ValueError, match=r"heads weights 0.0.linear.weight hold NaN or infinite values"):
+        write_heads(tmp_path / "out", weights, heads.config)
+    assert not (tmp_path / "out").exists()

@@ -16,9 +16,8 @@ from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from exo_medusa_mlx.heads import load_heads
 from exo_medusa_mlx.model import MedusaModel
-from test_decode import PROMPT, mlx_lm_greedy
-from oracle import take
-from tiny import VOCAB, random_heads, tiny_base
+from helpers.oracle import PROMPT, take
+from helpers.tiny import VOCAB, mlx_lm_greedy, random_heads, tiny_base
 
 H = 64
 TREES = ["chain-3", "cpu-8", "mc_sim_7b_63"]
@@ -103,13 +102,15 @@ def test_hydra_on_torch_equals_mlx(tmp_path):
     torch = pytest.importorskip("torch")
     from exo_medusa_mlx.torch_compat.heads import load_heads as torch_heads
     from exo_medusa_mlx.torch_compat.model import MedusaModel as TorchMedusa
-    from test_torch_tiny import save_hf_folder, torch_base
+    from helpers.folders import save_hf_folder
+    from helpers.torch_models import torch_base
 
     base = tiny_base("llama")
     folder = random_heads(3, hydra=True).save(tmp_path / "heads")
     tree = build_tree(tree_choices("cpu-8"))
     mm = MedusaModel(base, load_heads(folder, H, VOCAB), tree)
-    tm = TorchMedusa(torch_base(save_hf_folder(base, "llama", tmp_path / "base")), torch_heads(folder, H, VOCAB), tree)
+    tb = torch_base(save_hf_folder(tmp_path / "base", "llama", base, transformers=True))
+    tm = TorchMedusa(tb, torch_heads(folder, H, VOCAB), tree)
     h = np.random.default_rng(0).normal(size=(4, H)).astype(np.float32)
     np.testing.assert_array_equal(np.array(mm.propose_tree(mx.array(h), tree)[1]).astype(np.int64),
                                   tm.propose_tree(torch.from_numpy(h), tree)[1].numpy())
@@ -120,10 +121,12 @@ def test_hydra_on_torch_equals_mlx(tmp_path):
 
 def test_hydra_across_an_exo_ring(tmp_path):
     from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard, run_ring
-    from test_exo_engine import N, N_LAYERS, SPLITS, reference, save_hf_folder
-    from test_exo_engine import tiny_base as four_layers
+    from helpers.engines import SPLITS
+    from helpers.folders import save_hf_folder
+    from helpers.oracle import N, reference
+    from helpers.tiny import N_LAYERS
 
-    base, heads = four_layers("llama"), random_heads(3, hydra=True)
+    base, heads = tiny_base("llama", layers=N_LAYERS), random_heads(3, hydra=True)
     folder = save_hf_folder(tmp_path / "m", "llama", base, heads)
     dl = LocalShardDownloader({"m": folder}, trees={"m": "cpu-8"})
     ref = reference(MedusaModel(base, heads, build_tree(tree_choices("cpu-8"))))

@@ -14,8 +14,9 @@ pytest.importorskip("grpc")
 
 from exo_medusa_mlx.core.tree import build_tree, tree_choices  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel  # noqa: E402
-from test_exo_engine import N, PROMPT, reference, save_hf_folder, tiny_base  # noqa: E402
-from tiny import random_heads  # noqa: E402
+from helpers.folders import save_hf_folder  # noqa: E402
+from helpers.oracle import N, PROMPT, reference  # noqa: E402
+from helpers.tiny import N_LAYERS, random_heads, tiny_base  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = " ".join(f"t{i}" for i in PROMPT)  # the word-level tokenizer's spelling of PROMPT
@@ -39,7 +40,7 @@ print("ok")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny model folder with heads, and MLX's greedy Medusa tokens for it (the oracle)."""
-    base, heads = tiny_base("llama"), random_heads(4)
+    base, heads = tiny_base("llama", layers=N_LAYERS), random_heads(4)
     folder = save_hf_folder(tmp_path_factory.mktemp("tiny") / "llama", "llama", base, heads)
     return folder, reference(MedusaModel(base, heads, build_tree(tree_choices("cpu-8"))))
 

@@ -3,7 +3,7 @@ same distribution as plain decoding with mlx-lm's own processors and sampler.
 
 Oracles: mlx-lm's ``make_logits_processors`` and ``make_sampler`` themselves (bit for bit,
 and by sampling), mlx-lm's ``generate_step`` for greedy decoding, and the enumerated
-distribution of plain sampling for the exact walk (test_sampling.py's chi-square).
+distribution of plain sampling for the exact walk (helpers/sampling.py's chi-square).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from exo_medusa_mlx.core.processors import ProcessedAcceptor, Sampling, make_sam
 from exo_medusa_mlx.core.step import generate_step
 from exo_medusa_mlx.core.tree import build_tree
 from exo_medusa_mlx.model import MedusaModel
-from test_sampling import ALPHA, N_TOKENS, PROMPT, TREES, V, CloseMedusa, chi_square, tiny_llama
-from tiny import OracleMedusa, random_heads, tiny_base
+from helpers.sampling import ALPHA, N_TOKENS, PROMPT, TREES, V, CloseMedusa, chi_square, tiny_llama
+from helpers.tiny import OracleMedusa, random_heads, tiny_base
 
 PENALTIES = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3)
 CONTROLS = Sampling(temp=0.8, top_p=0.95, min_p=0.05, top_k=6, **PENALTIES)

@@ -128,10 +128,10 @@ def test_self_instruct_gives_up_when_everything_is_junk(tmp_path, seeds):
 def test_self_instruct_with_a_tiny_model_writes_in_batches(tmp_path):
     from exo_medusa_mlx.training.self_instruct import model_writer
     from exo_medusa_mlx.training.data import load_base
-    from test_exo_engine import save_hf_folder
-    from test_exo_engine import tiny_base as tiny_base4
+    from helpers.folders import save_hf_folder
+    from helpers.tiny import N_LAYERS, tiny_base
 
-    base, lm, tok, _ = load_base(str(save_hf_folder(tmp_path / "model", "llama", tiny_base4("llama"))))
+    base, lm, tok, _ = load_base(str(save_hf_folder(tmp_path / "model", "llama", tiny_base("llama", layers=N_LAYERS))))
     write = model_writer(base, lm, tok, batch_size=3)
     texts = write(["t5 t6 t7", "t8 t9", "t10", "t11 t12"], seed=0)
     assert len(texts) == 4 and all(isinstance(t, str) and t for t in texts)

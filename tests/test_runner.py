@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import oracle
+from helpers import oracle
 from exo_medusa_mlx.core.step import generate_step
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from exo_medusa_mlx.engine import protocol as st
@@ -15,8 +15,8 @@ from exo_medusa_mlx.engine.mlx_backend import MLXShard, load_shard_model
 from exo_medusa_mlx.engine.runner import ShardRunner
 from exo_medusa_mlx.engine.shard import Shard
 from exo_medusa_mlx.model import MedusaModel
-from hostile import save_folder
-from tiny import CONFIGS, random_heads, tiny_base
+from helpers.folders import save_folder
+from helpers.tiny import CONFIGS, random_heads, tiny_base
 
 CONTEXT = CONFIGS["llama"]["max_position_embeddings"]
 PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])

@@ -1,7 +1,7 @@
 """``mlx_medusa server`` decoding concurrent requests in one batch: each request's text equals that
 request alone (greedy, and sampled with its own seed), whatever else is in the batch and whenever it
-joined; a request cancelled mid-batch frees its row for a waiting one (``test_server.py``'s tiny model
-and oracle)."""
+joined; a request cancelled mid-batch frees its row for a waiting one (``helpers/server.py``'s tiny
+model and oracle)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_server import MODEL_ID, PROMPTS, chat, client, folder, oracle, serving  # noqa: F401
+from helpers.server import MODEL_ID, PROMPTS, chat, client, folder, oracle, serving  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """``mlx_medusa server`` under load and at its edges: disconnects, shutdown, time limits, a 16x4 load
 test, a full queue; the torch backend, the command itself, the default model (``test_server.py``'s
-tiny model and oracle)."""
+tiny model and oracle, from ``helpers/server.py``)."""
 
 from __future__ import annotations
 
@@ -10,25 +10,28 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
 from exo_medusa_mlx.core.tokens import chat_ids
-from test_server import GOOD, MODEL_ID, PROMPTS, TREE, chat, client, folder, oracle, post, server, serving  # noqa: F401,E501
+from helpers.events import wait_until
+from helpers.server import (GOOD, MODEL_ID, PROMPTS, TREE, chat, client, folder, oracle, post, server,  # noqa: F401
+                            serving)
 
 
 # --------------------------------------------------------------------------- concurrency
 
 
 def _wait_finished(scheduler, n, timeout=30.0):
-    end = time.monotonic() + timeout
-    while len(scheduler.finished) < n:
-        assert time.monotonic() < end, "the job never finished"
-        time.sleep(0.01)
+    assert wait_until(lambda: len(scheduler.finished) >= n, timeout), "the job never finished"
     return scheduler.finished[n - 1]
+
+
+def _jobs(scheduler) -> int:
+    """Jobs the scheduler holds, queued or running."""
+    return len(scheduler._jobs)
 
 
 def test_disconnect_stops_the_generation(server):
@@ -54,7 +57,7 @@ def test_disconnect_stops_the_generation(server):
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     conn.request("POST", "/v1/completions", json.dumps({"prompt": "t5 t6", "max_tokens": 480}),
                  {"Content-Type": "application/json"})
-    time.sleep(0.3)
+    assert wait_until(lambda: _jobs(scheduler) == 1, 30), "the request never reached the scheduler"
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     outcome, tokens = _wait_finished(scheduler, before + 1)
@@ -77,12 +80,11 @@ def test_shutdown_ends_running_and_queued_generations(folder):
     with serving(folder, decode_concurrency=1) as (url, scheduler):  # the second request waits its turn
         running = threading.Thread(target=stream, args=(url,))
         running.start()
-        while "first" not in out:
-            time.sleep(0.01)
+        assert wait_until(lambda: "first" in out, 60), "the stream never started"
         queued = ThreadPoolExecutor(1).submit(post, url, "/v1/completions", {"prompt": "t5", "max_tokens": 480})
-        time.sleep(0.3)
-        tic = time.monotonic()
-    assert time.monotonic() - tic < 4  # not the 5 s uvicorn waits before it cancels connections
+        assert wait_until(lambda: _jobs(scheduler) == 2, 30), "the second request never queued"
+    # Our shutdown ended both (uvicorn's own, after its 5 s wait, would cut them without a word):
+    # the stream ends with the shutting_down error, the queued request gets its 503.
     running.join(10)
     status, body, _ = queued.result(10)
     assert status == 503 and body["error"]["code"] == "shutting_down"
@@ -163,16 +165,20 @@ def test_the_command_serves_on_loopback(folder):
     cmd = [sys.executable, "-m", "exo_medusa_mlx", "server", "--model", str(folder), "--heads", str(folder / "medusa"),
            "--tree", TREE, "--port", str(port), "--log-level", "WARNING"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    answers = []
+
+    def answered() -> bool:
+        assert p.poll() is None, "the server exited"
+        try:
+            answers.append(client(f"http://127.0.0.1:{port}").completions.create(model=str(folder), prompt="t5 t6",
+                                                                                max_tokens=4))
+        except openai.APIConnectionError:
+            return False  # not listening yet
+        return True
+
     try:
-        url, end = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while True:
-            assert p.poll() is None and time.monotonic() < end, "the server did not start"
-            try:
-                r = client(url).completions.create(model=str(folder), prompt="t5 t6", max_tokens=4)
-                break
-            except openai.APIConnectionError:
-                time.sleep(0.2)
-        assert r.usage.completion_tokens == 4
+        assert wait_until(answered, 120, poll=0.2), "the server did not start"
+        assert answers[0].usage.completion_tokens == 4
     finally:
         p.terminate()
         p.wait(30)

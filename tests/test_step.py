@@ -1,10 +1,13 @@
-"""``core/step.py``: the context's end, one rule for every caller.
+"""The Medusa step (``core/step.py``): ``generate_step`` with any heads gives plain greedy decoding's
+tokens (mlx-lm's own) on tiny random models, accepting deep with heads that know the continuation;
+``advance`` keeps the longest path the model agrees with (a brute force says which) and takes the next
+tree from its end; ``prefill`` in chunks gives the base model's own hidden state and stops when told.
 
-A sequence holds at most the model's context (tiny models: 512 positions). Greedy
-Medusa must give exactly plain decoding's tokens up to the last position and stop
-there with "length", in ``generate_step`` (MLX, lookahead included; torch, static
-step included), ``stream_generate``, the engine ring and the server's scheduler; a
-tree near the end is cut so no node runs past it; a rotating window has no end.
+The context's end, one rule for every caller: a sequence holds at most the model's context (tiny models:
+512 positions). Greedy Medusa must give exactly plain decoding's tokens up to the last position and stop
+there with "length", in ``generate_step`` (MLX, lookahead included; torch, static step included),
+``stream_generate``, the engine ring and the server's scheduler; a tree near the end is cut so no node
+runs past it; a rotating window has no end.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step as mlx_lm_generate_step
 
-import oracle
 from exo_medusa_mlx import load, stream_generate
-from exo_medusa_mlx.core.limits import LimitError
-from exo_medusa_mlx.core.step import LENGTH, ROOT_ONLY, context_end, generate_step, tree_at
+from exo_medusa_mlx.core.accept import make_policy
+from exo_medusa_mlx.core.limits import Cancelled, LimitError
+from exo_medusa_mlx.core.step import LENGTH, ROOT_ONLY, Verified, advance, context_end, generate_step, prefill, tree_at
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from exo_medusa_mlx.engine import protocol as st
 from exo_medusa_mlx.engine.downloader import LocalShardDownloader
@@ -29,12 +32,122 @@ from exo_medusa_mlx.engine.ring_loop import run_ring
 from exo_medusa_mlx.engine.shard import Shard
 from exo_medusa_mlx.model import MedusaModel
 from exo_medusa_mlx.server.scheduler import GenerationArgs, Scheduler
-from hostile import save_folder
-from tiny import CONFIGS, OracleMedusa, random_heads, tiny_base
+from helpers.engines import OracleEngine
+from helpers.folders import save_hf_folder
+from helpers.oracle import PROMPT, decode, root_path, take
+from helpers.tiny import CONFIGS, VOCAB, OracleMedusa, mlx_lm_greedy, random_heads, tiny_base
+
+TREES = ["chain-3", "cpu-8", "mc_sim_7b_63"]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def family(request):
+    base = tiny_base(request.param)
+    return request.param, base, mlx_lm_greedy(base, 40)
+
+
+def test_plain_path_equals_mlx_lm(family):
+    _, base, ref = family
+    model = MedusaModel(base, random_heads(), build_tree([[0]]))
+    assert decode(model, 40, medusa=False)[0] == ref
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_random_heads_lossless(family, tree):
+    _, base, ref = family
+    model = MedusaModel(base, random_heads(4), build_tree(tree_choices(tree)))
+    assert decode(model, 40)[0] == ref
+
+
+@pytest.mark.parametrize("tree", ["chain-3", "cpu-8"])
+@pytest.mark.parametrize("draft", [False, True])
+def test_next_token_heads_lossless(family, tree, draft):
+    _, base, ref = family
+    heads = random_heads(4, next_token=True)
+    heads.draft_vocab = np.arange(0, 96, 3) if draft else None  # a third of the vocabulary
+    model = MedusaModel(base, heads, build_tree(tree_choices(tree)))
+    assert decode(model, 40)[0] == ref
+
+
+@pytest.mark.parametrize("lookahead_", [False, True])
+@pytest.mark.parametrize("tree", TREES)
+def test_oracle_heads_lossless_and_accepting(family, tree, lookahead_):
+    _, base, ref = family
+    model = OracleMedusa(base, random_heads(4), build_tree(tree_choices(tree)),
+                         np.concatenate([PROMPT, ref]), ranks=(0,) if tree.startswith("chain") else (0, 1))
+    tokens, steps = decode(model, 40, fast_path=lookahead_)
+    assert tokens == ref
+    # Oracle heads: every step should accept deep into the tree.
+    assert 40 / steps > 2.0
+
+
+# --------------------------------------------------------------------------- advance and prefill, directly
+
+
+@pytest.mark.parametrize("tree", ["chain-3", "cpu-8", "mc_sim_7b_63"])
+def test_advance_keeps_the_longest_agreeing_path_and_proposes_from_its_end(tree):
+    """Brute force: a node is accepted when every token on its path is the model's verdict at its
+    parent; the deepest such node is kept, its verdict is the bonus token and roots the next tree."""
+    t = build_tree(tree_choices(tree))
+    rng = np.random.default_rng(0)
+    policy = make_policy()
+    deepest = set()
+    for _ in range(300):
+        tokens = rng.permutation(VOCAB)[: t.size]  # siblings differ, as the heads' top-k do
+        # The verdict is one of a node's children (often; the first ranks most), else a token no child holds.
+        verdict = np.array([int(tokens[t.children[n][min(rng.geometric(0.5) - 1, len(t.children[n]) - 1)]])
+                            if t.children[n] and rng.random() < 0.85 else int(rng.integers(VOCAB, 2 * VOCAB))
+                            for n in range(t.size)])
+        drafts = rng.integers(0, VOCAB, (t.size, t.size))  # each node's next tree (the same tree)
+        agree = [n for n in range(t.size)
+                 if all(tokens[c] == verdict[p] for p, c in zip(root_path(t, n), root_path(t, n)[1:]))]
+        best = max(agree, key=lambda n: t.depths[n])  # one per depth at most: siblings differ
+        step = advance(policy, t, tokens, Verified(verdict, drafts))
+        path = root_path(t, best)
+        assert step.acc.nodes.tolist() == path
+        assert step.acc.tokens == [int(tokens[n]) for n in path[1:]] + [int(verdict[best])]
+        assert step.tokens.tolist() == [int(verdict[best])] + drafts[best, 1:].tolist()
+        deepest.add(int(t.depths[best]))
+    assert deepest == set(range(t.depth + 1))  # every depth was the answer at least once
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 2048])
+def test_prefill_in_chunks_gives_the_base_models_own_last_state(chunk):
+    base = tiny_base("qwen3")
+    model = MedusaModel(base, None, build_tree([]))
+    prompt = np.random.default_rng(2).integers(0, VOCAB, 11)
+    ctx, caches = model.make_cache()
+    h = prefill(model, ctx, caches, prompt, step=chunk)
+    want = base.model(mx.array(prompt)[None])[0, -1]  # one uncached forward: mlx-lm's normed hidden states
+    assert ctx.committed == len(prompt) and h.shape == want.shape
+    assert float(mx.abs(h - want).max()) < 1e-4
+    with pytest.raises(ValueError, match="prompt is empty"):
+        prefill(model, *model.make_cache(), [])
+
+
+def test_generate_step_prefill_can_be_stopped(monkeypatch):
+    base = tiny_base("llama")
+    monkeypatch.setattr(base.args, "max_position_embeddings", 8192)  # room for a 5000-token prompt
+    model = MedusaModel(base, random_heads(4), build_tree(tree_choices("cpu-8")))
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) > 1:
+            raise Cancelled("client left")
+
+    steps = generate_step(np.arange(5000) % 96, model, check=check)
+    with pytest.raises(Cancelled, match="client left"):
+        next(steps)
+    assert len(calls) == 2  # before the second of three chunks of 2048
+
+
+# --------------------------------------------------------------------------- the context's end
+
 
 CONTEXT = CONFIGS["llama"]["max_position_embeddings"]
 PROMPT_LENS = (497, 505, 510, 511)  # room for 15, 7, 2 and 1 tokens
-TREES = ("cpu-8", "chain-4")
+END_TREES = ("cpu-8", "chain-4")
 
 
 def prompt_of(n: int) -> np.ndarray:
@@ -87,7 +200,7 @@ def test_tree_at_cuts_to_a_prefix_of_the_tree():
 
 
 @pytest.mark.parametrize("fast_path", [False, True])
-@pytest.mark.parametrize("tree", TREES)
+@pytest.mark.parametrize("tree", END_TREES)
 def test_greedy_medusa_stops_at_the_context_end_as_plain_decoding(base, plain, tree, fast_path):
     for n in PROMPT_LENS:
         future = np.concatenate([prompt_of(n), plain[n]])
@@ -109,14 +222,14 @@ def test_a_prompt_that_fills_the_context_is_refused(base):
 def test_a_window_has_no_end(base):
     n, W = 505, 64
     model = MedusaModel(base, random_heads(4), build_tree(tree_choices("cpu-8")))
-    tokens = oracle.take(generate_step(prompt_of(n), model, max_kv_size=W), 20)[0]  # past the 7 positions left
-    assert tokens == oracle.take(generate_step(prompt_of(n), model, max_kv_size=W, tree=ROOT_ONLY), 20)[0]
+    tokens = take(generate_step(prompt_of(n), model, max_kv_size=W), 20)[0]  # past the 7 positions left
+    assert tokens == take(generate_step(prompt_of(n), model, max_kv_size=W, tree=ROOT_ONLY), 20)[0]
 
 
 def test_torch_stops_at_the_context_end_as_plain_decoding():
     torch = pytest.importorskip("torch")
     from exo_medusa_mlx.torch_compat.model import MedusaModel as TorchModel
-    from torch_models import CONFIGS as TORCH_CONFIGS, random_heads as torch_heads, random_model
+    from helpers.torch_models import CONFIGS as TORCH_CONFIGS, random_heads as torch_heads, random_model
 
     tb = random_model(TORCH_CONFIGS["llama"])
     end = TORCH_CONFIGS["llama"]["max_position_embeddings"]
@@ -137,7 +250,7 @@ def test_torch_stops_at_the_context_end_as_plain_decoding():
 
 @pytest.fixture(scope="module")
 def folder(base, tmp_path_factory):
-    return save_folder(tmp_path_factory.mktemp("ctx") / "llama", CONFIGS["llama"], base, random_heads(4))
+    return save_hf_folder(tmp_path_factory.mktemp("ctx") / "llama", "llama", base, random_heads(4))
 
 
 def ids_text(ids) -> str:
@@ -151,10 +264,6 @@ def test_stream_generate_finishes_with_length_at_the_context_end(folder, plain):
             rs = list(stream_generate(model, tokenizer, prompt_of(n).tolist(), max_tokens=100, medusa=medusa))
             assert [r.token for r in rs] == plain[n], (n, medusa)
             assert [r.finish_reason for r in rs] == [None] * (len(rs) - 1) + [LENGTH]
-
-
-class OracleEngine(oracle.OracleEngine, MedusaMLXInferenceEngine):
-    back = staticmethod(lambda rows, like: mx.array(rows))
 
 
 def test_the_engine_ring_stops_at_the_context_end(folder, plain):

@@ -21,15 +21,15 @@ from exo_medusa_mlx.torch_compat import graphs  # noqa: E402
 from exo_medusa_mlx.torch_compat.graphs import GraphedVerifier  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.torch_compat.static import StaticVerifier  # noqa: E402
-from test_torch_tiny import TorchOracleMedusa, hf_greedy, take  # noqa: E402
-from torch_models import CONFIGS, random_heads, random_model  # noqa: E402
+from helpers.oracle import PROMPT, take  # noqa: E402
+from helpers.torch_models import (CONFIGS, TorchOracleMedusa, dynamic_plan, hf_greedy, random_heads,  # noqa: E402
+                                  random_model)
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="no CUDA device: CUDA graphs are GPU-only (the static step they replay is tested on CPU "
            "in test_torch_static.py)",
 )
-PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
 
 
 @pytest.fixture
@@ -86,6 +86,15 @@ def test_graphs_recapture_when_the_cache_grows(captures):
     eager = take(generate_step(PROMPT, model, fast_path=False), n)[0]
     assert take(generate_step(PROMPT, model, fast_path=True), n)[0] == eager
     assert captures[0] >= 2
+
+
+@needs_cuda
+def test_graphs_equal_eager_with_dynamic_trees(captures):
+    """A graph per tree size (a failed capture falls back to eager with a warning: an error here)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = MedusaModel(random_model(CONFIGS["llama"], device="cuda"), random_heads().cuda(), dynamic_plan())
+    eager = take(generate_step(PROMPT, model, fast_path=False), 48)[0]
+    assert take(generate_step(PROMPT, model, fast_path=True), 48)[0] == eager
 
 
 @needs_cuda

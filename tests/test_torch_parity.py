@@ -8,17 +8,20 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import mlx.core as mx  # noqa: E402
+
+from exo_medusa_mlx.core.dynamic import Calibration, make_dynamic  # noqa: E402
 from exo_medusa_mlx.heads import load_heads as mlx_load_heads  # noqa: E402
 from exo_medusa_mlx.model import MedusaModel as MlxMedusa  # noqa: E402
 from exo_medusa_mlx.core.step import generate_step, prefill  # noqa: E402
 from exo_medusa_mlx.torch_compat.heads import load_heads  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices  # noqa: E402
-from test_decode import mlx_lm_greedy  # noqa: E402
-from test_torch_tiny import HIDDEN, TorchOracleMedusa, take, tiny_pair  # noqa: E402
-from tiny import CONFIGS, VOCAB  # noqa: E402
+from helpers.oracle import PROMPT, take  # noqa: E402
+from helpers.tiny import CONFIGS, VOCAB, mlx_lm_greedy  # noqa: E402
+from helpers.tiny import random_heads as mlx_random_heads  # noqa: E402
+from helpers.torch_models import HIDDEN, TorchOracleMedusa, tiny_pair  # noqa: E402
 
-PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
 TOL = 1e-4
 
 
@@ -96,7 +99,7 @@ def test_window_equals_mlx_lm_rotating(pair, medusa):
 def test_sampling_matches_mlx_seed_for_seed(pair, acceptance):
     """The exact sampler's law on torch: the acceptors are the same numpy code, and with
     the same seed and logits equal to 1e-4 both backends draw the same tokens, so the
-    torch path inherits the distribution test run on MLX (tests/test_sampling.py)."""
+    torch path inherits the distribution test run on MLX (tests/test_accept.py)."""
     from exo_medusa_mlx.core.accept import make_policy
 
     _, mm, tm = pair
@@ -107,3 +110,15 @@ def test_sampling_matches_mlx_seed_for_seed(pair, acceptance):
         same += a == b
     # A draw can land within 1e-4 of a boundary; beyond a rare one, any mismatch is a bug.
     assert same >= 39
+
+
+def test_dynamic_tree_scores_match_mlx(tmp_path):
+    """The same heads on both backends score a dynamic tree's superset alike (``propose_scored``)."""
+    base, tb, _ = tiny_pair("llama", tmp_path)
+    folder = mlx_random_heads(3, next_token=True).save(tmp_path / "heads")
+    p = make_dynamic(16, 3, VOCAB, calibration=Calibration((0.4, 0.2, 0.0), (1.1, 0.9, 1.0)))
+    h = np.random.default_rng(0).normal(size=(6, HIDDEN)).astype(np.float32)
+    ours = [np.array(a) for a in MlxMedusa(base, mlx_load_heads(folder, HIDDEN, VOCAB)).propose_scored(mx.array(h), p)]
+    theirs = [a.numpy() for a in MedusaModel(tb, load_heads(folder, HIDDEN, VOCAB)).propose_scored(torch.from_numpy(h), p)]
+    assert np.array_equal(ours[1], theirs[1])
+    np.testing.assert_allclose(ours[2], theirs[2], atol=1e-4)

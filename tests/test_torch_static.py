@@ -4,7 +4,9 @@ Device-side step data (mask, positions, write slots from the committed length an
 the tree's buffers) against the numpy ``SlotMap``; static decoding (one-gather
 commits, request-sized and resized caches) against the dynamic step and
 transformers' own greedy output; and the run a graph captures reads no host
-state that changes per step. Needs no mlx.
+state that changes per step. Dynamic trees (``--tree dynamic``) through the eager
+step, the static step and ``GraphedVerifier``'s flow (one capture per tree size),
+equal to plain greedy decoding. Needs no mlx.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from exo_medusa_mlx.torch_compat.graphs import GraphedVerifier, fast_verifier  #
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.torch_compat.static import DeviceSteps, StaticVerifier, static_size  # noqa: E402
 from helpers.graphs import CpuGraphed, StandInCapture  # noqa: E402
-from test_torch_tiny import TorchOracleMedusa, hf_greedy, take  # noqa: E402
-from torch_models import CONFIGS, random_heads, random_model  # noqa: E402
+from helpers.oracle import PROMPT, take, take_sized  # noqa: E402
+from helpers.torch_models import (CONFIGS, TorchOracleMedusa, dynamic_plan, hf_greedy, random_heads,  # noqa: E402
+                                  random_model)
 
-PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
 N = 60  # tokens per run: through a 16-token window several times
 
 
@@ -209,3 +211,61 @@ def test_graphed_verifier_on_a_stand_in_graph(base, monkeypatch):
     model = Graphed(base, random_heads(), tree)
     assert take(generate_step(PROMPT, model, fast_path=True), N) == want
     assert len(stand_in.captured) == len(resizes) >= 3  # the first verify, then one per resize (GROW 8: every few steps)
+
+
+# --------------------------------------------------------------------------- dynamic trees
+
+N_DYNAMIC = 40
+
+
+class DynamicOracle(TorchOracleMedusa):
+    """Oracle heads as sure of the greedy continuation as a random draw says (their logits scaled),
+    so the trees change size from step to step."""
+
+    def project(self, h, depth=None):
+        rows = super().project(h, depth)
+        rows[1:] *= self.rng.uniform(0.2, 1.5)
+        return rows
+
+
+@pytest.fixture(scope="module")
+def plain(base):
+    return take(generate_step(PROMPT, MedusaModel(base), tree=ROOT_ONLY), N_DYNAMIC + 8)[0]
+
+
+def run_dynamic(model, **kw) -> tuple[list[int], list[int]]:
+    return take_sized(generate_step(PROMPT, model, **kw), N_DYNAMIC)
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_dynamic_trees_in_eager_and_static_steps_equal_plain_decoding(base, plain, window, monkeypatch):
+    monkeypatch.setattr(static, "GROW", 8)  # the static cache is resized on the way
+    monkeypatch.setattr(static, "BUCKET", 16)
+    want = plain if window is None else take(generate_step(PROMPT, MedusaModel(base), tree=ROOT_ONLY,
+                                                           max_kv_size=window), N_DYNAMIC)[0]
+    future = np.concatenate([PROMPT, want])
+    runs = {}
+    for fast in (False, True):
+        model = DynamicOracle(base, random_heads(), ROOT_ONLY, future, ranks=(0, 0, 1, 3))
+        model.tree = dynamic_plan()
+        runs[fast] = run_dynamic(model, max_kv_size=window, fast_path=fast)
+    (eager, sizes), (fast, fast_sizes) = runs[False], runs[True]
+    assert eager == fast == want[:N_DYNAMIC]
+    assert sizes == fast_sizes and len(set(sizes)) >= 2 and N_DYNAMIC / (len(sizes) + 1) > 1.8, sizes
+
+
+def test_graphed_flow_captures_once_per_dynamic_tree_size(base, plain, monkeypatch):
+    stand_in = StandInCapture()
+
+    class Graphed(DynamicOracle):
+        def fast_verifier(self, ctx, caches, tree, policy, fast_path=None):
+            self.used = CpuGraphed(self, ctx, caches, tree, policy)
+            return self.used
+
+    monkeypatch.setattr(graphs, "capture", stand_in)
+    model = Graphed(base, random_heads(), ROOT_ONLY, np.concatenate([PROMPT, plain]), ranks=(0, 0, 1, 3))
+    model.tree = dynamic_plan()
+    tokens, sizes = run_dynamic(model, fast_path=True)
+    assert tokens == plain[:N_DYNAMIC]
+    # One graph per tree size (the cache is not resized here).
+    assert len(stand_in.captured) == len(set(sizes)) == len(model.used.replays) >= 2

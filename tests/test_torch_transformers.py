@@ -16,9 +16,9 @@ from exo_medusa_mlx.core.step import generate_step, prefill  # noqa: E402
 from exo_medusa_mlx.torch_compat.heads import MedusaHeads, load_heads  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices  # noqa: E402
-from test_torch_tiny import HIDDEN, VOCAB, TorchOracleMedusa, hf_greedy, take, tiny_pair, torch_base  # noqa: E402
+from helpers.oracle import PROMPT, root_path, take  # noqa: E402
+from helpers.torch_models import HIDDEN, VOCAB, TorchOracleMedusa, hf_greedy, tiny_pair, torch_base  # noqa: E402
 
-PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
 FAMILIES = ["llama", "qwen2", "qwen3"]
 
 
@@ -38,10 +38,8 @@ def test_random_heads_equal_hf_generate(family, tree):
 
 
 def test_next_token_heads_equal_hf_generate(family):
-    from tiny import random_heads
-
     from exo_medusa_mlx.model import MedusaModel as MLXModel
-    from tiny import random_heads, tiny_base
+    from helpers.tiny import random_heads, tiny_base
 
     name, root, tb, _, ref = family
     mlx_heads = random_heads(3, next_token=True)
@@ -82,11 +80,7 @@ def test_tree_logits_equal_uncached_forward(family):
     prefill(model, ctx, caches, PROMPT)
     logits = model.logits(model.forward(ctx, caches, tokens, buf))
     for node in range(buf.size):
-        path, j = [], node
-        while j >= 0:
-            path.append(tokens[j])
-            j = buf.parents[j]
-        seq = torch.from_numpy(np.concatenate([PROMPT, path[::-1]]))[None]
+        seq = torch.from_numpy(np.concatenate([PROMPT, tokens[root_path(buf, node)]]))[None]
         with torch.inference_mode():
             want = tb(seq).logits[0, -1]  # transformers alone: no cache, its own causal mask
         assert (logits[node] - want).abs().max() < 1e-4, node

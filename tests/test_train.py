@@ -13,41 +13,16 @@ from exo_medusa_mlx.core.heads_format import MedusaConfig
 from exo_medusa_mlx.model import base_lm_head
 from exo_medusa_mlx.training.distill import build_cache, self_distill
 from exo_medusa_mlx.training.hidden_files import iterate_batches, load_part
-from exo_medusa_mlx.training.loss import loss_fn
+from exo_medusa_mlx.training.loss import loss_fn, ranks_and_logprobs, target_ranks
 from exo_medusa_mlx.training.prompts import read_documents, read_prompts
 from exo_medusa_mlx.training.train import new_heads, train
-from tiny import VOCAB, tiny_base
-
-EOS = 3
-K = 3
-
-
-def _prompts(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(4, VOCAB, int(rng.integers(3, 12))).tolist() for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def base():
-    return tiny_base("llama")
-
-
-@pytest.fixture(scope="module")
-def cache(base, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cache")
-    meta = build_cache(folder, base, base_lm_head(base), key="k", prompts=_prompts(24), eos={EOS},
-                       val_split=0.2, max_tokens=40, batch_size=6)
-    return folder, meta
-
-
-def _heads(base, seed=0, own=False):
-    cfg = MedusaConfig(num_heads=K, hidden_size=base.args.hidden_size, vocab_size=VOCAB, own_lm_head=own)
-    return new_heads(cfg, base.lm_head.weight, seed)
+from helpers.tiny import VOCAB, random_heads, tiny_base
+from helpers.training import EOS, K, base, cache, random_prompts, tiny_heads  # noqa: F401 (base, cache: fixtures)
 
 
 def test_self_distill_equals_plain_greedy(base):
     """The continuous batch (filter, extend) gives each prompt what mlx-lm's unbatched greedy gives."""
-    prompts = _prompts(7, seed=1)
+    prompts = random_prompts(7, seed=1)
     got = {i: row for i, row in self_distill(base, base_lm_head(base), prompts, {EOS}, 25, batch_size=4)}
     assert sorted(got) == list(range(7))
     for i, p in enumerate(prompts):
@@ -64,7 +39,7 @@ def test_self_distill_equals_plain_greedy(base):
 def test_samples_per_prompt(base, tmp_path):
     """Several responses per prompt: the first greedy (mlx-lm's), the others sampled;
     the val split takes whole prompts, so no val prompt is trained on."""
-    prompts = _prompts(8, seed=2)
+    prompts = random_prompts(8, seed=2)
     lm = base_lm_head(base)
     got = dict(self_distill(base, lm, prompts * 2, set(), 12, batch_size=5, temp=1.0, greedy=set(range(8))))
     for i, p in enumerate(prompts):
@@ -103,9 +78,21 @@ def test_parts_hold_targets_at_offset_two(cache):
     assert (d["teacher_probs"].sum(-1)[valid] <= 1.0 + 1e-3).all()
 
 
+def test_ranks_and_logprobs():
+    heads, model = random_heads(3), tiny_base()
+    h = mx.random.normal((7, 64))
+    targets = mx.array(np.random.default_rng(0).integers(-1, 96, (7, 3)))
+    ranks, logp = (np.array(a) for a in ranks_and_logprobs(heads, model.lm_head, h, targets, k=5))
+    assert np.array_equal(ranks, np.array(target_ranks(heads, model.lm_head, h, targets)))
+    assert logp.shape == (7, 3, 5) and (np.diff(logp, axis=-1) <= 0).all() and (logp <= 0).all()
+    full = np.array(heads.project(h, model.lm_head, base=False))  # (3, 7, V)
+    want = -np.sort(-(full - np.log(np.exp(full).sum(-1, keepdims=True))), axis=-1)[..., :5]
+    np.testing.assert_allclose(logp, want.transpose(1, 0, 2), atol=1e-5)
+
+
 def test_training_lowers_loss_and_heads_round_trip(base, cache, tmp_path):
     folder, meta = cache
-    heads = _heads(base)
+    heads = tiny_heads(base)
     lm = base_lm_head(base)
     batch = next(iterate_batches(folder, [f["file"] for f in meta["splits"]["train"]], K, 64))
     args = [mx.array(batch["hidden"], dtype=mx.float32), mx.array(batch["targets"])]
@@ -125,7 +112,7 @@ def test_training_lowers_loss_and_heads_round_trip(base, cache, tmp_path):
 
 def test_training_stops_when_the_loss_is_not_finite(base, cache, tmp_path):
     folder, meta = cache
-    heads = _heads(base)
+    heads = tiny_heads(base)
     block = heads.heads[1].blocks[0].linear
     block.weight = block.weight.at[0, 0].add(mx.array(float("inf")))  # a head that has diverged
     with pytest.raises(ValueError, match="training diverged: the loss is (nan|inf) at step 0"):
@@ -140,7 +127,7 @@ def test_resume_equals_uninterrupted(base, cache, tmp_path, monkeypatch):
     folder, meta = cache
     lm = base_lm_head(base)
     kw = dict(steps=8, batch_size=32, lr=2e-3, warmup=2, log=lambda *_: None)
-    straight = _heads(base)
+    straight = tiny_heads(base)
     train(straight, lm, folder, meta, **kw)
 
     # The same run, interrupted right after the checkpoint at step 5 ...
@@ -156,11 +143,11 @@ def test_resume_equals_uninterrupted(base, cache, tmp_path, monkeypatch):
     ck = tmp_path / "ck"
     monkeypatch.setattr(T, "save_checkpoint", save_then_stop)
     with pytest.raises(Stop):
-        train(_heads(base), lm, folder, meta, **kw, checkpoint=ck, save_every=5)
+        train(tiny_heads(base), lm, folder, meta, **kw, checkpoint=ck, save_every=5)
     monkeypatch.setattr(T, "save_checkpoint", real)
     assert json.loads((ck / "state.json").read_text())["step"] == 5
     # ... and resumed from heads initialised differently: everything must come from the checkpoint.
-    resumed = _heads(base, seed=123)
+    resumed = tiny_heads(base, seed=123)
     train(resumed, lm, folder, meta, **kw, checkpoint=ck, resume=True, save_every=100)
     for (k, a), (_, b) in zip(sorted(straight.reference_weights().items()), sorted(resumed.reference_weights().items())):
         np.testing.assert_allclose(a, b, atol=1e-6, err_msg=k)
@@ -234,17 +221,17 @@ def test_cache_dir_with_other_files_is_refused_and_kept(base, tmp_path):
     # --cache-dir pointed at a model folder: nothing of it may be deleted.
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     with pytest.raises(ValueError, match="not a hidden-state cache.*model.safetensors"):
-        build_cache(tmp_path, base, base_lm_head(base), key="k", prompts=_prompts(2), eos={EOS}, max_tokens=4)
+        build_cache(tmp_path, base, base_lm_head(base), key="k", prompts=random_prompts(2), eos={EOS}, max_tokens=4)
     assert (tmp_path / "model.safetensors").read_bytes() == b"weights"
     with pytest.raises(ValueError, match="is a file"):
-        build_cache(tmp_path / "model.safetensors", base, base_lm_head(base), key="k", prompts=_prompts(2))
+        build_cache(tmp_path / "model.safetensors", base, base_lm_head(base), key="k", prompts=random_prompts(2))
 
 
 def test_fewer_rows_than_a_batch_is_an_error_not_a_hang(base, cache):
     folder, meta = cache
     usable = meta["rows"]["train"] - meta["sequences"]["train"]
     with pytest.raises(ValueError, match=f"{usable} training rows, fewer than --batch-size {usable + 1}"):
-        train(_heads(base), base_lm_head(base), folder, meta, steps=2, batch_size=usable + 1, lr=1e-3, warmup=1)
+        train(tiny_heads(base), base_lm_head(base), folder, meta, steps=2, batch_size=usable + 1, lr=1e-3, warmup=1)
 
 
 def test_resume_refuses_another_layout_and_a_broken_state(base, tmp_path):
@@ -252,7 +239,7 @@ def test_resume_refuses_another_layout_and_a_broken_state(base, tmp_path):
 
     from exo_medusa_mlx.training.checkpoints import resume_step, save_checkpoint
 
-    heads = _heads(base)
+    heads = tiny_heads(base)
     opt = optim.AdamW(learning_rate=1e-3)
     opt.init(heads.trainable_parameters())
     ck = tmp_path / "checkpoint"
@@ -263,10 +250,10 @@ def test_resume_refuses_another_layout_and_a_broken_state(base, tmp_path):
                       base.lm_head.weight, 0)
     with pytest.raises(ValueError, match="another layout"):
         resume_step(ck, other)
-    assert resume_step(ck, _heads(base, seed=5)) == 9
+    assert resume_step(ck, tiny_heads(base, seed=5)) == 9
     (ck / "state.json").write_text("{broken")
     with pytest.raises(ValueError, match="state.json is unreadable"):
-        resume_step(ck, _heads(base))
+        resume_step(ck, tiny_heads(base))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,5 +1,5 @@
 """Head layouts in training: next-token and hydra heads, a draft vocabulary, the KL loss and the own
-lm_head layout, heads started from saved ones (``test_train.py``'s tiny model and data)."""
+lm_head layout, heads started from saved ones (``helpers/training.py``'s tiny model and data)."""
 
 import json
 
@@ -13,8 +13,8 @@ from exo_medusa_mlx.heads import load_heads
 from exo_medusa_mlx.model import base_lm_head
 from exo_medusa_mlx.training.loss import loss_fn
 from exo_medusa_mlx.training.train import new_heads, train
-from test_train import K, _heads, _prompts, base, cache  # noqa: F401 (fixtures)
-from tiny import VOCAB
+from helpers.tiny import VOCAB
+from helpers.training import K, base, cache, random_prompts, tiny_heads  # noqa: F401 (base, cache: fixtures)
 
 
 def test_next_token_heads_learn_from_the_fed_token(base, cache, tmp_path):
@@ -30,7 +30,7 @@ def test_next_token_heads_learn_from_the_fed_token(base, cache, tmp_path):
     raw = load_file(str(folder / meta["splits"]["train"][0]["file"]))
     np.testing.assert_array_equal(d["next"], raw["labels"][raw["left"] >= 1])  # greedy: fed == argmax
 
-    plain = _heads(base)
+    plain = tiny_heads(base)
     plain.save(tmp_path / "plain")
     cfg = MedusaConfig(num_heads=K, hidden_size=base.args.hidden_size, vocab_size=VOCAB, next_token=True)
     heads = new_heads(cfg, None, seed=3)
@@ -47,7 +47,7 @@ def test_next_token_heads_learn_from_the_fed_token(base, cache, tmp_path):
     heads.save(tmp_path / "next")
     assert load_heads(tmp_path / "next", base.args.hidden_size, VOCAB).config.next_token
     with pytest.raises(ValueError, match="pass --next-token"):
-        saved_heads(tmp_path / "next", _heads(base).config)
+        saved_heads(tmp_path / "next", tiny_heads(base).config)
     with pytest.raises(ValueError, match="embedding"):
         train(heads, lm, folder, meta, steps=1, batch_size=8, lr=1e-3, warmup=0, log=lambda *_: None)
 
@@ -103,12 +103,12 @@ def test_train_command_next_token_heads_with_a_draft(tmp_path):
     """``mlx_medusa train`` end to end on a tiny model folder: next-token heads from saved plain
     ones, a draft vocabulary of the most emitted tokens, both in the saved heads and config."""
     from exo_medusa_mlx.training.train import run, setup_arg_parser
-    from test_exo_engine import save_hf_folder
-    from test_exo_engine import tiny_base as tiny_base4
+    from helpers.folders import save_hf_folder
+    from helpers.tiny import N_LAYERS, tiny_base
 
-    folder = save_hf_folder(tmp_path / "model", "llama", tiny_base4("llama"))
+    folder = save_hf_folder(tmp_path / "model", "llama", tiny_base("llama", layers=N_LAYERS))
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([" ".join(f"t{i}" for i in p) for p in _prompts(10, seed=4)]))
+    prompts.write_text(json.dumps([" ".join(f"t{i}" for i in p) for p in random_prompts(10, seed=4)]))
     common = ["--model", str(folder), "--prompts", str(prompts), "--max-tokens", "12", "--gen-batch-size", "4",
               "--val-split", "0.2", "--num-heads", "2", "--batch-size", "16", "--cache-dir", str(tmp_path / "cache")]
     run(setup_arg_parser().parse_args(common + ["--output", str(tmp_path / "plain"), "--iters", "3"]))
@@ -124,7 +124,7 @@ def test_train_command_next_token_heads_with_a_draft(tmp_path):
 
 def test_kl_loss_and_own_layout_train(base, cache, tmp_path):
     folder, meta = cache
-    heads = _heads(base, own=True)
+    heads = tiny_heads(base, own=True)
     train(heads, base_lm_head(base), folder, meta, steps=3, batch_size=32, lr=1e-3, warmup=1, loss="kl",
           log=lambda *_: None)
     heads.save(tmp_path)
@@ -141,7 +141,7 @@ def test_init_from_deeper_heads_start_where_the_saved_ones_were(base, cache, tmp
 
     folder, meta = cache
     lm = base_lm_head(base)
-    saved = _heads(base)
+    saved = tiny_heads(base)
     train(saved, lm, folder, meta, steps=10, batch_size=32, lr=3e-3, warmup=1, log=lambda *_: None)
     saved.save(tmp_path / "one")
     cfg = MedusaConfig(num_heads=K, hidden_size=base.args.hidden_size, vocab_size=VOCAB, num_layers=2)
@@ -158,6 +158,6 @@ def test_init_from_deeper_heads_start_where_the_saved_ones_were(base, cache, tmp
 
     with pytest.raises(ValueError, match="--num-layers 2 or more"):
         deeper.save(tmp_path / "two")
-        saved_heads(tmp_path / "two", _heads(base).config)
+        saved_heads(tmp_path / "two", tiny_heads(base).config)
     with pytest.raises(ValueError, match="--layout shared"):
-        saved_heads(tmp_path / "one", _heads(base, own=True).config)
+        saved_heads(tmp_path / "one", tiny_heads(base, own=True).config)

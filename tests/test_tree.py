@@ -79,7 +79,7 @@ def test_json_round_trip(tmp_path):
 
 def test_trees_the_heads_cannot_fill_and_folders_are_refused(tmp_path):
     from exo_medusa_mlx.model import MedusaModel
-    from tiny import random_heads, tiny_base
+    from helpers.tiny import random_heads, tiny_base
 
     heads = random_heads(1)
     heads.draft_vocab, heads.config.draft_vocab_size = np.array([1, 2, 3]), 3  # the heads choose among 3 tokens

@@ -1,4 +1,7 @@
-"""Tree tuning: growth is deterministic and optimal under its model; shipped heads are lossless."""
+"""Tree tuning: growth is deterministic and optimal under its model; shipped heads are lossless; ``mlx_medusa
+tune`` end to end on a tiny model records the heads' calibration (fitted on the held-out log-probabilities it
+saves beside the heads), checks ``--tree dynamic`` against plain decoding, and a model loaded with ``--tree
+dynamic`` builds its plan from the file."""
 
 import itertools
 import json
@@ -6,11 +9,16 @@ import json
 import numpy as np
 import pytest
 
-from exo_medusa_mlx.training.prompts import DATA_DIR, read_prompts
-from exo_medusa_mlx.core.tree import build_tree
+from exo_medusa_mlx import tune
+from exo_medusa_mlx.core.dynamic import DynamicTree
 from exo_medusa_mlx.core.growth import (conditional_accuracy, empirical_accept_length, grow_tree, latency_table,
                                         topk_accuracy)
+from exo_medusa_mlx.core.tree import build_tree
+from exo_medusa_mlx.loading import load
+from exo_medusa_mlx.training.prompts import DATA_DIR, read_prompts
 from exo_medusa_mlx.tune import measure_latency
+from helpers.folders import save_hf_folder
+from helpers.tiny import random_heads, tiny_base
 
 # Head accuracies shaped like trained heads': each rank and each depth less likely.
 ACC = np.array([
@@ -83,7 +91,7 @@ def test_accuracy_tables():
 
 
 def test_measure_latency_on_tiny_model():
-    from tiny import tiny_medusa
+    from helpers.tiny import tiny_medusa
 
     curve, overhead = measure_latency(tiny_medusa(), [1, 2, 4, 8], context=16, repeats=2)
     assert sorted(curve) == [1, 2, 4, 8]
@@ -112,7 +120,6 @@ def test_shipped_heads_lossless_on_default_model():
 
     assert (SHIPPED_HEADS / "medusa_lm_head.safetensors").is_file(), f"shipped heads missing in {SHIPPED_HEADS}"
     from exo_medusa_mlx.generate import stream_generate
-    from exo_medusa_mlx.loading import load
     from exo_medusa_mlx.core.tokens import prompt_ids
 
     model, tok = load()
@@ -162,3 +169,21 @@ def test_gather_fraction_counts_commits_out_of_place():
     # kept: 0,1,3 (moved); 0,1 (in place); 0,2 (moved); 0 (in place); 0 (in place)
     assert gather_fraction(ranks, [[0], [1], [0, 0]]) == pytest.approx(2 / 5)
     assert gather_fraction(ranks, [[0], [0, 0]]) == 0.0  # a chain is always in place
+
+
+def test_tune_records_the_calibration_and_checks_dynamic(tmp_path, capsys):
+    folder = save_hf_folder(tmp_path / "m", "llama", tiny_base(), random_heads(3))
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([f"t{i} t{i + 1} t{i + 2}" for i in range(1, 40, 3)]))
+    opts = tune.TuneOptions(model=str(folder), heads=str(folder / "medusa"), prompts=str(prompts),
+                            cache_dir=str(tmp_path / "cache"), data_max_tokens=24, max_nodes=6, repeats=1,
+                            num_prompts=2, max_tokens=12, tree="dynamic:6")
+    result = tune.run(opts)
+    saved = json.loads((folder / "medusa" / "tree.json").read_text())
+    assert set(saved["calibration"]) == {"log_scale", "power"} and len(saved["calibration"]["power"]) == 3
+    assert (folder / "medusa" / tune.LOGPROBS_FILE).is_file()
+    assert result["measured_tree"]["identical"] == 2 and result["measured_tree"]["mean_tree_size"] >= 1
+    assert "--tree dynamic:6" in capsys.readouterr().out
+    model, _ = load(str(folder), heads=str(folder / "medusa"), tree="dynamic:6")
+    assert isinstance(model.tree, DynamicTree)
+    assert model.tree.calibration.log_scale == tuple(saved["calibration"]["log_scale"])

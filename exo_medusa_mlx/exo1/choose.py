@@ -94,14 +94,21 @@ def medusa_for(builder):
 
 
 def medusa_build(builder, exo_build):
-    """``MlxBuilder.build`` with Medusa: exo's engine, or a ``MedusaEngine`` made of exo's parts."""
+    """``MlxBuilder.build`` with Medusa: exo's engine, or a Medusa engine made of exo's parts.
+
+    Where exo would batch (``EXO_NO_BATCH`` unset, as exo reads it) the Medusa engine is
+    exo's ``BatchGenerator`` with the batched step (``batch.MedusaBatchEngine``), else exo's
+    ``SequentialGenerator`` with the single-sequence step (``engine.MedusaEngine``).
+    """
     log = _exo_logger()
     medusa, account = medusa_for(builder)
     if medusa is None:
         log.info(f"exo-medusa: {builder.model_id} runs exo's own engine: {account}")
         return exo_build(builder)
-    # exo's own sequential generator, for the parts exo chose (tool parser, prefix cache, channels).
-    # EXO_NO_BATCH is read by this call only; the Medusa engine takes one task at a time.
+    batched = not os.environ.get("EXO_NO_BATCH")
+    # exo's own sequential generator, for the parts exo chose (tool parser, prefix cache, channels): a plain
+    # dataclass, where exo's BatchGenerator would also build exo's batch generator. EXO_NO_BATCH is read by
+    # this call only.
     before = os.environ.get("EXO_NO_BATCH")
     os.environ["EXO_NO_BATCH"] = "1"
     try:
@@ -111,11 +118,17 @@ def medusa_build(builder, exo_build):
             os.environ.pop("EXO_NO_BATCH", None)
         else:
             os.environ["EXO_NO_BATCH"] = before
-    from .engine import MedusaEngine
-
     parts = {f.name: getattr(plain, f.name) for f in fields(plain) if f.init}
-    log.info(f"exo-medusa: {builder.model_id} decodes with Medusa: {account}; MLX's BLAS: {blas_info()}")
-    return MedusaEngine(**parts, medusa=medusa)
+    if batched:
+        from .batch import MedusaBatchEngine as Engine
+
+        how = "continuous batching in exo's BatchGenerator"
+    else:
+        from .engine import MedusaEngine as Engine
+
+        how = "one task at a time (EXO_NO_BATCH)"
+    log.info(f"exo-medusa: {builder.model_id} decodes with Medusa: {account}; {how}; MLX's BLAS: {blas_info()}")
+    return Engine(**parts, medusa=medusa)
 
 
 def patch_builder() -> bool:

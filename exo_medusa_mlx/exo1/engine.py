@@ -9,10 +9,9 @@ is exo's: ranks agreeing on tasks and cancellations, exo's output parsers (tool 
 thinking tags, reasoning-token counts), error chunks. Every rank runs the same step on the
 all-gathered hidden state (SPMD) with the task's seed, so the ranks draw alike.
 
-Batching plugs in beside it: exo's ``BatchGenerator`` drives an ``ExoBatchGenerator``
-(``submit`` -> uid, ``step`` -> [(uid, GenerationResponse)], ``cancel``, ``has_work``,
-``close``); a Medusa one runs the batched step over several ``Decode`` states, each
-turning its row's ``Step``s into exo's responses with ``Decode.responses``.
+The pieces a task needs whichever step decodes it (``prepare``, ``prefill_check``,
+``Decode``, ``warm_up``, ``MedusaParts``) are shared with the batched engine
+(``batch.py``: exo's ``BatchGenerator`` with the batched step, each row a ``Decode``).
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from exo.worker.engines.mlx.generator.generate import PrefillCancelled, eos_ids_
 from exo.worker.engines.mlx.utils_mlx import apply_chat_template, fix_unmatched_think_end_tokens, mx_barrier
 from exo.worker.runner.llm_inference.batch_generator import SequentialGenerator, _check_for_debug_prompts
 
+from ..core.accept import Policy
 from ..core.generation import GenerationResponse as Response, stream_steps
 from ..core.limits import LimitError
 from ..core.processors import ProcessedAcceptor, Sampling, make_sampling_policy
@@ -69,16 +69,63 @@ def exo_sampling(p: TextGenerationTaskParams, banned: Iterable[int] = ()) -> Sam
 
 
 @dataclass
+class Prepared:
+    """A task as the Medusa step takes it: exo's tokens, its output limit and its sampling policy."""
+
+    ids: np.ndarray  # (n,) int64: the prompt, tokenised as exo's mlx_generate does
+    max_tokens: int
+    policy: Policy
+
+
+def prepare(model: MedusaModel, tokenizer, task: TextGenerationTaskParams, prompt: str) -> Prepared:
+    """exo's ``mlx_generate`` set-up of a task, for the Medusa step; ``ValueError`` where it is refused."""
+    ids = np.array(fix_unmatched_think_end_tokens(encode_prompt(tokenizer, prompt), tokenizer), dtype=np.int64)
+    max_tokens = task.max_output_tokens or MAX_TOKENS
+    if model.max_context:  # the tree cache holds the context; exo's own engine would run past it
+        max_tokens = min(max_tokens, model.max_context - len(ids))
+    if max_tokens < 1:
+        raise LimitError(f"prompt has {len(ids)} tokens, the model's context is {model.max_context}: shorten it")
+    sampling = exo_sampling(task, eos_ids_from_tokenizer(tokenizer) if task.bench else ())
+    # exo's decode loop starts from the prompt's last two tokens, so its penalties see those, then the output.
+    policy = make_sampling_policy(sampling, ids[-2:].tolist(), task.seed or DEFAULT_SEED, task.logprobs)
+    return Prepared(ids, max_tokens, policy)
+
+
+def prefill_check(total: int, on_prefill_progress: Callable[[int, int], None] | None,
+                  distributed_prompt_progress_callback: Callable[[], None] | None) -> Callable[[], None]:
+    """What runs before each prefill chunk of ``total`` tokens, on every rank alike: exo's
+    cancellation agreement (it raises ``PrefillCancelled``), then a progress chunk."""
+    chunks = 0
+
+    def check() -> None:
+        nonlocal chunks
+        if distributed_prompt_progress_callback is not None:
+            distributed_prompt_progress_callback()
+        if on_prefill_progress is not None:
+            on_prefill_progress(min(chunks * PREFILL_STEP, total), total)
+        chunks += 1
+
+    return check
+
+
+@dataclass
 class Decode:
-    """One task's decoding state, whichever step produces its ``Step``s (sequential here; a row of
-    the batched step later): exo's stop strings, log-probabilities, usage and stats."""
+    """One task's decoding state, whichever step produces its ``Step``s (``generate_step`` alone,
+    or a row of the batched step): exo's stop strings, log-probabilities, usage and stats."""
 
     tokenizer: object
     params: TextGenerationTaskParams
     prompt_tokens: int
-    tree_size: int  # nodes each verification checks (1: no heads)
     acceptor: object  # the policy's acceptor: a ProcessedAcceptor carries the log-probabilities
     on_generation_token: Callable[[], None] | None = None
+    cached: int = 0  # prompt tokens taken from exo's KV prefix cache
+
+    def stream(self, model: MedusaModel, steps: Iterable[Step], max_tokens: int, tic: float
+               ) -> Iterator[GenerationResponse]:
+        """exo's responses from a task's ``Step``s (``tic``: when its prefill began)."""
+        ours = stream_steps(steps, self.prompt_tokens, eos_ids(self.tokenizer, model.eos_token_ids),
+                            model.detokenizer(self.tokenizer), max_tokens, model.peak_memory_gb, tic)
+        return self.responses(ours)
 
     def responses(self, ours: Iterable[Response]) -> Iterator[GenerationResponse]:
         """exo's responses from ``stream_steps``' (one per token, the EOS included, as exo counts)."""
@@ -115,9 +162,10 @@ class Decode:
         guessed = round(r.steps * (r.mean_tree_size - 1))  # a dynamic tree's size varies per step
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
                      total_tokens=self.prompt_tokens + completion,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=0),
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached),
                      completion_tokens_details=CompletionTokensDetails(
-                         accepted_prediction_tokens=accepted, rejected_prediction_tokens=max(guessed - accepted, 0)))
+                         accepted_prediction_tokens=accepted,
+                         rejected_prediction_tokens=max(guessed - accepted, 0)))
 
     def _stats(self, r: Response) -> GenerationStats:
         return GenerationStats(prompt_tps=float(r.prompt_tps), generation_tps=float(r.generation_tps),
@@ -125,7 +173,7 @@ class Decode:
                                peak_memory_usage=Memory.from_gb(r.peak_memory))
 
 
-def _error(message: str) -> GenerationResponse:
+def error_response(message: str) -> GenerationResponse:
     """A request refused before any work: exo's parsers turn it into an ``ErrorChunk``."""
     return GenerationResponse(text=message, token=0, finish_reason="error", usage=None)
 
@@ -135,72 +183,71 @@ def medusa_generate(model: MedusaModel, tokenizer, task: TextGenerationTaskParam
                     distributed_prompt_progress_callback: Callable[[], None] | None = None,
                     on_generation_token: Callable[[], None] | None = None) -> Iterator[GenerationResponse]:
     """exo's ``mlx_generate`` for one task (its arguments less the prefix cache and vision), with Medusa."""
-    ids = np.array(fix_unmatched_think_end_tokens(encode_prompt(tokenizer, prompt), tokenizer), dtype=np.int64)
-    max_tokens = task.max_output_tokens or MAX_TOKENS
-    if model.max_context:  # the tree cache holds the context; exo's own engine would run past it
-        max_tokens = min(max_tokens, model.max_context - len(ids))
     try:
-        if max_tokens < 1:
-            raise LimitError(f"prompt has {len(ids)} tokens, the model's context is {model.max_context}: "
-                             "shorten it")
-        sampling = exo_sampling(task, eos_ids_from_tokenizer(tokenizer) if task.bench else ())
-        # exo's decode loop starts from the prompt's last two tokens, so its penalties see those, then the output.
-        policy = make_sampling_policy(sampling, ids[-2:].tolist(), task.seed or DEFAULT_SEED, task.logprobs)
+        job = prepare(model, tokenizer, task, prompt)
     except ValueError as e:
-        yield _error(str(e))
+        yield error_response(str(e))
         return
-    chunks = [0]
-
-    def check() -> None:  # before each prefill chunk, on every rank alike
-        if distributed_prompt_progress_callback is not None:
-            distributed_prompt_progress_callback()
-        if on_prefill_progress is not None:
-            on_prefill_progress(min(chunks[0] * PREFILL_STEP, len(ids)), len(ids))
-        chunks[0] += 1
+    ids = job.ids
+    check = prefill_check(len(ids), on_prefill_progress, distributed_prompt_progress_callback)
 
     def steps() -> Iterator[Step]:
-        for step in generate_step(ids, model, policy, max_tokens=max_tokens, check=check):
+        for step in generate_step(ids, model, job.policy, max_tokens=job.max_tokens, check=check):
             if step.tree_size == 0 and on_prefill_progress is not None:
                 on_prefill_progress(len(ids), len(ids))
             yield step
 
     model.reset_peak_memory()
-    decode = Decode(tokenizer, task, len(ids), model.tree.size if model.heads is not None else 1, policy.accept,
-                    on_generation_token)
-    ours = stream_steps(steps(), len(ids), eos_ids(tokenizer, model.eos_token_ids), model.detokenizer(tokenizer),
-                        max_tokens, model.peak_memory_gb, time.perf_counter())
-    yield from decode.responses(ours)
+    decode = Decode(tokenizer, task, len(ids), job.policy.accept, on_generation_token)
+    yield from decode.stream(model, steps(), job.max_tokens, time.perf_counter())
+
+
+def warm_up(medusa: MedusaModel, tokenizer, model_id, group, comm: Comm | None) -> int:
+    """Decode exo's warm-up prompt with Medusa; returns how many tokens to decode between
+    cancellation checks (about a second's worth, as exo), the same on every rank."""
+    params = TextGenerationTaskParams(model=model_id, max_output_tokens=WARMUP_TOKENS, temperature=0.0,
+                                      input=[InputMessage(role="user", content=InputMessageContent(WARMUP_PROMPT))])
+    mx_barrier(group)
+    tic = time.monotonic()
+    n = sum(1 for _ in medusa_generate(medusa, tokenizer, params, apply_chat_template(tokenizer, params)))
+    every = min(math.ceil(n / max(time.monotonic() - tic, 1e-3)), MAX_CANCEL_EVERY)
+    if comm is not None:  # the same on every rank: the checks are collective
+        every = int(max(comm.all_gather(mx.array([every]), "agreeing on the cancel interval").tolist()))
+    return every
+
+
+class MedusaParts:
+    """What both Medusa engines add to exo's: the heads' model, the ranks' link, the warm-up.
+
+    ``model`` stays exo's model (exo's parsers pick a format by its class); ``medusa`` is
+    the same model with the heads beside it.
+    """
+
+    def comm(self) -> Comm | None:
+        """The link between the ranks (checks that they emitted the same tokens); None alone."""
+        if self.medusa is None:
+            raise ValueError("a Medusa engine needs medusa: exo's model with the heads beside it")
+        if self.group is None or self.group.size() <= 1:
+            return None
+        return Comm(self.group, Watchdog(self.group.rank()))
+
+    def serve_prefill(self, request, wfile: BinaryIO) -> None:
+        raise ValueError("the Medusa engine does not serve disaggregated prefill (its tree cache is not exo's KV "
+                         "format): leave exo's disaggregation off for models with Medusa heads")
 
 
 @dataclass(eq=False)
-class MedusaEngine(SequentialGenerator):
-    """exo's ``SequentialGenerator`` (one task at a time, as ``EXO_NO_BATCH``) decoding with Medusa.
-
-    ``model`` stays exo's model (exo's parsers pick a format by its class); ``medusa``
-    is the same model with the heads beside it.
-    """
+class MedusaEngine(MedusaParts, SequentialGenerator):
+    """exo's ``SequentialGenerator`` (one task at a time, as ``EXO_NO_BATCH``) decoding with Medusa."""
 
     medusa: MedusaModel | None = None
     _comm: Comm | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        if self.medusa is None:
-            raise ValueError("MedusaEngine needs medusa: exo's model with the heads beside it")
-        if self.group is not None and self.group.size() > 1:
-            self._comm = Comm(self.group, Watchdog(self.group.rank()))
+        self._comm = self.comm()
 
     def warmup(self) -> None:
-        """Decode exo's warm-up prompt with Medusa; check for cancellation about once a second, as exo."""
-        params = TextGenerationTaskParams(model=self.model_id, max_output_tokens=WARMUP_TOKENS, temperature=0.0,
-                                          input=[InputMessage(role="user", content=InputMessageContent(WARMUP_PROMPT))])
-        mx_barrier(self.group)
-        tic = time.monotonic()
-        n = sum(1 for _ in medusa_generate(self.medusa, self.tokenizer, params,
-                                           apply_chat_template(self.tokenizer, params)))
-        every = min(math.ceil(n / max(time.monotonic() - tic, 1e-3)), MAX_CANCEL_EVERY)
-        if self._comm is not None:  # the same on every rank: the checks are collective
-            every = int(max(self._comm.all_gather(mx.array([every]), "agreeing on the cancel interval").tolist()))
-        self.check_for_cancel_every = every
+        self.check_for_cancel_every = warm_up(self.medusa, self.tokenizer, self.model_id, self.group, self._comm)
 
     def _build_generator(self, task) -> Iterator[GenerationResponse]:
         """exo's ``_build_generator`` with ``medusa_generate`` in ``mlx_generate``'s place."""
@@ -244,6 +291,3 @@ class MedusaEngine(SequentialGenerator):
             if r.finish_reason is not None and self._comm is not None:
                 check_agreement(self._comm, tokens)
 
-    def serve_prefill(self, request, wfile: BinaryIO) -> None:
-        raise ValueError("the Medusa engine does not serve disaggregated prefill (its tree cache is not exo's KV "
-                         "format): leave exo's disaggregation off for models with Medusa heads")

@@ -223,8 +223,9 @@ def make_engine(backend: str, model: str, heads=None, tree=None, max_kv_size=Non
 def resolve_heads_and_tree(model: str, heads: str | None, tree: str | None,
                            backend: str = "mlx") -> tuple[str | None, str | None]:
     """The heads and tree the last shard will use, resolved here so the ready line can say so:
-    the given ones, else the model's (shipped) heads and the tree tuned beside them for
-    this node's ``backend`` (``default_tree_for``)."""
+    the given ones, else the model's (shipped) heads and the tree tuned beside them for a
+    ring (``tree.ring.json``, tuned on a ring's per-pass cost) or else for this node's
+    ``backend`` (``default_tree_for``)."""
     from pathlib import Path
 
     from ..engine.downloader import LocalShardDownloader
@@ -234,7 +235,7 @@ def resolve_heads_and_tree(model: str, heads: str | None, tree: str | None,
         found = LocalShardDownloader().heads_path(model)
         heads = None if found is None else str(found)
     if tree is None and heads is not None:
-        tree = str(default_tree_for(Path(heads), backend))  # a str: tree files are named by string
+        tree = str(default_tree_for(Path(heads), backend, ring=True))  # a str: tree files are named by string
     return heads, tree
 
 

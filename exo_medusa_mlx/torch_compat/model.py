@@ -64,7 +64,7 @@ def check_supported(base: nn.Module) -> None:
     if mtype not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type '{mtype}' is not supported by Medusa yet (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
-            "run it with --no-medusa or use transformers' generate"
+            "decode it with transformers' generate instead"
         )
     if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
         raise ValueError(f"model type '{mtype}' with sliding-window layers is not supported by Medusa")

@@ -33,7 +33,7 @@ from exo.shared.types.text_generation import InputMessage, InputMessageContent, 
 from exo.shared.types.worker.instances import BoundInstance, InstanceId, MlxRingInstance
 from exo.shared.types.worker.runners import (RunnerConnected, RunnerFailed, RunnerId, RunnerLoaded, RunnerReady,
                                              ShardAssignments)
-from exo.shared.types.worker.shards import PipelineShardMetadata
+from exo.shared.types.worker.shards import PipelineShardMetadata, TensorShardMetadata
 from exo.utils.channels import channel
 from exo.worker.runner import supervisor as exo_supervisor
 from exo.worker.runner.supervisor import RunnerSupervisor
@@ -54,20 +54,24 @@ def log_sink(message) -> None:
 
 def card_for(spec: dict) -> ModelCard:
     return ModelCard(model_id=ModelId(spec["model_id"]), storage_size=Memory.from_mb(spec.get("mb", 300)),
-                     n_layers=spec["n_layers"], hidden_size=spec.get("hidden_size", 64), supports_tensor=False,
+                     n_layers=spec["n_layers"], hidden_size=spec.get("hidden_size", 64),
+                     supports_tensor=spec.get("parallel") == "tensor",
                      tasks=[ModelTask.TextGeneration], backends=[Backend.MlxCpu],
                      sampling_defaults=spec.get("sampling_defaults", {}))
 
 
 def bound_instances(spec: dict, ports: list[int]) -> list[BoundInstance]:
-    """Every rank's ``BoundInstance`` of one instance: layers split evenly, a ring on loopback."""
+    """Every rank's ``BoundInstance`` of one instance, a ring on loopback: layers split evenly
+    (``parallel``: "pipeline", the default), or every layer's linears split ("tensor")."""
     card, ranks, n = card_for(spec), spec.get("ranks", 1), spec["n_layers"]
+    tensor = spec.get("parallel", "pipeline") == "tensor"
     cuts = [round(n * r / ranks) for r in range(ranks + 1)]
+    layers = [(0, n) if tensor else (cuts[r], cuts[r + 1]) for r in range(ranks)]
     nodes = [NodeId(f"node-{spec['name']}-{r}") for r in range(ranks)]
     runners = [RunnerId(f"runner-{spec['name']}-{r}") for r in range(ranks)]
-    shards = {runners[r]: PipelineShardMetadata(model_card=card, device_rank=r, world_size=ranks,
-                                                start_layer=cuts[r], end_layer=cuts[r + 1], n_layers=n)
-              for r in range(ranks)}
+    shard_cls = TensorShardMetadata if tensor else PipelineShardMetadata
+    shards = {runners[r]: shard_cls(model_card=card, device_rank=r, world_size=ranks, start_layer=layers[r][0],
+                                    end_layer=layers[r][1], n_layers=n) for r in range(ranks)}
     hosts = [Host(ip="127.0.0.1", port=p) for p in ports[:ranks]]
     instance = MlxRingInstance(
         instance_id=InstanceId(f"instance-{spec['name']}"),
@@ -85,6 +89,12 @@ class Events:
         self.receiver = receiver
         self.chunks: dict[CommandId, list] = {}
         self.completed: dict[TaskId, int] = {}  # ranks that reported the task complete
+        self.commands: dict[str, CommandId] = {}  # request name: its command, once started
+
+    def tokens(self, name: str) -> int:
+        """TokenChunks the named request has received so far (0 before it started)."""
+        command = self.commands.get(name)
+        return sum(isinstance(c, TokenChunk) for _, c in self.chunks.get(command, [])) if command else 0
 
     async def pump(self) -> None:
         async for event in self.receiver:
@@ -93,9 +103,14 @@ class Events:
             elif isinstance(event, TaskStatusUpdated) and event.task_status == TaskStatus.Complete:
                 self.completed[event.task_id] = self.completed.get(event.task_id, 0) + 1
 
-    async def finished(self, task_id: TaskId, sups: list[RunnerSupervisor]) -> None:
-        """Every rank's runner is done with the task (rank 0's last chunk came before its own report)."""
+    async def finished(self, task_id: TaskId, sups: list[RunnerSupervisor], cancelled: bool = False) -> None:
+        """Every rank's runner is done with the task (rank 0's last chunk came before its own report).
+
+        exo's batched engine reports no completion for a cancelled task: it is done once every
+        runner is ready again (the runner is running until its last task is done)."""
         while self.completed.get(task_id, 0) < len(sups):
+            if cancelled and all(isinstance(s.status, RunnerReady) for s in sups):
+                return
             failed = [s.status for s in sups if isinstance(s.status, RunnerFailed)]
             if failed:
                 raise RuntimeError(f"runner failed: {failed[0].error_message}")
@@ -112,7 +127,7 @@ async def wait_status(sups: list[RunnerSupervisor], status: type) -> None:
 
 
 def params_for(spec: dict, req: dict) -> TextGenerationTaskParams:
-    fields = {k: v for k, v in req.items() if k not in ("name", "prompt", "cancel_after", "card_defaults", "at")}
+    fields = {k: v for k, v in req.items() if k not in ("name", "prompt", "cancel_after", "card_defaults", "after")}
     p = TextGenerationTaskParams(model=ModelId(spec["model_id"]),
                                  input=[InputMessage(role="user", content=InputMessageContent(req["prompt"]))],
                                  **fields)
@@ -135,6 +150,8 @@ def summary(chunks: list, t0: float) -> dict:
         "prefill": [[c.processed_tokens, c.total_tokens] for _, c in chunks if isinstance(c, PrefillProgressChunk)],
         "seconds": (chunks[-1][0] - t0) if chunks else None,
         "first_token_s": next((t - t0 for t, c in chunks if isinstance(c, TokenChunk)), None),
+        # When its first and last tokens came (perf_counter): requests decoded together overlap.
+        "span": [min(times), max(times)] if (times := [t for t, c in chunks if isinstance(c, TokenChunk)]) else None,
     }
 
 
@@ -148,19 +165,26 @@ async def start_all(sups: list[RunnerSupervisor], task) -> None:
 
 
 async def serve(sups: list[RunnerSupervisor], events: Events, spec: dict, req: dict, instance_id) -> dict:
+    """One request; ``after: [name, k]`` starts it once request ``name`` (of the same group) has k tokens,
+    ``cancel_after: k`` cancels it once it has k tokens."""
     task = TextGeneration(instance_id=instance_id, command_id=CommandId(), task_params=params_for(spec, req))
+    if "after" in req:
+        other, k = req["after"]
+        with anyio.fail_after(LOAD_TIMEOUT_S):
+            while events.tokens(other) < k:
+                await anyio.sleep(0.002)
+    events.commands[req["name"]] = task.command_id
     t0 = time.perf_counter()
     await start_all(sups, task)  # exo hands every rank the same task
     if "cancel_after" in req:
         with anyio.fail_after(LOAD_TIMEOUT_S):
-            while sum(isinstance(c, TokenChunk) for _, c in events.chunks.get(task.command_id, [])) \
-                    < req["cancel_after"]:
+            while events.tokens(req["name"]) < req["cancel_after"]:
                 await anyio.sleep(0.005)
         async with anyio.create_task_group() as tg:
             for s in sups:
                 tg.start_soon(s.cancel_task, task.task_id)
     with anyio.fail_after(LOAD_TIMEOUT_S):
-        await events.finished(task.task_id, sups)
+        await events.finished(task.task_id, sups, cancelled="cancel_after" in req)
     sampling = task.task_params.model_dump(include={"temperature", "top_p", "top_k", "min_p", "seed"},
                                            exclude_none=True)
     return {**summary(events.chunks.get(task.command_id, []), t0), "sampling": sampling}

@@ -1,6 +1,6 @@
 """One rank of tests/test_distributed.py: decode every case of a spec on a split model.
 
-Run by ``exo_medusa_mlx.launch`` as ``python distributed_worker.py SPEC OUT_DIR``; each
+Run by ``exo_medusa_mlx.launch`` as ``python tests/helpers/distributed_worker.py SPEC OUT_DIR``; each
 rank writes ``OUT_DIR/rank{r}.json``: per case, the tokens it emitted and its steps.
 """
 
@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
 
 import exo_medusa_mlx  # noqa: E402
 
@@ -22,7 +22,7 @@ from exo_medusa_mlx import distributed as dist  # noqa: E402
 from exo_medusa_mlx.core.accept import make_policy  # noqa: E402
 from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step  # noqa: E402
 from exo_medusa_mlx.loading import load  # noqa: E402
-from tiny import OracleMedusa  # noqa: E402
+from helpers.tiny import OracleMedusa  # noqa: E402
 
 
 def load_case(case: dict, comm=None):

@@ -16,7 +16,7 @@ from exo_medusa_mlx.core import latency  # noqa: E402
 from exo_medusa_mlx.core.machine import this_machine  # noqa: E402
 from exo_medusa_mlx.core.tree import build_tree  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
-from torch_models import CONFIGS, random_heads, random_model  # noqa: E402
+from helpers.torch_models import CONFIGS, random_heads, random_model  # noqa: E402
 
 ACC = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]]  # conditional accuracies, as a tune records them
 ELSEWHERE = {"machine": {"cpu": "elsewhere", "cores": 64, "device": "cuda:0"}, "head_conditional_accuracy": ACC}

@@ -1,5 +1,6 @@
-"""The torch exo engine: a torch full shard == MLX generate_step == torch generate_step, and
-mixed MLX / torch rings (through the wire format) give exactly the single-node tokens."""
+"""The torch shard engine (``engine/torch_backend.py``): a torch full shard == MLX generate_step ==
+torch generate_step, and mixed MLX / torch rings (through the wire format) give exactly the
+single-node tokens."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from exo_medusa_mlx.engine.torch_backend import MedusaTorchInferenceEngine  # no
 from exo_medusa_mlx.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.core.step import generate_step as torch_generate_step  # noqa: E402
 from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices  # noqa: E402
-from test_exo_engine import N, N_LAYERS, PROMPT, OracleEngine, built, exo_engine_test, reference  # noqa: E402
-import oracle  # noqa: E402
-from tiny import CONFIGS  # noqa: E402
-
-torch.set_num_threads(1)  # tiny models; shared cores (see test_torch_tiny)
+from helpers import oracle  # noqa: E402
+from helpers import torch_models  # noqa: E402,F401  (one torch thread: tiny models gain nothing from more)
+from helpers.engines import OracleEngine, built, exo_engine_test  # noqa: E402
+from helpers.folders import save_hf_folder  # noqa: E402
+from helpers.oracle import N, PROMPT, reference  # noqa: E402
+from helpers.tiny import CONFIGS, N_LAYERS, random_heads, tiny_base  # noqa: E402
 
 ENGINES = {"mlx": MedusaMLXInferenceEngine, "torch": MedusaTorchInferenceEngine}
 SPLITS = {2: [(0, 1), (2, 3)], 3: [(0, 0), (1, 2), (3, 3)]}
@@ -90,10 +92,7 @@ def test_mixed_rings_equal_single_node(family, backends, medusa):
 @pytest.mark.parametrize("backends", [("mlx", "torch"), ("torch", "mlx")], ids="-".join)
 def test_next_token_heads_through_a_mixed_ring(backends, tmp_path):
     """The last shard also needs the embedding (untied llama): the heads read the next token's."""
-    from test_exo_engine import save_hf_folder, tiny_base
-    from tiny import random_heads
-
-    base, heads = tiny_base("llama"), random_heads(4, next_token=True)
+    base, heads = tiny_base("llama", layers=N_LAYERS), random_heads(4, next_token=True)
     folder = save_hf_folder(tmp_path / "llama", "llama", base, heads)
     m = SimpleNamespace(name="llama", dl=LocalShardDownloader({"llama": folder}, trees={"llama": TREE}))
     want = reference(MedusaModel(base, heads, build_tree(tree_choices(TREE))))

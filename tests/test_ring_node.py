@@ -1,9 +1,13 @@
-"""The bad-input catalogue, messages: a live two-node ring on loopback (a tiny model, a token, each
-node told only of the other) refuses every malformed, oversized or unauthorised message with the
-right gRPC status and a one-line message, and after each one still answers HealthCheck and a
-normal request, token for token, in its usual time; also under a flood. A third node on a slower
-tiny model with a long context shows that work stops when its client's deadline passes, and that
-SIGTERM stops a busy node within seconds, cleanly. One ring and one node serve the whole module."""
+"""A ring node process (``ring/node.py``) against the bad-input catalogue of messages: a live two-node
+ring on loopback (a tiny model, a token, each node told only of the other) refuses every malformed,
+oversized or unauthorised message with the right gRPC status and a one-line message, before any work,
+and after each one still answers HealthCheck and a normal request, token for token, with no more work
+than usual; also under a flood. A third node on a slower tiny model with a long context shows that a
+pass stops when its client's deadline passes (its session is gone when the next request is served),
+and that SIGTERM stops a busy node cleanly. One ring and one node serve the whole module.
+
+Work is measured as the nodes' CPU time, never as wall-clock time: on a shared machine a request
+may wait for a core, but it cannot compute more than it should."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from statistics import median
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,18 +38,20 @@ from exo_medusa_mlx.ring import node_service_pb2 as pb  # noqa: E402
 from exo_medusa_mlx.ring import node_service_pb2_grpc as pb_grpc  # noqa: E402
 from exo_medusa_mlx.ring import proto  # noqa: E402
 from exo_medusa_mlx.ring.launcher import LocalRing  # noqa: E402
-from hostile import NOISE, NodeProcess, gone, save_folder  # noqa: E402
-from test_exo_engine import N_LAYERS, reference, save_hf_folder, tiny_base  # noqa: E402
-from tiny import CONFIGS, VOCAB, random_heads  # noqa: E402
+from helpers.events import cpu_seconds, wait_until  # noqa: E402
+from helpers.folders import save_folder, save_hf_folder  # noqa: E402
+from helpers.oracle import PROMPT, reference  # noqa: E402
+from helpers.processes import NOISE, NodeProcess, gone  # noqa: E402
+from helpers.tiny import CONFIGS, N_LAYERS, VOCAB, random_heads, tiny_base  # noqa: E402
 
 TOKEN = "s3cret-ring-token"
 MD = (("ring-token", TOKEN),)
 CONTEXT = CONFIGS["llama"]["max_position_embeddings"]  # 512
-PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
 NORMAL = 8  # tokens of the normal request after each case
 SLOW = dict(CONFIGS["llama"], hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
             max_position_embeddings=32768)
 LONG = 16000  # tokens of a long prompt on the slow node: about a minute of prefill on one core
+REFUSAL_CPU_S = 5.0  # a refusal's CPU time at most (the refused passes would take minutes to hours)
 Code = grpc.StatusCode
 
 
@@ -60,7 +67,7 @@ def slow_base():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
-    base, heads = tiny_base("llama"), random_heads(4)
+    base, heads = tiny_base("llama", layers=N_LAYERS), random_heads(4)
     folder = save_hf_folder(tmp / "tiny", "llama", base, heads)
     slow = save_folder(tmp / "slow", SLOW, slow_base(),
                        MedusaHeads(MedusaConfig(num_heads=2, hidden_size=256, vocab_size=VOCAB)))
@@ -73,7 +80,7 @@ def setup(tmp_path_factory):
         ring.wait_ready()
         node.wait_ready()
         env = SimpleNamespace(ring=ring, ref=ref, node=node, baseline=0.0, folder=folder)
-        env.baseline = min(timed_normal(env)[1] for _ in range(3))
+        env.baseline = median(normal_request(env)[1] for _ in range(3))
         yield env
     finally:
         ring.close()
@@ -90,22 +97,27 @@ def stub(address: str) -> pb_grpc.NodeServiceStub:
     return pb_grpc.NodeServiceStub(grpc.insecure_channel(address, options=unlimited))
 
 
-def timed_normal(env) -> tuple[list[int], float]:
-    t0 = time.monotonic()
+def ring_cpu(env) -> float:
+    """CPU seconds the ring's node processes have used so far."""
+    return sum(cpu_seconds(pid) for pid in env.ring.pids())
+
+
+def normal_request(env) -> tuple[list[int], float]:
+    """A normal request's tokens and the CPU seconds the ring spent meanwhile."""
+    cpu = ring_cpu(env)
     with env.ring.client(timeout=30) as client:
         tokens = client.generate(PROMPT, NORMAL).tokens
-    return tokens, time.monotonic() - t0
+    return tokens, ring_cpu(env) - cpu
 
 
 def still_serves(env) -> None:
-    """HealthCheck on every node at once, then a normal request: the same tokens, in its usual time."""
+    """HealthCheck on every node (within its deadline), then a normal request: the same tokens, and no
+    more work than a normal request does (leftover work from the case would show here)."""
     for n in env.ring.nodes:
-        t0 = time.monotonic()
         assert stub(n.address).HealthCheck(pb.HealthCheckRequest(), timeout=5, metadata=MD).is_healthy
-        assert time.monotonic() - t0 < 1.0
-    tokens, elapsed = timed_normal(env)
+    tokens, cpu = normal_request(env)
     assert tokens == env.ref
-    assert elapsed < 3 * env.baseline + 1.0, (elapsed, env.baseline)
+    assert cpu < 3 * env.baseline + 1.0, (cpu, env.baseline)
 
 
 # --------------------------------------------------------------------------- the catalogue
@@ -236,17 +248,18 @@ CASES = [
 @pytest.mark.parametrize("name,to,build,code,fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_message_is_refused_and_the_ring_still_serves(setup, name, to, build, code, fragment):
     node = setup.ring.nodes[to]
-    t0 = time.monotonic()
     req = build(setup)
     method = "SendPrompt" if isinstance(req, pb.PromptRequest) else "SendTensor"
+    cpu = ring_cpu(setup)
     with pytest.raises(grpc.RpcError) as info:
         getattr(stub(node.address), method)(req, timeout=30, metadata=MD)
+    cpu = ring_cpu(setup) - cpu
     e = info.value
     assert e.code() == code, (e.code(), e.details())
     assert fragment in e.details() and "\n" not in e.details() and len(e.details()) <= 1000, e.details()
     if code != Code.RESOURCE_EXHAUSTED or fragment:  # the node answered (not gRPC's own size limit)
         assert node.address in e.details()
-        assert time.monotonic() - t0 < 10  # refused before any work: no long computation
+        assert cpu < REFUSAL_CPU_S, cpu  # refused before any work: no long computation
     still_serves(setup)
 
 
@@ -296,17 +309,21 @@ def test_a_pass_past_the_context_end_is_refused(setup):
 def test_a_flood_of_oversized_requests_leaves_the_ring_serving(setup):
     first = setup.ring.nodes[0]
     big = request(setup, 0, ids(1_000_000))
-    health: list[float] = []
-    stop = threading.Event()
+    health: list = []  # each HealthCheck during the flood: True, or the error that ended it
+    flooding, stop = threading.Event(), threading.Event()
 
     def check_health():
-        while not stop.is_set():
-            t0 = time.monotonic()
-            stub(first.address).HealthCheck(pb.HealthCheckRequest(), timeout=5, metadata=MD)
-            health.append(time.monotonic() - t0)
+        assert flooding.wait(60)
+        while not stop.is_set() or not health:  # at least one while the flood arrives
+            try:
+                health.append(stub(first.address).HealthCheck(pb.HealthCheckRequest(), timeout=5,
+                                                              metadata=MD).is_healthy)
+            except grpc.RpcError as e:
+                health.append(e.code())
             time.sleep(0.05)
 
     def flood(_):
+        flooding.set()
         try:
             stub(first.address).SendTensor(big, timeout=60, metadata=MD)
         except grpc.RpcError as e:
@@ -320,19 +337,19 @@ def test_a_flood_of_oversized_requests_leaves_the_ring_serving(setup):
             still_serves(setup)  # while the flood may still be arriving
     finally:
         stop.set()
-        watcher.join(10)
+        watcher.join(30)
     assert codes == [Code.RESOURCE_EXHAUSTED] * 24
-    assert health and max(health) < 1.0, health
+    assert health and all(h is True for h in health), health  # each answered within its deadline
     still_serves(setup)
 
 
 # --------------------------------------------------------------------------- deadlines and SIGTERM (slow node)
 
 
-def slow_request(node: NodeProcess, ids_: np.ndarray, rid: str) -> pb.TensorRequest:
+def slow_request(node: NodeProcess, ids_: np.ndarray, rid: str, values: dict | None = None) -> pb.TensorRequest:
     shard = Shard(**node.ready["shard"])
     return pb.TensorRequest(shard=proto.shard_to_proto(shard), tensor=proto.tensor_to_proto(ids_[None]),
-                            request_id=rid, inference_state=state())
+                            request_id=rid, inference_state=state(**(values or {})))
 
 
 @pytest.fixture(scope="module")
@@ -346,10 +363,13 @@ def test_a_pass_whose_deadline_passed_stops_and_the_next_is_served_at_once(slow)
     with pytest.raises(grpc.RpcError) as info:
         s.SendTensor(slow_request(slow, long, "long"), timeout=1.5)
     assert info.value.code() == Code.DEADLINE_EXCEEDED
-    t0 = time.monotonic()  # without cancellation this waits for the whole prefill (about a minute)
-    result = s.SendTensor(slow_request(slow, np.arange(1, 9), "short"), timeout=30)
-    assert time.monotonic() - t0 < 5.0
+    # The node's one worker serves passes in turn: the short one is answered after the long one stopped.
+    result = s.SendTensor(slow_request(slow, np.arange(1, 9), "short"), timeout=120)
     assert len(st.emitted_tokens(proto.state_from_proto(result.inference_state))) == 1
+    # ... stopped, not finished: a finished prefill would have kept the request's cache.
+    with pytest.raises(grpc.RpcError) as info:
+        s.SendTensor(slow_request(slow, np.arange(1, 2), "long", {st.POSITIONS: np.array([LONG])}), timeout=30)
+    assert info.value.code() == Code.INVALID_ARGUMENT and "unknown request id 'long'" in info.value.details()
 
 
 def test_sigterm_stops_a_busy_node_within_seconds_cleanly(slow):
@@ -364,16 +384,17 @@ def test_sigterm_stops_a_busy_node_within_seconds_cleanly(slow):
         except grpc.RpcError as e:
             outcome.append(e.code())
 
+    cpu = cpu_seconds(slow.proc.pid)
     caller = threading.Thread(target=call, daemon=True)
     caller.start()
-    time.sleep(1.5)  # well inside the prefill
-    t0 = time.monotonic()
+    # Inside the prefill: the idle node has computed a CPU second of it.
+    assert wait_until(lambda: cpu_seconds(slow.proc.pid) - cpu >= 1.0, 120), "the node never began the pass"
     os.kill(slow.proc.pid, signal.SIGTERM)
-    rc = slow.proc.wait(timeout=10)
-    elapsed = time.monotonic() - t0
+    rc = slow.proc.wait(timeout=60)
     caller.join(10)
     log = slow.log.read_text()
-    assert elapsed < 5.0 and rc == 0, (elapsed, rc, log[-2000:])  # 0: the worker stopped, not the 143 fallback
+    # 0: the worker left its layer within the node's own bound (WORKER_STOP_S), not the 143 fallback.
+    assert rc == 0, (rc, log[-2000:])
     assert not any(w in log for w in NOISE), log[-2000:]
     assert outcome and outcome[0] in (Code.CANCELLED, Code.UNAVAILABLE), outcome
     assert gone(slow.proc.pid, 1)

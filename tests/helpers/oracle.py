@@ -1,8 +1,58 @@
-"""Heads that know the plain greedy continuation: the rigging both backends' test fakes share (numpy only)."""
+"""What tests compare against, for either backend (numpy only, no mlx, no torch): the tokens
+``generate_step`` gives (``decode``, ``reference``), and heads that know the plain greedy
+continuation (``rig``, ``OracleHeads``, ``OracleEngine``) so steps accept deep into the tree.
+
+The backends' own oracles sit with their tiny models: ``tiny.mlx_lm_greedy`` (mlx-lm's
+greedy decoding), ``torch_models.hf_greedy`` (transformers' ``generate``)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from exo_medusa_mlx.core.step import generate_step
+from exo_medusa_mlx.core.tree import ROOT_ONLY
+
+PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])  # token ids every tiny model decodes from
+N = 24  # tokens an engine test decodes
+
+
+def take(gen, n):
+    """The first n tokens a step generator emits, and the steps it took."""
+    out, steps = [], 0
+    for s in gen:
+        out += s.tokens
+        steps += 1
+        if len(out) >= n:
+            return out[:n], steps
+
+
+def take_sized(gen, n):
+    """The first n tokens a step generator emits, and the size of each tree it verified (the prefill's left out)."""
+    out, sizes = [], []
+    for s in gen:
+        out += s.tokens
+        sizes.append(s.tree_size)
+        if len(out) >= n:
+            return out[:n], sizes[1:]
+
+
+def root_path(tree, node: int) -> list[int]:
+    """The nodes from the root down to ``node``, walking the tree's parents."""
+    path = [node]
+    while tree.parents[path[-1]] >= 0:
+        path.append(int(tree.parents[path[-1]]))
+    return path[::-1]
+
+
+def decode(model, n: int, prompt=PROMPT, medusa: bool = True, **kw) -> tuple[list[int], int]:
+    """The first n tokens ``generate_step`` gives on ``model`` (either backend), and its steps;
+    ``medusa=False`` decodes plainly (the root-only tree)."""
+    return take(generate_step(prompt, model, tree=None if medusa else ROOT_ONLY, **kw), n)
+
+
+def reference(model, n: int = N, prompt=PROMPT, medusa: bool = True, **kw) -> list[int]:
+    """The tokens a split model or an engine must give: ``generate_step``'s first n."""
+    return decode(model, n, prompt, medusa, **kw)[0]
 
 
 def rig(rows: np.ndarray, nexts, future: np.ndarray, ranks, rng) -> np.ndarray:
@@ -95,23 +145,3 @@ class OracleEngine:
             return emit(p, h)
 
         runner.emit, runner.oracle = rigged, True
-
-
-def take(gen, n):
-    """The first n tokens a step generator emits, and the steps it took."""
-    out, steps = [], 0
-    for s in gen:
-        out += s.tokens
-        steps += 1
-        if len(out) >= n:
-            return out[:n], steps
-
-
-def take_sized(gen, n):
-    """The first n tokens a step generator emits, and the size of each tree it verified (the prefill's left out)."""
-    out, sizes = [], []
-    for s in gen:
-        out += s.tokens
-        sizes.append(s.tree_size)
-        if len(out) >= n:
-            return out[:n], sizes[1:]

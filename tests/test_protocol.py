@@ -1,22 +1,20 @@
-"""Shard, the inference_state protocol and wire format, the node hook, and exo registration
-(against a stand-in exo package written here: names from the contract, no exo code)."""
+"""The shard engines' protocol (``engine/protocol.py``, ``wire.py``, ``shard.py``, ``results.py``,
+``ring_loop.py``): the Shard contract, a ring's shards checked, the inference_state round trip through
+the wire format and its one-line refusals, a last shard's result cut at EOS and max tokens. Exo
+registration: ``test_exo_registry.py``."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
-import sys
 
 import numpy as np
 import pytest
 
-import exo_medusa_mlx.exo as exo_pkg
-from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard
+from exo_medusa_mlx.exo import Shard
 from exo_medusa_mlx.engine import protocol as st
 from exo_medusa_mlx.engine import wire
 from exo_medusa_mlx.engine.results import process_result
-from exo_medusa_mlx.exo.registry import register_with_exo
 from exo_medusa_mlx.engine.ring_loop import check_ring
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
 
@@ -139,102 +137,3 @@ def test_process_result_cuts_at_eos_and_max_tokens_and_falls_back_to_sample():
     logits[0, -1, 4] = 1.0
     step = asyncio.run(process_result(OneTokenEngine(), logits, None, n_generated=0, max_tokens=10))
     assert step.tokens == [4] and step.next_input.tolist() == [[4]] and step.next_state is None
-
-
-# --------------------------------------------------------------------------- torch engine export
-
-
-def test_engines_are_exported():
-    assert exo_pkg.MedusaTorchInferenceEngine.__name__ == "MedusaTorchInferenceEngine"
-    assert exo_pkg.MedusaMLXInferenceEngine.__name__ == "MedusaMLXInferenceEngine"
-
-
-# --------------------------------------------------------------------------- registration
-
-
-FAKE_EXO = {
-    "exo/__init__.py": "",
-    "exo/inference/__init__.py": "",
-    "exo/inference/inference_engine.py": (
-        'inference_engine_classes = {"mlx": "MLXDynamicShardInferenceEngine", "dummy": "DummyInferenceEngine"}\n'
-        "def get_inference_engine(inference_engine_name, shard_downloader):\n"
-        '    if inference_engine_name == "dummy":\n'
-        '        return ("dummy", shard_downloader)\n'
-        '    raise ValueError(f"unsupported engine {inference_engine_name}")\n'
-    ),
-    "exo/models.py": (
-        'model_cards = {"llama-3.2-1b": {"layers": 16, "repo": {\n'
-        '    "MLXDynamicShardInferenceEngine": "mlx-community/Llama-3.2-1B-Instruct-4bit",\n'
-        '    "TinygradDynamicShardInferenceEngine": "unsloth/Llama-3.2-1B-Instruct"}}}\n'
-    ),
-    "exo/main.py": "from exo.inference.inference_engine import get_inference_engine\n",
-    "exo/orchestration/__init__.py": "",
-    "exo/orchestration/node.py": (
-        "class Node:\n"
-        "    def __init__(self, inference_engine):\n"
-        "        self.inference_engine = inference_engine\n"
-        "    async def select_best_inference_engine(self):\n"
-        '        self.inference_engine = "rebuilt"\n'
-    ),
-}
-
-
-@pytest.fixture
-def fake_exo(tmp_path, monkeypatch):
-    def install(files):
-        for name, text in files.items():
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / name).write_text(text)
-        monkeypatch.syspath_prepend(str(tmp_path))
-        importlib.invalidate_caches()
-
-    yield install
-    for name in [m for m in sys.modules if m == "exo" or m.startswith("exo.")]:
-        del sys.modules[name]
-
-
-def test_register_is_a_clear_no_op_without_exo(monkeypatch):
-    for name in [m for m in sys.modules if m == "exo" or m.startswith("exo.")]:  # stand-ins other tests loaded
-        monkeypatch.delitem(sys.modules, name)
-    if importlib.util.find_spec("exo") is not None:
-        pytest.skip("an 'exo' package is installed here")
-    reg = register_with_exo()
-    assert not reg and "not installed" in reg.detail and reg.engines == ()
-
-
-def test_register_refuses_an_unrelated_exo(fake_exo):
-    fake_exo({"exo/__init__.py": ""})
-    reg = register_with_exo()
-    assert not reg and "not exo 0.0.x" in reg.detail
-
-
-def test_register_with_exo(fake_exo):
-    fake_exo(FAKE_EXO)
-    import exo.main
-    from exo.inference import inference_engine as ie
-    from exo.models import model_cards
-    from exo.orchestration.node import Node
-
-    reg = register_with_exo()
-    assert reg and {"medusa-mlx", "medusa-torch"} <= set(reg.engines)
-    assert ie.inference_engine_classes["medusa-mlx"] == "MedusaMLXInferenceEngine"
-    assert ie.inference_engine_classes["mlx"] == "MLXDynamicShardInferenceEngine"
-    dl = LocalShardDownloader()
-    for get in (ie.get_inference_engine, exo.main.get_inference_engine):
-        engine = get("medusa-mlx", dl)
-        assert isinstance(engine, MedusaMLXInferenceEngine) and engine.shard_downloader is dl
-        assert get("dummy", dl) == ("dummy", dl)
-    repo = model_cards["llama-3.2-1b"]["repo"]
-    assert repo["MedusaMLXInferenceEngine"] == "mlx-community/Llama-3.2-1B-Instruct-4bit"
-    assert repo["MedusaTorchInferenceEngine"] == "unsloth/Llama-3.2-1B-Instruct"
-    assert model_cards["smollm2-135m"]["repo"]["MedusaMLXInferenceEngine"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-    ours, theirs = Node(MedusaMLXInferenceEngine(dl)), Node("stock")
-    asyncio.run(ours.select_best_inference_engine())
-    asyncio.run(theirs.select_best_inference_engine())
-    assert isinstance(ours.inference_engine, MedusaMLXInferenceEngine) and theirs.inference_engine == "rebuilt"
-
-    wrapped = ie.get_inference_engine
-    again = register_with_exo()
-    assert again and ie.get_inference_engine is wrapped  # no double wrapping
-    assert Node.select_best_inference_engine.__wrapped__.__name__ == "select_best_inference_engine"

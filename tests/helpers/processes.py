@@ -1,5 +1,6 @@
-"""What the bad-input catalogue shares: tiny model folders (good and broken), one-line checks,
-a command run in-process or as a process, and a node process read as the launcher reads it."""
+"""Commands and processes: a command's ``main`` run in this process or ``python -m exo_medusa_mlx``
+as a process, its one error line checked, a script under scripts/ imported, a ring node process
+read as the launcher reads it, a process waited out."""
 
 from __future__ import annotations
 
@@ -16,27 +17,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers.events import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 NOISE = ("Traceback", "Fatal Python error", "Aborted", "Segmentation fault", "terminate called")
-
-
-def save_folder(folder: Path, config: dict, base, heads=None) -> Path:
-    """A Hugging Face folder for an mlx-lm ``base`` built from ``config``: weights, a word-level
-    tokenizer ("t0".."t{V-1}"), heads in medusa/."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(base.parameters())))
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(config["vocab_size"])}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    if heads is not None:
-        heads.save(folder / "medusa")
-    return folder
 
 
 def clean(text: str) -> None:
@@ -123,12 +107,14 @@ def load_script(name: str):
     return module
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
+    """Whether process ``pid`` ends within ``timeout`` seconds."""
+    return wait_until(lambda: not alive(pid), timeout)

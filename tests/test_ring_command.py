@@ -1,6 +1,6 @@
-"""``mlx_medusa ring`` / ``node`` as processes on a tiny model: the --json answer equals
-generate_step, and no node outlives the launcher (normal exit, Ctrl-C, or the launcher killed).
-Plus the launcher's and the wire format's pure parts."""
+"""The ``mlx_medusa ring`` / ``node`` commands (``ring/command.py``, ``ring/launcher.py``) as processes
+on a tiny model: the --json answer equals generate_step, and no node outlives the launcher (normal
+exit, Ctrl-C, or the launcher killed). Plus the launcher's and the wire format's pure parts."""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ from exo_medusa_mlx.ring import node, proto  # noqa: E402
 from exo_medusa_mlx.ring.client import NodeInfo, RingClient  # noqa: E402
 from exo_medusa_mlx.engine.shard import partition_layers  # noqa: E402
 from exo_medusa_mlx.core.tree import build_tree, tree_choices  # noqa: E402
-from test_exo_engine import N, PROMPT, reference, save_hf_folder, tiny_base  # noqa: E402
-from hostile import gone  # noqa: E402
-from tiny import random_heads  # noqa: E402
+from helpers.folders import save_hf_folder  # noqa: E402
+from helpers.oracle import N, PROMPT, reference  # noqa: E402
+from helpers.processes import gone  # noqa: E402
+from helpers.tiny import N_LAYERS, random_heads, tiny_base  # noqa: E402
 
 TEXT = " ".join(f"t{i}" for i in PROMPT)  # the word-level tokenizer's spelling of PROMPT
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    base, heads = tiny_base("llama"), random_heads(4)
+    base, heads = tiny_base("llama", layers=N_LAYERS), random_heads(4)
     folder = save_hf_folder(tmp_path_factory.mktemp("tiny") / "llama", "llama", base, heads)
     return folder, reference(MedusaModel(base, heads, build_tree(tree_choices("cpu-8"))))
 
@@ -138,6 +139,15 @@ def test_last_node_takes_the_tree_tuned_for_its_backend(tmp_path):
     assert node.resolve_heads_and_tree("m", str(tmp_path), "cpu-8", "torch")[1] == "cpu-8"
 
 
+def test_last_node_prefers_the_tree_tuned_for_a_ring(tmp_path):
+    """``tree.ring.json`` (tuned on a ring's per-pass cost) comes before the single-machine trees."""
+    for name in ("tree.json", "tree.torch.json", "tree.ring.json"):
+        (tmp_path / name).write_text("[[0]]")
+    assert node.resolve_heads_and_tree("m", str(tmp_path), None, "mlx")[1] == str(tmp_path / "tree.ring.json")
+    (tmp_path / "tree.ring.torch.json").write_text("[[0]]")
+    assert node.resolve_heads_and_tree("m", str(tmp_path), None, "torch")[1] == str(tmp_path / "tree.ring.torch.json")
+
+
 def test_nodes_on_one_host_share_its_cores(tiny, monkeypatch):
     """Idle threads sleep at once (a pass visits one node at a time); a user's own settings win."""
     from exo_medusa_mlx.ring.launcher import SHARE_CORES, LocalRing
@@ -188,12 +198,3 @@ def test_defaults_bind_loopback_and_clients_check_the_ring():
         RingClient([NodeInfo("127.0.0.1:1", a), NodeInfo("127.0.0.1:2", b)])
     with pytest.raises(ValueError, match="leaves no time per hop"):
         RingClient([NodeInfo("127.0.0.1:1", Shard("m", 0, 3, 4))], timeout=0.5)
-
-
-def test_free_ports_are_distinct_and_a_host_that_cannot_bind_is_named():
-    from exo_medusa_mlx.core.machine import free_ports
-
-    ports = free_ports(3)
-    assert len(set(ports)) == 3 and all(p > 0 for p in ports)
-    with pytest.raises(ValueError, match=r"--host 192\.0\.2\.1: cannot bind it"):  # TEST-NET-1: never local
-        free_ports(1, "192.0.2.1")

@@ -1,11 +1,12 @@
-"""The exo engine: split shards == one full shard == decode.generate_step, on tiny random
-models saved as Hugging Face folders (and the real default model for exo's own test)."""
+"""The shard engine (``engine/shard_engine.py``, MLX backend): split shards == one full shard ==
+``generate_step``, on tiny random models saved as Hugging Face folders (and the real default model
+for exo's own engine test); bad input refused with the engine serving on; sessions bounded; a pass
+cancelled at its next layer; the end of the context decoded plainly."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-from types import SimpleNamespace
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -13,79 +14,18 @@ import pytest
 from mlx.utils import tree_map
 
 from exo_medusa_mlx.core.accept import make_policy
-from exo_medusa_mlx.core.step import ROOT_ONLY, generate_step
-from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard, run_ring, run_ring_async
+from exo_medusa_mlx.core.tree import ROOT_ONLY, build_tree, tree_choices
 from exo_medusa_mlx.engine import protocol as st
+from exo_medusa_mlx.exo import LocalShardDownloader, MedusaMLXInferenceEngine, Shard, run_ring, run_ring_async
 from exo_medusa_mlx.model import MedusaModel
-from exo_medusa_mlx.core.tree import build_tree, tree_choices
-import oracle
-from hostile import save_folder
-from tiny import CONFIGS, VOCAB, OracleMedusa, random_heads
-
-PROMPT = np.array([1, 5, 9, 3, 7, 2, 8, 11, 4])
-N_LAYERS = 4
-N = 24
-SPLITS = {1: [(0, 3)], 2: [(0, 1), (2, 3)], 3: [(0, 0), (1, 2), (3, 3)]}
-
-
-def tiny_base(family: str, seed: int = 0):
-    """tiny.tiny_base's recipe with N_LAYERS layers, so a model splits three ways."""
-    mod = importlib.import_module(f"mlx_lm.models.{ {'mistral': 'llama'}.get(family, family)}")
-    mx.random.seed(seed)
-    model = mod.Model(mod.ModelArgs.from_dict({**CONFIGS[family], "num_hidden_layers": N_LAYERS}))
-    model.update(tree_map(lambda w: w * 2.0, model.parameters()))
-    model.set_dtype(mx.float32)
-    mx.eval(model.parameters())
-    return model
-
-
-def save_hf_folder(folder, family: str, base, heads=None):
-    """config.json, model.safetensors, a word-level tokenizer ("t0".."t95"), heads in medusa/."""
-    return save_folder(folder, {**CONFIGS[family], "num_hidden_layers": N_LAYERS}, base, heads)
-
-
-def reference(model, n=N, prompt=PROMPT, medusa=True, **kw) -> list[int]:
-    out = []
-    for s in generate_step(prompt, model, tree=None if medusa else ROOT_ONLY, **kw):
-        out += s.tokens
-        if len(out) >= n:
-            return out[:n]
-
-
-def ring(downloader, model_id, n_shards, engine_cls=MedusaMLXInferenceEngine, **kw):
-    return [(engine_cls(downloader, **kw), Shard(model_id, a, b, N_LAYERS)) for a, b in SPLITS[n_shards]]
-
-
-class OracleEngine(oracle.OracleEngine, MedusaMLXInferenceEngine):
-    """The last shard with heads that know the greedy continuation (``oracle.OracleEngine``)."""
-
-    @staticmethod
-    def back(rows, like):
-        return mx.array(rows)
-
-
-_BUILT: dict[str, SimpleNamespace] = {}
-
-
-def built(name: str, tmp_path_factory) -> SimpleNamespace:
-    """A tiny model of family ``name`` with random heads, saved once per session."""
-    if name not in _BUILT:
-        base = tiny_base(name)
-        heads = random_heads(4)
-        folder = save_hf_folder(tmp_path_factory.mktemp(name), name, base, heads)
-        dl = LocalShardDownloader({name: folder}, trees={name: "cpu-8"})
-        _BUILT[name] = SimpleNamespace(name=name, base=base, heads=heads, dl=dl, folder=folder)
-    return _BUILT[name]
+from helpers.engines import SPLITS, OracleEngine, built, exo_engine_test, llama, ring, run_pass  # noqa: F401 (llama)
+from helpers.oracle import N, PROMPT, reference
+from helpers.tiny import CONFIGS, N_LAYERS, VOCAB, OracleMedusa
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def family(request, tmp_path_factory):
     return built(request.param, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return built("llama", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -153,28 +93,6 @@ def test_concurrent_requests_share_engines(llama):
 # --------------------------------------------------------------------------- exo's own engine test
 
 
-async def exo_engine_test(engine1, engine2, model_id: str, n_layers: int, prompt: str):
-    """Full shard vs two split shards: equal outputs for the prompt and the next step, two request ids."""
-    full = Shard(model_id, 0, n_layers - 1, n_layers)
-    pp = n_layers // 2 - 1
-    first, second = Shard(model_id, 0, pp, n_layers), Shard(model_id, pp + 1, n_layers - 1, n_layers)
-
-    resp_full, state_full = await engine1.infer_prompt("A", full, prompt)
-    token_full = (await engine1.sample(resp_full)).reshape(1, -1)
-    next_full, _ = await engine1.infer_tensor("A", full, token_full, state_full)
-
-    resp1, state1 = await engine1.infer_prompt("B", first, prompt)
-    resp2, state2 = await engine2.infer_tensor("B", second, resp1, state1)
-    token2 = (await engine2.sample(resp2)).reshape(1, -1)
-    resp3, state3 = await engine1.infer_tensor("B", first, token2, state2)
-    resp4, _ = await engine2.infer_tensor("B", second, resp3, state3)
-
-    assert resp_full.shape[:2] == (1, len(await engine1.encode(full, prompt)))
-    assert np.array_equal(resp_full, resp2)
-    assert np.array_equal(next_full, resp4)
-    assert np.array_equal(token_full, token2)
-
-
 def test_exo_engine_test_on_tiny_model(llama):
     e1, e2 = MedusaMLXInferenceEngine(llama.dl), MedusaMLXInferenceEngine(llama.dl)
     asyncio.run(exo_engine_test(e1, e2, llama.name, N_LAYERS, "t1 t5 t9 t3 t7"))
@@ -209,16 +127,63 @@ def test_default_model_medusa_split_equals_generate_step(tmp_path):
     assert run_ring(pairs, prompt, 10, stop_on_eos=False) == ref
 
 
+# --------------------------------------------------------------------------- limits and cancellation
+
+
+def test_engine_pass_stops_at_the_next_layer_when_its_caller_gives_up(llama):
+    engine = MedusaMLXInferenceEngine(LocalShardDownloader({"m": llama.folder}))
+    shard = Shard("m", 0, N_LAYERS - 1, N_LAYERS)
+    layers: list[int] = []
+    started, gave_up = threading.Event(), threading.Event()
+    prompt = (np.arange(300) % 96)[None]
+
+    async def main():
+        await engine.ensure_shard(shard)
+        loaded = engine.runner.loaded
+        done_layer = loaded.layer_done
+
+        def held_layer(h, check):  # the first layer ends only once its caller has given up
+            layers.append(1)
+            started.set()
+            assert gave_up.wait(30), "the caller never gave up"
+            done_layer(h, check)
+
+        loaded.layer_done = held_layer
+        task = asyncio.ensure_future(engine.infer_tensor("r", shard, prompt, st.initial_state()))
+        assert await asyncio.to_thread(started.wait, 30), "the pass never began"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gave_up.set()
+        await engine._run(lambda: None)  # the worker is free again
+        assert layers == [1] and engine.request_ids == []  # stopped after the layer it was in, its cache dropped
+        loaded.layer_done = done_layer
+        out, state = await engine.infer_tensor("next", shard, prompt, st.initial_state())
+        return out, state
+
+    out, state = asyncio.run(main())
+    assert out.shape[1] == 300 and st.emitted_tokens(state) is not None
+    engine.close()
+
+
+def test_a_window_too_small_is_refused_when_the_engine_is_made():
+    with pytest.raises(ValueError, match="max_kv_size 1 is too small"):
+        MedusaMLXInferenceEngine(LocalShardDownloader(), max_kv_size=1)
+
+
+def test_near_the_context_end_the_ring_decodes_plainly_and_exactly(llama):
+    """A tree rooted near the last position would run past the context: the last shard lays out a
+    plain pass there, and the tokens still equal generate_step's up to the context's end."""
+    dl = LocalShardDownloader({"m": llama.folder}, trees={"m": "cpu-8"})
+    prompt = (np.arange(500) * 7) % 96
+    n = 512 - 500
+    ref = reference(MedusaModel(llama.base, llama.heads, build_tree(tree_choices("cpu-8"))), n=n, prompt=prompt)
+    pairs = [(MedusaMLXInferenceEngine(dl), Shard("m", a, b, N_LAYERS)) for a, b in [(0, 1), (2, 3)]]
+    assert run_ring(pairs, prompt, n) == ref
+    assert ROOT_ONLY.size == 1
+
+
 # --------------------------------------------------------------------------- bad input
-
-
-def _pass(pairs, rid, x, state):
-    async def go(x, state):
-        for engine, shard in pairs:
-            x, state = await engine.infer_tensor(rid, shard, x, state)
-        return x, state
-
-    return asyncio.run(go(x, state))
 
 
 def test_bad_input_is_refused_and_the_engine_keeps_serving(llama):
@@ -232,10 +197,10 @@ def test_bad_input_is_refused_and_the_engine_keeps_serving(llama):
             asyncio.run(engine.infer_tensor(rid, shard, x, state))
 
     # A good request, one pass in: a tree is now pending on both shards.
-    out, state = _pass(pairs, "good", PROMPT[None], st.initial_state())
+    out, state = run_pass(pairs, "good", PROMPT[None], st.initial_state())
     tokens = list(st.emitted_tokens(state))
     x, nxt = st.next_request(state)
-    out, state = _pass(pairs, "good", x, nxt)
+    out, state = run_pass(pairs, "good", x, nxt)
     tokens += list(st.emitted_tokens(state))
     x, nxt = st.next_request(state)
 
@@ -269,7 +234,7 @@ def test_bad_input_is_refused_and_the_engine_keeps_serving(llama):
 
     # The good request carries on to the reference's tokens; a new one runs too.
     while len(tokens) < N:
-        out, state = _pass(pairs, "good", x, nxt)
+        out, state = run_pass(pairs, "good", x, nxt)
         tokens += list(st.emitted_tokens(state))
         x, nxt = st.next_request(state)
     assert tokens[:N] == ref
@@ -280,12 +245,12 @@ def test_sessions_are_bounded_lru(llama):
     pairs = ring(llama.dl, llama.name, 2, max_sessions=2)
     states = {}
     for rid in ("a", "b", "c"):
-        _, state = _pass(pairs, rid, PROMPT[None], st.initial_state())
+        _, state = run_pass(pairs, rid, PROMPT[None], st.initial_state())
         states[rid] = st.next_request(state)
     assert pairs[0][0].request_ids == ["b", "c"]
     with pytest.raises(ValueError, match="unknown request id 'a'"):
-        _pass(pairs, "a", *states["a"])
-    _pass(pairs, "b", *states["b"])
+        run_pass(pairs, "a", *states["a"])
+    run_pass(pairs, "b", *states["b"])
     assert pairs[0][0].request_ids == ["c", "b"]
     assert asyncio.run(pairs[0][0].finish_request("b")) and pairs[0][0].request_ids == ["c"]
 

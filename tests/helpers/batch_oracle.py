@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from oracle import rig
+from helpers.oracle import rig
 
 
 class BatchOracleHeads:

@@ -5,7 +5,6 @@ written texts, deduplication, the mix record, resuming, and the train command on
 import hashlib
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +292,33 @@ def test_train_with_kinds_on_a_tiny_model(tmp_path, monkeypatch):
     assert len(chats) == 2 and all(len(c) == 3 for c in chats)
     assert sorted(p.name for p in (out / "kinds").iterdir()) == sorted(
         ["answer", "followup", "problem", "request", KD.MIX_FILE, KD.PROMPTS_FILE])
+
+
+@pytest.mark.parametrize("answer, block", [
+    ("Here:\n```python\ndef f():\n    return 1\n```\nDone.", "```python\ndef f():\n    return 1\n```"),
+    ("```js\nlet a = 1;\nlet b = 2;\nconsole.log(a + b", "```js\nlet a = 1;\nlet b = 2;\n```"),  # cut: whole lines
+    ("```python\ndef f():", None), ("No code at all.", None), ("```\none line\n```", None),
+])
+def test_code_block(answer, block):
+    assert K.code_block(answer) == block
+
+
+def test_whole_sentences_drops_what_the_limit_cut():
+    assert K.whole_sentences("One. Two!\n\n\n\nThree is cut") == "One. Two!"
+    assert K.whole_sentences('He said "yes." Then') == 'He said "yes."'
+    assert K.whole_sentences("No end at all") == "No end at all"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kinds", "qa,poems"], "--kinds 'qa,poems': use 'all' or a comma list of chat, translation"),
+    (["--kinds", "all", "--kind-prompts", "0"], "--kind-prompts must be at least 1"),
+    (["--kinds", "all", "--data", "d.txt"], "--kinds add prompts to self-distil: not with --data"),
+])
+def test_kind_flags_are_checked_before_any_work(tmp_path, argv, message):
+    from exo_medusa_mlx.training.train import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["-o", str(out), *argv])
+    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+    assert not out.exists()

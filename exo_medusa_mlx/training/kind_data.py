@@ -103,7 +103,8 @@ def _derived_round(name, parents, seeds, writers, rng, dropped) -> list[dict]:
     out = []
     for k, (parent, text) in enumerate(zip(parents, texts)):
         reason = "unusable" if not text.strip() else None if name == "code" else junk_reason(
-            text, min_chars=12, max_chars=4000 if name == "answer" else 400, unique=0.3)
+            text, min_chars=12, max_chars=4000 if name == "answer" else 400, unique=0.3,
+            ascii_letters=0.75 if name == "translated" else 0.95)  # French, German... are Latin with accents
         if reason:
             dropped[reason] += 1
             continue

@@ -28,7 +28,7 @@ COMPOSE_TRIES = 3  # draws per wanted prompt before a kind gives up (duplicates,
 _SLOTS = {"translation": [("{text}", "{target}")], "summarization": [("{passage}",)], "qa": [("{passage}", "{question}")],
           "math": [("{problem}",)], "code": [("{task}",), ("{code}",)], "rag": [("{context}", "{question}")],
           "long": [("{passages}",)]}
-_FENCE = re.compile(r"```[\w+#.-]*\n.*?\n```", re.S)
+_FENCE = re.compile(r"```[\w+#.-]*\n(.*?)(\n```|$)", re.S)
 
 
 # --------------------------------------------------------------------------- kinds and seeds
@@ -99,9 +99,13 @@ def passage_reason(text: str, excluded: Excluded) -> str | None:
 
 
 def code_block(text: str) -> str | None:
-    """The first fenced code block of an answer (with its fences), if it has one of 2+ lines."""
+    """The first fenced code block of an answer (with its fences), if it has one of 2+ lines; one
+    the token limit cut off ends at its last whole line."""
     m = _FENCE.search(text)
-    return m.group(0) if m and m.group(0).count("\n") >= 3 else None
+    if m is None:
+        return None
+    code = m.group(1) if m.group(2) else m.group(1)[: m.group(1).rfind("\n")]
+    return f"{m.group(0)[: m.start(1) - m.start()]}{code}\n```" if code.count("\n") >= 1 else None
 
 
 # --------------------------------------------------------------------------- composition

@@ -174,15 +174,16 @@ def normalize(text: str) -> str:
 
 
 def junk_reason(text: str, min_chars: int = MIN_PROMPT_CHARS, max_chars: int = MAX_PROMPT_CHARS,
-                unique: float = 0.5) -> str | None:
+                unique: float = 0.5, ascii_letters: float = 0.95) -> str | None:
     """Why a written prompt (or a longer text, with other bounds) is not worth answering (None
-    if it is): length, language, repetition (fewer than ``unique`` of its words distinct), junk."""
+    if it is): length, language (fewer than ``ascii_letters`` of its letters ASCII), repetition
+    (fewer than ``unique`` of its words distinct), junk."""
     s = text.strip()
     words = s.split()
     if not min_chars <= len(s) <= max_chars or len(words) < 3:
         return "length"
     letters = [c for c in s if c.isalpha()]
-    if len(letters) < 0.6 * len(s) or sum(c.isascii() for c in letters) < 0.95 * len(letters):
+    if len(letters) < 0.6 * len(s) or sum(c.isascii() for c in letters) < ascii_letters * len(letters):
         return "language"  # mostly symbols or digits, or not in a Latin script
     lower = [w.lower().strip(".,!?:;\"'") for w in words]
     if len(set(lower)) < unique * len(lower) or re.search(r"(.{3,}?)\1{3,}", s):

@@ -311,14 +311,28 @@ def test_whole_sentences_drops_what_the_limit_cut():
 
 @pytest.mark.parametrize("argv, message", [
     (["--kinds", "qa,poems"], "--kinds 'qa,poems': use 'all' or a comma list of chat, translation"),
-    (["--kinds", "all", "--kind-prompts", "0"], "--kind-prompts must be at least 1"),
-    (["--kinds", "all", "--data", "d.txt"], "--kinds add prompts to self-distil: not with --data"),
+    (["--kinds", "all", "--kind-prompts", "0"], "argument --kind-prompts: 0 must be at least 1"),
+    (["--kinds", "all", "--data", "d.txt"], "--kinds adds prompts to self-distil: not with --data"),
 ])
-def test_kind_flags_are_checked_before_any_work(tmp_path, argv, message):
+def test_kind_flags_are_checked_before_any_work(tmp_path, argv, message, capsys):
     from exo_medusa_mlx.training.train import main
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         main(["-o", str(out), *argv])
-    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+    said = str(e.value.code) if e.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in said and "\n" not in said
     assert not out.exists()
+
+
+def test_a_conversation_is_asked_as_the_chat_template_lays_it_out():
+    from transformers import AutoTokenizer
+
+    from exo_medusa_mlx.core.tokens import chat_ids, prompt_ids
+    from exo_medusa_mlx.default_model import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_path(None)))
+    chat = HELD["chat"][0]
+    assert prompt_ids(tok, chat) == chat_ids(tok, chat)
+    assert prompt_ids(tok, "Name a river.") == prompt_ids(tok, [{"role": "user", "content": "Name a river."}])
+    assert tok.decode(prompt_ids(tok, chat)).count("<|im_start|>assistant") == len(chat) // 2 + 1

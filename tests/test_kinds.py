@@ -336,3 +336,16 @@ def test_a_conversation_is_asked_as_the_chat_template_lays_it_out():
     assert prompt_ids(tok, chat) == chat_ids(tok, chat)
     assert prompt_ids(tok, "Name a river.") == prompt_ids(tok, [{"role": "user", "content": "Name a river."}])
     assert tok.decode(prompt_ids(tok, chat)).count("<|im_start|>assistant") == len(chat) // 2 + 1
+
+
+def test_the_training_module_command_gives_mlx_openblas():
+    """``python -m exo_medusa_mlx.training.train`` (the shipped recipe's and the kinds data run's
+    command) imports MLX at module level, before its main: the package sets BLAS up first."""
+    from test_imports import linux_cpu, shim_loaded_after
+
+    if linux_cpu.args[0]:
+        pytest.skip(linux_cpu.kwargs["reason"])
+    loaded, err = shim_loaded_after("import runpy, sys\nsys.argv = ['train', '--help']\n"
+                                    "try:\n    runpy.run_module('exo_medusa_mlx.training.train', run_name='__main__')\n"
+                                    "except SystemExit:\n    pass")
+    assert loaded and "reference BLAS" not in err, err[-500:]

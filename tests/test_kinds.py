@@ -203,7 +203,7 @@ def test_composition_drops_duplicates_and_held_out_passages():
 def _write(tmp_path, writers, kinds=("chat", "translation", "qa", "code", "rag", "long"), n=3, seed=0, **kw):
     seen = set()
     return KD.write_kind_prompts(writers, list(kinds), n, tmp_path / "kinds", model_id="m", seed=seed,
-                                 batch_size=4, excluded=Excluded(), seen=seen,
+                                 batch_size=2, excluded=Excluded(), seen=seen,
                                  count_tokens=lambda s: len(s.split()), log=lambda *_: None, **kw)
 
 
@@ -211,7 +211,7 @@ def test_kind_prompts_are_written_recorded_and_resumed(tmp_path):
     fake = FakeWriters()
     prompts, mix = _write(tmp_path, fake)
     assert mix["kinds"] == {"chat": 3, "translation": 3, "qa": 3, "code": 3, "rag": 3, "long": 3}
-    assert mix["texts"]["passage"] == 6 and mix["texts"]["question"] == 6 and mix["texts"]["answer"] == 3
+    assert mix["texts"]["passage"] == 6 and mix["texts"]["question"] == 3 and mix["texts"]["answer"] == 3
     assert mix["seed"] == 0 and mix["kind_seeds"].startswith("kind_seeds.json ")
     folder = tmp_path / "kinds"
     assert json.loads((folder / KD.MIX_FILE).read_text()) == mix
@@ -231,11 +231,11 @@ def test_kind_prompts_are_written_recorded_and_resumed(tmp_path):
     # Killed while writing questions: the last round and half a line lost; a rerun redraws them alike.
     qfile = folder / "question" / "prompts.jsonl"
     kept = qfile.read_text().splitlines()
-    qfile.write_text("\n".join(kept[:4]) + "\n" + kept[4][:10])
+    qfile.write_text("\n".join(kept[:2]) + "\n" + kept[2][:10])
     state = json.loads((folder / "question" / "settings.json").read_text())
     (folder / "question" / "settings.json").write_text(json.dumps({**state, "rounds": 1}))
     resumed = FakeWriters()
-    assert _write(tmp_path, resumed)[0] == prompts and resumed.calls == [("lines", 2)]
+    assert _write(tmp_path, resumed)[0] == prompts and resumed.calls == [("lines", 1)]
 
     # More prompts per kind continue the same pools; another seed is refused, by folder.
     more = FakeWriters()
@@ -349,3 +349,9 @@ def test_the_training_module_command_gives_mlx_openblas():
                                     "try:\n    runpy.run_module('exo_medusa_mlx.training.train', run_name='__main__')\n"
                                     "except SystemExit:\n    pass")
     assert loaded and "reference BLAS" not in err, err[-500:]
+
+
+def test_a_passage_is_kept_until_it_repeats_itself():
+    text = "Bees rest at night. They sleep in short bursts. Bees rest at night. More text here."
+    assert K.until_repeat(text) == "Bees rest at night. They sleep in short bursts."
+    assert K.until_repeat("Yes. Yes. No repeats of four words here.") == "Yes. Yes. No repeats of four words here."

@@ -18,7 +18,7 @@ import numpy as np
 
 from .hidden_files import write_json
 from .kinds import (KIND_SEEDS, Written, code_block, compose_kind, load_kind_seeds, passage_reason,
-                    seeds_hash, text_key, whole_sentences)
+                    seeds_hash, text_key, until_repeat, whole_sentences)
 from .prompts import Excluded, junk_reason, normalize
 from .self_instruct import EXAMPLES, SEEDS, WRITE_TEMP, accept, chat_writer, clean, grow, load_seeds, model_writer
 from .self_instruct import writing_context
@@ -41,10 +41,11 @@ MIX_FILE = "mix.json"
 
 def pool_sizes(kinds: list[str], n: int) -> dict[str, int]:
     """Texts to write per pool for ``n`` prompts of each kind; a derived pool's size is how many
-    of its parent's texts get one (an answer, a translation, a question, code)."""
+    of its parent's texts get one (an answer, a translation, a question, code). Questions are
+    written over the first ``n`` passages only: each one reads a whole passage first."""
     passages = n if len(set(kinds) & set(PASSAGE_KINDS)) <= 1 else 2 * n
     sizes = {"request": n, "answer": n, "followup": max(n // 2, 1), "sentence": n, "translated": -(-n // 3),
-             "passage": passages, "question": passages, "problem": n, "code_task": n, "code": -(-n // 2)}
+             "passage": passages, "question": n, "problem": n, "code_task": n, "code": -(-n // 2)}
     needed = {p for k in kinds for p in NEEDS[k]}
     return {p: s for p, s in sizes.items() if p in needed}
 
@@ -72,7 +73,7 @@ def _passage_round(seeds, topics, writers, rng, batch_size, seen, excluded, drop
                                             topic=topics[rng.integers(len(topics))]) for _ in range(batch_size)]
     out = []
     for ask, text in zip(asks, writers.chat(asks, int(rng.integers(2**31)), PASSAGE_TOKENS, PASSAGE_TEMP)):
-        p = whole_sentences(text)
+        p = until_repeat(whole_sentences(text))
         reason = passage_reason(p, excluded) or ("duplicate" if normalize(p) in seen else None)
         if reason:
             dropped[reason] += 1

@@ -87,6 +87,18 @@ def whole_sentences(text: str) -> str:
     return text[: ends[-1]] if ends and ends[-1] < len(text) else text
 
 
+def until_repeat(text: str) -> str:
+    """``text`` up to the first sentence (of 4+ words) it already said: a small model's passage
+    often starts going round in circles, and what it wrote before that is still good."""
+    seen = set()
+    for m in re.finditer(r"[^.!?\n]+[.!?]*", text):
+        key = normalize(m.group(0))
+        if len(key.split()) > 3 and key in seen:
+            return text[: m.start()].rstrip()
+        seen.add(key)
+    return text
+
+
 def passage_reason(text: str, excluded: Excluded) -> str | None:
     """Why a written passage cannot be used (None if it can): too short, junk, or held out."""
     if len(text.split()) < MIN_PASSAGE_WORDS:

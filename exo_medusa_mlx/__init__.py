@@ -1,7 +1,8 @@
 """Medusa speculative decoding on MLX (and PyTorch), packaged for exo.
 
 Importing the package defines names and does nothing else: no I/O, no mlx, no torch.
-The MLX API (``load``, ``generate``, ``stream_generate``) loads on first use, so
+The MLX API (``load``, ``generate``, ``stream_generate``,
+``batch_generate``, ``BatchGenerator``) loads on first use, so
 ``exo_medusa_mlx.torch_compat`` works on machines without MLX.
 
 On Linux, MLX's CPU build runs fast only with OpenBLAS loaded before ``mlx.core`` is
@@ -11,7 +12,8 @@ calls ``exo_medusa_mlx.setup_blas()`` first (afterwards it only warns, once).
 """
 
 __version__ = "0.1.0"
-__all__ = ["load", "generate", "stream_generate", "GenerationResponse", "setup_blas", "__version__"]
+__all__ = ["load", "generate", "stream_generate", "batch_generate", "BatchGenerator", "GenerationResponse",
+           "setup_blas", "__version__"]
 
 
 def __getattr__(name: str):
@@ -21,11 +23,12 @@ def __getattr__(name: str):
         from ._blas import setup_blas
 
         return setup_blas
-    if name in ("load", "generate", "stream_generate", "GenerationResponse"):
-        from .core import generation
+    if name in ("load", "generate", "stream_generate", "batch_generate", "BatchGenerator", "GenerationResponse"):
+        from .core import batch_generation, generation
         from .loading import load
 
         globals().update(load=load, generate=generation.generate, stream_generate=generation.stream_generate,
-                         GenerationResponse=generation.GenerationResponse)
+                         GenerationResponse=generation.GenerationResponse,
+                         batch_generate=batch_generation.batch_generate, BatchGenerator=batch_generation.BatchGenerator)
         return globals()[name]
     raise AttributeError(f"module 'exo_medusa_mlx' has no attribute '{name}'")

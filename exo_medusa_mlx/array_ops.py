@@ -15,12 +15,20 @@ def topk_ids(logits: mx.array, k: int) -> mx.array:
     return mx.take_along_axis(idx, mx.argsort(-vals, axis=-1), axis=-1)
 
 
+def top_logprobs(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """``topk_ids`` and the log-softmax of ``logits`` there: (..., V) -> (..., k), (..., k)."""
+    idx = topk_ids(logits, k)
+    z = logits.astype(mx.float32)
+    return idx, mx.take_along_axis(z, idx, axis=-1) - mx.logsumexp(z, axis=-1, keepdims=True)
+
+
 def to_numpy(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)  # numpy has no bfloat16
 
 
 class MLXOps:
     topk = staticmethod(topk_ids)
+    top_logprobs = staticmethod(top_logprobs)
 
     @staticmethod
     def stack(xs: list, axis: int = 0) -> mx.array:

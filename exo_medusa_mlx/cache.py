@@ -4,7 +4,9 @@ The slot bookkeeping and masks are in ``core/slots.py`` (shared with torch). One
 ``CacheContext`` is shared by all layers: layers receive the mask through
 ``make_mask`` and the RoPE positions through ``offset`` (an int for contiguous
 tokens, a ``TreeOffset`` for a tree); ``commit`` gathers the accepted nodes' K/V
-into their slots in every layer.
+into their slots in every layer. ``BatchContext`` drives the same layers for B
+sequences at once (``core/batch_slots.py``): keys (B, heads, S, D), a mask per row,
+per-row RoPE offsets or positions, per-row commits.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from .core.batch_slots import BatchSlots
 from .core.slots import DEFAULT_KEEP, CommitPlan, SlotMap
 
-__all__ = ["DEFAULT_KEEP", "CacheContext", "MedusaKVCache", "TreeOffset", "make_cache"]
+__all__ = ["DEFAULT_KEEP", "BatchContext", "CacheContext", "MedusaKVCache", "TreeOffset", "make_batch_cache",
+           "make_cache"]
 
 
 class TreeOffset:
@@ -23,7 +27,7 @@ class TreeOffset:
     __slots__ = ("positions",)
 
     def __init__(self, positions: mx.array):
-        self.positions = positions  # (T,) int32
+        self.positions = positions  # (T,) int32, or (B, T) one row per sequence of a batch
 
 
 class CacheContext(SlotMap):
@@ -68,6 +72,52 @@ class CacheContext(SlotMap):
         for c in caches:
             c.apply(plan)
         self.slot_pos = self.slot_pos[slots]
+
+
+class BatchContext(BatchSlots):
+    """The rows of a batch plus the MLX mask and RoPE offset of the forward in flight.
+
+    One row runs exactly the single-sequence arrays: a (T, S) mask and an int offset."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = None
+        self.rope_offset: int | mx.array | TreeOffset = 0
+
+    def begin(self, trees: list) -> None:
+        """Prepare the forward of each row's tree (``TreeBuffers``), padded to the largest."""
+        plan = self.plan_forward([(t.depths, t.mask) for t in trees])
+        one = len(trees) == 1
+        if plan.offsets is not None:
+            self.rope_offset = int(plan.offsets[0]) if one else mx.array(plan.offsets, dtype=mx.int32)
+        else:
+            self.rope_offset = TreeOffset(mx.array(plan.positions[0] if one else plan.positions, dtype=mx.int32))
+        mask = plan.mask
+        self.mask = mx.array(mask[0] if one else mask[:, None]) if isinstance(mask, np.ndarray) else mask
+
+    def commit(self, caches, nodes: list) -> None:
+        """Keep each row's accepted ``nodes`` of the last forward in every layer's cache."""
+        plan = self.plan_commit(nodes)
+        if len(self.rows) == 1:
+            for c in caches:
+                c.apply(plan.plans[0])
+        elif plan.src is not None:
+            src, dst = mx.array(plan.src, dtype=mx.int32), mx.array(plan.dst, dtype=mx.int32)
+            for c in caches:
+                c.apply_rows(src, dst)
+        self.apply_commit(plan)
+
+    def join(self, caches, row: SlotMap, row_caches) -> None:
+        """Add a sequence (its slot map and single-sequence caches, after its prefill) as the last row."""
+        for c, r in zip(caches, row_caches):
+            c.add_rows(r)
+        self.add_row(row)
+
+    def leave(self, caches, keep: list[int]) -> None:
+        """Keep only the rows ``keep`` (in that order)."""
+        for c in caches:
+            c.select_rows(keep)
+        self.keep_rows(keep)
 
 
 class MedusaKVCache:
@@ -119,6 +169,30 @@ class MedusaKVCache:
         self.keys[..., dst, :] = self.keys[..., src, :]
         self.values[..., dst, :] = self.values[..., src, :]
 
+    def apply_rows(self, src: mx.array, dst: mx.array) -> None:
+        """Copy columns ``src`` to ``dst``, each (B, n), row by row (all read before any is written)."""
+        if self.keys is None:
+            return
+        self.keys, self.values = (_move_columns(a, src, dst) for a in (self.keys, self.values))
+
+    def add_rows(self, other: "MedusaKVCache") -> None:
+        """Append ``other``'s rows; the shorter buffer is padded with zeros (finite: holes are masked)."""
+        if self.keys is None:
+            self.keys, self.values = other.keys, other.values
+            return
+        size = max(self.keys.shape[2], other.keys.shape[2])
+        self.keys, self.values = (mx.concatenate([_pad_columns(a, size), _pad_columns(b, size)])
+                                  for a, b in ((self.keys, other.keys), (self.values, other.values)))
+
+    def select_rows(self, keep: list[int]) -> None:
+        if self.keys is None:
+            return
+        if not keep:
+            self.keys = self.values = None
+            return
+        idx = mx.array(keep, dtype=mx.int32)
+        self.keys, self.values = self.keys[idx], self.values[idx]
+
     @property
     def state(self):
         return self.keys, self.values
@@ -134,7 +208,25 @@ class MedusaKVCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
+def _move_columns(a: mx.array, src: mx.array, dst: mx.array) -> mx.array:
+    B, H, _, D = a.shape
+    n = src.shape[1]
+    moved = mx.take_along_axis(a, mx.broadcast_to(src[:, None, :, None], (B, H, n, D)), axis=2)
+    return mx.put_along_axis(a, mx.broadcast_to(dst[:, None, :, None], (B, H, n, D)), moved, axis=2)
+
+
+def _pad_columns(a: mx.array, size: int) -> mx.array:
+    extra = size - a.shape[2]
+    return a if extra == 0 else mx.pad(a, [(0, 0), (0, 0), (0, extra), (0, 0)])
+
+
 def make_cache(num_layers: int, max_kv_size: int | None = None, keep: int = DEFAULT_KEEP):
     """Per-layer caches sharing one context. Returns (context, caches)."""
     ctx = CacheContext(max_kv_size, keep)
+    return ctx, [MedusaKVCache(ctx) for _ in range(num_layers)]
+
+
+def make_batch_cache(num_layers: int) -> tuple[BatchContext, list]:
+    """Per-layer caches for a batch, empty until sequences join. Returns (context, caches)."""
+    ctx = BatchContext()
     return ctx, [MedusaKVCache(ctx) for _ in range(num_layers)]

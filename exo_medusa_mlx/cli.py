@@ -19,6 +19,7 @@ COMMANDS = {
     "ring": "exo_medusa_mlx.ring.command",
     "server": "exo_medusa_mlx.server.main",
     "exo": "exo_medusa_mlx.exo.launch",
+    "exo1": "exo_medusa_mlx.exo1.launch",
     "launch": "exo_medusa_mlx.launch",
 }
 

@@ -20,6 +20,7 @@ import threading
 import time
 import zlib
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,6 +30,7 @@ from mlx.nn.layers.distributed import ShardedToAllLinear
 
 from .cli_args import DIST_TIMEOUT_S, PARALLEL_MODES, POSITIVE
 from .core.generation import stream_generate
+from .core.dynamic import Calibration, DynamicTree
 from .engine.shard import partition_layers
 
 LOAD_TIMEOUT_S = 1800.0  # ranks finish loading their weights at different times
@@ -255,6 +257,20 @@ def agree_seed(comm: Comm, seed: int | None) -> int:
     return int(comm.all_sum(mx.array(mine, dtype=mx.int32), "agreeing on a seed").item())
 
 
+def agree_plan(comm: Comm, model):
+    """``model`` with rank 0's dynamic-tree costs and calibration on every rank: a rank picks each step's
+    tree from them, and ranks on different machines (or with other tuned files) must pick alike."""
+    plan = model.tree
+    if not isinstance(plan, DynamicTree) or comm.size == 1:
+        return model
+    cal = plan.calibration
+    mine = np.concatenate([plan.cost, cal.log_scale, cal.power]).astype(np.float32)
+    got = np.array(comm.all_sum(mx.array(mine if comm.rank == 0 else np.zeros_like(mine)), "agreeing on the tree"))
+    n, d = len(plan.cost), len(cal.power)
+    agreed = Calibration(tuple(float(x) for x in got[n : n + d]), tuple(float(x) for x in got[n + d :]))
+    return model.with_tree(replace(plan, cost=got[:n].astype(np.float64), calibration=agreed, _trees={}))
+
+
 def check_agreement(comm: Comm, tokens: list[int]) -> None:
     """Raise if the ranks emitted different tokens (different hardware can round differently)."""
     digest = zlib.crc32(np.asarray(tokens, dtype=np.int64).tobytes()) & 0x7FFFFFFF
@@ -294,7 +310,7 @@ def run_cli(args, run) -> None:
     def sharded_load(a):
         model, tokenizer = load(a.model, heads=a.heads, tree=a.tree, dtype=a.dtype, lazy=True)
         layout["layout"] = shard(model, comm, a.parallel, weights)
-        return model, tokenizer
+        return agree_plan(comm, model), tokenizer
 
     def agreed(*a, **kw):
         tokens = []

@@ -23,6 +23,7 @@ from .cli_args import (
     probability,
     read_prompt,
 )
+from .core.batch_generation import BatchGenerator, batch_generate  # noqa: F401  (re-exported: mlx-lm's names)
 from .core.generation import (  # noqa: F401  (re-exported: mlx-lm's names)
     DEFAULT_MAX_TOKENS,
     GenerationResponse,
@@ -42,7 +43,9 @@ def setup_arg_parser(prog: str = "mlx_medusa generate") -> argparse.ArgumentPars
                    help="auto: MLX where it is installed, else torch")
     p.add_argument("--model", default=None, help="Local Hugging Face folder or repo id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--heads", default=None, help="Medusa heads folder or medusa_lm_head.{safetensors,pt} (default: shipped heads of the default model)")
-    p.add_argument("--tree", default=None, help="Tree preset (cpu-4..cpu-16, chain-N, mc_sim_7b_63) or JSON file")
+    p.add_argument("--tree", default=None,
+                   help="Tree preset (cpu-4..cpu-16, chain-N, mc_sim_7b_63), JSON file, dynamic[:N] (chosen every "
+                        "step, at most N nodes), or best:N (the heads' best static tree of N nodes)")
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Message to the model ('-' reads stdin)")
     p.add_argument("--max-tokens", "-m", type=positive_int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--temp", type=non_negative_float, default=0.0)
@@ -116,7 +119,7 @@ def run(args, load=None, stream=stream_generate, extra=None) -> None:
             "tokens": tokens, "text": tokenizer.decode(tokens), "prompt_tokens": last.prompt_tokens,
             "generation_tokens": last.generation_tokens, "prompt_tps": last.prompt_tps,
             "generation_tps": last.generation_tps, "mean_accepted": last.mean_accepted, "steps": last.steps,
-            "peak_memory_gb": last.peak_memory, "finish_reason": finish,
+            "mean_tree_size": last.mean_tree_size, "peak_memory_gb": last.peak_memory, "finish_reason": finish,
             "medusa": (not args.no_medusa) and model.heads is not None, "tree_size": model.tree.size,
             "backend": backend, "device": str(model.device), **(extra(model) if extra else {}),
         }), flush=True)

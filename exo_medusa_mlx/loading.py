@@ -32,7 +32,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None, d
         model: local Hugging Face folder or repo id; None for the embedded default model.
         heads: Medusa heads folder or file; None for the heads shipped with the default
             model (if any). Without heads, decoding is plain.
-        tree: preset name, JSON file or choices; None for the heads' tuned tree or
+        tree: preset name, JSON file, choices or ``dynamic[:N]``; None for the heads' tuned tree or
             the CPU default.
         dtype: weights' dtype (or its name); default float32 on CPU (bf16/fp16 skip BLAS there).
         lazy: leave the base model's weights unread until used (a pipeline rank keeps

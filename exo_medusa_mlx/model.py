@@ -17,7 +17,7 @@ import numpy as np
 
 from .array_ops import MLXOps
 from .heads import MedusaHeads, load_heads
-from .cache import DEFAULT_KEEP, CacheContext, TreeOffset, make_cache
+from .cache import DEFAULT_KEEP, BatchContext, CacheContext, TreeOffset, make_batch_cache, make_cache
 from .core.base import MedusaBase, swapped_class
 
 # Families whose attention reads ``cache.offset`` for RoPE and ``cache.make_mask``
@@ -29,7 +29,8 @@ class TreeRoPE(nn.Module):
     """A layer's RoPE for tree tokens at per-token positions (``TreeOffset``).
 
     ``mx.fast.rope`` takes one offset per batch row, so the tokens are moved to the
-    batch axis, rotated each at its own position, and moved back.
+    batch axis, rotated each at its own position, and moved back. Positions (T,) are
+    the same for every row; (B, T) are a batch's, one row per sequence.
     """
 
     def __init__(self, rope):
@@ -41,7 +42,8 @@ class TreeRoPE(nn.Module):
             return self.inner(x, offset=offset)
         B, H, T, D = x.shape
         y = x.transpose(0, 2, 1, 3).reshape(B * T, H, 1, D)  # (B*T, H, 1, D)
-        pos = mx.tile(offset.positions, (B,))
+        pos = offset.positions
+        pos = pos.reshape(-1) if pos.ndim == 2 else mx.tile(pos, (B,))
         y = self.inner(y, offset=pos)
         return y.reshape(B, T, H, D).transpose(0, 2, 1, 3)
 
@@ -156,6 +158,9 @@ class MedusaModel(MedusaBase):
     def make_cache(self, max_kv_size: int | None = None, keep: int = DEFAULT_KEEP) -> tuple[CacheContext, list]:
         return make_cache(self.num_layers, max_kv_size, keep)
 
+    def make_batch_cache(self) -> tuple[BatchContext, list]:
+        return make_batch_cache(self.num_layers)
+
     def transposes(self, rows: int) -> bool:
         """Whether a verification forward of ``rows`` tokens multiplies the transposed way."""
         return self.rows_product and 1 < rows <= self.verify_rows_max and mx.default_device() == mx.cpu
@@ -173,10 +178,13 @@ class MedusaModel(MedusaBase):
             yield
 
     def hidden(self, tokens, caches, transposed: bool = False) -> mx.array:
-        """Normed last hidden states (T, H) of ``tokens`` (T,), placed as ``caches``' context says."""
+        """Normed last hidden states (T, H) of ``tokens`` (T,), or (B, T, H) of a batch's (B, T),
+        placed as ``caches``' context says."""
         tokens = tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens))
+        one = tokens.ndim == 1
         with self.placed(caches, transposed):
-            return self.base.model(tokens.astype(mx.int32)[None], cache=caches)[0]
+            h = self.base.model(tokens.astype(mx.int32)[None] if one else tokens.astype(mx.int32), cache=caches)
+        return h[0] if one else h
 
     def logits(self, h: mx.array) -> mx.array:
         return self.lm_head(h)
@@ -192,7 +200,7 @@ class MedusaModel(MedusaBase):
     def settle(self, caches) -> None:
         mx.eval([c.state for c in caches])
 
-    def verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
+    def fast_verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
         """Greedy decoding runs one step ahead (``Lookahead``): always for plain
         decoding, as mlx-lm does; for trees on a GPU with an unbounded cache (MLX's
         CPU stream runs only a few ops ahead, so there nothing overlaps)."""
@@ -203,4 +211,4 @@ class MedusaModel(MedusaBase):
                 return Lookahead(self, ctx, caches, tree, policy)
         elif fast_path:
             raise ValueError("the lookahead fast path needs greedy acceptance, and for trees an unbounded cache")
-        return super().verifier(ctx, caches, tree, policy, fast_path)
+        return None

@@ -25,31 +25,37 @@ from .core.growth import (TOPK, conditional_accuracy, empirical_accept_length, g
 from .core.latency import MAX_LATENCY_NODES, measure_gather, measure_latency, measure_plain_step
 from .cli_args import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, check_fields, int_range
 from .core.machine import this_machine
+from .core.dynamic import checked_spec, fit_calibration
 from .core.tree import save_tree
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_HELDOUT = DATA_DIR / "heldout_prompts.json"
 RANKS_FILE = "heldout_ranks.npy"  # beside the heads: what a torch (or later) tune reads
+LOGPROBS_FILE = "heldout_logprobs.npy"  # the heads' top-k log-probabilities on the same rows (calibration)
 
 
 # --------------------------------------------------------------------------- accuracies
 
 
 def held_out_ranks(heads, lm_head, folder: Path, files: list[str], batch_size: int = 512, embed=None,
-                   draft=None) -> np.ndarray:
-    """Rank of the base model's choice among each head's logits, (rows, K); -1 past a sequence's end.
+                   draft=None, topk: int = TOPK) -> tuple[np.ndarray, np.ndarray]:
+    """Rank of the base model's choice among each head's logits, (rows, K), -1 past a sequence's end;
+    and each head's log-probabilities of its top-``topk`` guesses, (rows, K, topk).
 
     ``embed``: the base model's token embedding, for next-token heads; ``draft``: the
     heads' draft vocabulary and rows (``MedusaModel.draft()``), as decoding scores them."""
     import mlx.core as mx
 
     from .training.hidden_files import iterate_batches
-    from .training.loss import path_embeds, target_ranks
+    from .training.loss import path_embeds, ranks_and_logprobs
 
-    out = [np.array(target_ranks(heads, lm_head, mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"]),
-                                 path_embeds(heads, embed, b), draft))
-           for b in iterate_batches(folder, files, heads.num_heads, batch_size)]
-    return np.concatenate(out)
+    k = min(topk, heads.config.candidates)
+    out = []
+    for b in iterate_batches(folder, files, heads.num_heads, batch_size):
+        h, targets = mx.array(b["hidden"], dtype=mx.float32), mx.array(b["targets"])
+        out.append(tuple(np.array(a) for a in ranks_and_logprobs(heads, lm_head, h, targets,
+                                                                 path_embeds(heads, embed, b), draft, k)))
+    return np.concatenate([r for r, _ in out]), np.concatenate([lp for _, lp in out])
 
 
 # --------------------------------------------------------------------------- real generation
@@ -68,7 +74,7 @@ def compare_generation(model, tokenizer, prompts: list[str], tree, max_tokens: i
         return toks, last, secs
 
     run(prompt_ids(tokenizer, prompts[0]), True)  # warm-up
-    agg = {m: {"tokens": 0, "seconds": 0.0, "steps": 0} for m in ("medusa", "plain")}
+    agg = {m: {"tokens": 0, "seconds": 0.0, "steps": 0, "nodes": 0.0} for m in ("medusa", "plain")}
     same = 0
     for k, p in enumerate(tqdm(prompts, desc="generate", unit="prompt")):
         ids = prompt_ids(tokenizer, p)
@@ -79,12 +85,14 @@ def compare_generation(model, tokenizer, prompts: list[str], tree, max_tokens: i
             m["tokens"] += last.generation_tokens - 1
             m["seconds"] += secs
             m["steps"] += last.steps
+            m["nodes"] += last.steps * last.mean_tree_size
             out[medusa] = toks
         same += out[True] == out[False]
     tps = {m: a["tokens"] / max(a["seconds"], 1e-9) for m, a in agg.items()}
     return {
         "medusa_tps": tps["medusa"], "plain_tps": tps["plain"], "speedup": tps["medusa"] / tps["plain"],
         "mean_accepted": agg["medusa"]["tokens"] / max(agg["medusa"]["steps"], 1),
+        "mean_tree_size": agg["medusa"]["nodes"] / max(agg["medusa"]["steps"], 1),
         "identical": same, "prompts": len(prompts),
     }
 
@@ -121,6 +129,7 @@ class TuneOptions:
     num_prompts: int = 8
     max_tokens: int = 128
     pass_overhead_ms: float = 0.0
+    tree: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TuneOptions":
@@ -133,6 +142,8 @@ class TuneOptions:
             raise ValueError(f"--min-nodes {self.min_nodes} must be in 1..--max-nodes ({self.max_nodes})")
         if self.model is not None and self.heads is None:
             raise ValueError("--heads is required with --model")
+        if self.tree is not None:
+            checked_spec(self.tree)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -160,6 +171,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--pass-overhead-ms", type=RULES["pass_overhead_ms"].parse, default=d.pass_overhead_ms,
                    help="A fixed cost every step pays on top of its compute: a ring's transport per pass "
                         "(scripts/bench_ring.py prints it); the tree is then saved as tree.ring.json")
+    p.add_argument("--tree", default=d.tree,
+                   help="Also check this tree against plain decoding on the held-out prompts, e.g. dynamic[:N] "
+                        "(fitted to the costs and calibration this tune measured), a preset or a JSON file")
     return p
 
 
@@ -171,8 +185,9 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
 
 
-def heldout_accuracy(model, tokenizer, opts: TuneOptions, prompts: list[str]) -> np.ndarray:
-    """The heads' ranks on the held-out answers, (rows, K), computed on MLX (self-distilled data)."""
+def heldout_accuracy(model, tokenizer, opts: TuneOptions, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The heads' ranks on the held-out answers, (rows, K), and their top-k log-probabilities
+    (rows, K, topk), computed on MLX (self-distilled data)."""
     from .core.machine import cache_root
     from .core.tokens import eos_ids, prompt_ids
     from .training.distill import build_cache, cache_key
@@ -183,16 +198,18 @@ def heldout_accuracy(model, tokenizer, opts: TuneOptions, prompts: list[str]) ->
     meta = build_cache(cache_dir, model.base, model.lm_head, prompts=[prompt_ids(tokenizer, p) for p in prompts],
                        eos=eos_ids(tokenizer), key=key, max_tokens=opts.data_max_tokens, batch_size=opts.gen_batch_size)
     return held_out_ranks(model.heads, model.lm_head, cache_dir, [f["file"] for f in meta["splits"]["train"]],
-                          embed=model.base.model.embed_tokens, draft=model.draft())
+                          embed=model.base.model.embed_tokens, draft=model.draft(), topk=opts.topk)
 
 
-def recorded_ranks(folder: Path) -> np.ndarray:
-    """The held-out ranks an MLX tune saved beside the heads (for a tune on another backend)."""
+def recorded_ranks(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The held-out ranks (and log-probabilities, if saved) an MLX tune saved beside the heads (for a
+    tune on another backend)."""
     path = folder / RANKS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run 'mlx_medusa tune --backend mlx' once for these heads "
                                 "(it measures the heads' accuracy and saves their held-out ranks there)")
-    return np.load(path)
+    logp = folder / LOGPROBS_FILE
+    return np.load(path), np.load(logp).astype(np.float32) if logp.is_file() else None
 
 
 def print_accuracy(ranks: np.ndarray, topk: int):
@@ -258,6 +275,23 @@ def choose_tree(model, opts: TuneOptions, ranks, cond) -> dict:
     }
 
 
+def check_generation(model, tokenizer, prompts: list[str], choices, opts: TuneOptions, result: dict) -> None:
+    """The grown tree (and ``--tree``, e.g. ``dynamic``, fitted to what this tune measured) against plain
+    decoding on real prompts; printed, and recorded in ``result``."""
+    trees = {"measured": choices} if choices else {}
+    if opts.tree is not None:
+        trees["measured_tree"] = opts.tree
+    for key, tree in trees.items():
+        gen = compare_generation(model, tokenizer, prompts, tree, opts.max_tokens)
+        name = "the grown tree" if key == "measured" else f"--tree {tree}"
+        print(f"generation with {name} on {gen['prompts']} held-out prompts: plain {gen['plain_tps']:.1f} tok/s, "
+              f"Medusa {gen['medusa_tps']:.1f} tok/s, measured speed-up {gen['speedup']:.2f}x "
+              f"(predicted {result['predicted_speedup']:.2f}x for the grown tree); accepted length "
+              f"{gen['mean_accepted']:.2f} (grown tree expected {result['expected_accept_length']:.2f}), "
+              f"{gen['mean_tree_size']:.2f} nodes per step; identical outputs {gen['identical']}/{gen['prompts']}")
+        result[key] = {k: round(v, 4) if isinstance(v, float) else v for k, v in gen.items()}
+
+
 def run(opts: TuneOptions) -> dict:
     from .core.heads_format import SHIPPED_HEADS
     from .training.prompts import read_prompts
@@ -270,12 +304,13 @@ def run(opts: TuneOptions) -> dict:
     out = Path(opts.output) if opts.output else folder / f"{name}.json"
     if out.is_dir() or not out.parent.is_dir():
         raise ValueError(f"--output {out}: pass a file path in an existing folder")  # before minutes of measuring
-    ranks = recorded_ranks(folder) if backend != "mlx" else None
+    ranks, logp = recorded_ranks(folder) if backend != "mlx" else (None, None)
     model, tokenizer = backends.load(backend, opts.model, heads_dir, [[0]], device=opts.device)
     prompts = read_prompts(opts.prompts or DEFAULT_HELDOUT)
     if ranks is None:
-        ranks = heldout_accuracy(model, tokenizer, opts, prompts)
+        ranks, logp = heldout_accuracy(model, tokenizer, opts, prompts)
         np.save(folder / RANKS_FILE, ranks.astype(np.int16))
+        np.save(folder / LOGPROBS_FILE, logp.astype(np.float16))
     top, cond = print_accuracy(ranks, opts.topk)
     result = choose_tree(model, opts, ranks, cond)
     choices = result.pop("choices")
@@ -283,14 +318,12 @@ def run(opts: TuneOptions) -> dict:
                   heldout_rows=int(len(ranks)),
                   head_topk_accuracy=[[round(float(a), 4) for a in row] for row in top],
                   head_conditional_accuracy=[[round(float(a), 4) for a in row] for row in cond])
-    if opts.num_prompts > 0 and choices:
-        gen = compare_generation(replace(model, rows_product=result["rows_product"]), tokenizer,
-                                 prompts[: opts.num_prompts], choices, opts.max_tokens)
-        print(f"generation on {gen['prompts']} held-out prompts: plain {gen['plain_tps']:.1f} tok/s, "
-              f"Medusa {gen['medusa_tps']:.1f} tok/s, measured speed-up {gen['speedup']:.2f}x "
-              f"(predicted {result['predicted_speedup']:.2f}x); accepted length {gen['mean_accepted']:.2f} "
-              f"(expected {result['expected_accept_length']:.2f}); identical outputs {gen['identical']}/{gen['prompts']}")
-        result["measured"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in gen.items()}
+    if logp is not None:  # dynamic trees read the heads' probabilities, calibrated to acceptance here
+        result["calibration"] = fit_calibration(logp.astype(np.float64), ranks).to_json()
+        print(f"calibration (dynamic trees): {result['calibration']}")
+    if opts.num_prompts > 0:
+        check_generation(replace(model, rows_product=result["rows_product"], facts=result), tokenizer,
+                         prompts[: opts.num_prompts], choices, opts, result)
     save_tree(out, choices, **result)
     print(f"saved tree to {out}")
     return result

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from exo_medusa_mlx.core.accept import make_policy
 from exo_medusa_mlx.core.heads_format import MedusaConfig
-from exo_medusa_mlx.core.step import Verifier, generate_step, prefill
+from exo_medusa_mlx.core.step import Sequence, Verifier, generate_step, prefill
 from exo_medusa_mlx.core.tree import ROOT_ONLY, TreeBuffers, build_tree, load_tree, tree_choices
 from exo_medusa_mlx.torch_compat.graphs import GraphedVerifier, capture
 from exo_medusa_mlx.torch_compat.heads import MedusaHeads
@@ -166,9 +166,11 @@ def bench_steps(model: MedusaModel, heads, prompt: np.ndarray, modes, iters: int
             ctx, caches = med.make_cache()
             ctx.planned = len(prompt) + 64
             prefill(med, ctx, caches, prompt)
+            policy = make_policy()
             v = {"dynamic": Verifier, "static": StaticVerifier, "graph": GraphedVerifier}[mode](
-                med, ctx, caches, tree, make_policy())
-            row[mode] = timed(lambda: v.verify(toks), iters)
+                med, ctx, caches, tree, policy)
+            seq = Sequence(ctx, policy, tree, toks, root=len(prompt))
+            row[mode] = timed(lambda: v.verify(seq), iters)
             slots = getattr(v, "kv", None) and v.kv.size
         ref.reset(slots)
         ref.step(torch.as_tensor(prompt, device=dev), torch.arange(len(prompt), device=dev))

@@ -3,6 +3,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test || exit 1
+# exo 1.x's Python 3.13 venv for tests/test_exo1_runner.py (says why and skips where there is no 3.13).
+scripts/setup_exo1.sh || exit 1
 # shellcheck disable=SC1091
 . .venv/bin/activate
 # exo 0.0.x's source for tests/test_exo_real.py, where it sits beside the checkout.

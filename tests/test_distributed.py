@@ -31,7 +31,7 @@ HERE = Path(__file__).parent
 PROMPT = [1, 5, 9, 3, 7, 2, 8, 11, 4]
 FAMILIES = ("llama", "qwen2")  # qwen2: biases, tied embeddings, mlx-lm's PipelineMixin model
 N, WINDOW, N_WINDOW = 32, 16, 48
-KINDS = ("plain", "medusa", "oracle", "window")
+KINDS = ("plain", "medusa", "oracle", "window", "dynamic")
 DEATH_LIMIT_S = 15.0  # a rank whose peer died must fail within this (in practice: at once)
 HANG_TIMEOUT_S = 3.0  # --dist-timeout for the hung-peer test; the watchdog fires within about this
 
@@ -49,6 +49,7 @@ def cases_for(folder: Path, family: str, parallel: str) -> list[dict]:
         {**base, "name": f"{name}-window", "medusa": True, "n": N_WINDOW, "max_kv_size": WINDOW, "ref": ref_w,
          "future": PROMPT + ref_w},
         {**base, "name": f"{name}-sample", **sample, "ref": decode(load_case(base)[0], sample, PROMPT)["tokens"]},
+        {**base, "name": f"{name}-dynamic", "medusa": True, "n": N, "ref": ref, "tree": "dynamic:8"},
     ]
 
 
@@ -64,8 +65,6 @@ def two_ranks(folders, tmp_path_factory):
     for family, split in (("llama", "3,1"), ("qwen2", "memory")):  # 3,1: rank 1's one layer receives and sends
         c = next(c for c in cases if c["name"] == f"{family}-pipeline-oracle")
         cases.append({**c, "name": f"{family}-pipeline-split", "split": split})
-    cases.append({"name": "engine", "engine": True, "folder": str(folders["llama"]), "parallel": "pipeline",
-                  "text": "t1 t5 t9 t3 t7", "n": 20})
     out = tmp_path_factory.mktemp("ranks")
     spec = out / "spec.json"
     spec.write_text(json.dumps({"prompt": PROMPT, "cases": cases}))
@@ -108,20 +107,6 @@ def test_exact_sampling_same_tokens_on_every_rank(two_ranks, family, parallel):
         assert ranks[0][name]["tokens"] == cases[name]["ref"]
     greedy = cases[f"{family}-{parallel}-plain"]["ref"]
     assert ranks[0][name]["tokens"] != greedy  # it did sample
-
-
-def test_exo1_engine_on_two_ranks_equals_one_process(two_ranks, folders):
-    import exo1_standin as exo
-
-    exo.install()
-    from exo_medusa_mlx.generate import stream_generate
-    from exo_medusa_mlx.loading import load
-
-    model, tok = load(str(folders["llama"]), heads=folders["llama"] / "medusa", tree="cpu-8")
-    ref = [r.token for r in stream_generate(model, tok, "t1 t5 t9 t3 t7", max_tokens=20, temp=0.0)]
-    _, ranks = two_ranks
-    assert ranks[0]["engine"]["tokens"] == ref and len(ref) == 20
-    assert ranks[1]["engine"]["chunks"] == 0  # rank 0 alone hands chunks to exo
 
 
 # --------------------------------------------------------------------------- the CLI

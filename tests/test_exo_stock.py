@@ -24,9 +24,18 @@ class CountingEngine(MedusaMLXInferenceEngine):
 
     proposals = 0
 
-    def _step(self, *args):
-        self.proposals += 1
-        return super()._step(*args)
+    def _load(self, *args):
+        super()._load(*args)
+        emit = self.runner.emit
+        if getattr(emit, "counted", False):
+            return
+
+        def counted(*a):
+            self.proposals += 1
+            return emit(*a)
+
+        counted.counted = True
+        self.runner.emit = counted
 
 
 async def stock_ring(pairs, prompt: np.ndarray, n: int, hop=None, rid: str = "stock"):

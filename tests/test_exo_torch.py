@@ -133,13 +133,13 @@ def test_exo_engine_test_on_torch(llama):
 def test_a_shard_holds_only_its_layers(family):
     engine, shard = mixed_ring(family, ("mlx", "torch"))[1]
     asyncio.run(engine.ensure_shard(shard))
-    base = engine._loaded.model.base
+    base = engine.model.base
     held = lambda m: not any(p.is_meta for p in m.parameters())  # noqa: E731
     assert [held(layer) for layer in base.model.layers] == [False, False, True, True]
     assert held(base.model.norm) and held(base.lm_head) and engine.model.heads is not None
     first, shard0 = mixed_ring(family, ("torch", "mlx"))[0]
     asyncio.run(first.ensure_shard(shard0))
-    base0 = first._loaded.model.base
+    base0 = first.model.base
     assert held(base0.model.embed_tokens) and not held(base0.model.norm) and first.model.heads is None
     if not CONFIGS[family.name]["tie_word_embeddings"]:
         assert not held(base0.lm_head)
@@ -153,7 +153,7 @@ def test_checkpoint_round_trip(family, tmp_path):
     for i, (engine, shard) in enumerate(fresh):
         asyncio.run(engine.ensure_shard(shard))
         with torch.no_grad():
-            for p in engine._loaded.model.base.parameters():
+            for p in engine.model.base.parameters():
                 if not p.is_meta:
                     p.zero_()
         asyncio.run(engine.load_checkpoint(shard, tmp_path / f"{i}.safetensors"))

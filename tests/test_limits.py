@@ -98,10 +98,11 @@ def test_run_committed_stops_at_the_next_chunk():
     assert ran == [0, 2] and ctx.committed == 4  # two chunks committed, the third never began
 
 
-def test_generate_step_prefill_can_be_stopped(tiny):
+def test_generate_step_prefill_can_be_stopped(tiny, monkeypatch):
     base, heads, _ = tiny
     from exo_medusa_mlx.core.step import generate_step
 
+    monkeypatch.setattr(base.args, "max_position_embeddings", 8192)  # room for a 5000-token prompt
     model = MedusaModel(base, heads, build_tree(tree_choices("cpu-8")))
     calls = []
 
@@ -123,19 +124,20 @@ def test_engine_pass_stops_at_the_next_layer_when_its_caller_gives_up(tiny):
     shard = Shard("m", 0, N_LAYERS - 1, N_LAYERS)
     layers: list[int] = []
     started = threading.Event()
-    done_layer = engine._layer_done
-
-    def slow_layer(h):
-        layers.append(1)
-        started.set()
-        time.sleep(0.3)
-        done_layer(h)
-
-    engine._layer_done = slow_layer
     prompt = (np.arange(300) % 96)[None]
 
     async def main():
         await engine.ensure_shard(shard)
+        loaded = engine.runner.loaded
+        done_layer = loaded.layer_done
+
+        def slow_layer(h, check):
+            layers.append(1)
+            started.set()
+            time.sleep(0.3)
+            done_layer(h, check)
+
+        loaded.layer_done = slow_layer
         task = asyncio.ensure_future(engine.infer_tensor("r", shard, prompt, st.initial_state()))
         await asyncio.to_thread(started.wait, 10)
         task.cancel()
@@ -143,7 +145,7 @@ def test_engine_pass_stops_at_the_next_layer_when_its_caller_gives_up(tiny):
             await task
         await engine._run(lambda: None)  # the worker is free again
         assert len(layers) < N_LAYERS and engine.request_ids == []  # stopped early, its cache dropped
-        engine._layer_done = done_layer
+        loaded.layer_done = done_layer
         out, state = await engine.infer_tensor("next", shard, prompt, st.initial_state())
         return out, state
 

@@ -20,6 +20,7 @@ from mlx_lm.models import llama
 from mlx_lm.sample_utils import apply_top_p
 
 from exo_medusa_mlx.core.accept import Acceptance, make_policy, target_probs
+from exo_medusa_mlx.core.dynamic import make_dynamic
 from exo_medusa_mlx.cache import DEFAULT_KEEP, CacheContext, MedusaKVCache
 from exo_medusa_mlx.core.step import generate_step
 from exo_medusa_mlx.heads import MedusaHeads
@@ -34,7 +35,8 @@ N_SEEDS = 2000  # per exactness test
 N_CONTROL = 600  # per negative control: both fail by far (p < 1e-10)
 ALPHA = 1e-3
 PROMPT = np.array([3, 7, 1])
-TREES = {"chain": [[0], [0, 0]], "branch": [[0], [1], [2], [0, 0], [0, 1], [1, 0]]}
+TREES = {"chain": [[0], [0, 0]], "branch": [[0], [1], [2], [0, 0], [0, 1], [1, 0]],
+         "dynamic": lambda: make_dynamic(8, 2, V)}  # picked per step from the heads' probabilities
 
 CONFIG = dict(model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=V,
@@ -241,9 +243,10 @@ def test_target_probs_is_mlx_lm_sampler(temp, top_p):
 
 
 @pytest.mark.parametrize("tree,heads,seed0", [("chain", "random", 0), ("chain", "close", 10_000),
-                                              ("branch", "random", 20_000), ("branch", "close", 30_000)])
+                                              ("branch", "random", 20_000), ("branch", "close", 30_000),
+                                              ("dynamic", "close", 50_000)])
 def test_exact_sampling_is_plain_sampling(base, reference, tree, heads, seed0):
-    buf = build_tree(TREES[tree])
+    buf = TREES[tree]() if callable(TREES[tree]) else build_tree(TREES[tree])
     model = CloseMedusa(base, buf) if heads == "close" else MedusaModel(base, tiny_heads(buf.depth), buf)
     counts, per_step = sample_counts(model, lambda s: make_policy(TEMP, TOP_P, "exact", s), N_SEEDS, seed0)
     stat, df, p = chi_square(counts, reference)

@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 from exo_medusa_mlx import load, stream_generate
 from exo_medusa_mlx.server import Scheduler, Settings
 from exo_medusa_mlx.server.main import make_server
-from exo_medusa_mlx.server.stops import StopMatcher
+from exo_medusa_mlx.core.stops import StopMatcher
 from exo_medusa_mlx.core.tokens import chat_ids, encode_prompt
 from tiny import CONFIGS, VOCAB, random_heads, tiny_base
 
@@ -68,14 +68,14 @@ def oracle(folder):
 
 
 @contextmanager
-def serving(folder, *, backend="mlx", queue_size=32, time_limit=300.0, **settings):
+def serving(folder, *, backend="mlx", queue_size=32, time_limit=300.0, tree=TREE, **settings):
     """A live server on a free loopback port (uvicorn in a thread); yields (base url, scheduler)."""
     if backend == "torch":
         from exo_medusa_mlx.torch_compat import load as load_torch, stream_generate as generate_torch
 
-        loader, gen, on_exit = lambda: load_torch(str(folder), heads=folder / "medusa", tree=TREE), generate_torch, None
+        loader, gen, on_exit = lambda: load_torch(str(folder), heads=folder / "medusa", tree=tree), generate_torch, None
     else:
-        loader = load if folder is None else (lambda: load(str(folder), heads=folder / "medusa", tree=TREE))
+        loader = load if folder is None else (lambda: load(str(folder), heads=folder / "medusa", tree=tree))
         gen, on_exit = stream_generate, mx.clear_streams
     scheduler = Scheduler(loader, gen, queue_size, time_limit, on_exit)
     sock = socket.socket()
@@ -123,6 +123,17 @@ def post(url, path, body, headers=None, raw: bytes | None = None):
 
 def chat(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_a_dynamic_tree_serves_plain_greedy_answers(folder, oracle, backend):
+    """--tree dynamic: each step's tree picked from the heads' probabilities; the answers are greedy's."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    with serving(folder, backend=backend, tree="dynamic:8") as (url, scheduler):
+        r = client(url).chat.completions.create(model=MODEL_ID, messages=chat(PROMPTS[3]), max_tokens=16, temperature=0)
+        assert r.choices[0].message.content == oracle(messages=chat(PROMPTS[3]), max_tokens=16)[0]
+        assert scheduler.model.tree.size == 8
 
 
 # --------------------------------------------------------------------------- stop strings

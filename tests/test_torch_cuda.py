@@ -51,7 +51,7 @@ def captures(monkeypatch):
 class StaticOracle(TorchOracleMedusa):
     """Oracle heads rig their logits on the host, which a graph cannot hold: the static step, eager."""
 
-    def verifier(self, ctx, caches, tree, policy, fast_path=None):
+    def fast_verifier(self, ctx, caches, tree, policy, fast_path=None):
         return StaticVerifier(self, ctx, caches, tree, policy)
 
 
@@ -99,7 +99,7 @@ def test_a_graphed_step_never_blocks_the_host(window, monkeypatch):
 
     def strict(fn):
         def run(self, *args):
-            if self.replay is None:  # the first launch captures, which synchronizes on purpose
+            if not self.replays:  # the first launch captures, which synchronizes on purpose
                 return fn(self, *args)
             torch.cuda.set_sync_debug_mode("error")
             try:

@@ -23,6 +23,7 @@ from exo_medusa_mlx.torch_compat.cache import CacheContext  # noqa: E402
 from exo_medusa_mlx.torch_compat.graphs import GraphedVerifier, fast_verifier  # noqa: E402
 from exo_medusa_mlx.torch_compat.model import MedusaModel  # noqa: E402
 from exo_medusa_mlx.torch_compat.static import DeviceSteps, StaticVerifier, static_size  # noqa: E402
+from helpers.graphs import CpuGraphed, StandInCapture  # noqa: E402
 from test_torch_tiny import TorchOracleMedusa, hf_greedy, take  # noqa: E402
 from torch_models import CONFIGS, random_heads, random_model  # noqa: E402
 
@@ -49,8 +50,12 @@ class Kept(TorchOracleMedusa):
         ctx, self.caches = super().make_cache(*args, **kw)
         return ctx, self.caches
 
-    def verifier(self, ctx, caches, tree, policy, fast_path=None):
-        self.verifier_used = super().verifier(ctx, caches, tree, policy, fast_path)
+    def make_batch_cache(self):  # without a fast path the sequence decodes as a batch of one
+        ctx, self.caches = super().make_batch_cache()
+        return ctx, self.caches
+
+    def fast_verifier(self, ctx, caches, tree, policy, fast_path=None):
+        self.verifier_used = super().fast_verifier(ctx, caches, tree, policy, fast_path)
         return self.verifier_used
 
 
@@ -187,24 +192,10 @@ def test_graphed_verifier_on_a_stand_in_graph(base, monkeypatch):
     """``GraphedVerifier``'s flow on a CPU, a stand-in graph refilling the captured outputs on replay:
     one capture, another after each resize, and the dynamic step's tokens. (What a real graph
     freezes is tested above: the captured run reads no host state.)"""
-    captured = []
-
-    def stand_in(fn):
-        out = fn()
-        captured.append(out)
-
-        def replay():
-            for o, new in zip(out, fn()):
-                if o is not None:
-                    o.copy_(new)
-            return out
-        return replay
-
-    class CpuGraphed(GraphedVerifier):
-        device_type = "cpu"
+    stand_in = StandInCapture()
 
     class Graphed(MedusaModel):
-        def verifier(self, ctx, caches, tree, policy, fast_path=None):
+        def fast_verifier(self, ctx, caches, tree, policy, fast_path=None):
             return CpuGraphed(self, ctx, caches, tree, policy)
 
     resizes = []
@@ -217,4 +208,4 @@ def test_graphed_verifier_on_a_stand_in_graph(base, monkeypatch):
     want = take(generate_step(PROMPT, MedusaModel(base, random_heads(), tree), fast_path=False), N)
     model = Graphed(base, random_heads(), tree)
     assert take(generate_step(PROMPT, model, fast_path=True), N) == want
-    assert len(captured) == len(resizes) >= 3  # the first verify, then one per resize (GROW 8: every few steps)
+    assert len(stand_in.captured) == len(resizes) >= 3  # the first verify, then one per resize (GROW 8: every few steps)

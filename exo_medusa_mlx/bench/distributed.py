@@ -133,7 +133,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                                 description="Medusa on and off over 1, 2 and 3 loopback ranks of MLX distributed.")
     p.add_argument("--model", default=None)
     p.add_argument("--heads", default=None)
-    p.add_argument("--tree", default=None)
+    p.add_argument("--tree", default=None, help="Tree preset, JSON file or dynamic[:N]")
     p.add_argument("--max-tokens", type=positive_int, default=48)
     p.add_argument("--limit", type=positive_int, default=None, help="Only the first N bench prompts")
     p.add_argument("--ranks", default=DEFAULT_RANKS, help="Rank counts, comma-separated")

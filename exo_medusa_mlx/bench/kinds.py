@@ -3,8 +3,8 @@
 On the held-out prompts of each kind (data/heldout_kinds.json: chat with earlier turns,
 translation, summaries, extractive QA, math, code, RAG, long prompts), greedy, in one run:
 plain decoding (mlx-lm's stream_generate) and Medusa with each tree of ``--trees`` (a preset,
-a JSON file, ``dynamic[:N]`` where the tree specs take it, or ``default``: the heads' tuned
-tree), back to back per prompt, the order rotating. Per kind and tree: plain and Medusa
+a JSON file, ``dynamic[:N]``, ``best:N`` (the heads' best static tree of N nodes) or ``default``:
+the heads' tuned tree), back to back per prompt, the order rotating. Per kind and tree: plain and Medusa
 tokens/s, the speed-up, mean accepted tokens per step, tree nodes per step, and whether
 Medusa's tokens are identical to plain decoding's. ``--accuracy`` adds the heads' held-out
 top-1 per head per kind (tune's measure, on the base model's own answers).
@@ -16,10 +16,10 @@ import argparse
 from pathlib import Path
 
 from ..cli_args import fail, positive_int
-from ..training.kinds import KINDS, parse_kinds
 from ..core.tokens import prompt_ids
+from ..training.kinds import KINDS, parse_kinds
 from ..training.prompts import HELDOUT_KINDS, read_kind_prompts
-from .measure import machine, run_mlx_lm, run_ours, save_figure, write_results
+from .measure import machine, run_mlx_lm, run_ours, save_figure, tree_facts, write_results
 
 PLAIN = "plain"
 DEFAULT_TREE = "default"  # the heads' tuned tree (what load picks)
@@ -59,7 +59,7 @@ def run_kinds(model=None, heads=None, trees=(DEFAULT_TREE,), kinds=KINDS, limit_
             runs[t]["same_tokens"] = runs[t]["tokens"] == runs[PLAIN]["tokens"]
         rows.append({"kind": kind, "prompt_tokens": len(ids), "runs": runs})
     result = {"machine": machine(), "model": str(model or "default"), "heads": str(heads or "shipped"),
-              "max_tokens": max_tokens, "trees": {t: {"size": models[t].tree.size} for t in trees},
+              "max_tokens": max_tokens, "trees": {t: tree_facts(models[t]) for t in trees},
               "kinds": list(kinds), "prompts": rows, "summary": summarize(rows, trees)}
     if accuracy:
         result["accuracy"] = kind_accuracy(med, tokenizer, {k: held[k][:limit_per_kind] for k in kinds}, max_tokens)
@@ -164,7 +164,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default=None)
     p.add_argument("--trees", default=DEFAULT_TREE,
                    help="Comma list of trees measured against the same plain run: presets, JSON files, "
-                        f"dynamic[:N], '{DEFAULT_TREE}' (the heads' tuned tree)")
+                        f"dynamic[:N], best:N (the heads' best static tree of N nodes), "
+                        f"'{DEFAULT_TREE}' (the heads' tuned tree)")
     p.add_argument("--kinds", default="all", help=f"all, or a comma list of {', '.join(KINDS)}")
     p.add_argument("--limit-per-kind", type=positive_int, default=None, help="Only the first N prompts of each kind")
     p.add_argument("--max-tokens", type=positive_int, default=128)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..cli_args import fail, non_negative_float, positive_int
 from ..training.prompts import bench_prompts
-from .measure import machine, run_mlx_lm, run_ours, save, save_figure, write_results
+from .measure import machine, run_mlx_lm, run_ours, save, save_figure, tree_facts, write_results
 
 MLX_METHODS = {"a": "mlx-lm stream_generate", "b": "ours --no-medusa (MLX)", "c": "ours Medusa (MLX)"}
 TORCH_METHODS = {"d": "transformers generate", "e": "transformers prompt lookup", "f": "ours Medusa (torch)"}
@@ -83,7 +83,7 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
     from ..default_model import resolve_model_path
 
     path = resolve_model_path(model)
-    trees = {"mlx": _tree_facts(med)}  # what (c) and (f) verify with
+    trees = {"mlx": tree_facts(med)}  # what (c) and (f) verify with
     runners = {  # (a) runs mlx-lm on the same model object: our wrapper leaves it as loaded between calls
         "a": lambda ids: run_mlx_lm(med.base, tokenizer, ids, max_tokens, temp),
         "b": lambda ids: run_ours(med, tokenizer, ids, max_tokens, False, stream_generate, temp),
@@ -108,7 +108,7 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
 
                 tmodel, ttok = torch_load(model, heads=heads, tree=tree)
                 runners["f"] = lambda ids: run_ours(tmodel, ttok, ids, max_tokens, True, torch_stream)
-                trees["torch"] = _tree_facts(tmodel)
+                trees["torch"] = tree_facts(tmodel)
             except ImportError as e:
                 notes.append(f"f skipped: torch Medusa unavailable ({e})")
         except ImportError as e:
@@ -138,14 +138,9 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
         rows.append(row)
     bar.close()
     return {"machine": machine(), "model": str(path), "heads": str(heads or "shipped"), "temp": temp,
-            "tree": _tree_facts(med), "trees": trees,
+            "tree": tree_facts(med), "trees": trees,
             "max_tokens": max_tokens, "methods": {**MLX_METHODS, **TORCH_METHODS}, "order": order,
             "notes": notes, "prompts": rows, "overall": summarize(rows, order)}
-
-
-def _tree_facts(model) -> dict:
-    return {"size": model.tree.size, "choices": [list(c) for c in model.tree.choices],
-            "rows_product": model.rows_product}
 
 
 def summarize(rows: list[dict], order: list[str]) -> dict:
@@ -156,10 +151,13 @@ def summarize(rows: list[dict], order: list[str]) -> dict:
         # Overall tokens/s: total tokens over total generation time.
         secs = sum(len(r["tokens"]) / r["generation_tps"] for r in runs if r["generation_tps"])
         acc = [r["mean_accepted"] for r in runs if r.get("mean_accepted")]
+        # Weighted by steps: the nodes verified over the steps taken (a dynamic tree's size varies).
+        nodes = [(r["mean_tree_size"] * r["steps"], r["steps"]) for r in runs if r.get("mean_tree_size")]
         out[m] = {
             "generation_tps": toks / secs if secs else 0.0,
             "prompt_tps": float(np.mean([r["prompt_tps"] for r in runs])),
             "mean_accepted": float(np.mean(acc)) if acc else None,
+            "mean_tree_size": sum(n for n, _ in nodes) / sum(k for _, k in nodes) if nodes else None,
             "peak_memory_gb": max(r["peak_memory_gb"] for r in runs),
             # None: the baseline ((a) or (d)) did not run, so nothing was compared.
             "all_same_tokens": all(r["same_tokens"] for r in runs) if all("same_tokens" in r for r in runs) else None,
@@ -183,8 +181,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| ({m}) {names[m]} | {s['generation_tps']:.2f} | {s['prompt_tps']:.1f} | {acc} | {sp} | {same} |")
     lines.append("")
     for side, t in result.get("trees", {}).items():
-        lines.append(f"{side} tree: {t['size']} nodes {t['choices']}, transposed product "
-                     f"{'on' if t['rows_product'] else 'off'}")
+        used = result["overall"].get({"mlx": "c", "torch": "f"}[side], {}).get("mean_tree_size")
+        shape = (f"dynamic, at most {t['size']} nodes" if t["choices"] == "dynamic"
+                 else f"{t['size']} nodes {t['choices']}")
+        lines.append(f"{side} tree: {shape}" + (f", {used:.2f} nodes per step on average" if used else "")
+                     + f", transposed product {'on' if t['rows_product'] else 'off'}")
     lines.append("")
     lines.append("| prompt | category | " + " | ".join(f"({m}) tok/s" for m in result["order"]) + " | (c) accepted |")
     lines.append("|---|---|" + "---|" * (len(result["order"]) + 1))
@@ -271,7 +272,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx_medusa bench", allow_abbrev=False, description="Medusa vs the decoders users have, one run.")
     p.add_argument("--model", default=None)
     p.add_argument("--heads", default=None)
-    p.add_argument("--tree", default=None)
+    p.add_argument("--tree", default=None,
+                   help="Tree preset, JSON file, dynamic[:N] (chosen every step; the runs record the mean size "
+                        "used) or best:N (the heads' best static tree of N nodes); default: the heads' tuned tree")
     p.add_argument("--max-tokens", type=positive_int, default=128)
     p.add_argument("--limit", type=positive_int, default=None, help="Only the first N prompts")
     p.add_argument("--methods", default="abcdef", help="Subset of a-f")

@@ -31,6 +31,16 @@ def machine() -> dict:
     return info
 
 
+def tree_facts(model) -> dict:
+    """What a run verifies with: the tree (a dynamic plan: ``choices`` "dynamic", ``size`` its most
+    nodes; the runs record the mean size used, ``mean_tree_size``) and the product layout."""
+    from ..core.dynamic import DynamicTree
+
+    tree = model.tree
+    choices = "dynamic" if isinstance(tree, DynamicTree) else [list(c) for c in tree.choices]
+    return {"size": tree.size, "choices": choices, "rows_product": model.rows_product}
+
+
 def timed(responses):
     """Tokens (EOS dropped) and generation tokens/s measured the same way for every
     method: tokens after the first over the time since the first arrived (mlx-lm's
@@ -50,7 +60,8 @@ def run_ours(model, tokenizer, ids, max_tokens, medusa, stream, temp=0.0, seed=0
     toks, last, tps = timed(stream(model, tokenizer, ids, max_tokens=max_tokens, medusa=medusa, temp=temp,
                                     seed=seed))
     return {"tokens": toks, "generation_tps": tps, "prompt_tps": last.prompt_tps,
-            "mean_accepted": last.mean_accepted, "steps": last.steps, "peak_memory_gb": last.peak_memory}
+            "mean_accepted": last.mean_accepted, "mean_tree_size": last.mean_tree_size, "steps": last.steps,
+            "peak_memory_gb": last.peak_memory}
 
 
 def run_mlx_lm(base, tokenizer, ids, max_tokens, temp=0.0, seed=0):

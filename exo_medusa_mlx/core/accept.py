@@ -33,27 +33,39 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def target_probs(logits: np.ndarray, temp: float, top_p: float = 1.0) -> np.ndarray:
-    """The distribution plain sampling draws from, the same as mlx-lm's ``make_sampler(temp, top_p)``.
+def target_probs(logits: np.ndarray, temp: float, top_p: float = 1.0, min_p: float = 0.0,
+                 top_k: int = 0) -> np.ndarray:
+    """The distribution plain sampling draws from, the same as mlx-lm's ``make_sampler(temp, top_p,
+    min_p, top_k=top_k)``.
 
-    logits: (..., V). Top-p keeps every token whose strictly more likely tokens
+    logits: (..., V). mlx-lm filters the log-probabilities, then draws from
+    softmax(kept / temp). Top-p keeps every token whose strictly more likely tokens
     hold less than ``top_p`` of the mass (ties at the boundary are all kept),
     measured, as mlx-lm's ``apply_top_p`` does, on softmax(logits) before the
-    temperature; the kept tokens are then drawn from softmax(logits / temp).
+    temperature; min-p keeps the tokens at least ``min_p`` times as likely as the
+    most likely one; top-k the ``top_k`` most likely (0: all; at or above the
+    vocabulary: all). Each filter keeps the most likely token and top-p runs first,
+    on the whole distribution, so the kept set is the intersection of the three.
     HF transformers and the Medusa reference apply the temperature first, so
     their top-p set differs whenever temp != 1. Ours is computed in float64,
-    mlx-lm's in float32: they differ only for a token within rounding of the
-    boundary.
+    mlx-lm's in float32: they differ only for a token within rounding of a
+    boundary (and top-k's choice among tied logits).
     """
     z = logits.astype(np.float64)
+    keep = np.ones(z.shape, dtype=bool)
     if top_p < 1.0:
         desc = -np.sort(-z, axis=-1)
         p = _softmax(desc)
         before = np.cumsum(p, axis=-1) - p  # mass of the tokens sorted before each one
         n_keep = (before < top_p).sum(axis=-1, keepdims=True)  # >= 1: the first has none before
         # Comparing logits (not probabilities, which may underflow) keeps ties as mlx-lm does.
-        z = np.where(z >= np.take_along_axis(desc, n_keep - 1, axis=-1), z, -np.inf)
-    return _softmax(z / temp)
+        keep &= z >= np.take_along_axis(desc, n_keep - 1, axis=-1)
+    if min_p > 0.0:  # log p >= log p_max + log min_p, on logits: the normaliser cancels
+        keep &= z >= z.max(axis=-1, keepdims=True) + np.log(min_p)
+    if 0 < top_k < z.shape[-1]:
+        kth = -np.partition(-z, top_k - 1, axis=-1)[..., top_k - 1 : top_k]
+        keep &= z >= kth
+    return _softmax(np.where(keep, z, -np.inf) / temp)
 
 
 def _paths(tree: TreeBuffers, tree_tokens: np.ndarray):
@@ -133,26 +145,33 @@ def make_exact_acceptor(temp: float, top_p: float, rng: np.random.Generator):
     """
 
     def accept(tree: TreeBuffers, tree_tokens: np.ndarray, logits: np.ndarray) -> Acceptance:
-        node, nodes, out = 0, [0], []
-        while True:
-            r = target_probs(logits[node], temp, top_p)  # (V,) residual target at this node
-            nxt = None
-            for child in tree.children[node]:
-                x = int(tree_tokens[child])
-                if rng.random() < r[x]:
-                    nxt = child
-                    break
-                # Rejected, so r(x) < 1 and some mass is left elsewhere.
-                r[x] = 0.0
-                r /= r.sum()
-            if nxt is None:
-                out.append(int(rng.choice(len(r), p=r)))
-                return Acceptance(np.array(nodes), out)
-            out.append(int(tree_tokens[nxt]))
-            nodes.append(nxt)
-            node = nxt
+        return exact_walk(tree, tree_tokens, lambda node: target_probs(logits[node], temp, top_p), rng)
 
     return accept
+
+
+def exact_walk(tree: TreeBuffers, tree_tokens: np.ndarray, target: Callable[[int], np.ndarray],
+               rng: np.random.Generator) -> Acceptance:
+    """``make_exact_acceptor``'s walk down the tree; ``target(node)`` is the (V,) distribution
+    plain sampling draws from after that node's path (a fresh array: the walk changes it)."""
+    node, nodes, out = 0, [0], []
+    while True:
+        r = target(node)  # (V,) residual target at this node
+        nxt = None
+        for child in tree.children[node]:
+            x = int(tree_tokens[child])
+            if rng.random() < r[x]:
+                nxt = child
+                break
+            # Rejected, so r(x) < 1 and some mass is left elsewhere.
+            r[x] = 0.0
+            r /= r.sum()
+        if nxt is None:
+            out.append(int(rng.choice(len(r), p=r)))
+            return Acceptance(np.array(nodes), out)
+        out.append(int(tree_tokens[nxt]))
+        nodes.append(nxt)
+        node = nxt
 
 
 Acceptor = Callable[[TreeBuffers, np.ndarray, np.ndarray], Acceptance]

@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import MedusaBase
+from .dynamic import checked_spec
 from .heads_format import default_tree_for
 from .latency import fit_to_machine, tuned_facts
-from .tree import ROOT_ONLY, TreeBuffers, load_tree
+from .tree import ROOT_ONLY, TreeBuffers
 
 DTYPES = ("float32", "float16", "bfloat16")  # the weights' dtypes a load takes by name
 CPU_DTYPE = "float32"  # exact, and on a CPU bfloat16/float16 products skip the fast BLAS
@@ -29,14 +30,15 @@ def weights_dtype(requested: str | None, on_cpu: bool, accelerator: str | None =
     return CPU_DTYPE if on_cpu else accelerator
 
 
-def _tree_spec(heads: str | Path | None, tree, backend: str):
-    return tree if tree is not None else default_tree_for(Path(heads) if heads is not None else None, backend)
+def _tuned(heads: str | Path | None, backend: str):
+    return default_tree_for(Path(heads) if heads is not None else None, backend)
 
 
-def check_tree(heads: str | Path | None, tree, backend: str) -> TreeBuffers:
+def check_tree(heads: str | Path | None, tree, backend: str) -> TreeBuffers | str:
     """The tree ``attach`` will resolve, resolved now: a load calls it first, so that a bad tree
-    (or one over the size cap) fails before minutes of loading."""
-    return load_tree(_tree_spec(heads, tree, backend))
+    (or one over the size cap) fails before minutes of loading. A spec the heads resolve
+    (``dynamic[:N]``, ``best:N``) is checked for its form and returned as it is."""
+    return checked_spec(tree if tree is not None else _tuned(heads, backend))
 
 
 def attach(base, heads: str | Path | None, tree, backend: type[MedusaBase], *, model_id: str | None = None,
@@ -45,7 +47,8 @@ def attach(base, heads: str | Path | None, tree, backend: type[MedusaBase], *, m
 
     Args:
         heads: heads folder or file; None decodes plainly (the tree is then the root alone).
-        tree: preset, JSON file, choices or buffers; None for the tree tuned beside the heads for
+        tree: preset, JSON file, choices, buffers, ``dynamic[:N]`` or ``best:N`` (``MedusaBase.plan``,
+            from the tuned facts: calibration, costs); None for the tree tuned beside the heads for
             this backend (else the CPU default), fitted to this machine (``fit_to_machine``: the
             tuned product layout where it was tuned here; else, if ``probe`` and the backend's
             ``probes_at_load``, a few-second probe picks the tree).
@@ -56,8 +59,10 @@ def attach(base, heads: str | Path | None, tree, backend: type[MedusaBase], *, m
     if heads is None:
         return backend(base, None, ROOT_ONLY, model_id=model_id)
     heads = Path(heads)
-    spec = _tree_spec(heads, tree, backend.backend)
-    model = backend(base, backend.heads_for(base, heads), load_tree(spec), model_id=model_id)
+    tuned = _tuned(heads, backend.backend)
+    facts = tuned_facts(tuned)
+    spec = checked_spec(tree if tree is not None else tuned)
+    model = backend(base, backend.heads_for(base, heads), spec, model_id=model_id, facts=facts)
     if tree is None:
-        model = fit_to_machine(model, tuned_facts(spec), str(heads), probe_here=probe and backend.probes_at_load)
+        model = fit_to_machine(model, facts, str(heads), probe_here=probe and backend.probes_at_load)
     return model

@@ -3,7 +3,7 @@
 A backend subclasses ``MedusaBase`` and ``HeadsBase`` and gives them ``ops`` (an
 ``ArrayOps``: stack, concat, argmax, top-k, scatter, to-numpy) plus the model
 primitives the base cannot know: ``hidden`` (the base model's layers over the
-cache), ``logits``, ``embed``, ``draft_rows``, ``make_cache``, ``transposes`` and,
+cache), ``logits``, ``embed``, ``draft_rows``, ``make_cache``, ``make_batch_cache``, ``transposes`` and,
 for heads, ``named_arrays`` / ``assign``. Everything else, proposing, the heads'
 projection and the checkpoint key mapping, is written here once.
 """
@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from .dynamic import Calibration, DynamicTree, best_choices, best_nodes, dynamic_nodes, make_dynamic, plan_costs
 from .heads_format import DRAFT_KEY, module_keys, write_heads
 from .step import Verifier
 from .tree import ROOT_ONLY, TreeBuffers, load_tree
@@ -30,6 +31,7 @@ class ArrayOps(Protocol):
     def take(self, a, idx: np.ndarray) -> Any: ...  # a[..., idx]: the last axis gathered
     def argmax(self, a) -> Any: ...  # over the last axis
     def topk(self, a, k: int) -> Any: ...  # indices of the k largest over the last axis, best first
+    def top_logprobs(self, a, k: int) -> tuple: ...  # topk's indices and the log-softmax of ``a`` there
     def scatter_vocab(self, sub, ids, vocab_size: int) -> Any: ...  # (..., V') -> (..., V), -inf elsewhere
     def numpy(self, *arrays) -> tuple: ...  # evaluated together; None stays None
 
@@ -57,16 +59,18 @@ def swapped_class(modules: list, cls: type | None):
 
 @dataclass
 class MedusaBase:
-    """A base model with Medusa heads and a tree; ``heads`` None means plain decoding.
+    """A base model with Medusa heads and a tree (static, or a dynamic plan); ``heads`` None means plain
+    decoding.
 
     Subclasses set up their backend in ``__post_init__``, then call ``super().__post_init__()``.
     """
 
     base: Any  # the backend's own model (mlx-lm's, transformers')
     heads: Any = None  # the backend's MedusaHeads
-    tree: TreeBuffers = field(default=ROOT_ONLY)
+    tree: TreeBuffers | DynamicTree = field(default=ROOT_ONLY)  # or a spec, resolved by ``plan``
     model_id: str | None = None
     rows_product: bool = True  # verification forwards may multiply the transposed way (``transposes``)
+    facts: dict = field(default_factory=dict)  # the heads' tuned tree file (``tuned_facts``): costs, calibration
 
     ops: ClassVar[ArrayOps]
     verify_rows_max: ClassVar[int] = 64  # beyond this many rows, both products cost about the same
@@ -80,6 +84,8 @@ class MedusaBase:
 
     def __post_init__(self) -> None:
         self._draft = None
+        if not isinstance(self.tree, (TreeBuffers, DynamicTree)):
+            self.tree = self.plan(self.tree)  # a spec: ``dynamic[:N]`` needs the heads to build
         self.check_tree(self.tree)
 
     @property
@@ -101,10 +107,13 @@ class MedusaBase:
 
     # ------------------------------------------------------------ trees
 
-    def check_tree(self, tree: TreeBuffers) -> TreeBuffers:
+    def check_tree(self, tree: TreeBuffers | DynamicTree) -> TreeBuffers | DynamicTree:
         """``tree``, if these heads can fill it; a one-line error otherwise."""
         if tree.size == 1:
             return tree
+        if isinstance(tree, DynamicTree) and self.heads is not None and self.heads.config.hydra:
+            raise ValueError("dynamic trees need heads whose guesses do not depend on the path, and these are "
+                             "hydra heads: use a static --tree")
         if self.heads is None:
             raise ValueError(f"a {tree.size}-node tree needs Medusa heads, and this model has none: "
                              "pass --heads, or decode plainly (--no-medusa)")
@@ -117,10 +126,27 @@ class MedusaBase:
         return tree
 
     def with_tree(self, tree) -> "MedusaBase":
-        """The same model and heads with another tree (preset, file, choices or buffers)."""
-        out = replace(self, tree=load_tree(tree))
+        """The same model and heads with another tree (preset, file, choices, buffers, ``dynamic[:N]``
+        or a dynamic plan)."""
+        out = replace(self, tree=tree if isinstance(tree, DynamicTree) else self.plan(tree))
         out._draft = self._draft
         return out
+
+    def plan(self, spec) -> TreeBuffers | DynamicTree:
+        """The tree ``spec`` names, for these heads: ``dynamic[:N]`` builds a dynamic plan from the heads'
+        tuned facts (calibration; step costs, this machine's where tuned here), ``best:N`` the static
+        tree of N nodes that accepts the most (``best_choices``)."""
+        n, best = dynamic_nodes(spec), best_nodes(spec)
+        if best is not None:
+            return load_tree(best_choices(self.facts, best)) if self.heads is not None else ROOT_ONLY
+        if n is None:
+            return load_tree(spec)
+        if self.heads is None:
+            return ROOT_ONLY
+        depth, topk = self.heads.num_heads, self.heads.config.candidates
+        cost = plan_costs(self.facts, n)
+        calibration = Calibration.from_json(self.facts.get("calibration"), depth)
+        return self.check_tree(make_dynamic(n, depth, topk, cost, calibration))
 
     # ------------------------------------------------------------ forward
 
@@ -138,9 +164,12 @@ class MedusaBase:
             ctx.begin(tree.depths, tree.mask)
         return self.hidden(tokens, caches, transposed=tree is not None and self.transposes(T))
 
-    def verifier(self, ctx, caches, tree: TreeBuffers, policy, fast_path: bool | None = None) -> Verifier:
-        """The step's verifier; a backend returns its fast path where it pays."""
-        return Verifier(self, ctx, caches, tree, policy)
+    def fast_verifier(self, ctx, caches, tree: TreeBuffers, policy, fast_path: bool | None = None) -> Verifier | None:
+        """A backend's single-sequence fast path where it pays (``fast_path`` None), or as asked;
+        None: the step's own (``BatchVerifier``, a batch of one)."""
+        if fast_path:
+            raise ValueError(f"{type(self).__name__} has no fast path: leave fast_path unset")
+        return None
 
     def settle(self, caches) -> None:
         """After a prefill chunk is committed (MLX evaluates, to bound the graph)."""
@@ -173,22 +202,44 @@ class MedusaBase:
             return None
         return self.embed(self.ops.argmax(logits))
 
-    def propose(self, h, depth: int | None, k: int):
+    def propose(self, h, depth: int | None, k: int, logprobs: bool = False):
         """What a decoding step needs at ``h`` (..., H): the base logits (..., V) and
-        the first ``depth`` heads' top-``k`` guesses (D, ..., k), best first.
+        the first ``depth`` heads' top-``k`` guesses (D, ..., k), best first; with
+        ``logprobs``, also the heads' log-probabilities of those guesses (D, ..., k).
 
         The guesses equal ``topk(project(h, depth)[1:], k)`` but, with a draft
         vocabulary, the heads' full rows are never built: the top-k is taken over
-        the draft's scores and mapped to token ids.
+        the draft's scores and mapped to token ids (the probabilities are then the
+        heads' over the draft).
         """
         draft = self.draft()  # None without heads
         if draft is None:
             rows = self.project(h, depth)
-            return rows[0], self.ops.topk(rows[1:], k)
-        ids, w = draft
-        logits = self.logits(h)
-        states = self.ops.stack(self.heads.states(h, depth, self._next_embeds(logits)))  # (D, ..., H)
-        return logits, ids[self.ops.topk(states @ w.T, k)]
+            logits, scores, ids = rows[0], rows[1:], None
+        else:
+            ids, w = draft
+            logits = self.logits(h)
+            scores = self.ops.stack(self.heads.states(h, depth, self._next_embeds(logits))) @ w.T  # (D, ..., V')
+        if not logprobs:
+            top = self.ops.topk(scores, k)
+            return logits, top if ids is None else ids[top]
+        top, lp = self.ops.top_logprobs(scores, k)
+        return logits, top if ids is None else ids[top], lp
+
+    def propose_scored(self, h, plan: DynamicTree):
+        """``propose_tree`` over a dynamic plan's superset, with each node's score: the log of the
+        product of its path's calibrated head probabilities. Returns (..., V), (..., S), (..., S)."""
+        tree, cal = plan.superset, plan.calibration
+        logits, guesses, lp = self.propose(h, tree.depth, tree.topk, logprobs=True)  # (D, ..., k) each
+        root = self.ops.argmax(logits)[..., None]
+        lq = [cal.log_rate(lp[d], d) for d in range(tree.depth)]
+        flat = self.ops.concat([root] + [guesses[d] for d in range(tree.depth)], axis=-1)  # (..., 1+D*k)
+        own = self.ops.take(self.ops.concat([lq[0][..., :1] * 0] + lq, axis=-1), tree.tree_indices)  # (..., S)
+        parents = np.maximum(tree.parents, 0)  # the root's own score is 0: it may add itself
+        score = own
+        for _ in range(tree.depth):  # after d rounds every node of depth <= d holds its path's sum
+            score = own + self.ops.take(score, parents)
+        return logits, self.ops.take(flat, tree.tree_indices), score
 
     def propose_tree(self, h, tree: TreeBuffers):
         """What a verification step needs at ``h`` (..., H): the base logits (..., V) and, per row,

@@ -20,6 +20,7 @@ from .limits import Limits, check_prompt_text
 from .slots import DEFAULT_KEEP
 from .step import ROOT_ONLY, Step, generate_step
 from .tokens import encode_prompt, eos_ids
+from .stops import StopMatcher
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -29,7 +30,7 @@ class GenerationResponse:
     text: str  # the new text piece
     token: int
     accepted: int  # tokens emitted by this token's verification step
-    finish_reason: str | None  # "stop" (EOS), "length", or None
+    finish_reason: str | None  # "stop" (EOS), "length" (max_tokens or the context full), or None
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -37,6 +38,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     steps: int  # verification steps so far
     mean_accepted: float  # tokens per verification step so far
+    mean_tree_size: float = 0.0  # tree nodes verified per verification step so far (a dynamic tree's vary)
 
 
 def check_request(ids: np.ndarray, context: int | None, max_tokens: int, max_kv_size: int | None = None,
@@ -50,11 +52,52 @@ def check_request(ids: np.ndarray, context: int | None, max_tokens: int, max_kv_
         raise ValueError(f"max_kv_size {max_kv_size} is too small: it must be at least keep + 2 = {keep + 2}")
 
 
+class TokenText:
+    """One request's tokens as text deltas, and when it ends: EOS ("stop"), ``max_tokens``
+    ("length") or one of the ``stops`` strings ("stop": found across token boundaries, never emitted)."""
+
+    def __init__(self, detok, eos: set[int], max_tokens: int, stops: list[str] | None = None):
+        detok.reset()
+        self.detok, self.eos, self.max_tokens = detok, eos, max_tokens
+        self.stops = StopMatcher(stops) if stops else None
+        self.n = 0  # tokens generated (EOS not counted)
+
+    def add(self, tok: int, ends: str | None = None) -> tuple[str, str | None]:
+        """The text ``tok`` adds, and the finish reason (None: the request goes on).
+
+        ``ends``: the reason the sequence ends after ``tok`` whatever it is ("length": it fills
+        the model's context, ``Step.finish``)."""
+        finish = None
+        if tok in self.eos:
+            finish = "stop"
+        else:
+            self.detok.add_token(tok)
+            self.n += 1
+            finish = "length" if self.n == self.max_tokens else ends
+        if finish:
+            self.detok.finalize()
+        text = self.detok.last_segment
+        if self.stops is not None:
+            text, hit = self.stops.feed(text)
+            if hit:
+                finish = "stop"
+            elif finish:
+                text += self.stops.flush()
+        return text, finish
+
+    def end(self) -> str:
+        """The text still held back, when the request ends for another reason (a limit)."""
+        self.detok.finalize()
+        text = self.detok.last_segment
+        return text + self.stops.flush() if self.stops is not None else text
+
+
 def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok, max_tokens: int,
                  peak_memory: Callable[[], float], tic: float) -> Iterator[GenerationResponse]:
-    """One response per token from a step generator; ``tic`` is when the prefill began."""
-    detok.reset()
-    n, n_steps, n_verified, prompt_tps, gen_start = 0, 0, 0, 0.0, tic
+    """One response per token from a step generator, until EOS, ``max_tokens`` or the context's
+    end (the last step's ``finish``); ``tic`` is when the prefill began."""
+    out = TokenText(detok, eos, max_tokens)
+    n_steps, n_verified, n_nodes, prompt_tps, gen_start = 0, 0, 0, 0.0, tic
     for step in steps:
         if step.tree_size == 0:
             prompt_tps = prompt_tokens / max(time.perf_counter() - tic, 1e-9)
@@ -62,25 +105,19 @@ def stream_steps(steps: Iterable[Step], prompt_tokens: int, eos: set[int], detok
         else:
             n_steps += 1
             n_verified += len(step.tokens)
-        for tok in step.tokens:
-            finish = None
-            if tok in eos:
-                finish = "stop"
-            else:
-                detok.add_token(tok)
-                n += 1
-                if n == max_tokens:
-                    finish = "length"
-            if finish:
-                detok.finalize()
+            n_nodes += step.tree_size
+        for i, tok in enumerate(step.tokens):
+            text, finish = out.add(tok, step.finish if i == len(step.tokens) - 1 else None)
+            n = out.n
             elapsed = max(time.perf_counter() - gen_start, 1e-9)
             yield GenerationResponse(
-                text=detok.last_segment, token=tok, accepted=len(step.tokens), finish_reason=finish,
+                text=text, token=tok, accepted=len(step.tokens), finish_reason=finish,
                 prompt_tokens=prompt_tokens, prompt_tps=prompt_tps, generation_tokens=n,
                 # The first token comes from the prefill, as in mlx-lm's count.
                 generation_tps=(n - 1) / elapsed if n > 1 else 0.0,
                 peak_memory=peak_memory(), steps=n_steps,
                 mean_accepted=n_verified / n_steps if n_steps else 0.0,
+                mean_tree_size=n_nodes / n_steps if n_steps else 0.0,
             )
             if finish:
                 return
@@ -103,7 +140,8 @@ def print_stats(r: GenerationResponse, file=sys.stdout) -> None:
     print("=" * 10, file=file)
     print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
     print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
-    print(f"Medusa: {r.mean_accepted:.2f} tokens per step over {r.steps} steps", file=file)
+    print(f"Medusa: {r.mean_accepted:.2f} tokens per step over {r.steps} steps, "
+          f"{r.mean_tree_size:.2f} tree nodes per step", file=file)
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
 
 

@@ -90,13 +90,23 @@ class SlotMap:
                 return ForwardPlan(q, True, None if T == 1 else "causal")
         return ForwardPlan(q, chain, np.concatenate([seen_slots, seen_new], axis=1))
 
+    def dense(self, mask, T: int) -> np.ndarray:
+        """(T, used+T) bool from a plan's mask (an array, "causal" or None)."""
+        if isinstance(mask, np.ndarray):
+            return mask
+        new = np.tri(T, dtype=bool)  # "causal", or None when T == 1
+        return np.concatenate([np.ones((T, self.used), dtype=bool), new], axis=1)
+
     def _slot(self, pos: np.ndarray) -> np.ndarray:
         if self.window is None:
             return pos
         return np.where(pos < self.keep, pos, self.keep + (pos - self.keep) % self.ring)
 
-    def plan_commit(self, nodes) -> CommitPlan:
-        """Where the accepted nodes (indices into the last forward, root first) go."""
+    def plan_commit(self, nodes, base: int | None = None) -> CommitPlan:
+        """Where the accepted nodes (indices into the last forward, root first) go.
+
+        ``base``: the column the forward wrote its first token at (default ``used``; in a batch,
+        the longest row's ``used``: ``BatchSlots``)."""
         nodes = np.asarray(nodes, dtype=np.int64)
         m = len(nodes)
         pos = self.committed + np.arange(m)
@@ -105,7 +115,7 @@ class SlotMap:
         _, last = np.unique(dst[::-1], return_index=True)
         kept = np.sort(m - 1 - last)
         src, dst, pos = nodes[kept], dst[kept], pos[kept]
-        base = self.used
+        base = self.used if base is None else base
         return CommitPlan(src, dst, base, bool(np.array_equal(dst, base + src)), pos, m)
 
     def apply_commit(self, plan: CommitPlan) -> None:

@@ -18,8 +18,9 @@ from ..cache import make_cache
 from ..core.attach import attach
 from ..loading import resolve_dtype
 from ..model import MedusaModel
-from .shard_engine import Loaded, MedusaShardEngine
+from .loaded import LoadedShard
 from .sessions import Session
+from .shard_engine import MedusaShardEngine
 from .shard import Shard
 
 EVAL_EACH_LAYER_TOKENS = 256  # passes this long are evaluated per layer (a few ms each at least)
@@ -53,6 +54,38 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     return model, tokenizer
 
 
+class MLXShard(LoadedShard):
+    """A shard's mlx-lm layers over ``MedusaKVCache``s (one ``CacheContext`` per request)."""
+
+    def __init__(self, shard: Shard, tokenizer, model: MedusaModel):
+        super().__init__(shard, tokenizer, model)
+        self.dtype = model.base.model.norm.weight.dtype  # what hidden states are computed in
+
+    def new_cache(self, max_kv_size: int | None, keep: int):
+        return make_cache(self.shard.get_layer_count(), max_kv_size, keep)
+
+    def device_array(self, x: np.ndarray) -> mx.array:
+        if x.dtype.kind in "iu":
+            return mx.array(x.astype(np.int32))
+        return mx.array(x).astype(self.dtype)  # bfloat16 travels as float32 (numpy has none)
+
+    def layers(self, h: mx.array, sess: Session, transposed: bool, check) -> mx.array:
+        layers = self.model.base.model.layers[self.shard.start_layer : self.shard.end_layer + 1]
+        mask = sess.caches[0].make_mask(h.shape[1])
+        with self.model.placed(sess.caches, transposed):
+            for layer, c in zip(layers, sess.caches):
+                h = layer(h, mask, cache=c)
+                self.layer_done(h, check)
+        return h
+
+    def layer_done(self, h: mx.array, check) -> None:
+        # MLX builds the graph lazily: a long pass is evaluated layer by layer, so that a
+        # cancelled one stops after the layer it is in, not after the whole chunk.
+        if check is not None and h.shape[1] >= EVAL_EACH_LAYER_TOKENS:
+            mx.eval(h)
+        super().layer_done(h, check)
+
+
 class MedusaMLXInferenceEngine(MedusaShardEngine):
     """exo's engine contract on MLX, with Medusa speculative decoding across shards.
 
@@ -62,34 +95,9 @@ class MedusaMLXInferenceEngine(MedusaShardEngine):
 
     _worker_exit = staticmethod(mx.clear_streams)  # MLX asks each thread to free its streams before it ends
 
-    def _load_backend(self, shard: Shard, path: Path, heads, tree) -> Loaded:
+    def _load_backend(self, shard: Shard, path: Path, heads, tree) -> MLXShard:
         model, tokenizer = load_shard_model(shard, path, heads, tree, self.dtype)
-        self._dtype = model.base.model.norm.weight.dtype  # what hidden states are computed in
-        return Loaded(shard, tokenizer, model)
-
-    def _new_cache(self):
-        return make_cache(self.shard.get_layer_count(), self.max_kv_size, self.keep)
-
-    def _device_array(self, x: np.ndarray) -> mx.array:
-        if x.dtype.kind in "iu":
-            return mx.array(x.astype(np.int32))
-        return mx.array(x).astype(self._dtype)  # bfloat16 travels as float32 (numpy has none)
-
-    def _layers(self, h: mx.array, sess: Session, transposed: bool) -> mx.array:
-        layers = self.model.base.model.layers[self.shard.start_layer : self.shard.end_layer + 1]
-        mask = sess.caches[0].make_mask(h.shape[1])
-        with self.model.placed(sess.caches, transposed):
-            for layer, c in zip(layers, sess.caches):
-                h = layer(h, mask, cache=c)
-                self._layer_done(h)
-        return h
-
-    def _layer_done(self, h: mx.array) -> None:
-        # MLX builds the graph lazily: a long pass is evaluated layer by layer, so that a
-        # cancelled one stops after the layer it is in, not after the whole chunk.
-        if self._check is not None and h.shape[1] >= EVAL_EACH_LAYER_TOKENS:
-            mx.eval(h)
-        super()._layer_done(h)
+        return MLXShard(shard, tokenizer, model)
 
     async def load_checkpoint(self, shard: Shard, path: str | Path) -> None:
         """Load weights (safetensors, mlx-lm names) over the shard's model; missing names are kept."""

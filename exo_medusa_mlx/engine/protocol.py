@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..core.limits import MAX_TREE_NODES, LimitError, Limits
+from ..core.step import Advanced
 
 COMMIT = "medusa_commit"
 DEPTHS = "medusa_depths"
@@ -26,6 +27,7 @@ TREE_MASK = "medusa_tree_mask"
 POSITIONS = "medusa_positions"
 TOKENS = "medusa_tokens"
 EMITTED = "medusa_emitted"
+FINISH = "medusa_finish"  # "length": the last shard's output ends the request (the context is full)
 NEXT = "medusa_next_"  # prefix of the next pass's arrays in the last shard's output
 
 TEMP = "medusa_temp"
@@ -35,7 +37,7 @@ SEED = "medusa_seed"
 MEDUSA = "medusa_enabled"
 SETTINGS = (TEMP, TOP_P, ACCEPTANCE, SEED, MEDUSA)
 ACCEPTANCES = ("auto", "greedy", "exact", "typical")
-
+FINISHES = ("length",)
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,34 @@ def emitted_tokens(state: dict | None) -> np.ndarray | None:
     return _array(state, EMITTED, "int", 1)
 
 
+def finish_reason(state: dict | None) -> str | None:
+    """Why the last shard ended the request in this pass ("length": the context is full), or None."""
+    v = state.get(FINISH) if isinstance(state, dict) else None
+    if v is not None and v not in FINISHES:
+        raise ValueError(f"inference_state['{FINISH}']: expected one of {', '.join(FINISHES)}, got {v!r}")
+    return v
+
+
+def pass_output(state: dict | None, settings: Settings, nxt: Advanced, tree_pass: bool) -> dict[str, Any]:
+    """The last shard's output state: ``state`` without our keys, the settings, the tokens this
+    pass emits, and the next pass (``next_request`` reads it), or ``FINISH`` when there is none.
+    ``tree_pass``: this pass was a tree, whose accepted nodes the next pass commits."""
+    out = {k: v for k, v in (state or {}).items() if not k.startswith("medusa_")}
+    out.update(settings_state(settings))
+    out[EMITTED] = np.asarray(nxt.acc.tokens, dtype=np.int64)
+    if nxt.finish is not None:
+        out[FINISH] = nxt.finish
+        return out
+    if tree_pass:
+        out[NEXT + "commit"] = np.asarray(nxt.acc.nodes, dtype=np.int64)
+    out[NEXT + "tokens"] = nxt.tokens
+    out[NEXT + "positions"] = (nxt.root + nxt.tree.depths).astype(np.int64)
+    if nxt.tree.size > 1:
+        out[NEXT + "depths"] = nxt.tree.depths.astype(np.int64)
+        out[NEXT + "tree_mask"] = nxt.tree.mask.copy()
+    return out
+
+
 def next_request(state: dict) -> tuple[np.ndarray, dict[str, Any]]:
     """The first shard's input (1, T') and state for the next pass, from the last shard's output."""
     tokens = _array(state, NEXT + "tokens", "int", 1)
@@ -273,12 +303,14 @@ def check_path(request_id: str, nodes: np.ndarray, depths: np.ndarray, mask: np.
 
 
 def check_tree_pass(request_id: str, req: StepRequest, tokens, tree) -> None:
-    """On the last shard: a tree pass has its ``tokens`` and is the tree this shard proposes."""
+    """On the last shard: a tree pass has its ``tokens`` and is the tree this shard laid out for it
+    (``tree``; None: it laid out none, or not a tree)."""
     if not req.is_tree:
         return
     if tokens is None:
         raise ValueError(f"request '{request_id}': a tree pass reaching the last shard needs "
                          f"inference_state['{TOKENS}']")
-    if not (np.array_equal(req.depths, tree.depths) and np.array_equal(req.tree_mask, tree.mask)):
+    if tree is None or not (np.array_equal(req.depths, tree.depths) and np.array_equal(req.tree_mask, tree.mask)):
+        proposed = "none" if tree is None else f"{tree.size} nodes"
         raise ValueError(f"request '{request_id}': the tree in inference_state ({len(req.depths)} nodes) "
-                         f"is not the one this shard proposes ({tree.size} nodes)")
+                         f"is not the one this shard laid out ({proposed})")

@@ -2,8 +2,9 @@
 (``docs/node_hook.md`` says why and where it goes in the node).
 
 ``process_result`` takes the pass's tokens from ``inference_state`` (cut at EOS and
-``max_tokens``) and the next pass's input and state, and falls back to exo's one-token
-rule for an engine that emits nothing; ``on_request_finished`` frees a request's caches.
+``max_tokens``; the last shard ends the request itself when the context is full) and the
+next pass's input and state, and falls back to exo's one-token rule for an engine that
+emits nothing; ``on_request_finished`` frees a request's caches.
 """
 
 from __future__ import annotations
@@ -37,15 +38,15 @@ async def process_result(engine, result: np.ndarray, inference_state: dict | Non
         eos_token_id: one id or several; None never stops early.
     """
     emitted = st.emitted_tokens(inference_state)
+    finished = st.finish_reason(inference_state) is not None  # the context is full: no next pass
     if emitted is None:  # an engine that emits nothing: exo's one-token rule
         token = int(np.asarray(await engine.sample(result, temp=temp, top_p=top_p)).reshape(-1)[0])
         tokens, next_input, next_state = [token], np.array([[token]], dtype=np.int64), inference_state
     else:
         tokens = emitted.tolist()
-        next_input, next_state = st.next_request(inference_state)
+        next_input, next_state = (None, None) if finished else st.next_request(inference_state)
     eos = set() if eos_token_id is None else (
         {int(eos_token_id)} if isinstance(eos_token_id, (int, np.integer)) else {int(i) for i in eos_token_id})
-    finished = False
     for i, t in enumerate(tokens):
         if t in eos:
             tokens, finished = tokens[: i + 1], True

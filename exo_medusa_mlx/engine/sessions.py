@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..core.accept import Policy
+from ..core.dynamic import DynamicTree
 from ..core.tree import TreeBuffers
 from .protocol import Settings
 
@@ -21,9 +22,9 @@ class Session:
     caches: list
     settings: Settings = field(default_factory=Settings)
     pending: tuple[np.ndarray, np.ndarray] | None = None  # (depths, mask) of a tree forward not yet committed
-    policy: Policy | None = None  # last shard: set on the first pass
-    tree: TreeBuffers | None = None  # last shard: the tree it proposes (root alone: plain decoding)
-    passes: int = 0  # passes verified (last shard)
+    policy: Policy | None = None  # last shard: how the request picks tokens, chosen when it starts
+    tree: TreeBuffers | DynamicTree | None = None  # last shard: its plan (root alone: plain decoding)
+    proposed: TreeBuffers | None = None  # last shard: the tree of the pass it laid out last
 
 
 class Sessions:

@@ -23,8 +23,9 @@ from ..torch_compat.cache import make_cache
 from ..torch_compat.generate import load_tokenizer
 from ..torch_compat.loading import default_device, resolve_dtype
 from ..torch_compat.model import MedusaModel
-from .shard_engine import Loaded, MedusaShardEngine
+from .loaded import LoadedShard
 from .sessions import Session
+from .shard_engine import MedusaShardEngine
 from .shard import Shard
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -119,6 +120,48 @@ def load_shard_model(shard: Shard, path: Path, heads=None, tree=None, dtype=None
     return model, load_tokenizer(path)
 
 
+class TorchShard(LoadedShard):
+    """A shard's transformers layers over the torch twin's ``MedusaCache`` (one per request)."""
+
+    def __init__(self, shard: Shard, tokenizer, model: MedusaModel, device: torch.device):
+        super().__init__(shard, tokenizer, model)
+        self.device = device
+        self.dtype = model.dtype  # what hidden states are computed in (the lm_head's, on meta or not)
+        params = inspect.signature(model.base.model.layers[shard.start_layer].forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def new_cache(self, max_kv_size: int | None, keep: int):
+        base = self.model.base
+        return make_cache(self.shard.n_layers, max_kv_size, keep, device=self.device, dtype=self.dtype,
+                          implicit_causal=base.config._attn_implementation == "sdpa")
+
+    def running(self):
+        return torch.inference_mode()
+
+    def device_array(self, x: np.ndarray) -> torch.Tensor:
+        # exo's gRPC server hands over read-only np.frombuffer arrays: torch wants writable ones.
+        t = torch.from_numpy(np.require(x, requirements="CW")).to(self.device)
+        return t if x.dtype.kind in "iu" else t.to(self.dtype)
+
+    def layers(self, h: torch.Tensor, sess: Session, transposed: bool, check) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        base = self.model.base
+        ctx, caches = sess.ctx, sess.caches
+        # As the model's own forward: the cache's 4D tree mask passes through untouched, a
+        # first prompt chunk gets sdpa's implicit causal mask.
+        mask = create_causal_mask(config=base.config, inputs_embeds=h, attention_mask=ctx.mask,
+                                  **{self.cache_arg: caches}, position_ids=ctx.positions)
+        rope = base.model.rotary_emb(h, ctx.positions)
+        layers = base.model.layers[self.shard.start_layer : self.shard.end_layer + 1]
+        with self.model.placed(caches, transposed):
+            for layer in layers:
+                h = layer(h, attention_mask=mask, position_ids=ctx.positions, use_cache=True,
+                          position_embeddings=rope, **{self.cache_arg: caches})
+                self.layer_done(h, check)
+        return h
+
+
 class MedusaTorchInferenceEngine(MedusaShardEngine):
     """exo's engine contract on PyTorch + transformers, with Medusa speculative decoding across shards.
 
@@ -131,45 +174,9 @@ class MedusaTorchInferenceEngine(MedusaShardEngine):
         super().__init__(shard_downloader, **kw)
         self.device = torch.device(device) if device is not None else default_device()
 
-    def _load_backend(self, shard: Shard, path: Path, heads, tree) -> Loaded:
+    def _load_backend(self, shard: Shard, path: Path, heads, tree) -> TorchShard:
         model, tokenizer = load_shard_model(shard, path, heads, tree, self.dtype, self.device)
-        self._dtype = model.dtype  # what hidden states are computed in (the lm_head's, on meta or not)
-        layer = model.base.model.layers[shard.start_layer]
-        params = inspect.signature(layer.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        return Loaded(shard, tokenizer, model)
-
-    def _new_cache(self):
-        base = self.model.base
-        return make_cache(self.shard.n_layers, self.max_kv_size, self.keep, device=self.device, dtype=self._dtype,
-                          implicit_causal=base.config._attn_implementation == "sdpa")
-
-    def _infer(self, *args):
-        with torch.inference_mode():
-            return super()._infer(*args)
-
-    def _device_array(self, x: np.ndarray) -> torch.Tensor:
-        # exo's gRPC server hands over read-only np.frombuffer arrays: torch wants writable ones.
-        t = torch.from_numpy(np.require(x, requirements="CW")).to(self.device)
-        return t if x.dtype.kind in "iu" else t.to(self._dtype)
-
-    def _layers(self, h: torch.Tensor, sess: Session, transposed: bool) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
-        base = self.model.base
-        ctx, caches = sess.ctx, sess.caches
-        # As the model's own forward: the cache's 4D tree mask passes through untouched, a
-        # first prompt chunk gets sdpa's implicit causal mask.
-        mask = create_causal_mask(config=base.config, inputs_embeds=h, attention_mask=ctx.mask,
-                                  **{self._cache_arg: caches}, position_ids=ctx.positions)
-        rope = base.model.rotary_emb(h, ctx.positions)
-        layers = base.model.layers[self.shard.start_layer : self.shard.end_layer + 1]
-        with self.model.placed(caches, transposed):
-            for layer in layers:
-                h = layer(h, attention_mask=mask, position_ids=ctx.positions, use_cache=True,
-                          position_embeddings=rope, **{self._cache_arg: caches})
-                self._layer_done(h)
-        return h
+        return TorchShard(shard, tokenizer, model, self.device)
 
     async def load_checkpoint(self, shard: Shard, path: str | Path) -> None:
         """Load weights (safetensors, Hugging Face names) over the shard's layers; other names are ignored."""

@@ -1,4 +1,5 @@
-"""One worker thread for all of an engine's array work, cleaned up before it exits.
+"""One worker thread for all of an engine's array work, cleaned up before it exits, and the
+passes queued or running on it, each cancellable from any thread (``PassWorker``).
 
 exo's engines run their MLX work on a ``ThreadPoolExecutor(max_workers=1)``. MLX
 0.32 gives each thread its own streams and asks that a thread call
@@ -10,10 +11,14 @@ code on exit, so this single-thread executor does, via ``on_exit``.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import queue
 import threading
 from concurrent.futures import Executor, Future
 from typing import Callable
+
+from ..core.limits import CancelToken
 
 
 class WorkerThread(Executor):
@@ -71,3 +76,37 @@ class WorkerThread(Executor):
             self._thread.join(timeout)
             return not self._thread.is_alive()
         return True
+
+
+class PassWorker:
+    """An engine's worker thread, and the passes on it: each gets a ``CancelToken``, cancelled when
+    its caller stops awaiting it (a gRPC deadline, a cancelled task) or by ``cancel_all``."""
+
+    def __init__(self, name: str, on_exit: Callable[[], None] | None = None):
+        self._thread = WorkerThread(name, on_exit)
+        self._passes: set[CancelToken] = set()  # queued or running
+
+    async def run(self, fn, *args):
+        """``fn(*args)`` on the worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(fn, *args))
+
+    async def run_pass(self, fn, *args):
+        """``fn(*args, check)`` on the worker; ``check()`` raises ``Cancelled`` once the pass is cancelled."""
+        token = CancelToken()
+        self._passes.add(token)
+        try:
+            return await self.run(fn, *args, token.check)
+        except asyncio.CancelledError:
+            token.cancel("the caller gave up on the pass (deadline or cancellation)")
+            raise
+        finally:
+            self._passes.discard(token)
+
+    def cancel_all(self, reason: str) -> None:
+        """Every queued or running pass stops at its next check (any thread)."""
+        for token in list(self._passes):
+            token.cancel(reason)
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop after the work queued so far; False if the thread was still busy after ``timeout`` s."""
+        return self._thread.shutdown(timeout=timeout)

@@ -2,8 +2,8 @@
 
 ``Shard`` and ``InferenceEngine`` mirror exo 0.0.x's contract;
 ``MedusaMLXInferenceEngine`` runs one shard on MLX; ``MedusaTorchInferenceEngine``
-(imported on first use) on PyTorch. ``state`` holds the ring protocol,
-``ring.run_ring`` an in-process ring, ``registry.register_with_exo`` the exo hookup,
+(imported on first use) on PyTorch (both from ``engine/``, whose ``protocol`` holds the ring
+protocol); ``run_ring`` an in-process ring, ``registry.register_with_exo`` the exo hookup,
 ``install()`` the hookup with Medusa (``mlx_medusa exo`` runs exo's node after it).
 """
 

@@ -3,10 +3,12 @@
 - ``process_prompt``: a node holding one of our engines starts our protocol: the first
   pass's state gets ``state.initial_state`` (sampling at the node's ``--default-temp``).
 - ``process_inference_result``: on the shard holding the last layer, a pass in our
-  protocol emits its tokens through ``node_hook.process_result`` (several per pass, cut at
-  EOS and ``--max-generate-tokens``), hands exo's API and the peers only the tokens new in
-  this pass, in pass order (exo's API appends whatever it receives), and forwards the next pass's input
-  with its state to the first shard. Every other pass runs exo's own code.
+  protocol goes to the request's ring loop (``engine.ring_loop.ring_steps``, the loop every
+  driver shares; here its transport is exo's ``forward_tensor`` and the pass coming back
+  round): it emits the pass's tokens (several per pass, cut at EOS and
+  ``--max-generate-tokens``), hands exo's API and the peers only the tokens new in this
+  pass, in pass order (exo's API appends whatever it receives), and forwards the next
+  pass's input with its state to the first shard. Every other pass runs exo's own code.
 - ``start``: every node frees a request's caches when it finishes (its own result or a
   peer's broadcast); the last node prints one line per request: tokens, ring passes,
   tokens per pass.
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import traceback
 
 import numpy as np
 
 from ..engine import protocol as st
 from ..core.tokens import eos_ids
-from ..engine.results import on_request_finished, process_result
+from ..engine.results import on_request_finished
+from ..engine.ring_loop import ring_steps
 
 MARK = "__exo_medusa_hook__"
 ON_TOKEN = "exo-medusa-free-caches"  # the node's on_token callback name
@@ -66,28 +70,58 @@ def _free_on_finish(node, request_id: str, tokens, is_finished: bool) -> None:
 
 
 async def medusa_result(node, shard, result: np.ndarray, request_id: str, inference_state: dict) -> np.ndarray:
-    """The last shard's pass in our protocol: emit, broadcast what is new, forward the next pass."""
+    """The last shard's pass in our protocol, handed to the request's ring loop: a request's first
+    pass starts one (``_drive``), a later one answers the loop's ``send``. Returns the tokens so far."""
+    waiting = node.__dict__.setdefault("_medusa_waiting", {})
+    reply = waiting.pop(request_id, None)
+    if reply is None:
+        _spawn(node, _drive(node, shard, request_id, (result, inference_state)))
+    elif not reply.done():
+        reply.set_result((result, inference_state))
+    return np.array(node.buffered_token_output.setdefault(request_id, ([], False))[0])
+
+
+async def _send(node, shard, request_id: str, x: np.ndarray, state: dict):
+    """The ring loop's transport on exo's node: forward the pass to the first shard, then wait
+    until it comes back round to this node (``medusa_result``)."""
+    reply = asyncio.get_running_loop().create_future()
+    waiting = node.__dict__.setdefault("_medusa_waiting", {})
+    waiting[request_id] = reply
+    try:
+        await node.forward_tensor(shard, x, request_id, node.get_partition_index(offset=1), state)
+    except BaseException:
+        waiting.pop(request_id, None)
+        raise
+    return await reply
+
+
+async def _drive(node, shard, request_id: str, first: tuple) -> None:
+    """One request's ring loop on the node holding the last layer: emit each pass's tokens (several per
+    pass, cut at EOS and ``--max-generate-tokens``), hand exo's API and the peers only the new ones,
+    in pass order (exo's API appends whatever it receives), and forward the next pass."""
     engine = node.inference_engine
     buffered = node.buffered_token_output.setdefault(request_id, ([], False))[0]
-    step = await process_result(engine, result, inference_state, n_generated=len(buffered),
-                                max_tokens=node.max_generate_tokens, eos_token_id=eos_ids(engine.tokenizer),
-                                temp=node.default_sample_temperature)
-    buffered.extend(step.tokens)
-    stats = node.__dict__.setdefault("_medusa_passes", {})
-    stats[request_id] = stats.get(request_id, 0) + 1
-    node.trigger_on_token_callbacks(request_id, step.tokens, step.finished)
-    _broadcast_in_order(node, request_id, step.tokens, step.finished)
-    if step.finished:
-        node.buffered_token_output[request_id] = (buffered, True)
+    send = functools.partial(_send, node, shard, request_id)
+    passes = 0
+    try:
+        async for step in ring_steps(send, first, max_tokens=node.max_generate_tokens,
+                                     eos=eos_ids(engine.tokenizer), engine=engine,
+                                     temp=node.default_sample_temperature):
+            passes += 1
+            buffered.extend(step.tokens)
+            if not step.finished:
+                node.outstanding_requests[request_id] = "waiting"
+            node.trigger_on_token_callbacks(request_id, step.tokens, step.finished)
+            _broadcast_in_order(node, request_id, step.tokens, step.finished)
+    except Exception:  # noqa: BLE001 - as exo's node does with a failed pass: say so, drop the request
+        # (A pass that fails on a node is reported there by exo and never comes back: its loop waits.)
+        traceback.print_exc()
         node.outstanding_requests.pop(request_id, None)
-        passes = stats.pop(request_id)
-        print(f"{LOG_PREFIX} request {request_id}: {len(buffered)} tokens in {passes} ring passes "
-              f"({len(buffered) / passes:.2f} per pass)", flush=True)
-    else:
-        node.outstanding_requests[request_id] = "waiting"
-        _spawn(node, node.forward_tensor(shard, step.next_input, request_id, node.get_partition_index(offset=1),
-                                         step.next_state))
-    return np.array(buffered)
+        return
+    node.buffered_token_output[request_id] = (buffered, True)
+    node.outstanding_requests.pop(request_id, None)
+    print(f"{LOG_PREFIX} request {request_id}: {len(buffered)} tokens in {passes} ring passes "
+          f"({len(buffered) / passes:.2f} per pass)", flush=True)
 
 
 def _process_prompt(orig):

@@ -1,10 +1,9 @@
-"""Medusa for exo 1.x (MLX distributed runners): ``MedusaBuilder`` and ``MedusaEngine``.
+"""Medusa in exo 1.x (MLX runners): ``install()``, and ``mlx_medusa exo1`` which runs exo after it.
 
-Importing this package imports exo: it runs inside an exo 1.x runner (Python 3.13,
-exo installed). BOOTSTRAP.md shows the lines to change in exo's
-``worker/runner/bootstrap.py``.
+Importing this package imports nothing of exo; ``install()`` and the modules it loads
+(``choose``, ``engine``) run inside exo's environment (Python 3.13, exo installed).
 """
 
-from .engine import MedusaBuilder, MedusaEngine, agree_ids
+from .install import Installation, install
 
-__all__ = ["MedusaBuilder", "MedusaEngine", "agree_ids"]
+__all__ = ["Installation", "install"]

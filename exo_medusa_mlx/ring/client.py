@@ -2,9 +2,10 @@
 
 The client plays exo's node holding the API: it sends the prompt to the first
 node, which forwards along the route; the last shard's ``inference_state``
-comes back, ``node_hook.process_result`` turns it into tokens (cut at EOS and
-``max_tokens``) and the next pass, which goes to the first node again. At the
-end, finished or failed, every node is told to free the request's caches.
+comes back, and the one ring loop (``engine.ring_loop.ring_steps``) turns it into
+tokens (cut at EOS and ``max_tokens``) and the next pass, which goes to the first
+node again: the client gives it only the transport, a gRPC call. At the end,
+finished or failed, every node is told to free the request's caches.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import grpc
 import numpy as np
 
 from ..engine import protocol as st
-from ..engine.results import process_result
+from ..engine.ring_loop import check_ring, ring_steps
 from ..engine.shard import Shard
 from . import node_service_pb2 as pb
 from . import node_service_pb2_grpc as pb_grpc
@@ -93,6 +94,32 @@ class RingResult:
                 "nodes": [vars(t) for t in self.nodes]}
 
 
+@dataclass
+class _Run:
+    """One request's tally as its passes come back."""
+
+    totals: list[NodeTotals]
+    tokens: list[int] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+    prompt_s: float = 0.0
+    compute: float = 0.0  # the nodes' compute, summed over passes
+    sent: int = 0  # passes sent, the prompt's included
+    passes: int = 0  # generation passes after the prompt's
+
+    def add(self, result: pb.PassResult) -> pb.PassResult:
+        """Count a pass and its per-node stats."""
+        self.sent += 1
+        for t, s in zip(self.totals, result.stats):
+            t.passes += 1
+            t.tokens += s.tokens
+            t.compute_s += s.compute_s
+            t.decode_s += s.decode_s
+            t.encode_s += s.encode_s
+        self.compute += sum(s.compute_s for s in result.stats)
+        return result
+
+
 class RingClient:
     """Drives requests through ``nodes`` (in layer order) over gRPC.
 
@@ -107,8 +134,6 @@ class RingClient:
         self.nodes = list(nodes)
         if not self.nodes:
             raise ValueError("the ring has no nodes")
-        from ..engine.ring_loop import check_ring
-
         check_ring([n.shard for n in self.nodes])
         if timeout <= HOP_MARGIN_S * len(self.nodes):
             raise ValueError(f"timeout {timeout} s leaves no time per hop: give more than "
@@ -183,55 +208,42 @@ class RingClient:
         rid = request_id or uuid.uuid4().hex
         eos = None if eos_token_ids is None else [int(i) for i in eos_token_ids]
         state = st.initial_state(temp, top_p, acceptance, seed, medusa)
-        shard0 = proto.shard_to_proto(self.nodes[0].shard)
-        totals = [NodeTotals(n.address, n.backend, n.shard.start_layer, n.shard.end_layer) for n in self.nodes]
-        tokens: list[int] = []
-        compute = prompt_s = 0.0
-        passes = 0
-        loop = asyncio.new_event_loop()  # for node_hook.process_result, which is async
-        t_start = time.perf_counter()
+        run = _Run([NodeTotals(n.address, n.backend, n.shard.start_layer, n.shard.end_layer) for n in self.nodes])
+        loop = asyncio.new_event_loop()  # ring_loop.ring_steps is async; the gRPC calls here block
         try:
-            if isinstance(prompt, str):
-                request = pb.PromptRequest(shard=shard0, prompt=prompt, request_id=rid,
-                                           inference_state=proto.state_to_proto(state), route=self._route())
-                result = self._call("SendPrompt", request)
-                prompt_ids = list(result.prompt_tokens)
-            else:
-                prompt_ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
-                request = pb.TensorRequest(shard=shard0, tensor=proto.tensor_to_proto(np.array([prompt_ids])),
-                                           request_id=rid, inference_state=proto.state_to_proto(state),
-                                           route=self._route())
-                result = self._call("SendTensor", request)
-            while True:
-                if passes == 0:
-                    prompt_s = time.perf_counter() - t_start
-                for t, s in zip(totals, result.stats):
-                    t.passes += 1
-                    t.tokens += s.tokens
-                    t.compute_s += s.compute_s
-                    t.decode_s += s.decode_s
-                    t.encode_s += s.encode_s
-                compute += sum(s.compute_s for s in result.stats)
-                out_state = self._result_state(result)
-                step = loop.run_until_complete(process_result(
-                    None, None, out_state, n_generated=len(tokens), max_tokens=max_tokens, eos_token_id=eos))
-                tokens += step.tokens
-                if on_tokens is not None and step.tokens:
-                    on_tokens(step.tokens)
-                if step.finished:
-                    break
-                passes += 1
-                request = pb.TensorRequest(shard=shard0, tensor=proto.tensor_to_proto(step.next_input),
-                                           request_id=rid, inference_state=proto.state_to_proto(step.next_state),
-                                           route=self._route())
-                result = self._call("SendTensor", request)
+            loop.run_until_complete(self._drive(run, rid, prompt, state, max_tokens, eos, on_tokens))
         finally:
             loop.close()
-            self._finish(rid, tokens)
-        wall = time.perf_counter() - t_start
-        reason = "stop" if eos and tokens and tokens[-1] in eos else "length"
-        return RingResult(tokens, prompt_ids, reason, passes, prompt_s, wall - prompt_s, max(0.0, wall - compute),
-                          totals)
+            self._finish(rid, run.tokens)
+        wall = time.perf_counter() - run.start
+        reason = "stop" if eos and run.tokens and run.tokens[-1] in eos else "length"
+        return RingResult(run.tokens, run.prompt_ids, reason, run.passes, run.prompt_s, wall - run.prompt_s,
+                          max(0.0, wall - run.compute), run.totals)
+
+    async def _drive(self, run: _Run, rid: str, prompt, state: dict, max_tokens: int, eos, on_tokens) -> None:
+        """The request's passes through ``ring_steps``, over gRPC: the first as the prompt, then tensors."""
+        shard0 = proto.shard_to_proto(self.nodes[0].shard)
+
+        async def send(x: np.ndarray, state: dict):
+            request = pb.TensorRequest(shard=shard0, tensor=proto.tensor_to_proto(x), request_id=rid,
+                                       inference_state=proto.state_to_proto(state), route=self._route())
+            return None, self._result_state(run.add(self._call("SendTensor", request)))
+
+        if isinstance(prompt, str):
+            request = pb.PromptRequest(shard=shard0, prompt=prompt, request_id=rid,
+                                       inference_state=proto.state_to_proto(state), route=self._route())
+            result = run.add(self._call("SendPrompt", request))
+            run.prompt_ids = list(result.prompt_tokens)
+            first = None, self._result_state(result)
+        else:
+            run.prompt_ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
+            first = await send(np.array([run.prompt_ids]), state)
+        run.prompt_s = time.perf_counter() - run.start
+        async for step in ring_steps(send, first, max_tokens=max_tokens, eos=eos):
+            run.tokens += step.tokens
+            if on_tokens is not None and step.tokens:
+                on_tokens(step.tokens)
+        run.passes = run.sent - 1
 
     def _result_state(self, result: pb.PassResult) -> dict:
         last = self.nodes[-1]

@@ -27,7 +27,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="mlx", help="comma-separated backend per node (one name: all nodes)")
     p.add_argument("--model", default=DEFAULT_MODEL_ID, help="model id or local Hugging Face folder")
     p.add_argument("--heads", default=None, help="Medusa heads folder (default: the model's shipped heads)")
-    p.add_argument("--tree", default=None, help="tree preset, JSON file or choices")
+    p.add_argument("--tree", default=None, help="tree preset, JSON file, choices or dynamic[:N]")
     p.add_argument("--prompt", "-p", default="Hello", help="message to the model ('-' reads stdin)")
     p.add_argument("--ignore-chat-template", action="store_true", help="use the raw prompt without the chat template")
     p.add_argument("--system-prompt", default=None)

@@ -257,7 +257,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port, default=0, help="port (0: any free one; the ready line gives it)")
     p.add_argument("--model", default=DEFAULT_MODEL_ID, help="model id or local Hugging Face folder")
     p.add_argument("--heads", default=None, help="Medusa heads folder (the last shard uses them)")
-    p.add_argument("--tree", default=None, help="tree preset, JSON file or choices (default: the heads' tuned tree)")
+    p.add_argument("--tree", default=None, help="tree preset, JSON file, choices or dynamic[:N] (default: the heads' tuned tree)")
     p.add_argument("--start-layer", type=non_negative_int, default=0)
     p.add_argument("--end-layer", type=non_negative_int, default=None, help="inclusive (default: the last layer)")
     p.add_argument("--max-kv-size", type=kv_window, default=None, help="committed KV window per request (rotating)")

@@ -10,6 +10,7 @@ from typing import Callable
 
 from .. import backends
 from ..cli_args import KV_WINDOW, NON_NEGATIVE, NON_NEGATIVE_INT, PORT, POSITIVE, POSITIVE_INT, PROBABILITY
+from ..core.dynamic import DynamicTree
 from ..core.generation import stream_generate
 
 API_KEY_ENV = "MLX_MEDUSA_API_KEY"
@@ -26,7 +27,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="Local Hugging Face folder or repo id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--heads", default=None,
                    help="Medusa heads folder or file (default: shipped heads of the default model)")
-    p.add_argument("--tree", default=None, help="Tree preset (cpu-4..cpu-16, chain-N, mc_sim_7b_63) or JSON file")
+    p.add_argument("--tree", default=None,
+                   help="Tree preset (cpu-4..cpu-16, chain-N, mc_sim_7b_63), JSON file, dynamic[:N] (chosen every "
+                        "step, at most N nodes), or best:N (the heads' best static tree of N nodes)")
     p.add_argument("--no-medusa", action="store_true", help="Plain decoding through the same code")
     p.add_argument("--host", default="127.0.0.1",
                    help="Address to bind (default 127.0.0.1; 0.0.0.0 serves the network)")
@@ -95,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(args.model or DEFAULT_MODEL_ID, args.api_key, args.max_body_bytes, args.max_tokens,
                         args.temp, args.top_p, args.allowed_origins)
     model = scheduler.model
-    medusa = "off" if args.no_medusa or model.heads is None else f"{model.tree.size}-node tree"
+    medusa = ("off" if args.no_medusa or model.heads is None else
+              f"dynamic tree of at most {model.tree.size} nodes" if isinstance(model.tree, DynamicTree)
+              else f"{model.tree.size}-node tree")
     logging.getLogger(__name__).info("serving %s (Medusa: %s) on http://%s:%d", settings.model_id, medusa,
                                      args.host, args.port)
     try:

@@ -20,7 +20,7 @@ from ..cli_args import NON_NEGATIVE_INT, POSITIVE
 from ..core.limits import Cancelled
 from ..engine.worker import WorkerThread
 from .schema import APIError
-from .stops import StopMatcher
+from ..core.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 

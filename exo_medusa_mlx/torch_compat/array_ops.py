@@ -11,6 +11,13 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(logits, k, dim=-1, sorted=True).indices
 
 
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``topk_ids`` and the log-softmax of ``logits`` there: (..., V) -> (..., k), (..., k)."""
+    z = logits.float()
+    top = torch.topk(z, k, dim=-1, sorted=True)
+    return top.indices, top.values - torch.logsumexp(z, dim=-1, keepdim=True)
+
+
 def to_numpy(a: torch.Tensor) -> np.ndarray:
     a = a.detach()
     return (a.float() if a.dtype in (torch.bfloat16, torch.float16) else a).cpu().numpy()
@@ -18,6 +25,7 @@ def to_numpy(a: torch.Tensor) -> np.ndarray:
 
 class TorchOps:
     topk = staticmethod(topk_ids)
+    top_logprobs = staticmethod(top_logprobs)
 
     @staticmethod
     def stack(xs: list, axis: int = 0) -> torch.Tensor:

@@ -12,6 +12,9 @@ into their slots in every layer.
 Static mode (``static.py``, what a CUDA graph replays) sets ``ctx.write``: the
 layers then write the new keys/values at those slots of fixed-size buffers and
 attention sees all of them (the mask hides the unused ones).
+
+``BatchContext`` drives the same layers for B sequences at once
+(``core/batch_slots.py``): ``position_ids`` (B, T), a mask (B, 1, T, S), per-row commits.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..core.batch_slots import BatchSlots
 from ..core.slots import DEFAULT_KEEP, CommitPlan, SlotMap
 
-__all__ = ["DEFAULT_KEEP", "CacheContext", "MedusaCache", "MedusaKVLayer", "make_cache", "staged", "to_device"]
+__all__ = ["DEFAULT_KEEP", "BatchContext", "CacheContext", "MedusaCache", "MedusaKVLayer", "make_batch_cache",
+           "make_cache", "staged", "to_device"]
 
 
 def staged(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -75,13 +80,6 @@ class CacheContext(SlotMap):
         else:
             self.mask = additive(to_device(self.dense(plan.mask, T), self.device), self.dtype)[None, None]
 
-    def dense(self, mask, T: int) -> np.ndarray:
-        """(T, used+T) bool from a plan's mask (an array, "causal" or None)."""
-        if isinstance(mask, np.ndarray):
-            return mask
-        new = np.tri(T, dtype=bool)  # "causal", or None when T == 1
-        return np.concatenate([np.ones((T, self.used), dtype=bool), new], axis=1)
-
     @torch.inference_mode()
     def commit(self, caches, nodes) -> None:
         """Keep the accepted ``nodes`` of the last forward in every layer's cache: one copy of
@@ -92,6 +90,59 @@ class CacheContext(SlotMap):
             for c in caches:
                 c.gather(src, dst)
         self.apply_commit(plan)
+
+
+class BatchContext(BatchSlots):
+    """The rows of a batch plus the torch mask and positions of the forward in flight."""
+
+    write = None  # never static: ``MedusaKVLayer`` writes at the scratch column
+
+    def __init__(self, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.device, self.dtype = torch.device(device), dtype
+        self.mask: torch.Tensor | None = None  # (B, 1, T, used+T), additive
+        self.positions: torch.Tensor | None = None  # (B, T) int64
+
+    def begin(self, trees: list) -> None:
+        """Prepare the forward of each row's tree (``TreeBuffers``), padded to the largest."""
+        plan = self.plan_forward([(t.depths, t.mask) for t in trees])
+        self.positions = to_device(plan.positions, self.device)
+        if plan.mask is None:
+            self.mask = None
+            return
+        T = plan.positions.shape[1]
+        dense = plan.mask if isinstance(plan.mask, np.ndarray) else np.stack([r.dense(plan.mask, T) for r in self.rows])
+        self.mask = additive(to_device(dense, self.device), self.dtype)[:, None]
+
+    @torch.inference_mode()
+    def commit(self, caches, nodes: list) -> None:
+        """Keep each row's accepted ``nodes`` of the last forward in every layer's cache."""
+        plan = self.plan_commit(nodes)
+        if len(self.rows) == 1:
+            one = plan.plans[0]
+            if not one.identity:
+                src, dst = commit_indices(one, self.device)
+                for c in caches:
+                    c.gather(src, dst)
+        elif plan.src is not None:
+            src, dst = to_device(plan.src, self.device), to_device(plan.dst, self.device)
+            for c in caches:
+                c.gather_rows(src, dst)
+        self.apply_commit(plan)
+
+    @torch.inference_mode()
+    def join(self, caches, row: SlotMap, row_caches) -> None:
+        """Add a sequence (its slot map and single-sequence caches, after its prefill) as the last row."""
+        for c, r in zip(caches, row_caches):
+            c.add_rows(r)
+        self.add_row(row)
+
+    @torch.inference_mode()
+    def leave(self, caches, keep: list[int]) -> None:
+        """Keep only the rows ``keep`` (in that order)."""
+        for c in caches:
+            c.select_rows(keep)
+        self.keep_rows(keep)
 
 
 class MedusaKVLayer(CacheLayerMixin):
@@ -146,6 +197,34 @@ class MedusaKVLayer(CacheLayerMixin):
         self.keys.index_copy_(2, dst, self.keys.index_select(2, src))
         self.values.index_copy_(2, dst, self.values.index_select(2, src))
 
+    def gather_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy columns ``src`` to ``dst``, each (B, n), row by row (gather copies first)."""
+        if self.keys is None:
+            return
+        for a in (self.keys, self.values):
+            shape = (*a.shape[:2], src.shape[1], a.shape[3])  # (B, H, n, D)
+            a.scatter_(2, dst[:, None, :, None].expand(shape), a.gather(2, src[:, None, :, None].expand(shape)))
+
+    def add_rows(self, other: "MedusaKVLayer") -> None:
+        """Append ``other``'s rows; the shorter buffer is padded with zeros (finite: holes are masked)."""
+        if self.keys is None:
+            self.keys, self.values = other.keys, other.values
+            self.device, self.is_initialized = other.device, True
+            return
+        size = max(self.keys.shape[2], other.keys.shape[2])
+        pad = lambda a: torch.nn.functional.pad(a, (0, 0, 0, size - a.shape[2]))  # noqa: E731
+        self.keys = torch.cat([pad(self.keys), pad(other.keys)])
+        self.values = torch.cat([pad(self.values), pad(other.values)])
+
+    def select_rows(self, keep: list[int]) -> None:
+        if self.keys is None:
+            return
+        if not keep:
+            self.keys = self.values = None
+            return
+        idx = torch.as_tensor(keep, dtype=torch.long, device=self.keys.device)
+        self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.ctx.used + query_length, 0
 
@@ -175,4 +254,10 @@ def make_cache(num_layers: int, max_kv_size: int | None = None, keep: int = DEFA
                **kwargs) -> tuple[CacheContext, MedusaCache]:
     """Per-layer caches sharing one context (``kwargs`` as ``CacheContext``). Returns (context, caches)."""
     ctx = CacheContext(max_kv_size, keep, **kwargs)
+    return ctx, MedusaCache(ctx, num_layers)
+
+
+def make_batch_cache(num_layers: int, **kwargs) -> tuple[BatchContext, MedusaCache]:
+    """Per-layer caches for a batch, empty until sequences join (``kwargs`` as ``BatchContext``)."""
+    ctx = BatchContext(**kwargs)
     return ctx, MedusaCache(ctx, num_layers)

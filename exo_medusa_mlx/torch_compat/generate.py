@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.batch_generation import BatchGenerator, batch_generate  # noqa: F401  (mlx-lm's names)
 from ..core.generation import GenerationResponse, generate, stream_generate  # noqa: F401  (mlx-lm's names)
 
 

@@ -4,7 +4,9 @@ A decode step runs hundreds of small kernels; on a GPU their launch cost, not th
 math, sets the speed at batch 1. Over the static cache every verify step of a
 tree has the same shapes and tensor addresses, and its step data is computed on
 the device from one buffer, so the forward, the mask and the read are captured
-once and replayed. The graph is re-captured only when the static cache is resized.
+once and replayed (one graph per tree size: a dynamic plan's trees come in a few
+sizes, their depths and mask refilled in place). The graphs are re-captured only
+when the static cache is resized.
 """
 
 from __future__ import annotations
@@ -39,32 +41,33 @@ class GraphedVerifier(StaticVerifier):
 
     device_type = "cuda"  # where ``capture`` works
 
-    def __init__(self, model, ctx, caches, tree, policy):
+    def __init__(self, model, ctx, caches, plan, policy):
         if model.device.type != self.device_type:
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}; use the eager path")
-        super().__init__(model, ctx, caches, tree, policy)
-        self.replay = None
+        super().__init__(model, ctx, caches, plan, policy)
+        self.replays: dict[int, object] = {}  # per tree size: a dynamic plan's trees come in a few
         self.failed = False
 
     def fit(self) -> bool:
         resized = super().fit()
         if resized:
-            self.replay = None  # the buffers moved: capture again
+            self.replays.clear()  # the buffers moved: capture again
         return resized
 
     @torch.inference_mode()
     def _launch(self) -> tuple:
         if self.failed:
             return self._run()
-        if self.replay is None:
+        replay = self.replays.get(self.steps.T)
+        if replay is None:
             try:  # the warm-up runs write only the scratch region: nothing committed changes
-                self.replay = capture(self._run)
+                replay = self.replays[self.steps.T] = capture(self._run)
             except RuntimeError as e:  # an op the graph cannot hold: stay correct, run eager
                 warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", RuntimeWarning, stacklevel=2)
                 self.failed = True
                 torch.cuda.synchronize()
                 return self._run()
-        return self.replay()
+        return replay()
 
 
 def fast_verifier(device: torch.device, fast_path: bool | None) -> type[StaticVerifier] | None:

@@ -34,7 +34,7 @@ def load(model: str | None = None, heads: str | Path | None = None, tree=None,
         model: local Hugging Face folder or repo id; None for the embedded default model.
         heads: Medusa heads folder or file; None for the heads shipped with the default
             model (if any). Without heads, decoding is plain.
-        tree: preset name, JSON file or choices; None for the heads' tuned tree (``tree.torch.json``,
+        tree: preset name, JSON file, choices or ``dynamic[:N]``; None for the heads' tuned tree (``tree.torch.json``,
             else ``tree.json``) when it was tuned on this machine, else the tree a few-second probe
             of this machine picks from the heads' recorded accuracies (``core.latency.fit_to_machine``).
         dtype: weights' dtype (or its name); default float32 on CPU, bfloat16 on CUDA.

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..core.base import MedusaBase, swapped_class
 from .array_ops import TorchOps
 from .heads import MedusaHeads, load_heads
-from .cache import DEFAULT_KEEP, CacheContext, MedusaCache, make_cache
+from .cache import DEFAULT_KEEP, BatchContext, CacheContext, MedusaCache, make_batch_cache, make_cache
 
 # Families whose attention takes the 4D mask and position_ids as given and whose
 # ``model.model`` returns normed hidden states: checked by tests.
@@ -144,6 +144,9 @@ class MedusaModel(MedusaBase):
         return make_cache(self.num_layers, max_kv_size, keep, device=self.device, dtype=self.dtype,
                           implicit_causal=self.base.config._attn_implementation == "sdpa")
 
+    def make_batch_cache(self) -> tuple[BatchContext, MedusaCache]:
+        return make_batch_cache(self.num_layers, device=self.device, dtype=self.dtype)
+
     def transposes(self, rows: int) -> bool:
         """Whether ``rows_product`` pays for ``rows`` rows: 2-64 of them, on a CPU (unless turned off)."""
         return self.rows_product and transposes(rows, self.device)
@@ -155,13 +158,16 @@ class MedusaModel(MedusaBase):
 
     @torch.inference_mode()
     def hidden(self, tokens, caches: MedusaCache, transposed: bool = False) -> torch.Tensor:
-        """Normed last hidden states (T, H) of ``tokens`` (T,), for the forward ``caches.ctx`` began."""
+        """Normed last hidden states (T, H) of ``tokens`` (T,), or (B, T, H) of a batch's (B, T), for the
+        forward ``caches.ctx`` began."""
         ctx = caches.ctx
         tokens = torch.as_tensor(tokens if torch.is_tensor(tokens) else np.asarray(tokens), dtype=torch.long)
+        one = tokens.ndim == 1
         with self.placed(caches, transposed):
-            out = self.base.model(input_ids=tokens.to(self.device).view(1, -1), attention_mask=ctx.mask,
-                                  position_ids=ctx.positions, use_cache=True, **{self._cache_arg: caches})
-        return out.last_hidden_state[0]
+            out = self.base.model(input_ids=tokens.to(self.device).view(1, -1) if one else tokens.to(self.device),
+                                  attention_mask=ctx.mask, position_ids=ctx.positions, use_cache=True,
+                                  **{self._cache_arg: caches})
+        return out.last_hidden_state[0] if one else out.last_hidden_state
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -180,8 +186,8 @@ class MedusaModel(MedusaBase):
 
     # Inference mode (no autograd bookkeeping) for the neutral methods that run the heads.
     @torch.inference_mode()
-    def propose(self, h, depth, k):
-        return super().propose(h, depth, k)
+    def propose(self, h, depth, k, logprobs=False):
+        return super().propose(h, depth, k, logprobs)
 
     @torch.inference_mode()
     def project(self, h, depth=None):
@@ -191,12 +197,14 @@ class MedusaModel(MedusaBase):
     def propose_tree(self, h, tree):
         return super().propose_tree(h, tree)
 
-    def verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
+    @torch.inference_mode()
+    def propose_scored(self, h, plan):
+        return super().propose_scored(h, plan)
+
+    def fast_verifier(self, ctx, caches, tree, policy, fast_path: bool | None = None):
         """The fast path (``graphs.fast_verifier``): on CUDA the static step replayed from a CUDA
         graph; on a CPU when asked (``fast_path=True``), the same static step run eagerly."""
         from .graphs import fast_verifier
 
         cls = fast_verifier(self.device, fast_path)
-        if cls is not None:
-            return cls(self, ctx, caches, tree, policy)
-        return super().verifier(ctx, caches, tree, policy, fast_path)
+        return None if cls is None else cls(self, ctx, caches, tree, policy)

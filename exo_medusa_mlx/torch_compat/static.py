@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.step import Verified, Verifier, read_arrays
+from ..core.step import Sequence, Verified, Verifier, read_arrays
 from ..core.tree import TreeBuffers
 from .cache import CacheContext, MedusaCache, additive, commit_indices, staged
 
@@ -63,12 +63,16 @@ class StaticKV:
 
 
 class DeviceSteps:
-    """A fixed tree's step data on the device: positions, write slots and mask from the committed length."""
+    """A T-node tree's step data on the device: positions, write slots and mask from the committed length.
+
+    The tree's depths and mask sit in buffers of fixed address: ``set_tree`` refills them when
+    a dynamic plan's next tree of the same size differs."""
 
     def __init__(self, ctx: CacheContext, tree: TreeBuffers, device: torch.device, dtype: torch.dtype):
         self.ctx, self.T, self.device, self.dtype = ctx, tree.size, device, dtype
-        self.depths = torch.as_tensor(tree.depths, dtype=torch.long, device=device)  # (T,)
-        self.tree_mask = torch.as_tensor(tree.mask, device=device)  # (T, T) bool
+        self.depths = torch.as_tensor(tree.depths, dtype=torch.long, device=device).clone()  # (T,)
+        self.tree_mask = torch.as_tensor(tree.mask, device=device).clone()  # (T, T) bool
+        self.tree = tree
         self.nodes = torch.arange(self.T, device=device)
         self.inputs = torch.zeros(1 + self.T, dtype=torch.long, device=device)  # [committed, tokens]: fixed address
         self.tokens = self.inputs[1:]
@@ -76,6 +80,16 @@ class DeviceSteps:
 
     def resize(self, S: int) -> None:
         self.slots = torch.arange(S, device=self.device)
+
+    def set_tree(self, tree: TreeBuffers) -> None:
+        """Lay out the next steps as ``tree`` (of this size), without blocking the host."""
+        if tree is self.tree:
+            return
+        if tree.size != self.T:
+            raise ValueError(f"a {tree.size}-node tree does not fit step data for {self.T} nodes")
+        self.depths.copy_(staged(tree.depths.astype(np.int64), self.device), non_blocking=True)
+        self.tree_mask.copy_(staged(tree.mask, self.device), non_blocking=True)
+        self.tree = tree
 
     def send(self, tokens: np.ndarray) -> None:
         """The step's one host-to-device copy, not blocking the host: the committed length and the tokens."""
@@ -113,30 +127,39 @@ class StaticVerifier(Verifier):
     """The step's verifier over a static cache with device-side step data, run eagerly (any device).
 
     ``GraphedVerifier`` replays ``_run`` from a CUDA graph. The prefill ran with the
-    dynamic cache; the first verify moves it into the static buffers.
+    dynamic cache; the first verify moves it into the static buffers. A dynamic plan's
+    trees come in a few sizes (``DynamicTree.sizes``): step data (and a graph) per size.
     """
 
-    def __init__(self, model, ctx: CacheContext, caches: MedusaCache, tree: TreeBuffers, policy):
-        super().__init__(model, ctx, caches, tree, policy)
+    def __init__(self, model, ctx: CacheContext, caches: MedusaCache, plan, policy):
+        super().__init__(model, ctx, caches, plan, policy)
         self.kv = StaticKV(caches)
-        self.steps = DeviceSteps(ctx, tree, model.device, model.dtype)
+        self.by_size: dict[int, DeviceSteps] = {}
+        self.steps: DeviceSteps | None = None  # the step in flight's
 
     def fit(self) -> bool:
-        """Size the static cache for the next verify; True when it was (re)sized."""
-        if self.kv.size is not None and self.ctx.used + self.tree.size <= self.kv.size:
+        """Size the static cache for the next verify (room for the plan's largest tree); True when it was (re)sized."""
+        if self.kv.size is not None and self.ctx.used + self.plan.size <= self.kv.size:
             return False
-        S = static_size(self.ctx, self.tree.size)
+        S = static_size(self.ctx, self.plan.size)
         self.kv.resize(S)
-        self.steps.resize(S)
+        for steps in self.by_size.values():
+            steps.resize(S)
         return True
 
-    def verify(self, tokens: np.ndarray) -> Verified:
-        return Verified(*self.model.to_numpy(*self.launch(tokens)))  # the step's one wait: the verdict
+    def verify(self, nxt: Sequence) -> Verified:
+        return Verified(*self.model.to_numpy(*self.launch(nxt)))  # the step's one wait: the verdict
 
-    def launch(self, tokens: np.ndarray) -> tuple:
+    def launch(self, nxt: Sequence) -> tuple:
         """A verify up to its outputs on the device; the host does not wait for the device here."""
         self.fit()
-        self.steps.send(tokens)
+        steps = self.by_size.get(nxt.tree.size)
+        if steps is None:
+            steps = self.by_size[nxt.tree.size] = DeviceSteps(self.ctx, nxt.tree, self.model.device, self.model.dtype)
+            steps.resize(self.kv.size)
+        steps.set_tree(nxt.tree)
+        steps.send(nxt.tokens)
+        self.steps = steps
         return self._launch()
 
     def _launch(self) -> tuple:
@@ -145,9 +168,10 @@ class StaticVerifier(Verifier):
     @torch.inference_mode()
     def _run(self) -> tuple:
         """The verify forward and its read, as device arrays; reads no host value that changes per step."""
-        self.steps.derive()
-        h = self.model.hidden(self.steps.tokens, self.caches, transposed=self.model.transposes(self.tree.size))
-        return read_arrays(self.model, h, self.tree, self.policy.needs_logits)
+        steps = self.steps
+        steps.derive()
+        h = self.model.hidden(steps.tokens, self.caches, transposed=self.model.transposes(steps.T))
+        return read_arrays(self.model, h, self.plan, self.policy.needs_logits)
 
     @torch.inference_mode()
     def commit(self, nodes: np.ndarray) -> None:

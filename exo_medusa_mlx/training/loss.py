@@ -61,7 +61,20 @@ def loss_fn(heads: MedusaHeads, lm_head, h, targets, teacher_ids=None, teacher_p
 def target_ranks(heads: MedusaHeads, lm_head, h: mx.array, targets: mx.array, embeds: list | None = None,
                  draft=None) -> mx.array:
     """Rank of each target among its head's logits (0 = top-1; -1 where no target). (B, K)."""
+    return _ranks(head_logits(heads, lm_head, h, embeds, draft).astype(mx.float32), targets)
+
+
+def ranks_and_logprobs(heads: MedusaHeads, lm_head, h: mx.array, targets: mx.array, embeds: list | None = None,
+                       draft=None, k: int = 10) -> tuple[mx.array, mx.array]:
+    """``target_ranks`` (B, K), and each head's log-probabilities of its top-``k`` guesses (B, K, k):
+    what a dynamic tree's calibration is fitted on (``core.dynamic.fit_calibration``)."""
+    from ..array_ops import top_logprobs
+
     logits = head_logits(heads, lm_head, h, embeds, draft).astype(mx.float32)  # (K, B, V)
+    return _ranks(logits, targets), top_logprobs(logits, k)[1].transpose(1, 0, 2)
+
+
+def _ranks(logits: mx.array, targets: mx.array) -> mx.array:
     t = targets.T
     tl = mx.take_along_axis(logits, mx.maximum(t, 0)[..., None], axis=-1)
     rank = mx.where(tl[..., 0] > -mx.inf, (logits > tl).sum(-1), logits.shape[-1])  # outside a draft: never

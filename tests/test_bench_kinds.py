@@ -1,5 +1,6 @@
 """``mlx_medusa bench --suite kinds``: per-kind arithmetic and outputs, and one run on a tiny model
-with one prompt per kind and two trees against the same plain run."""
+with one prompt per kind and four trees (the tuned one, a preset, dynamic:N, best:N) against the
+same plain run."""
 
 import json
 
@@ -44,7 +45,11 @@ def tiny(tmp_path_factory):
     from test_exo_engine import tiny_base as tiny_base4
     from tiny import random_heads
 
+    from exo_medusa_mlx.core.tree import save_tree
+
     folder = save_hf_folder(tmp_path_factory.mktemp("model"), "llama", tiny_base4("llama"), random_heads(3))
+    # A tuned tree file as mlx_medusa tune writes it: best:N takes its longest tree's first N-1 paths.
+    save_tree(folder / "medusa" / "tree.json", [[0], [1], [0, 0]], max_nodes_choices=[[0], [0, 0], [1], [2]])
     prompts = {k: [" ".join(f"t{4 + (i * 7 + j) % 90}" for j in range(6 + 3 * i))] for i, k in enumerate(KINDS)}
     prompts["chat"] = [[{"role": "user", "content": "t5 t6 t7"}, {"role": "assistant", "content": "t8 t9"},
                         {"role": "user", "content": "t10 t11 t12"}]]
@@ -58,18 +63,19 @@ def test_suite_kinds_on_a_tiny_model(tiny, tmp_path, monkeypatch):
 
     folder, prompts = tiny
     monkeypatch.setenv("EXO_MEDUSA_CACHE", str(tmp_path / "cache"))  # the held-out answers --accuracy builds
-    out = tmp_path / "out"
+    out, trees = tmp_path / "out", ["default", "chain-2", "dynamic:4", "best:3"]
     main(["--suite", "kinds", "--model", str(folder), "--heads", str(folder / "medusa"), "--prompts", str(prompts),
-          "--trees", "default,chain-2", "--max-tokens", "10", "--accuracy", "--out", str(out)])
+          "--trees", ",".join(trees), "--max-tokens", "10", "--accuracy", "--out", str(out)])
     res = json.loads((out / "kinds.json").read_text())
-    assert list(res["summary"]) == [*KINDS, "all"] and list(res["trees"]) == ["default", "chain-2"]
-    assert res["trees"]["chain-2"]["size"] == 3
+    assert list(res["summary"]) == [*KINDS, "all"] and list(res["trees"]) == trees
+    assert res["trees"]["chain-2"]["size"] == 3 and res["trees"]["best:3"]["choices"] == [[0], [0, 0]]
+    assert res["trees"]["dynamic:4"]["choices"] == "dynamic" and res["trees"]["default"]["size"] == 4
     for kind, s in res["summary"].items():
         assert s["prompts"] == (len(KINDS) if kind == "all" else 1) and s["plain_tps"] > 0
         for t, m in s["trees"].items():  # greedy Medusa is plain decoding, token for token
             assert m["identical"] and m["speedup"] > 0 and m["mean_accepted"] >= 1.0, (kind, t)
     for row in res["prompts"]:
-        assert len(row["runs"][PLAIN]["tokens"]) == 10 and set(row["runs"]) == {PLAIN, "default", "chain-2"}
+        assert len(row["runs"][PLAIN]["tokens"]) == 10 and set(row["runs"]) == {PLAIN, *trees}
     assert set(res["accuracy"]) == set(KINDS)
     assert all(a["rows"] > 0 and len(a["top1"]) == 3 and all(0 <= x <= 1 for x in a["top1"])
                for a in res["accuracy"].values())

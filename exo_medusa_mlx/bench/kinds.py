@@ -103,7 +103,7 @@ def kind_accuracy(model, tokenizer, prompts: dict[str, list], max_tokens: int) -
     opts = TuneOptions(data_max_tokens=max_tokens)
     out = {}
     for kind, ps in prompts.items():
-        ranks = heldout_accuracy(model, tokenizer, opts, ps)
+        ranks, _ = heldout_accuracy(model, tokenizer, opts, ps)  # (rows, K); the log-probabilities are unused
         out[kind] = {"rows": int(len(ranks)), "top1": [round(float(a), 4) for a in topk_accuracy(ranks, 1)[:, 0]]}
     return out
 

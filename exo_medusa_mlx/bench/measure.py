@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..cli_args import fail
+from ..core.dynamic import DynamicTree
 
 
 def machine() -> dict:
@@ -34,8 +35,6 @@ def machine() -> dict:
 def tree_facts(model) -> dict:
     """What a run verifies with: the tree (a dynamic plan: ``choices`` "dynamic", ``size`` its most
     nodes; the runs record the mean size used, ``mean_tree_size``) and the product layout."""
-    from ..core.dynamic import DynamicTree
-
     tree = model.tree
     choices = "dynamic" if isinstance(tree, DynamicTree) else [list(c) for c in tree.choices]
     return {"size": tree.size, "choices": choices, "rows_product": model.rows_product}

@@ -63,8 +63,9 @@ kinds_step() {
     $NICE "$PY" -m exo_medusa_mlx.tune --heads "$RUN/kinds/heads" --prompts exo_medusa_mlx/data/heldout_prompts.json \
         --cache-dir "$RUN/heldout_cache" --max-nodes 16 --min-nodes 2 --num-prompts 8 --max-tokens 128 \
         --output "$RUN/kinds/heads/tree.json"
-    "$PY" -m exo_medusa_mlx.bench.main --suite kinds --accuracy --out "$RUN/kinds/bench_shipped"
-    "$PY" -m exo_medusa_mlx.bench.main --suite kinds --accuracy --heads "$RUN/kinds/heads" --out "$RUN/kinds/bench_new"
+    "$PY" -m exo_medusa_mlx.bench.main --suite kinds --accuracy --trees default,dynamic --out "$RUN/kinds/bench_shipped"
+    "$PY" -m exo_medusa_mlx.bench.main --suite kinds --accuracy --trees default,dynamic --heads "$RUN/kinds/heads" \
+        --out "$RUN/kinds/bench_new"
 }
 if [[ "${KINDS_ONLY:-0}" == 1 ]]; then
     (( KIND_PROMPTS > 0 )) || { echo "KINDS_ONLY=1 needs KIND_PROMPTS=N (e.g. 160)" >&2; exit 1; }

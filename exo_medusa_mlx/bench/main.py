@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,65 +22,14 @@ import numpy as np
 
 from ..cli_args import fail, non_negative_float, positive_int
 from ..training.prompts import bench_prompts
-from ..core.dynamic import DynamicTree
+from .measure import machine, run_mlx_lm, run_ours, save, save_figure, tree_facts, write_results
 
 MLX_METHODS = {"a": "mlx-lm stream_generate", "b": "ours --no-medusa (MLX)", "c": "ours Medusa (MLX)"}
 TORCH_METHODS = {"d": "transformers generate", "e": "transformers prompt lookup", "f": "ours Medusa (torch)"}
+SUITES = ("prompts", "kinds")  # --suite: this module's methods on the bench prompts, or bench/kinds.py
 
 
-def machine() -> dict:
-    import mlx.core as mx
-
-    from .._blas import blas_info
-    from ..core.machine import cpu_name
-
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(), "mlx": mx.__version__,
-            "mlx_device": str(mx.default_device()), "blas": blas_info(), "python": platform.python_version()}
-    try:
-        import torch
-
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
-    except ImportError:
-        pass
-    return info
-
-
-# --- one run of each method: returns tokens and stats --------------------------
-
-def _timed(responses):
-    """Tokens (EOS dropped) and generation tokens/s measured the same way for every
-    method: tokens after the first over the time since the first arrived (mlx-lm's
-    own figure counts the first token too, which flatters short runs)."""
-    toks, last, first, n = [], None, None, 0
-    for last in responses:
-        n += 1
-        if first is None:
-            first = time.perf_counter()
-        if last.finish_reason != "stop":
-            toks.append(last.token)
-    dt = time.perf_counter() - first
-    return toks, last, (n - 1) / dt if n > 1 and dt > 0 else 0.0
-
-
-def _ours(model, tokenizer, ids, max_tokens, medusa, stream, temp=0.0, seed=0):
-    toks, last, tps = _timed(stream(model, tokenizer, ids, max_tokens=max_tokens, medusa=medusa, temp=temp,
-                                    seed=seed))
-    return {"tokens": toks, "generation_tps": tps, "prompt_tps": last.prompt_tps,
-            "mean_accepted": last.mean_accepted, "mean_tree_size": last.mean_tree_size, "steps": last.steps,
-            "peak_memory_gb": last.peak_memory}
-
-
-def _mlx_lm(base, tokenizer, ids, max_tokens, temp=0.0, seed=0):
-    import mlx.core as mx
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    mx.random.seed(seed)
-    toks, last, tps = _timed(stream_generate(base, tokenizer, mx.array(ids), max_tokens=max_tokens,
-                                             sampler=make_sampler(temp)))
-    return {"tokens": toks, "generation_tps": tps, "prompt_tps": last.prompt_tps,
-            "mean_accepted": 1.0, "steps": len(toks), "peak_memory_gb": last.peak_memory}
-
+# --- one run of each method: returns tokens and stats (ours and mlx-lm's: measure.py) --
 
 def _hf(model, ids, max_tokens, eos, lookup: int | None):
     import resource
@@ -137,11 +83,11 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
     from ..default_model import resolve_model_path
 
     path = resolve_model_path(model)
-    trees = {"mlx": _tree_facts(med)}  # what (c) and (f) verify with
+    trees = {"mlx": tree_facts(med)}  # what (c) and (f) verify with
     runners = {  # (a) runs mlx-lm on the same model object: our wrapper leaves it as loaded between calls
-        "a": lambda ids: _mlx_lm(med.base, tokenizer, ids, max_tokens, temp),
-        "b": lambda ids: _ours(med, tokenizer, ids, max_tokens, False, stream_generate, temp),
-        "c": lambda ids: _ours(med, tokenizer, ids, max_tokens, True, stream_generate, temp),
+        "a": lambda ids: run_mlx_lm(med.base, tokenizer, ids, max_tokens, temp),
+        "b": lambda ids: run_ours(med, tokenizer, ids, max_tokens, False, stream_generate, temp),
+        "c": lambda ids: run_ours(med, tokenizer, ids, max_tokens, True, stream_generate, temp),
     }
     notes = []
     if temp > 0:
@@ -161,8 +107,8 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
                 from ..torch_compat import stream_generate as torch_stream
 
                 tmodel, ttok = torch_load(model, heads=heads, tree=tree)
-                runners["f"] = lambda ids: _ours(tmodel, ttok, ids, max_tokens, True, torch_stream)
-                trees["torch"] = _tree_facts(tmodel)
+                runners["f"] = lambda ids: run_ours(tmodel, ttok, ids, max_tokens, True, torch_stream)
+                trees["torch"] = tree_facts(tmodel)
             except ImportError as e:
                 notes.append(f"f skipped: torch Medusa unavailable ({e})")
         except ImportError as e:
@@ -192,17 +138,9 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
         rows.append(row)
     bar.close()
     return {"machine": machine(), "model": str(path), "heads": str(heads or "shipped"), "temp": temp,
-            "tree": _tree_facts(med), "trees": trees,
+            "tree": tree_facts(med), "trees": trees,
             "max_tokens": max_tokens, "methods": {**MLX_METHODS, **TORCH_METHODS}, "order": order,
             "notes": notes, "prompts": rows, "overall": summarize(rows, order)}
-
-
-def _tree_facts(model) -> dict:
-    """What a run verifies with: the tree (a dynamic plan: ``choices`` "dynamic", ``size`` its most
-    nodes; the runs record the mean size used, ``mean_tree_size``) and the product layout."""
-    tree = model.tree
-    choices = "dynamic" if isinstance(tree, DynamicTree) else [list(c) for c in tree.choices]
-    return {"size": tree.size, "choices": choices, "rows_product": model.rows_product}
 
 
 def summarize(rows: list[dict], order: list[str]) -> dict:
@@ -279,48 +217,7 @@ def plot(result: dict, path: Path) -> None:
         ax2.set_xlabel("mean accepted tokens per step (per prompt)")
         ax2.set_title("Medusa (MLX) accepted length")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def _write(path: Path, text: str) -> None:
-    """Whole or not at all: a temporary file beside it, renamed; never left behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        _remove(tmp)
-
-
-def save(path: Path, text: str) -> None:
-    """Write a result file; if that fails, put the text in a temporary file (or on stdout) and
-    exit with one line saying where the results are (a run is minutes of measuring)."""
-    try:
-        _write(path, text)
-        return
-    except OSError as e:
-        why = e.strerror or str(e)
-    try:
-        fd, spare = tempfile.mkstemp(prefix=f"mlx_medusa-{path.stem}-", suffix=path.suffix)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    except OSError:
-        print(text)
-        fail(f"cannot write {path} ({why}); the results are printed above")
-    fail(f"cannot write {path} ({why}); the results are in {spare}")
+    save_figure(fig, path)
 
 
 def latency_curve(model=None, ns=(1, 2, 4, 8, 16, 32, 64, 128), cache_len=256, repeats=5, torch_side=True) -> dict:
@@ -387,6 +284,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", action="store_true", help="Latency-curve mode: one forward of N tokens over a cache")
     p.add_argument("--cache-len", type=positive_int, default=256)
     p.add_argument("--out", default="runs/bench", help="Folder for bench.json, bench.md, bench.png")
+    p.add_argument("--suite", choices=SUITES, default=SUITES[0],
+                   help="prompts: methods a-f on the bench prompts (these options); kinds: Medusa per task kind on "
+                        "held-out prompts (--suite kinds --help)")
     p.add_argument("--distributed", action="store_true",
                    help="Medusa on/off over 1, 2, 3 loopback ranks of MLX distributed (--distributed --help)")
     return p
@@ -398,6 +298,13 @@ def main(argv=None) -> None:
         from .distributed import main as distributed_main
 
         return distributed_main([a for a in argv if a != "--distributed"])
+    pick = argparse.ArgumentParser(prog="mlx_medusa bench", add_help=False, allow_abbrev=False)
+    pick.add_argument("--suite", choices=SUITES, default=SUITES[0])
+    suite, argv = pick.parse_known_args(argv)
+    if suite.suite == "kinds":
+        from .kinds import main as kinds_main
+
+        return kinds_main(argv)
     args = setup_arg_parser().parse_args(argv)
     if not set(args.methods) <= set("abcdef"):
         sys.exit(f"error: --methods '{args.methods}' must be letters among a-f")
@@ -425,13 +332,7 @@ def main(argv=None) -> None:
     print(md)
     for n in res["notes"]:
         print("note:", n)
-    save(out / "bench.json", json.dumps(res, indent=1))
-    save(out / "bench.md", md + "\n")
-    try:
-        plot(res, out / "bench.png")
-    except (OSError, ImportError) as e:
-        print(f"note: no plot ({e})", file=sys.stderr)
-    print(f"wrote {out}/bench.json, bench.md, bench.png")
+    write_results(out, "bench", res, md, plot)
 
 
 if __name__ == "__main__":

@@ -41,13 +41,14 @@ def test_summary_per_kind_and_over_all(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from test_exo_engine import save_hf_folder
-    from test_exo_engine import tiny_base as tiny_base4
-    from tiny import random_heads
+    from helpers.folders import save_hf_folder
+    from helpers.tiny import N_LAYERS, tiny_base
+    from helpers.tiny import random_heads
 
     from exo_medusa_mlx.core.tree import save_tree
 
-    folder = save_hf_folder(tmp_path_factory.mktemp("model"), "llama", tiny_base4("llama"), random_heads(3))
+    base = tiny_base("llama", layers=N_LAYERS)
+    folder = save_hf_folder(tmp_path_factory.mktemp("model"), "llama", base, random_heads(3))
     # A tuned tree file as mlx_medusa tune writes it: best:N takes its longest tree's first N-1 paths.
     save_tree(folder / "medusa" / "tree.json", [[0], [1], [0, 0]], max_nodes_choices=[[0], [0, 0], [1], [2]])
     prompts = {k: [" ".join(f"t{4 + (i * 7 + j) % 90}" for j in range(6 + 3 * i))] for i, k in enumerate(KINDS)}

@@ -266,10 +266,10 @@ def test_train_with_kinds_on_a_tiny_model(tmp_path, monkeypatch):
     is junk, so the junk filters are switched off; the plumbing is what is tested."""
     from exo_medusa_mlx.training import self_instruct
     from exo_medusa_mlx.training.train import run, setup_arg_parser
-    from test_exo_engine import save_hf_folder
-    from test_exo_engine import tiny_base as tiny_base4
+    from helpers.folders import save_hf_folder
+    from helpers.tiny import N_LAYERS, tiny_base
 
-    folder = save_hf_folder(tmp_path / "model", "llama", tiny_base4("llama"))
+    folder = save_hf_folder(tmp_path / "model", "llama", tiny_base("llama", layers=N_LAYERS))
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     cfg["chat_template"] = ("{% for m in messages %}t1 {{ m['content'] }} t2 {% endfor %}"
                             "{% if add_generation_prompt %}t3{% endif %}")
@@ -337,18 +337,6 @@ def test_a_conversation_is_asked_as_the_chat_template_lays_it_out():
     assert prompt_ids(tok, "Name a river.") == prompt_ids(tok, [{"role": "user", "content": "Name a river."}])
     assert tok.decode(prompt_ids(tok, chat)).count("<|im_start|>assistant") == len(chat) // 2 + 1
 
-
-def test_the_training_module_command_gives_mlx_openblas():
-    """``python -m exo_medusa_mlx.training.train`` (the shipped recipe's and the kinds data run's
-    command) imports MLX at module level, before its main: the package sets BLAS up first."""
-    from test_imports import linux_cpu, shim_loaded_after
-
-    if linux_cpu.args[0]:
-        pytest.skip(linux_cpu.kwargs["reason"])
-    loaded, err = shim_loaded_after("import runpy, sys\nsys.argv = ['train', '--help']\n"
-                                    "try:\n    runpy.run_module('exo_medusa_mlx.training.train', run_name='__main__')\n"
-                                    "except SystemExit:\n    pass")
-    assert loaded and "reference BLAS" not in err, err[-500:]
 
 
 def test_a_passage_is_kept_until_it_repeats_itself():

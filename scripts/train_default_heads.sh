@@ -14,15 +14,64 @@
 # bench prompts, which never train).
 # SELF_INSTRUCT=N adds N prompts the base model writes itself (--self-instruct) to every
 # step's data; 0 (the default) keeps the shipped recipe.
+# KIND_PROMPTS=N adds step 7 (prompts of each task kind, docs/training.md); KINDS_ONLY=1 runs
+# step 7 alone. The budget of every step is printed first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 RUN="${RUN:-runs/default_heads}"
+KIND_PROMPTS="${KIND_PROMPTS:-0}"
+N=$KIND_PROMPTS
+cat <<BUDGET
+Wall time per step on this 2-core CPU (a quiet machine; each command prints its rows/s):
+  1-2. data (519 prompts x 4 answers) ~60 min, plain heads 2 epochs ~75 min
+  3.   greedy data ~10 min, next-token heads 2 epochs ~20 min
+  3b.  three answers per prompt ~32 min, one epoch ~25 min
+  4.   tune ~10 min
+  6.   HYDRA=1: self-instruct ~16 min, data ~75 min, heads ~65 min an epoch, tune ~10 min
+  7.   KIND_PROMPTS=$N (0: skipped): the model writes the kinds' texts ~$((N * 8 / 60)) min and answers
+       519 + 8 x $N prompts ~$((13 + N * 48 / 60)) min (a long prompt's prefill alone is ~15 s);
+       next-token heads ~$(((519 + 8 * N) * 140 * 145 / 1000000)) min an epoch (2 epochs); tune ~10 min;
+       bench --suite kinds ~30 min, before and after
+BUDGET
 OUT=exo_medusa_mlx/shipped/smollm2-135m-instruct
 NICE="nice -n 5"
 PY="${PYTHON:-python}"  # the project venv's python (activate it first)
 SELF_INSTRUCT="${SELF_INSTRUCT:-0}"
 GEN=(--gen-batch-size 128 --gen-lanes 2 --self-instruct "$SELF_INSTRUCT" --self-instruct-dir "$RUN/self_instruct")
+
+# 7. Prompts of every task kind (chat with an earlier exchange, translation, summaries, questions
+#    over a passage, math, code, RAG, long 1-2k-token prompts; docs/training.md), KIND_PROMPTS of
+#    each, made from texts the base model writes, plus the training prompts; greedy answers.
+#    Budget measured with 12 per kind (batch 128, 2 lanes, OPENBLAS_NUM_THREADS=2, a mostly quiet
+#    machine): writing 6 min (rounds of 128 texts), answering 128 prompts 618 s (25 rows/s; the
+#    long and RAG prompts' prefill dominates: a 1500-token prompt takes ~15 s before its first
+#    token). 160 of each: about 2.5-3 hours for the data. A killed run continues (the texts'
+#    rounds in $RUN/kinds/texts, the answers after the last complete hidden-state file).
+#    Then next-token heads from the shipped ones on that data, their tree, and the per-kind bench
+#    (mean accepted, speed-up and each head's held-out top-1 per kind) before and after.
+#    Copy the heads into $OUT only if the per-kind table says they pay, on every kind.
+kinds_step() {
+    local KIND_DATA=("$PY" -m exo_medusa_mlx.training.train --cache-dir "$RUN/kinds/cache"
+        --kinds-dir "$RUN/kinds/texts" --prompts exo_medusa_mlx/data/train_prompts.json --kinds all
+        --kind-prompts "$KIND_PROMPTS" --max-tokens 160 --gen-batch-size 128 --gen-lanes 2
+        --samples-per-prompt 1 --temp 0 --val-split 0.05 --seed 0)
+    $NICE "${KIND_DATA[@]}" --output "$RUN/kinds" --data-only
+    $NICE "${KIND_DATA[@]}" --output "$RUN/kinds/heads" --num-heads 3 --num-layers 1 --layout shared --loss ce \
+        --next-token --draft-vocab 8192 --init-from "$OUT" --learning-rate 1e-3 --batch-size 64 --epochs 2 \
+        --steps-per-eval 1000 --save-every 500
+    $NICE "$PY" -m exo_medusa_mlx.tune --heads "$RUN/kinds/heads" --prompts exo_medusa_mlx/data/heldout_prompts.json \
+        --cache-dir "$RUN/heldout_cache" --max-nodes 16 --min-nodes 2 --num-prompts 8 --max-tokens 128 \
+        --output "$RUN/kinds/heads/tree.json"
+    "$PY" -m exo_medusa_mlx.bench.main --suite kinds --accuracy --trees default,dynamic --out "$RUN/kinds/bench_shipped"
+    "$PY" -m exo_medusa_mlx.bench.main --suite kinds --accuracy --trees default,dynamic --heads "$RUN/kinds/heads" \
+        --out "$RUN/kinds/bench_new"
+}
+if [[ "${KINDS_ONLY:-0}" == 1 ]]; then
+    (( KIND_PROMPTS > 0 )) || { echo "KINDS_ONLY=1 needs KIND_PROMPTS=N (e.g. 160)" >&2; exit 1; }
+    kinds_step
+    exit 0
+fi
 
 # 1. The base model answers the 519 training prompts four times each (chat template, up to
 #    160 tokens, 128 sequences at a time): once greedily, three times sampled at temperature
@@ -96,4 +145,8 @@ if [[ "${HYDRA:-0}" == 1 ]]; then
     $NICE "$PY" -m exo_medusa_mlx.tune --heads "$RUN/hydra/heads" --prompts exo_medusa_mlx/data/heldout_prompts.json \
         --cache-dir "$RUN/heldout_cache" --max-nodes 16 --min-nodes 2 --num-prompts 8 --max-tokens 128 \
         --output "$RUN/hydra/heads/tree.json"
+fi
+
+if (( KIND_PROMPTS > 0 )); then
+    kinds_step
 fi

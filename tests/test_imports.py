@@ -168,3 +168,13 @@ def test_the_cli_gives_mlx_openblas():
     loaded, err = shim_loaded_after("from exo_medusa_mlx import cli\n"
                                     "cli.main(['generate', '--prompt', 'Hi', '--max-tokens', '2', '--verbose', 'false'])")
     assert loaded and "reference BLAS" not in err
+
+
+@linux_cpu
+def test_the_training_module_command_gives_mlx_openblas():
+    """``python -m exo_medusa_mlx.training.train`` (the shipped recipe's and the kinds data run's
+    command) imports MLX at module level, before its main: the package sets BLAS up first."""
+    loaded, err = shim_loaded_after("import runpy, sys\nsys.argv = ['train', '--help']\n"
+                                    "try:\n    runpy.run_module('exo_medusa_mlx.training.train', run_name='__main__')\n"
+                                    "except SystemExit:\n    pass")
+    assert loaded and "reference BLAS" not in err, err[-500:]

@@ -155,7 +155,9 @@ def test_training_prompts_mix_user_and_written_prompts_without_heldout(tmp_path,
     opts = TrainOptions(output=str(tmp_path / "out"), add_prompts=[str(user)], self_instruct=1, gen_batch_size=2,
                         self_instruct_seeds=str(seeds))
     sources = TD.prompt_sources(opts)
-    got = TD.training_prompts(opts, sources, None, None, None, "m", tmp_path / "out", log=lambda *_: None)
+    got, mix = TD.training_prompts(opts, sources, None, None, None, "m", tmp_path / "out", log=lambda *_: None)
+    assert mix == {"sources": {"train_prompts.json": len(TRAIN), f"--add-prompts {user}": 1, "self-instruct": 1},
+                   "prompts": len(TRAIN) + 2}
     assert got[: len(TRAIN)] == TRAIN
     assert got[len(TRAIN) :] == ["Sing me a song about dust.", "Write a riddle about a lost umbrella."]
     excluded = Excluded()

@@ -49,7 +49,7 @@ def training_ids(tok, prompts: list[str], tmp_path, monkeypatch) -> tuple[list, 
     """The ids ``mlx_medusa train`` self-distils for ``prompts`` (what ``build_data`` hands the
     cache builder), and the prompt part of ``--data`` prompt/completion documents."""
     seen = {}
-    monkeypatch.setattr(data, "training_prompts", lambda *a, **k: list(prompts))
+    monkeypatch.setattr(data, "training_prompts", lambda *a, **k: (list(prompts), {}))  # (prompts, the mix)
     monkeypatch.setattr(data, "build_cache", lambda folder, *a, **kw: seen.update(kw) or {})
     opts = SimpleNamespace(data=None, val_split=0.0, seed=0, samples_per_prompt=1, max_tokens=8, temp=0.0,
                            gen_batch_size=1, gen_lanes=1)

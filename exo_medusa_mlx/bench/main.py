@@ -22,10 +22,11 @@ import numpy as np
 
 from ..cli_args import fail, non_negative_float, positive_int
 from ..training.prompts import bench_prompts
-from .measure import machine, run_mlx_lm, run_ours, save, save_figure, step_clock, tree_facts
+from .measure import machine, run_mlx_lm, run_ours, save, save_figure, step_clock, tree_facts, write_results
 
 MLX_METHODS = {"a": "mlx-lm stream_generate", "b": "ours --no-medusa (MLX)", "c": "ours Medusa (MLX)"}
 TORCH_METHODS = {"d": "transformers generate", "e": "transformers prompt lookup", "f": "ours Medusa (torch)"}
+SUITES = ("prompts", "kinds")  # --suite: this module's methods on the bench prompts, or bench/kinds.py
 
 
 # --- one run of each method: returns tokens and stats (ours and mlx-lm's: measure.py) --
@@ -272,6 +273,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", action="store_true", help="Latency-curve mode: one forward of N tokens over a cache")
     p.add_argument("--cache-len", type=positive_int, default=256)
     p.add_argument("--out", default="runs/bench", help="Folder for bench.json, bench.md, bench.png")
+    p.add_argument("--suite", choices=SUITES, default=SUITES[0],
+                   help="prompts: methods a-f on the bench prompts (these options); kinds: Medusa per task kind on "
+                        "held-out prompts (--suite kinds --help)")
     p.add_argument("--distributed", action="store_true",
                    help="Medusa on/off over 1, 2, 3 loopback ranks of MLX distributed (--distributed --help)")
     p.add_argument("--concurrency", default=None,
@@ -289,6 +293,13 @@ def main(argv=None) -> None:
         from .concurrency import main as concurrency_main
 
         return concurrency_main(argv)
+    pick = argparse.ArgumentParser(prog="mlx_medusa bench", add_help=False, allow_abbrev=False)
+    pick.add_argument("--suite", choices=SUITES, default=SUITES[0])
+    suite, argv = pick.parse_known_args(argv)
+    if suite.suite == "kinds":
+        from .kinds import main as kinds_main
+
+        return kinds_main(argv)
     args = setup_arg_parser().parse_args(argv)
     if not set(args.methods) <= set("abcdef"):
         sys.exit(f"error: --methods '{args.methods}' must be letters among a-f")
@@ -316,13 +327,7 @@ def main(argv=None) -> None:
     print(md)
     for n in res["notes"]:
         print("note:", n)
-    save(out / "bench.json", json.dumps(res, indent=1))
-    save(out / "bench.md", md + "\n")
-    try:
-        plot(res, out / "bench.png")
-    except (OSError, ImportError) as e:
-        print(f"note: no plot ({e})", file=sys.stderr)
-    print(f"wrote {out}/bench.json, bench.md, bench.png")
+    write_results(out, "bench", res, md, plot)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,14 @@ def apply_template(tokenizer, prompt: str, system: str | None = None, use_templa
     return chat_ids(tokenizer, messages)
 
 
-def prompt_ids(tokenizer, prompt: str, system: str | None = None, use_template: bool = True) -> list[int]:
-    """A user prompt as the model is asked it (``apply_template``), always as ids."""
+def prompt_ids(tokenizer, prompt: str | list[dict], system: str | None = None, use_template: bool = True) -> list[int]:
+    """A user prompt as the model is asked it (``apply_template``), always as ids. A conversation
+    (chat messages ending with the user's) goes through the template whole; without one, its
+    messages' contents are the text."""
+    if not isinstance(prompt, str):
+        if use_template and has_chat_template(tokenizer):
+            return chat_ids(tokenizer, prompt)
+        prompt = "\n\n".join(m["content"] for m in prompt)
     return encode_prompt(tokenizer, apply_template(tokenizer, prompt, system, use_template)).tolist()
 
 

@@ -1,5 +1,5 @@
 """The data half of ``mlx_medusa train``: the prompts (the prompt file, the user's JSONL,
-prompts the base model writes itself; never the held-out or bench prompts) or documents,
+prompts the base model writes itself, per task kind too; never the held-out or bench prompts) or documents,
 and the cache of the frozen model's hidden states over them (distill.build_cache).
 """
 
@@ -10,7 +10,11 @@ from pathlib import Path
 
 from ..core.tokens import eos_ids, prompt_ids
 from .distill import build_cache, cache_key
-from .prompts import (DEFAULT_PROMPTS, Excluded, mix_prompts, normalize, read_documents, read_jsonl_prompts, read_prompts)
+from .hidden_files import write_json
+from .kind_data import MIX_FILE, model_writers, write_kind_prompts
+from .kinds import load_kind_seeds, parse_kinds
+from .prompts import (DEFAULT_PROMPTS, Excluded, mix_prompts, normalize, prompt_text, read_documents,
+                      read_jsonl_prompts, read_prompts)
 from .self_instruct import SEEDS, WRITE_TEMP, load_seeds, model_writer, write_prompts
 
 
@@ -37,27 +41,42 @@ def prompt_sources(opts) -> list[tuple[str, list[str]]]:
         return []
     if opts.self_instruct:
         load_seeds(opts.self_instruct_seeds or SEEDS)
+    if opts.kinds:
+        load_kind_seeds()
     path = Path(opts.prompts or DEFAULT_PROMPTS)
     sources = [(f"--prompts {path.name}" if opts.prompts else path.name, read_prompts(path))]
     return sources + [(f"--add-prompts {p}", read_jsonl_prompts(p)) for p in opts.add_prompts]
 
 
-def training_prompts(opts, sources, base, lm_head, tokenizer, model_id: str, out: Path, log=print) -> list[str]:
-    """The prompts to answer: the sources mixed (deduplicated, held-out and bench prompts
-    dropped), the first --num-prompts of them, then --self-instruct prompts written by the
-    base model (saved in --self-instruct-dir, continued by a rerun)."""
+def training_prompts(opts, sources, base, lm_head, tokenizer, model_id: str, out: Path,
+                     log=print) -> tuple[list, dict]:
+    """The prompts to answer and the record of their mix: the sources mixed (deduplicated,
+    held-out and bench prompts dropped), the first --num-prompts of them, then --self-instruct
+    prompts and --kinds prompts written by the base model (kept in their folders, continued
+    by a rerun)."""
     excluded = Excluded()
-    mixed = mix_prompts(sources, excluded, log)[: opts.num_prompts]
+    kept: dict[str, int] = {}
+    mixed = mix_prompts(sources, excluded, log, kept)[: opts.num_prompts]
     if not mixed:
         raise ValueError("no training prompts left after dropping held-out and duplicate ones: add prompts")
+    mix: dict = {"sources": {**kept, "first": len(mixed)} if opts.num_prompts is not None else kept}
+    seen = {normalize(prompt_text(p)) for p in mixed}
     if opts.self_instruct:
         write = model_writer(base, lm_head, tokenizer, opts.gen_batch_size, lanes=opts.gen_lanes)
-        mixed = mixed + write_prompts(
+        written = write_prompts(
             write, opts.self_instruct, Path(opts.self_instruct_dir or out / "self_instruct"), examples=mixed,
-            seen={normalize(p) for p in mixed},
-            excluded=excluded, settings={"model": model_id, "temp": WRITE_TEMP}, batch_size=opts.gen_batch_size,
-            seed=opts.seed, seeds=opts.self_instruct_seeds or SEEDS, log=log)
-    return mixed
+            seen=seen, excluded=excluded, settings={"model": model_id, "temp": WRITE_TEMP},
+            batch_size=opts.gen_batch_size, seed=opts.seed, seeds=opts.self_instruct_seeds or SEEDS, log=log)
+        mixed, mix["sources"]["self-instruct"] = mixed + written, len(written)
+    if opts.kinds:
+        written, mix["kind_prompts"] = write_kind_prompts(
+            model_writers(base, lm_head, tokenizer, opts.gen_batch_size, lanes=opts.gen_lanes),
+            parse_kinds(opts.kinds), opts.kind_prompts, Path(opts.kinds_dir or out / "kinds"), model_id=model_id,
+            seed=opts.seed, batch_size=opts.gen_batch_size, excluded=excluded, seen=seen,
+            count_tokens=lambda text: len(tokenizer.encode(text)), log=log)
+        mixed, mix["sources"]["kinds"] = mixed + written, len(written)
+    mix["prompts"] = len(mixed)
+    return mixed, mix
 
 
 def build_data(opts, sources, base, lm_head, tokenizer, model_id: str, out: Path, cache_dir: Path,
@@ -71,10 +90,12 @@ def build_data(opts, sources, base, lm_head, tokenizer, model_id: str, out: Path
                         seq_len=opts.seq_len, **common)
         return build_cache(cache_dir, base, lm_head, docs=docs, key=key, val_split=opts.val_split,
                            batch_size=opts.gen_batch_size, seed=opts.seed, log=log)
-    prompts = training_prompts(opts, sources, base, lm_head, tokenizer, model_id, out, log)
+    prompts, mix = training_prompts(opts, sources, base, lm_head, tokenizer, model_id, out, log)
+    write_json(out / MIX_FILE, mix)
     extra = {"samples": opts.samples_per_prompt} if opts.samples_per_prompt != 1 else {}
     key = cache_key(prompts=prompts, max_tokens=opts.max_tokens, temp=opts.temp, **extra, **common)
-    return build_cache(cache_dir, base, lm_head, prompts=[prompt_ids(tokenizer, p) for p in prompts],
+    meta = build_cache(cache_dir, base, lm_head, prompts=[prompt_ids(tokenizer, p) for p in prompts],
                        eos=eos_ids(tokenizer), key=key, val_split=opts.val_split, max_tokens=opts.max_tokens,
                        batch_size=opts.gen_batch_size, temp=opts.temp, seed=opts.seed,
                        samples=opts.samples_per_prompt, lanes=opts.gen_lanes, log=log)
+    return {**meta, "mix": mix}

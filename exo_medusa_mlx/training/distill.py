@@ -22,6 +22,8 @@ from .hidden_files import SPLITS, PartWriter, Row, check_folder, done_sequences,
 TEACHER_TOPK = 8  # base-model top-k kept per row, for --loss kl
 TOPK_BLOCK = 128  # vocabulary block of the two-stage top-k
 MIN_PREFIX = 4  # shorter shared prompt prefixes are not worth a separate pass
+PREFILL_TOKENS = 16384  # prompt tokens prefilled at once: attention's scores grow with the square of a prompt
+LANE_TOKENS = 65536  # cache positions of a lane (rows x longest prompt): 3 GB of keys and values at 135M
 # 2: parts hold the token fed after each row. Since then teacher_probs are the top-k's own softmax
 # (the KL loss renormalises them anyway, so older parts train the same) and parts list their sequences.
 CACHE_VERSION = 2
@@ -155,6 +157,19 @@ def _prefill(base, seqs: list[list[int]], prefix) -> tuple[mx.array, list]:
     return h, cache
 
 
+def _joining(queue: deque, prompts, free: int, rows: int) -> int:
+    """How many queued prompts join a lane of ``rows`` rows with room for ``free`` more: as many
+    as the prefill and cache budgets allow (long prompts join a few at a time); one into an
+    empty lane."""
+    n = 0
+    while n < min(free, len(queue)):
+        longest = len(prompts[queue[n]])  # the queue runs shortest first
+        if (n or rows) and ((n + 1) * longest > PREFILL_TOKENS or (rows + n + 1) * longest > LANE_TOKENS):
+            break
+        n += 1
+    return n
+
+
 class _Lane:
     """One continuous batch on its own MLX stream: a CPU stream runs on its own thread, so two
     lanes keep two cores busy where MLX's element-wise ops use one.
@@ -185,15 +200,18 @@ class _Lane:
     def plan(self, base, lm_head, queue: deque, prompts, prefix, states: bool) -> dict | None:
         """Build (lazily) this step's outputs: prefill new prompts, or one token for every row."""
         with mx.stream(self.stream):
+            n = 0
             if queue and len(self.batch) - len(self.finished) <= self.size // 2:
                 self._compact()
-                new = [Row(queue.popleft()) for _ in range(min(self.size - len(self.batch), len(queue)))]
+                n = _joining(queue, prompts, self.size - len(self.batch), len(self.batch))
+            if n:
+                new = [Row(queue.popleft()) for _ in range(n)]
                 h, fresh = _prefill(base, [prompts[r.index] for r in new], prefix)
                 if self.cache is None:
                     self.cache = fresh
                 else:
-                    for c, n in zip(self.cache, fresh):
-                        c.extend(n)
+                    for c, more in zip(self.cache, fresh):
+                        c.extend(more)
                 self.first, self.rows = len(self.batch), new
                 self.batch = self.batch + new
             elif len(self.finished) < len(self.batch):

@@ -35,6 +35,7 @@ from .data import build_data, load_base, prompt_sources
 from .hidden_files import iterate_batches
 from .loss import evaluate, loss_fn, path_embeds
 from .prompts import DEFAULT_PROMPTS
+from .kinds import KINDS, parse_kinds
 
 # --------------------------------------------------------------------------- training
 
@@ -157,6 +158,7 @@ def train(heads: MedusaHeads, lm_head, cache_dir: Path, meta: dict, *, steps: in
 # --------------------------------------------------------------------------- CLI
 
 MAX_TOKENS = 160  # answer length of self-distillation
+KIND_PROMPTS = 100  # --kinds: prompts of each kind
 GEN_BATCH_SIZE = 128  # sequences the frozen model runs at once
 GEN_LANES = 2  # MLX streams they are split over on a CPU (one per core of a 2-core CPU)
 SEQ_LEN = 512  # --data documents are cut to this many tokens
@@ -172,6 +174,7 @@ RULES = dict(
     val_split=FRACTION, num_heads=POSITIVE_INT, num_layers=POSITIVE_INT, learning_rate=POSITIVE,
     weight_decay=NON_NEGATIVE, noise=NON_NEGATIVE, warmup=NON_NEGATIVE_INT, iters=POSITIVE_INT, epochs=POSITIVE,
     batch_size=POSITIVE_INT, steps_per_eval=NON_NEGATIVE_INT, save_every=NON_NEGATIVE_INT, seed=NON_NEGATIVE_INT,
+    kind_prompts=POSITIVE_INT,
 )
 
 
@@ -187,6 +190,9 @@ class TrainOptions:
     self_instruct: int = 0
     self_instruct_seeds: str | None = None
     self_instruct_dir: str | None = None
+    kinds: str | None = None
+    kind_prompts: int = KIND_PROMPTS
+    kinds_dir: str | None = None
     num_prompts: int | None = None
     max_tokens: int = MAX_TOKENS
     temp: float = 0.0
@@ -228,6 +234,10 @@ class TrainOptions:
             raise ValueError(f"--samples-per-prompt {self.samples_per_prompt}: use 1, or more with --prompts and --temp > 0")
         if self.data and (self.add_prompts or self.self_instruct):
             raise ValueError("--add-prompts and --self-instruct add prompts to self-distil: not with --data")
+        if self.data and self.kinds:
+            raise ValueError("--kinds adds prompts to self-distil: not with --data")
+        if self.kinds:
+            parse_kinds(self.kinds)
         if self.next_token and self.hydra:
             raise ValueError("--next-token and --hydra are two layouts: hydra heads read the next token too")
         if self.draft_vocab and self.layout == "own":
@@ -249,6 +259,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-instruct-seeds", default=None, help="Seed topics and tasks (JSON; default the shipped ones)")
     p.add_argument("--self-instruct-dir", default=None,
                    help="Where the written prompts are kept (default OUTPUT/self_instruct); share it between runs")
+    p.add_argument("--kinds", default=None, metavar="all|KIND,...",
+                   help=f"Also answer prompts of these task kinds ({', '.join(KINDS)}) composed from texts the base "
+                        "model writes (kept in --kinds-dir; a rerun continues them)")
+    p.add_argument("--kind-prompts", type=RULES["kind_prompts"].parse, default=KIND_PROMPTS, metavar="N",
+                   help="Prompts of each kind")
+    p.add_argument("--kinds-dir", default=None, help="Where the kinds' written texts are kept (default OUTPUT/kinds)")
     p.add_argument("--num-prompts", type=RULES["num_prompts"].parse, default=None,
                    help="Use only the first N prompts (of --prompts and --add-prompts) or documents")
     p.add_argument("--max-tokens", type=RULES["max_tokens"].parse, default=MAX_TOKENS, help="Response length for self-distillation")
@@ -346,7 +362,7 @@ def run(args: TrainOptions | argparse.Namespace) -> dict:
         "steps": steps, "batch_size": opts.batch_size, "learning_rate": opts.learning_rate, "loss": opts.loss,
         "epochs": round(steps / per_epoch, 2), "train_seconds": round(time.perf_counter() - tic, 1),
         "val_top1": metrics.get("top1"), "val_top5": metrics.get("top5"), "val_rows": metrics.get("rows"),
-        "train_top1": metrics.get("train_top1_per_head"),
+        "train_top1": metrics.get("train_top1_per_head"), "mix": meta.get("mix"),
     }
     _finish(opts, heads, base, lm_head, cache_dir, meta, init, metrics, out)
     return metrics

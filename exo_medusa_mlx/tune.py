@@ -203,7 +203,7 @@ def heldout_accuracy(model, tokenizer, opts: TuneOptions, prompts: list[str]) ->
     (rows, K, topk), computed on MLX (self-distilled data)."""
     from .core.machine import cache_root
     from .core.tokens import eos_ids, prompt_ids
-    from .training.distill import build_cache, cache_key
+    from .training.state_cache import build_cache, cache_key
 
     key = cache_key(prompts=prompts, max_tokens=opts.data_max_tokens, model=model.model_id, temp=0.0, val_split=0.0,
                     seed=0)

@@ -59,7 +59,7 @@ def parser_types(parser: argparse.ArgumentParser) -> dict[str, object]:
     return {a.dest: a.type for a in parser._actions if a.type is not None}
 
 
-@pytest.mark.parametrize("module, options", [("exo_medusa_mlx.training.train", "TrainOptions"),
+@pytest.mark.parametrize("module, options", [("exo_medusa_mlx.training.options", "TrainOptions"),
                                              ("exo_medusa_mlx.tune", "TuneOptions")])
 def test_options_dataclasses_check_what_their_parser_refuses(module, options):
     import importlib

@@ -11,7 +11,8 @@ import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 
 import exo_medusa_mlx.training.hidden_files as hidden_files
-from exo_medusa_mlx.training.distill import TEACHER_TOPK, build_cache, sample, self_distill, shared_prefix, top_k
+from exo_medusa_mlx.training.distill import TEACHER_TOPK, sample, self_distill, shared_prefix, top_k
+from exo_medusa_mlx.training.state_cache import build_cache
 from exo_medusa_mlx.model import base_lm_head
 from helpers.training import EOS, base, random_prompts  # noqa: F401 (base: a fixture)
 

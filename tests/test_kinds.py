@@ -265,7 +265,8 @@ def test_train_with_kinds_on_a_tiny_model(tmp_path, monkeypatch):
     """``mlx_medusa train --kinds`` end to end on a tiny random model with a chat template: its text
     is junk, so the junk filters are switched off; the plumbing is what is tested."""
     from exo_medusa_mlx.training import self_instruct
-    from exo_medusa_mlx.training.train import run, setup_arg_parser
+    from exo_medusa_mlx.training.options import setup_arg_parser
+    from exo_medusa_mlx.training.train import run
     from helpers.folders import save_hf_folder
     from helpers.tiny import N_LAYERS, tiny_base
 

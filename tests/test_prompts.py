@@ -142,7 +142,7 @@ def test_self_instruct_with_a_tiny_model_writes_in_batches(tmp_path):
 
 def test_training_prompts_mix_user_and_written_prompts_without_heldout(tmp_path, monkeypatch):
     import exo_medusa_mlx.training.data as TD
-    from exo_medusa_mlx.training.train import TrainOptions
+    from exo_medusa_mlx.training.options import TrainOptions
 
     user = tmp_path / "mine.jsonl"
     user.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Sing me a song about dust.", HELD[5], TRAIN[3]]))

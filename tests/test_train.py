@@ -11,7 +11,8 @@ from mlx_lm.generate import generate_step as mlx_generate_step
 from exo_medusa_mlx.heads import load_heads
 from exo_medusa_mlx.core.heads_format import MedusaConfig
 from exo_medusa_mlx.model import base_lm_head
-from exo_medusa_mlx.training.distill import build_cache, self_distill
+from exo_medusa_mlx.training.distill import self_distill
+from exo_medusa_mlx.training.state_cache import build_cache
 from exo_medusa_mlx.training.hidden_files import iterate_batches, load_part
 from exo_medusa_mlx.training.loss import loss_fn, ranks_and_logprobs, target_ranks
 from exo_medusa_mlx.training.prompts import read_documents, read_prompts
@@ -291,7 +292,8 @@ def test_train_options_mirror_the_flags(tmp_path, capsys):
     fails before the model loads or the output folder is made."""
     from dataclasses import fields
 
-    from exo_medusa_mlx.training.train import TrainOptions, main, setup_arg_parser
+    from exo_medusa_mlx.training.options import TrainOptions, setup_arg_parser
+    from exo_medusa_mlx.training.train import main
 
     p = setup_arg_parser()
     assert {a.dest for a in p._actions if a.dest != "help"} == {f.name for f in fields(TrainOptions)}

@@ -102,7 +102,8 @@ def test_draft_vocabulary_is_the_most_emitted_tokens(cache):
 def test_train_command_next_token_heads_with_a_draft(tmp_path):
     """``mlx_medusa train`` end to end on a tiny model folder: next-token heads from saved plain
     ones, a draft vocabulary of the most emitted tokens, both in the saved heads and config."""
-    from exo_medusa_mlx.training.train import run, setup_arg_parser
+    from exo_medusa_mlx.training.options import setup_arg_parser
+    from exo_medusa_mlx.training.train import run
     from helpers.folders import save_hf_folder
     from helpers.tiny import N_LAYERS, tiny_base
 

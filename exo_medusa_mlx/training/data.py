@@ -1,6 +1,6 @@
 """The data half of ``mlx_medusa train``: the prompts (the prompt file, the user's JSONL,
 prompts the base model writes itself, per task kind too; never the held-out or bench prompts) or documents,
-and the cache of the frozen model's hidden states over them (distill.build_cache).
+and the cache of the frozen model's hidden states over them (state_cache.build_cache).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import hashlib
 from pathlib import Path
 
 from ..core.tokens import eos_ids, prompt_ids
-from .distill import build_cache, cache_key
+from .state_cache import build_cache, cache_key
 from .hidden_files import write_json
 from .kind_data import MIX_FILE, model_writers, write_kind_prompts
 from .kinds import load_kind_seeds, parse_kinds

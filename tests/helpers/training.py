@@ -8,7 +8,7 @@ import pytest
 
 from exo_medusa_mlx.core.heads_format import MedusaConfig
 from exo_medusa_mlx.model import base_lm_head
-from exo_medusa_mlx.training.distill import build_cache
+from exo_medusa_mlx.training.state_cache import build_cache
 from exo_medusa_mlx.training.train import new_heads
 from helpers.tiny import VOCAB, tiny_base
 

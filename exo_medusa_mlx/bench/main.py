@@ -56,6 +56,30 @@ def _hf(model, ids, max_tokens, eos, lookup: int | None):
 
 # --- the run --------------------------------------------------------------------
 
+def _add_torch(runners: dict, trees: dict, notes: list, model, heads, tree, path, eos: set[int],
+               max_tokens: int) -> None:
+    """The torch side's runners (d, e, f) and tree, or a note saying why it is missing."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        notes.append(f"torch side skipped: {e}")
+        return
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    eos = sorted(eos)
+    runners["d"] = lambda ids: _hf(hf, ids, max_tokens, eos, None)
+    runners["e"] = lambda ids: _hf(hf, ids, max_tokens, eos, 10)
+    try:
+        from ..torch_compat import load as torch_load
+        from ..torch_compat import stream_generate as torch_stream
+    except ImportError as e:
+        notes.append(f"f skipped: torch Medusa unavailable ({e})")
+        return
+    tmodel, ttok = torch_load(model, heads=heads, tree=tree)
+    runners["f"] = lambda ids: run_ours(tmodel, ttok, ids, max_tokens, True, torch_stream)
+    trees["torch"] = tree_facts(tmodel)
+
+
 def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, torch_side=True,
               methods="abcdef", temp=0.0) -> dict:
     """All methods, alternating per prompt. ``temp`` > 0 samples (MLX methods only, exact
@@ -83,25 +107,7 @@ def run_bench(model=None, heads=None, tree=None, max_tokens=128, limit=None, tor
         notes.append(f"sampling at temperature {temp}: outputs differ by design; the torch side is greedy-only")
         torch_side = False
     if torch_side and set(methods) & set("def"):
-        try:
-            import torch
-            from transformers import AutoModelForCausalLM
-
-            hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-            eos = sorted(eos_ids(tokenizer))
-            runners["d"] = lambda ids: _hf(hf, ids, max_tokens, eos, None)
-            runners["e"] = lambda ids: _hf(hf, ids, max_tokens, eos, 10)
-            try:
-                from ..torch_compat import load as torch_load
-                from ..torch_compat import stream_generate as torch_stream
-
-                tmodel, ttok = torch_load(model, heads=heads, tree=tree)
-                runners["f"] = lambda ids: run_ours(tmodel, ttok, ids, max_tokens, True, torch_stream)
-                trees["torch"] = tree_facts(tmodel)
-            except ImportError as e:
-                notes.append(f"f skipped: torch Medusa unavailable ({e})")
-        except ImportError as e:
-            notes.append(f"torch side skipped: {e}")
+        _add_torch(runners, trees, notes, model, heads, tree, path, eos_ids(tokenizer), max_tokens)
     order = [m for m in methods if m in runners]
     prompts = bench_prompts()[:limit]
     rows = []

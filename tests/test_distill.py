@@ -119,7 +119,7 @@ def test_killed_build_resumes_from_its_last_complete_part(base, tmp_path, monkey
         build_cache(folder, base, lm, **{**kw, "key": "other"})
     done = hidden_files.done_sequences(folder, [f for s in progress["splits"].values() for f in s])
     asked = []
-    import exo_medusa_mlx.training.distill as D
+    import exo_medusa_mlx.training.state_cache as D  # where build_cache calls it
 
     real_distill = D.self_distill
     monkeypatch.setattr(D, "self_distill", lambda *a, indices=None, **k: asked.extend(indices) or real_distill(

@@ -9,7 +9,7 @@ import pytest
 from exo_medusa_mlx import lookahead
 from exo_medusa_mlx.cache import CacheContext
 from exo_medusa_mlx.core.accept import make_policy
-from exo_medusa_mlx.core.step import ROOT_ONLY, Verifier, advance, prefill, read
+from exo_medusa_mlx.core.step import ROOT_ONLY, Sequence, Verifier, advance, prefill, start
 from exo_medusa_mlx.core.tree import build_tree, tree_choices
 from exo_medusa_mlx.lookahead import Lookahead, usable
 from exo_medusa_mlx.model import MedusaModel
@@ -23,19 +23,31 @@ def family(request):
     return request.param, base, mlx_lm_greedy(base, 40)
 
 
+def first(model, tree, policy):
+    """The prefilled cache and the sequence ready for its first step over ``tree``."""
+    ctx, caches = model.make_cache()
+    h = prefill(model, ctx, caches, PROMPT)
+    seq, _ = start(model, ctx, h, policy, tree, len(PROMPT) - 1, None)
+    return ctx, caches, seq
+
+
+def step_once(verifier, policy, tree, seq: Sequence):
+    """One step through ``verifier`` (as ``batch_step`` runs it); ``seq`` moves on."""
+    v = verifier.verify(seq)
+    nxt = advance(policy, seq.tree, seq.tokens, v, root=seq.root, plan=tree)
+    verifier.commit(nxt.acc.nodes)
+    seq.tree, seq.tokens, seq.root = nxt.tree, nxt.tokens, nxt.root
+    return v, nxt
+
+
 def steps(model, tree, verifier_cls, n: int) -> list[tuple]:
     """(verdict, next trees, nodes kept) of the first n steps through ``verifier_cls``, as generate_step runs them."""
     policy = make_policy()
-    ctx, caches = model.make_cache()
-    h = prefill(model, ctx, caches, PROMPT)[None]
-    tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, False), tree=tree).tokens
+    ctx, caches, seq = first(model, tree, policy)
     verifier, out = verifier_cls(model, ctx, caches, tree, policy), []
     for _ in range(n):
-        v = verifier.verify(tokens)
-        step = advance(policy, tree, tokens, v)
-        verifier.commit(step.acc.nodes)
-        out.append((v.verdict.tolist(), None if v.drafts is None else v.drafts.tolist(), step.acc.nodes.tolist()))
-        tokens = step.tokens
+        v, nxt = step_once(verifier, policy, tree, seq)
+        out.append((v.verdict.tolist(), None if v.drafts is None else v.drafts.tolist(), nxt.acc.nodes.tolist()))
     return out
 
 
@@ -59,16 +71,13 @@ def test_each_step_equals_the_plain_verifiers(tree, monkeypatch):
 
 def test_a_tree_other_than_the_one_queued_is_refused():
     model = MedusaModel(tiny_base("llama"), random_heads(4), build_tree(tree_choices("cpu-8")))
-    policy = make_policy()
-    ctx, caches = model.make_cache()
-    h = prefill(model, ctx, caches, PROMPT)[None]
-    tree = model.tree
-    tokens = advance(policy, ROOT_ONLY, np.zeros(1, dtype=np.int64), read(model, h, tree, False), tree=tree).tokens
+    policy, tree = make_policy(), model.tree
+    ctx, caches, seq = first(model, tree, policy)
     la = Lookahead(model, ctx, caches, tree, policy)
-    step = advance(policy, tree, tokens, la.verify(tokens))
-    la.commit(step.acc.nodes)
+    step_once(la, policy, tree, seq)
+    seq.tokens = (seq.tokens + 1) % 96
     with pytest.raises(AssertionError, match="lookahead queued tree"):
-        la.verify((step.tokens + 1) % 96)
+        la.verify(seq)
 
 
 def test_used_only_where_exact():

@@ -185,13 +185,10 @@ class MedusaKVCache:
                                   for a, b in ((self.keys, other.keys), (self.values, other.values)))
 
     def select_rows(self, keep: list[int]) -> None:
-        if self.keys is None:
-            return
-        if not keep:
-            self.keys = self.values = None
-            return
-        idx = mx.array(keep, dtype=mx.int32)
-        self.keys, self.values = self.keys[idx], self.values[idx]
+        """Keep the rows ``keep`` (the batch's sequences that stay), in that order; none: empty."""
+        if self.keys is not None:
+            idx = mx.array(keep, dtype=mx.int32) if keep else None
+            self.keys, self.values = (None, None) if idx is None else (self.keys[idx], self.values[idx])
 
     @property
     def state(self):

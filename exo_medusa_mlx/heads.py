@@ -10,8 +10,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .array_ops import MLXOps, to_numpy
-from .core.base import HeadsBase
-from .core.heads_format import MedusaConfig, read_heads, resolve_config
+from .core.base import HeadsBase, head_state
+from .core.heads_format import MedusaConfig
 
 
 class ResBlock(nn.Module):
@@ -50,13 +50,7 @@ class MedusaHead(nn.Module):
 
     def __call__(self, x: mx.array, embeds: list | None = None) -> mx.array:
         """x: (..., H); ``embeds``: the path's token embeddings, root first, each (..., H)."""
-        if "next_token" in self:
-            x = x + self.next_token(embeds[0])
-        for lin, e in zip(self.get("path", []), embeds or []):
-            x = x + lin(e)
-        for b in self.blocks:
-            x = b(x)
-        return x
+        return head_state(x, self.get("next_token"), self.get("path", []), self.blocks, embeds)
 
 
 class MedusaHeads(HeadsBase, nn.Module):
@@ -79,15 +73,8 @@ class MedusaHeads(HeadsBase, nn.Module):
 
 
 def load_heads(path: str | Path, hidden_size: int, vocab_size: int, dtype=mx.float32) -> MedusaHeads:
-    """Load heads from a folder or a ``medusa_lm_head.{safetensors,pt}`` file.
-
-    The head count and layout come from the keys; shapes are checked against the
-    base model's hidden size and vocabulary.
-    """
-    weights, raw, file = read_heads(path)
-    cfg = resolve_config(weights, raw, str(file), hidden_size, vocab_size)
-    heads = MedusaHeads(cfg)
-    heads.load_reference_weights(weights)
+    """Heads from a folder or a ``medusa_lm_head.{safetensors,pt}`` file (``HeadsBase.read``), in ``dtype``."""
+    heads = MedusaHeads.read(path, hidden_size, vocab_size)
     heads.set_dtype(dtype)
     mx.eval(heads.parameters())
     return heads

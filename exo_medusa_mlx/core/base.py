@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from .dynamic import Calibration, DynamicTree, best_choices, best_nodes, dynamic_nodes, make_dynamic, plan_costs
-from .heads_format import DRAFT_KEY, module_keys, write_heads
+from .heads_format import DRAFT_KEY, module_keys, read_heads, resolve_config, write_heads
 from .step import Verifier
 from .tree import ROOT_ONLY, TreeBuffers, load_tree
 
@@ -297,6 +297,19 @@ def ancestors(tree: TreeBuffers, nodes: np.ndarray) -> np.ndarray:
     return np.stack(out[::-1], axis=1)
 
 
+def head_state(x, next_token, path: list, blocks: list, embeds: list | None):
+    """One head's hidden state at ``x`` (..., H), either backend's modules: the root's embedding
+    through ``next_token`` (None: not that layout) and the path's through ``path`` (hydra;
+    ``embeds`` root first) added, then the blocks."""
+    if next_token is not None:
+        x = x + next_token(embeds[0])
+    for lin, e in zip(path, embeds or []):
+        x = x + lin(e)
+    for b in blocks:
+        x = b(x)
+    return x
+
+
 class HeadsBase:
     """K heads over the base model's last (normed) hidden state; head i guesses the
     token at t+2+i (the base lm_head gives t+1). Subclasses hold ``config``,
@@ -363,6 +376,16 @@ class HeadsBase:
         if self.draft_vocab is not None:
             out[DRAFT_KEY] = self.draft_vocab
         return out
+
+    @classmethod
+    def read(cls, path: str | Path, hidden_size: int, vocab_size: int):
+        """Heads from a folder or a ``medusa_lm_head.{safetensors,pt}`` file, as the file holds
+        them: the head count and layout come from the keys; shapes are checked against the
+        base model's ``hidden_size`` and ``vocab_size``."""
+        weights, raw, file = read_heads(path)
+        heads = cls(resolve_config(weights, raw, str(file), hidden_size, vocab_size))
+        heads.load_reference_weights(weights)
+        return heads
 
     def load_reference_weights(self, weights: dict[str, np.ndarray]) -> None:
         self.assign({name: weights[ref] for ref, name in module_keys(self.config).items()})

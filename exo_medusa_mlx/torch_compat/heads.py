@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.base import HeadsBase
-from ..core.heads_format import MedusaConfig, read_heads, resolve_config
+from ..core.base import HeadsBase, head_state
+from ..core.heads_format import MedusaConfig
 from .array_ops import TorchOps
 
 
@@ -50,13 +50,7 @@ class MedusaHead(nn.Module):
 
     def forward(self, x: torch.Tensor, embeds: list | None = None) -> torch.Tensor:
         """x: (..., H); ``embeds``: the path's token embeddings, root first, each (..., H)."""
-        if hasattr(self, "next_token"):
-            x = x + self.next_token(embeds[0])
-        for lin, e in zip(self.path, embeds or []):
-            x = x + lin(e)
-        for b in self.blocks:
-            x = b(x)
-        return x
+        return head_state(x, getattr(self, "next_token", None), self.path, self.blocks, embeds)
 
 
 class MedusaHeads(HeadsBase, nn.Module):
@@ -80,13 +74,6 @@ class MedusaHeads(HeadsBase, nn.Module):
 
 def load_heads(path: str | Path, hidden_size: int, vocab_size: int, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> MedusaHeads:
-    """Load heads from a folder or a ``medusa_lm_head.{safetensors,pt}`` file.
-
-    The head count and layout come from the keys; shapes are checked against the
-    base model's hidden size and vocabulary.
-    """
-    weights, raw, file = read_heads(path)
-    cfg = resolve_config(weights, raw, str(file), hidden_size, vocab_size)
-    heads = MedusaHeads(cfg)
-    heads.load_reference_weights(weights)
-    return heads.to(device=device, dtype=dtype).eval()
+    """Heads from a folder or a ``medusa_lm_head.{safetensors,pt}`` file (``HeadsBase.read``), in
+    ``dtype`` on ``device``."""
+    return MedusaHeads.read(path, hidden_size, vocab_size).to(device=device, dtype=dtype).eval()

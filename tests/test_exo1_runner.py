@@ -11,6 +11,9 @@ run (an unsupported architecture, no heads) left to exo's engine with the reason
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import pytest
 
 from exo_medusa_mlx.core.machine import free_ports
 from exo_medusa_mlx.default_model import DEFAULT_MODEL_ID
-from helpers.exo1_plan import models_folder, run_plan, tiny_folder, venv_reason
+from helpers.exo1_plan import PYTHON, ROOT, models_folder, run_plan, tiny_folder, venv_reason
 
 N_TV = 30  # sampled requests per engine for the distribution test (about 0.5 s each here)
 TV_ALPHA = 1e-3
@@ -194,3 +197,15 @@ def test_thinking_tags_through_exos_parser_and_a_model_without_heads(exo1):
     got, want = medusa["requests"]["think"], plain["requests"]["think"]
     assert got["tokens"] == want["tokens"] and got["thinking"] == want["thinking"]
     assert True in got["thinking"] and False in got["thinking"]  # the end tag came: thinking, then the answer
+
+
+def test_every_text_card_of_exo_is_served_with_its_sampling_defaults(tmp_path):
+    """No refusal for any card's defaults (top_k, min_p, penalties; thinking on, off, unset), as
+    exo's API fills them into a request: built by the engine's set-up, one exact draw each."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EXO_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([str(PYTHON), str(ROOT / "tests" / "helpers" / "exo1_cards.py")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["cards"] >= 100 and result["with_top_k"] >= 50, result  # exo b5375f8: 123 text cards
+    assert result["refused"] == [], result["refused"][:5]

@@ -202,7 +202,8 @@ def test_thinking_tags_through_exos_parser_and_a_model_without_heads(exo1):
 def test_every_text_card_of_exo_is_served_with_its_sampling_defaults(tmp_path):
     """No refusal for any card's defaults (top_k, min_p, penalties; thinking on, off, unset), as
     exo's API fills them into a request: built by the engine's set-up, one exact draw each."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "EXO_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EXO_HOME": str(tmp_path), "EXO_DASHBOARD_DIR": str(tmp_path),
+           "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([str(PYTHON), str(ROOT / "tests" / "helpers" / "exo1_cards.py")], env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -15,8 +15,10 @@ batch. Each row's ``Step``s become exo's responses exactly as for a task decoded
 steps: on a pipeline the hidden states are all-gathered by exo's last layer; with tensor
 parallelism exo's sharded linears take the batch as they take one sequence.
 
-Trees shrink as the batch fills (``tree_nodes``): a step verifies B x T tokens, which
-costs more than B plain tokens once the batch keeps the cores busy.
+Trees shrink as the batch fills, by the same budget as the server's (``core.budget``): at
+B tasks each row keeps its tree's most probable nodes, as many as give the most expected
+tokens per unit of a batched step's cost (the heads' tuned batch table where it was measured
+on this machine, else the default rule); a dynamic plan takes the batch's cost curve.
 """
 
 from __future__ import annotations
@@ -33,26 +35,15 @@ from exo.shared.types.text_generation import TextGenerationTaskParams
 from exo.shared.types.worker.runner_response import GenerationResponse
 from exo.worker.runner.llm_inference.batch_generator import BatchGenerator
 
+from ..core.budget import BatchBudget
 from ..core.dynamic import DynamicTree
+from ..core.machine import this_machine
 from ..core.step import BatchVerifier, Sequence, Step, batch_step, context_end, prefill, start
-from ..core.tree import TreeBuffers, build_tree
+from ..core.tree import TreeBuffers
 from ..distributed import Comm, check_agreement
 from ..model import MedusaModel
 from .engine import Decode, MedusaParts, error_response, prefill_check, prepare, warm_up
 from .prefix import PrefixCache
-
-BATCH_ROWS = 16  # tokens one batched verification checks (B x T) before the trees shrink
-
-
-def tree_nodes(tree_size: int, batch_size: int) -> int:
-    """Nodes in each row's tree for a batch of ``batch_size``: the whole tree while the batch
-    verifies at most ``BATCH_ROWS`` tokens, then fewer, down to the root alone (plain decoding).
-
-    A fixed rule standing in for a budget measured on the machine (issue 30): this one
-    function decides it.
-    """
-    return max(1, min(tree_size, BATCH_ROWS // max(batch_size, 1)))
-
 
 class _Row:
     """One task in the batch: its ``Step``s in, exo's responses out, as ``Decode.stream`` gives them
@@ -102,10 +93,11 @@ class MedusaBatch:
     _verifier: BatchVerifier = field(init=False)
     _rows: dict[Sequence, _Row] = field(default_factory=dict, init=False)  # the running tasks, by sequence
     _ready: dict[int, list[GenerationResponse]] = field(default_factory=dict, init=False)  # out at the next step
-    _trees: dict[int, TreeBuffers | DynamicTree] = field(default_factory=dict, init=False)
+    _budget: BatchBudget = field(init=False)
 
     def __post_init__(self) -> None:
         self._verifier = BatchVerifier(self.medusa)
+        self._budget = BatchBudget.from_facts(self.medusa.facts, this_machine(self.medusa.device))
         self._uids = itertools.count()
 
     @property
@@ -184,20 +176,9 @@ class MedusaBatch:
                 del self._rows[s]
 
     def _tree(self, batch_size: int) -> TreeBuffers | DynamicTree:
-        """The tree each row proposes in a batch of ``batch_size``: the model's first nodes (by
-        depth, so still a tree), or a dynamic plan's sizes up to that many; one object per size
-        (the batch reads rows by tree)."""
-        full = self.medusa.tree
-        n = tree_nodes(full.size, batch_size)
-        if n == full.size:
-            return full
-        if n not in self._trees:
-            if isinstance(full, DynamicTree):
-                sizes = tuple(s for s in full.sizes if s <= n)  # 1 is always among them
-                self._trees[n] = DynamicTree(full.superset, full.cost, full.calibration, sizes)
-            else:
-                self._trees[n] = build_tree(full.choices[: n - 1], topk=full.topk)
-        return self._trees[n]
+        """The tree each row proposes in a batch of ``batch_size`` (``BatchBudget.tree_for``: one
+        object per size, as the batch reads rows by tree)."""
+        return self._budget.tree_for(batch_size, self.medusa.tree)
 
 
 @dataclass(eq=False)

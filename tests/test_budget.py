@@ -143,10 +143,13 @@ def test_a_batch_with_the_budget_equals_each_request_alone():
     seen = []  # after each next(): the trees the running sequences verify next
     out = run(gen, uids, until=lambda _: seen.append([s.tree.size for s in gen._batch.seqs]) and False)
     assert [tokens(out[u]) for u in uids] == [r[:m] for r, m in zip(refs, [48, 16, 24, 12])]
-    assert seen[0] == [model.tree.size]  # alone: its own tree
-    full = [sizes for sizes in seen if len(sizes) == 4]
-    # Four running: every tree was picked for a batch of at least three (one joins per call).
-    assert full and max(max(sizes) for sizes in full) <= budget.nodes(3, model.tree) < model.tree.size
+    # The short prompts all join before the second step (one prefill chunk's worth of tokens), each
+    # with the tree cut for the batch it joins: the first alone, its own tree; the others smaller.
+    assert seen[0] == [budget.nodes(b, model.tree) for b in (1, 2, 3, 4)]
+    assert seen[0][0] == model.tree.size > budget.nodes(4, model.tree)
+    full = [sizes for sizes in seen[1:] if len(sizes) == 4]
+    # Four running: every tree is picked for a batch of four.
+    assert full and all(sizes == [budget.nodes(4, model.tree)] * 4 for sizes in full)
     after = seen[seen.index(full[-1]):]
     assert [model.tree.size] in after  # alone again at the end: its own tree again
 
@@ -182,8 +185,10 @@ def test_dynamic_plans_with_the_budget_equal_each_request_alone():
     model = oracle(base, prompts, refs)
     gen = BatchGenerator(model, Tokenizer())
     gen.tree_for = BatchBudget(BatchCosts(TABLE)).tree_for
-    uids = gen.insert(prompts, [24] * 3, trees=[model.plan("dynamic:8")] * 3)
+    lengths = [24, 12, 8]  # all three join at once; the longest finishes alone
+    uids = gen.insert(prompts, lengths, trees=[model.plan("dynamic:8")] * 3)
     sizes = []
     out = run(gen, uids, until=lambda _: sizes.append([s.tree.size for s in gen._batch.seqs]) and False)
-    assert [tokens(out[u]) for u in uids] == refs
-    assert max(max(s) for s in sizes if len(s) == 3) < max(max(s) for s in sizes if len(s) == 1)
+    assert [tokens(out[u]) for u in uids] == [r[:m] for r, m in zip(refs, lengths)]
+    mean = lambda n: float(np.mean([x for s in sizes if len(s) == n for x in s]))  # noqa: E731
+    assert mean(3) < mean(1), (mean(3), mean(1))  # the batch of three verifies smaller trees

@@ -8,8 +8,10 @@ requests (one verification forward over all their trees) and returns one
 ``max_tokens``, a stop string, the model's context) or is removed (``remove``:
 a cancelled request); the others go on unchanged.
 
-Joining: a request's prompt runs alone, one chunk of ``prefill_step_size`` tokens
-per ``next()`` between decoding steps, then it joins the batch with its first token.
+Joining: a request's prompt runs alone, then it joins the batch with its first token.
+Between two decoding steps ``next()`` prefills up to ``prefill_step_size`` prompt tokens,
+over as many waiting requests as they cover (a burst of short prompts joins at once; a
+long prompt takes one chunk per step).
 Not chunked beside the running decodes: on a CPU a forward of a few hundred
 tokens already keeps every core busy, so prefill rows in the decoding forward
 would save nothing and pad every decoding row to the chunk's length; one chunk
@@ -77,7 +79,8 @@ class BatchGenerator:
         model, tokenizer: from either backend's ``load``.
         max_tokens: the default per request.
         completion_batch_size: requests decoding at once; more wait their turn.
-        prefill_step_size: prompt tokens per chunk (one chunk between decoding steps).
+        prefill_step_size: prompt tokens prefilled between two decoding steps, over the waiting
+            requests (a longer prompt takes one such chunk per step).
         max_kv_size, keep: each request's committed-token window (None: unbounded).
         medusa: False decodes plainly (root-only trees) through the same step.
     """
@@ -163,24 +166,28 @@ class BatchGenerator:
         while not out and len(self):
             if self._running:
                 out += self._decode()
-            if self._pending and len(self._running) < self.completion_batch_size:
-                out += self._prefill()
+            room = self.prefill_step_size  # prompt tokens between two steps, over every waiting request
+            while room > 0 and self._pending and len(self._running) < self.completion_batch_size:
+                used, joined = self._prefill(room)
+                out, room = out + joined, room - used
         self.stats.peak_memory = self.model.peak_memory_gb()
         return out
 
     # ------------------------------------------------------------ internals
 
-    def _prefill(self) -> list[Response]:
+    def _prefill(self, room: int) -> tuple[int, list[Response]]:
+        """Up to ``room`` more tokens of the first waiting prompt; a prompt done joins the batch.
+        Returns the tokens prefilled and the responses of its first token."""
         r = self._pending[0]
         tic = time.perf_counter()
         if r.cache is None:
             r.cache = self.model.make_cache(self.max_kv_size, self.keep)
-        chunk = r.prompt[r.done : r.done + self.prefill_step_size]
+        chunk = r.prompt[r.done : r.done + room]
         h = prefill(self.model, *r.cache, chunk, self.prefill_step_size)
         r.done += len(chunk)
         if r.done < len(r.prompt):
             self.stats.prompt_time += time.perf_counter() - tic
-            return []
+            return len(chunk), []
         self._pending.popleft()
         end = context_end(self.model.max_context, self.max_kv_size)
         plan = self._tree(len(self._running) + 1, r)
@@ -192,7 +199,7 @@ class BatchGenerator:
             self._batch.join(r.seq, *r.cache)
             self._running[r.seq] = r
         r.cache = None
-        return out
+        return len(chunk), out
 
     def _decode(self) -> list[Response]:
         seqs = self._batch.seqs

@@ -21,7 +21,6 @@ and the fraction of this CPU's matmul peak (``bench.roofline``, the peak measure
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -128,11 +127,9 @@ def _alone(model, tokenizer, ids: list[int], max_tokens: int, stream_generate) -
 def _runners(backend: str, model, heads, tree, max_tokens: int):
     """(our model, its tokenizer, {method: run(prompts) -> Run}, the backend's ``stream_generate``)."""
     from ..core.budget import BatchBudget
-    from ..core.heads_format import default_heads_for
     from ..core.tokens import eos_ids
     from ..default_model import resolve_model_path
 
-    heads_path = Path(heads) if heads is not None else default_heads_for(model)
     if backend == "torch":
         import torch
         from transformers import AutoModelForCausalLM
@@ -152,7 +149,7 @@ def _runners(backend: str, model, heads, tree, max_tokens: int):
         first = {"mlx_lm": lambda ps: _mlx_lm(med.base, eos, ps, max_tokens)}
     if med.heads is None:
         raise ValueError("bench --concurrency needs Medusa heads: pass --heads")
-    budget = BatchBudget.for_model(med, heads_path)
+    budget = BatchBudget.for_model(med)
     runners = {**first, "plain": lambda ps: _ours(med, tokenizer, ps, max_tokens, False, budget),
                "medusa": lambda ps: _ours(med, tokenizer, ps, max_tokens, True, budget)}
     return med, tokenizer, runners, stream_generate

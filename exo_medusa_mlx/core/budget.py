@@ -25,14 +25,11 @@ A batch of one keeps the request's own tree: it was tuned for one request.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from .dynamic import DynamicTree
-from .heads_format import default_tree_for
-from .latency import tuned_facts
 from .machine import this_machine
 from .tree import ROOT_ONLY, TreeBuffers, build_tree
 
@@ -126,11 +123,10 @@ class BatchBudget:
         return cls(BatchCosts(table) if table else None, facts.get("head_conditional_accuracy"))
 
     @classmethod
-    def for_model(cls, model, heads) -> "BatchBudget":
-        """The budget of a loaded model whose heads came from ``heads`` (a folder or file; None: none):
-        the facts of the tree tuned beside them for its backend (``default_tree_for``)."""
-        spec = default_tree_for(Path(heads), model.backend) if heads is not None else None
-        return cls.from_facts(tuned_facts(spec), this_machine(model.device))
+    def for_model(cls, model) -> "BatchBudget":
+        """The budget of a loaded model: the facts of the tree tuned beside its heads, which ``attach``
+        keeps as ``model.facts`` (none: the default rule)."""
+        return cls.from_facts(model.facts, this_machine(model.device))
 
     def relative_costs(self, batch: int, max_nodes: int) -> np.ndarray:
         """(max_nodes+1,) a batched step's cost by nodes per sequence, relative to the root alone ([0] unused)."""

@@ -37,7 +37,6 @@ from exo.worker.runner.llm_inference.batch_generator import BatchGenerator
 
 from ..core.budget import BatchBudget
 from ..core.dynamic import DynamicTree
-from ..core.machine import this_machine
 from ..core.step import BatchVerifier, Sequence, Step, batch_step, context_end, prefill, start
 from ..core.tree import TreeBuffers
 from ..distributed import Comm, check_agreement
@@ -97,7 +96,7 @@ class MedusaBatch:
 
     def __post_init__(self) -> None:
         self._verifier = BatchVerifier(self.medusa)
-        self._budget = BatchBudget.from_facts(self.medusa.facts, this_machine(self.medusa.device))
+        self._budget = BatchBudget.for_model(self.medusa)
         self._uids = itertools.count()
 
     @property

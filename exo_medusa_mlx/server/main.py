@@ -6,14 +6,13 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Callable
 
 from .. import backends
 from ..cli_args import KV_WINDOW, NON_NEGATIVE, NON_NEGATIVE_INT, PORT, POSITIVE, POSITIVE_INT, PROBABILITY
 from ..core.batch_generation import DEFAULT_COMPLETION_BATCH
+from ..core.budget import BatchBudget
 from ..core.dynamic import DynamicTree
-from ..core.heads_format import default_heads_for
 
 API_KEY_ENV = "MLX_MEDUSA_API_KEY"
 
@@ -70,14 +69,6 @@ def backend_api(args) -> tuple[Callable, Callable | None]:
             backends.thread_exit(backend))
 
 
-def budget_for(args) -> Callable:
-    """The loaded model -> its tree budget, from the tree tuned beside the heads (``BatchBudget.for_model``)."""
-    from ..core.budget import BatchBudget
-
-    heads = Path(args.heads) if args.heads is not None else default_heads_for(args.model)
-    return lambda model: BatchBudget.for_model(model, heads)
-
-
 def make_server(scheduler, settings, host: str, port: int, log_level: str = "info"):
     """A uvicorn server for the app whose shutdown first ends the running and queued generations
     (their clients get a 503 error), so it need not wait for them or cancel their connections."""
@@ -103,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         load, on_exit = backend_api(args)
         scheduler = Scheduler(load, args.queue_size, args.request_timeout, on_exit, args.decode_concurrency,
-                              budget_for(args), medusa=not args.no_medusa, max_kv_size=args.max_kv_size)
+                              BatchBudget.for_model, medusa=not args.no_medusa, max_kv_size=args.max_kv_size)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     from ..default_model import DEFAULT_MODEL_ID

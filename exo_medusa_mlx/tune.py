@@ -347,11 +347,11 @@ def run(opts: TuneOptions) -> dict:
     if logp is not None:  # dynamic trees read the heads' probabilities, calibrated to acceptance here
         result["calibration"] = fit_calibration(logp.astype(np.float64), ranks).to_json()
         print(f"calibration (dynamic trees): {result['calibration']}")
+    tuned = replace(model, rows_product=result["rows_product"], facts=result)  # the model as it will load
     if opts.num_prompts > 0:
-        check_generation(replace(model, rows_product=result["rows_product"], facts=result), tokenizer,
-                         prompts[: opts.num_prompts], choices, opts, result)
+        check_generation(tuned, tokenizer, prompts[: opts.num_prompts], choices, opts, result)
     if opts.batch_sizes:
-        result["batch_latency"] = batch_costs(replace(model, rows_product=result["rows_product"]), opts, len(choices) + 1)
+        result["batch_latency"] = batch_costs(tuned, opts, len(choices) + 1)
     save_tree(out, choices, **result)
     print(f"saved tree to {out}")
     return result

@@ -105,7 +105,11 @@ class _Run:
     prompt_s: float = 0.0
     compute: float = 0.0  # the nodes' compute, summed over passes
     sent: int = 0  # passes sent, the prompt's included
-    passes: int = 0  # generation passes after the prompt's
+
+    @property
+    def passes(self) -> int:
+        """Generation passes after the prompt's."""
+        return max(self.sent - 1, 0)
 
     def add(self, result: pb.PassResult) -> pb.PassResult:
         """Count a pass and its per-node stats."""
@@ -243,7 +247,6 @@ class RingClient:
             run.tokens += step.tokens
             if on_tokens is not None and step.tokens:
                 on_tokens(step.tokens)
-        run.passes = run.sent - 1
 
     def _result_state(self, result: pb.PassResult) -> dict:
         last = self.nodes[-1]

@@ -18,10 +18,10 @@ import numpy as np
 
 from .hidden_files import write_json
 from .kinds import (KIND_SEEDS, Written, code_block, compose_kind, load_kind_seeds, passage_reason,
-                    seeds_hash, text_key, until_repeat, whole_sentences)
+                    text_key, until_repeat, whole_sentences)
 from .prompts import Excluded, junk_reason, normalize
 from .self_instruct import EXAMPLES, SEEDS, WRITE_TEMP, accept, chat_writer, clean, grow, load_seeds, model_writer
-from .self_instruct import writing_context
+from .self_instruct import seeds_hash, writing_context
 
 POOLS = ("request", "answer", "followup", "sentence", "translated", "passage", "question", "problem", "code_task",
          "code")

@@ -68,10 +68,6 @@ def load_kind_seeds(path: str | Path = KIND_SEEDS) -> dict:
     return seeds
 
 
-def seeds_hash(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------- written texts
 
 
@@ -125,12 +121,11 @@ def code_block(text: str) -> str | None:
 
 class Written:
     """The written texts by pool (records ``{"text": ..., "of": parent key, ...}``), with
-    each derived text findable from its parent."""
+    each derived text findable from its parent (``children``)."""
 
     def __init__(self, pools: dict[str, list[dict]]):
         self.pools = {k: list(v) for k, v in pools.items()}
         self.children = {k: {r["of"]: r for r in reversed(v)} for k, v in self.pools.items() if v and "of" in v[0]}
-        self.parents = {k: {text_key(r["text"]): r for r in v} for k, v in self.pools.items()}
 
     def texts(self, pool: str) -> list[str]:
         return [r["text"] for r in self.pools.get(pool, [])]

@@ -103,6 +103,11 @@ def chat_writer(base, lm_head, tokenizer, batch_size: int, lanes: int = 1):
     return answer
 
 
+def seeds_hash(path: str | Path) -> str:
+    """A seeds file's content hash, recorded with what was written from it (a changed file is another run)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def write_prompts(write, count: int, folder: str | Path, *, examples: list[str], seen: set[str],
                   excluded: Excluded, settings: dict, batch_size: int, seed: int = 0,
                   seeds: str | Path = SEEDS, log=print) -> list[str]:
@@ -118,7 +123,7 @@ def write_prompts(write, count: int, folder: str | Path, *, examples: list[str],
         raise ValueError("self-instruct needs training prompts to show as examples")
     folder = Path(folder)
     settings = {**settings, "seed": seed, "batch_size": batch_size, "max_tokens": WRITE_MAX_TOKENS,
-                "seeds": hashlib.sha256(Path(seeds).read_bytes()).hexdigest()[:16],
+                "seeds": seeds_hash(seeds),
                 "examples": hashlib.sha256(json.dumps(examples).encode()).hexdigest()[:16]}
     dropped: Counter = Counter()
 
